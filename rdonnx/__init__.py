@@ -1,0 +1,20 @@
+"""rdonnx: rate-distortion-optimised pruning and compression of any ONNX model."""
+
+__version__ = "0.1.0"
+
+from .api import (  # noqa: E402
+    CompressConfig,
+    CompressResult,
+    Inspection,
+    compress,
+    evaluate,
+    inspect,
+)
+from .data import DataOptions  # noqa: E402
+from .errors import UsageError  # noqa: E402
+from .report import Evaluation, Report, WeightReport  # noqa: E402
+
+__all__ = [
+    "CompressConfig", "CompressResult", "DataOptions", "Evaluation", "Inspection", "Report",
+    "UsageError", "WeightReport", "__version__", "compress", "evaluate", "inspect",
+]

@@ -1,0 +1,332 @@
+"""The `rdonnx` command line: a thin layer over the Python API.
+
+Exit codes: 0 success, 2 bad input or usage (one line on stderr), 3 a `--fail-above` bound
+was exceeded, 1 internal error. `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .allocate import ALLOCATORS
+from .api import FORMATS, CompressConfig, compress, evaluate, inspect
+from .data import DataOptions
+from .distortion import METRICS
+from .errors import UsageError
+from .report import render
+from .runtime import DEVICES
+from .weights import DEFAULT_MIN_PARAMS
+
+EXIT_BOUND_EXCEEDED = 3
+
+
+def _parse_shape(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for item in values:
+        name, _, dims = item.rpartition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
+            assert name and all(d > 0 for d in shapes[name])
+        except (ValueError, AssertionError):
+            raise UsageError(f"--input-shape {item!r}: write NAME=1x3x224x224") from None
+    return shapes
+
+
+def _parse_range(values: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    ranges = {}
+    for item in values:
+        name, _, span = item.rpartition("=")
+        try:
+            lo, hi = (float(v) for v in span.split(":"))
+            assert name and lo <= hi
+        except (ValueError, AssertionError):
+            raise UsageError(f"--input-range {item!r}: write NAME=LO:HI with LO <= HI") from None
+        ranges[name] = (lo, hi)
+    return ranges
+
+
+def common_options(func: Callable) -> Callable:
+    """--quiet and --debug, shared by every command."""
+    func = click.option("--debug", is_flag=True, help="Show tracebacks on errors.")(func)
+    return click.option("--quiet", "-q", is_flag=True,
+                        help="No progress bars or notices; errors still print.")(func)
+
+
+def data_options(func: Callable) -> Callable:
+    """Options that say how to read or synthesise input data."""
+    options = [
+        click.option("--batch-size", type=int, default=16, show_default=True,
+                     help="Samples per ONNX Runtime run (a fixed batch axis overrides it)."),
+        click.option("--calib-samples", type=int, default=None,
+                     help="Use at most N samples (N files for a folder). Synthetic default: 64."),
+        click.option("--input-shape", multiple=True, metavar="NAME=AxBx..",
+                     help="Shape for synthetic inputs with dynamic dimensions (repeatable)."),
+        click.option("--input-range", multiple=True, metavar="NAME=LO:HI",
+                     help="Uniform range for synthetic inputs; required for integer inputs."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed for synthetic data; same seed, same output."),
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                     help="auto: CUDA when its execution provider really works, else CPU."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _data(batch_size: int, calib_samples: int | None, input_shape: tuple[str, ...],
+          input_range: tuple[str, ...], seed: int) -> DataOptions:
+    return DataOptions(batch_size=batch_size, samples=calib_samples,
+                       shapes=_parse_shape(input_shape), ranges=_parse_range(input_range),
+                       seed=seed)
+
+
+def _note(message: str, quiet: bool) -> None:
+    if not quiet:
+        click.echo(f"rdonnx: {message}", err=True)
+
+
+def _check_output(path: Path, source: Path, force: bool) -> None:
+    """Fail before any work when the output cannot be written."""
+    if path.exists() and path.resolve() == source.resolve():
+        raise UsageError(f"output {path} is the input model; choose another -o")
+    if path.is_dir():
+        raise UsageError(f"output {path} is a folder; give a file name")
+    if path.exists() and not force:
+        raise UsageError(f"output {path} exists; pass --force to replace it")
+    if not path.parent.is_dir():
+        raise UsageError(f"output folder does not exist: {path.parent}; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise UsageError(f"output folder is not writable: {path.parent}; choose another -o")
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rdonnx")
+def cli() -> None:
+    """Rate-distortion-optimised pruning of ONNX models.
+
+    Pruning makes files smaller, not faster: ONNX Runtime densifies weights at load.
+    """
+
+
+@cli.command("compress")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--rate", type=float, required=True,
+              help="Fraction of prunable weights kept (density), 0 < R <= 1.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output file [default: <model>.pruned.onnx beside the input].")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="dense", show_default=True,
+              help="dense: pruned weights with zeros; sparse: sparse_initializer where smaller.")
+@click.option("--method", type=click.Choice(list(ALLOCATORS)), default="uniform",
+              show_default=True, help="uniform: same density per weight; global: one "
+              "magnitude threshold across weights.")
+@click.option("--normalize", is_flag=True,
+              help="global: compare magnitudes divided by each tensor's RMS.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration data: .npz (keys = input names, axis 0 = samples) or a folder "
+              "of .npz feeds. Default: synthetic inputs.")
+@click.option("--test", "test_data", type=click.Path(path_type=Path), default=None,
+              help="Labelled .npz to report accuracy before and after (with --labels).")
+@click.option("--labels", default=None, help="Key of the labels array in --test data.")
+@click.option("--metric", type=click.Choice(METRICS), default="nmse", show_default=True,
+              help="Output distortion: normalised MSE, KL divergence of class scores, cosine.")
+@click.option("--min-params", type=int, default=DEFAULT_MIN_PARAMS, show_default=True,
+              help="Smallest weight (elements) that is pruned.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Also prune these tensors.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Never prune these tensors.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")
+@click.option("--no-layer-distortion", is_flag=True,
+              help="Skip measuring each weight pruned alone (one run per weight and batch).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="Write the JSON report here.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@data_options
+@common_options
+def compress_cmd(model: Path, rate: float, output: Path | None, fmt: str, method: str,
+                 normalize: bool, calib: Path | None, test_data: Path | None,
+                 labels: str | None, metric: str, min_params: int, include: tuple[str, ...],
+                 exclude: tuple[str, ...], no_simplify: bool, no_layer_distortion: bool,
+                 report_path: Path | None, force: bool, batch_size: int,
+                 calib_samples: int | None, input_shape: tuple[str, ...],
+                 input_range: tuple[str, ...], seed: int, device: str, quiet: bool,
+                 debug: bool) -> None:
+    """Prune MODEL to keep --rate of its prunable weights; report what it costs."""
+    if not model.is_file():
+        raise UsageError(f"model file not found: {model}")
+    output = output or model.with_name(model.stem + ".pruned.onnx")
+    _check_output(output, model, force)
+    if report_path is not None:
+        _check_output(report_path, model, force)
+    if labels and test_data is None:
+        raise UsageError("--labels needs --test DATA")
+    config = CompressConfig(
+        rate=rate, method=method, normalize=normalize, metric=metric, min_params=min_params,
+        include=include, exclude=exclude, simplify=not no_simplify, device=device,
+        layer_distortion=not no_layer_distortion,
+        data=_data(batch_size, calib_samples, input_shape, input_range, seed))
+    result = compress(model, rate=rate, method=method, calib=calib, test=test_data,
+                      labels=labels, config=config, quiet=quiet)
+    result.save(output, fmt, force=force)
+    for notice in result.report.notices:
+        _note(notice, quiet)
+    if report_path is not None:
+        _write_text(report_path, result.report.to_json())
+    click.echo(render(result.report), err=True)
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--min-params", type=int, default=DEFAULT_MIN_PARAMS, show_default=True,
+              help="Smallest weight (elements) counted as prunable.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Also list these tensors.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave these tensors out.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@common_options
+def inspect_cmd(model: Path, min_params: int, include: tuple[str, ...],
+                exclude: tuple[str, ...], as_json: bool, quiet: bool, debug: bool) -> None:
+    """List the prunable weights of MODEL with their current density."""
+    result = inspect(model, min_params=min_params, include=include, exclude=exclude)
+    if as_json:
+        click.echo(json.dumps({"model": result.model, "params_total": result.params_total,
+                               "params_nonzero": result.params_nonzero,
+                               "weights": [w.__dict__ for w in result.weights]}, indent=2))
+    else:
+        click.echo(result.render())
+
+
+@cli.command("evaluate")
+@click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Inputs (.npz or folder of .npz feeds). Default: synthetic inputs.")
+@click.option("--labels", default=None, help="Key of the labels array in --data: reports "
+              "accuracy.")
+@click.option("--metric", type=click.Choice(METRICS), default="nmse", show_default=True,
+              help="The distortion that --fail-above checks.")
+@click.option("--fail-above", type=float, default=None,
+              help="Exit 3 when the distortion exceeds this bound (for CI).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@data_options
+@common_options
+def evaluate_cmd(reference: Path, candidate: Path, data: Path | None, labels: str | None,
+                 metric: str, fail_above: float | None, as_json: bool, batch_size: int,
+                 calib_samples: int | None, input_shape: tuple[str, ...],
+                 input_range: tuple[str, ...], seed: int, device: str, quiet: bool,
+                 debug: bool) -> None:
+    """Distortion of CANDIDATE against REFERENCE (and accuracy with --labels)."""
+    result = evaluate(reference, candidate, data, labels=labels, metric=metric, device=device,
+                      options=_data(batch_size, calib_samples, input_shape, input_range, seed),
+                      quiet=quiet)
+    if as_json:
+        click.echo(json.dumps(result.__dict__, indent=2, sort_keys=True))
+    else:
+        lines = [f"{metric}: {result.distortion:.6g}", f"nmse: {result.nmse:.6g}",
+                 f"cosine: {result.cosine:.6g}"]
+        if result.kl is not None:
+            lines.append(f"kl: {result.kl:.6g}")
+        if result.top1_agreement is not None:
+            lines.append(f"top-1 agreement: {result.top1_agreement:.2%}")
+        if result.accuracy_original is not None:
+            lines.append(f"accuracy: {result.accuracy_original:.2%} (reference) -> "
+                         f"{result.accuracy_compressed:.2%} (candidate)")
+        lines.append(f"samples: {result.samples}")
+        click.echo("\n".join(lines))
+    if fail_above is not None and result.distortion > fail_above:
+        click.echo(f"rdonnx: {metric} {result.distortion:.6g} exceeds --fail-above "
+                   f"{fail_above:g}", err=True)
+        sys.exit(EXIT_BOUND_EXCEEDED)
+
+
+@cli.command("doctor")
+def doctor_cmd() -> None:
+    """Print versions, execution providers and whether a GPU works."""
+    import importlib.metadata as md
+
+    lines = [f"python {sys.version.split()[0]}", f"rdonnx {__version__}"]
+    for package in ("onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "torch", "onnxsim",
+                    "constriction", "click"):
+        try:
+            lines.append(f"{package} {md.version(package)}")
+        except md.PackageNotFoundError:
+            lines.append(f"{package} not installed")
+    try:
+        import onnxruntime as ort
+
+        lines.append(f"providers available: {', '.join(ort.get_available_providers())}")
+        lines.append(f"CUDA execution provider works: {_cuda_works()}")
+    except ImportError:
+        lines.append("onnxruntime: not importable; pip install 'rdonnx[cpu]' or 'rdonnx[gpu]'")
+    import torch
+
+    lines.append(f"torch CUDA available: {torch.cuda.is_available()}")
+    click.echo("\n".join(lines))
+
+
+def _cuda_works() -> str:
+    import onnx
+
+    from .model import Model
+    from .runtime import CUDA, create_session
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    probe.ir_version = 8
+    try:
+        _, device = create_session(probe.SerializeToString(), Model(probe), "auto")
+    except UsageError as exc:
+        return f"no ({exc})"
+    return "yes" if device.provider == CUDA else f"no ({device.notice})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 internal error, 2 bad input, 3 bound)."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="rdonnx", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("rdonnx: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        return _fail(exc.format_message(), 2, debug)
+    except UsageError as exc:
+        return _fail(str(exc), 2, debug)
+    except KeyboardInterrupt:
+        click.echo("rdonnx: interrupted", err=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        return _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+                     "traceback and report it)", 1, debug)
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    click.echo(f"rdonnx: error: {' '.join(message.split())}", err=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

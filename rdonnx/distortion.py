@@ -1,0 +1,122 @@
+"""Output distortion (normalised MSE, KL, cosine) and task metrics, accumulated batch by batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+METRICS = ("nmse", "kl", "cosine")
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """How far a candidate's outputs are from the reference's, over a whole data set."""
+
+    nmse: float  # sum over outputs of ||y - y'||^2 / ||y||^2
+    cosine: float  # sum over outputs of the mean per-sample cosine distance 1 - cos(y, y')
+    kl: float | None  # mean KL(p_ref || p_cand) over rows of class-score outputs (None: none)
+    top1_agreement: float | None  # share of samples whose argmax class is unchanged
+    samples: int
+
+    def value(self, metric: str) -> float:
+        """The figure named by `metric` ("nmse", "kl" or "cosine")."""
+        value = getattr(self, metric)
+        if value is None:
+            raise ValueError(f"metric {metric!r} needs an output of class scores")
+        return float(value)
+
+
+def is_class_scores(array: np.ndarray) -> bool:
+    """A float [batch, classes] output with at least two classes."""
+    return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] >= 2
+
+
+def _log_probs(scores: np.ndarray) -> np.ndarray:
+    """Log-probabilities of rows that already are probabilities, else log-softmax of logits."""
+    scores = scores.astype(np.float64)
+    if scores.min() >= 0 and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
+        return np.log(np.clip(scores, 1e-12, None))
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+class DistortionMeter:
+    """Streams reference / candidate outputs and returns one `Distortion` for all of them."""
+
+    def __init__(self) -> None:
+        self._err: list[float] = []
+        self._ref: list[float] = []
+        self._cos: list[float] = []
+        self._kl = 0.0
+        self._kl_rows = 0
+        self._agree = 0
+        self._top1_rows = 0
+        self._samples = 0
+
+    def add(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> None:
+        """Add one batch of outputs (same order and shapes in both lists)."""
+        float_pairs = [(np.asarray(r), np.asarray(c)) for r, c in zip(reference, candidate)
+                       if np.asarray(r).dtype.kind == "f"]
+        if not self._err:
+            self._err = [0.0] * len(float_pairs)
+            self._ref = [0.0] * len(float_pairs)
+            self._cos = [0.0] * len(float_pairs)
+        batch = 1
+        class_output_seen = False
+        for i, (r, c) in enumerate(float_pairs):
+            r64, c64 = r.astype(np.float64), c.astype(np.float64)
+            self._err[i] += float(np.sum((r64 - c64) ** 2))
+            self._ref[i] += float(np.sum(r64**2))
+            rows_r = r64.reshape(r64.shape[0], -1) if r64.ndim else r64.reshape(1, 1)
+            rows_c = c64.reshape(rows_r.shape)
+            batch = rows_r.shape[0]
+            norms = np.linalg.norm(rows_r, axis=1) * np.linalg.norm(rows_c, axis=1)
+            dots = np.sum(rows_r * rows_c, axis=1)
+            cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
+                           np.where(np.all(rows_r == rows_c, axis=1), 1.0, 0.0))
+            self._cos[i] += float(np.sum(1.0 - cos))
+            if is_class_scores(r):
+                log_p, log_q = _log_probs(r64), _log_probs(c64)
+                self._kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+                self._kl_rows += r.shape[0]
+                if not class_output_seen:  # top-1 agreement on the first class-score output
+                    self._agree += int(np.sum(r.argmax(axis=1) == c.argmax(axis=1)))
+                    self._top1_rows += r.shape[0]
+                    class_output_seen = True
+        self._samples += batch
+
+    def result(self) -> Distortion:
+        if not self._err:
+            raise ValueError("the model has no float output to measure distortion on")
+        nmse = sum(e / r if r > 0 else (0.0 if e == 0 else float("inf"))
+                   for e, r in zip(self._err, self._ref))
+        samples = max(self._samples, 1)
+        return Distortion(
+            nmse=float(nmse),
+            cosine=float(sum(c / samples for c in self._cos)),
+            kl=self._kl / self._kl_rows if self._kl_rows else None,
+            top1_agreement=self._agree / self._top1_rows if self._top1_rows else None,
+            samples=self._samples)
+
+
+class AccuracyMeter:
+    """Top-1 accuracy of the first class-score output against integer labels."""
+
+    def __init__(self) -> None:
+        self.correct = 0
+        self.total = 0
+
+    def add(self, outputs: Sequence[np.ndarray], labels: np.ndarray) -> None:
+        scores = next((o for o in outputs if is_class_scores(np.asarray(o))), None)
+        if scores is None:
+            raise ValueError("accuracy needs an output of class scores [batch, classes]")
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != scores.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {scores.shape[0]} samples")
+        self.correct += int(np.sum(scores.argmax(axis=1) == labels))
+        self.total += labels.shape[0]
+
+    def result(self) -> float | None:
+        return self.correct / self.total if self.total else None

@@ -1,0 +1,143 @@
+"""The compress report: typed records, a table for people, versioned JSON for machines."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .distortion import Distortion
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class WeightReport:
+    """One prunable weight: its size, what it keeps, and what pruning it alone costs."""
+
+    name: str
+    op: str
+    shape: list[int]
+    dtype: str
+    params: int
+    kept: int
+    density: float
+    distortion: float | None = None  # output distortion with only this weight pruned
+
+
+@dataclass
+class Evaluation:
+    """Distortion and accuracy of the compressed model against the original on one data set."""
+
+    data: str
+    samples: int
+    metric: str
+    distortion: float
+    nmse: float
+    cosine: float
+    kl: float | None
+    top1_agreement: float | None
+    accuracy_original: float | None = None
+    accuracy_compressed: float | None = None
+
+    @classmethod
+    def from_distortion(cls, data: str, metric: str, d: Distortion,
+                        accuracy_original: float | None = None,
+                        accuracy_compressed: float | None = None) -> Evaluation:
+        return cls(data=data, samples=d.samples, metric=metric, distortion=d.value(metric),
+                   nmse=d.nmse, cosine=d.cosine, kl=d.kl, top1_agreement=d.top1_agreement,
+                   accuracy_original=accuracy_original, accuracy_compressed=accuracy_compressed)
+
+
+@dataclass
+class Report:
+    """Everything `compress` measured; one source of truth for the table and the JSON."""
+
+    model: str
+    method: str
+    rate: float
+    device: str
+    simplified: bool
+    params_total: int
+    params_kept: int
+    input_bytes: int
+    calibration: Evaluation
+    weights: list[WeightReport]
+    settings: dict[str, Any]
+    rdonnx_version: str
+    test: Evaluation | None = None
+    output: str | None = None
+    output_format: str | None = None
+    output_bytes: int | None = None
+    notices: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def density(self) -> float:
+        return self.params_kept / self.params_total if self.params_total else 1.0
+
+    def to_json(self) -> str:
+        """Deterministic JSON (sorted keys, no timings) with the schema version."""
+        data = asdict(self)
+        data["density"] = self.density
+        return json.dumps(_rounded(data), indent=2, sort_keys=True) + "\n"
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 6 significant digits, so tiny runtime noise never changes the report."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _fmt(value: float | None, pattern: str = "{:.4g}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    """A plain text table, columns padded, numbers right-aligned."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [str(c).rjust(w) if i and _numeric(str(c)) else str(c).ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _numeric(text: str) -> bool:
+    return text[:1].isdigit() or text[:1] in "-." and text[1:2].isdigit()
+
+
+def render(report: Report) -> str:
+    """The human summary printed on stderr."""
+    rows = [(w.name, w.op, "x".join(map(str, w.shape)), str(w.params), _pct(w.density),
+             _fmt(w.distortion)) for w in report.weights]
+    metric = report.calibration.metric
+    parts = [table(rows, ("weight", "op", "shape", "params", "kept", f"{metric} alone")), ""]
+    size = f"{report.input_bytes:,} B"
+    if report.output_bytes is not None:
+        size += f" -> {report.output_bytes:,} B ({report.output_format}, " \
+                f"{report.output_bytes / max(report.input_bytes, 1):.1%})"
+    parts.append(f"params kept   {report.params_kept:,} / {report.params_total:,} "
+                 f"({report.density:.2%}), method {report.method}, device {report.device}")
+    parts.append(f"file size     {size}")
+    for ev in filter(None, (report.calibration, report.test)):
+        line = f"{ev.data:<13} {ev.metric} {ev.distortion:.4g}, top-1 agreement " \
+               f"{_pct(ev.top1_agreement)} ({ev.samples} samples)"
+        if ev.accuracy_original is not None:
+            line += f", accuracy {_pct(ev.accuracy_original)} -> {_pct(ev.accuracy_compressed)}"
+        parts.append(line)
+    if report.output:
+        parts.append(f"written       {report.output}")
+    return "\n".join(parts)

@@ -1,0 +1,156 @@
+"""ONNX Runtime sessions: device choice with proof, overridable weights, extra outputs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import onnx
+
+from .errors import UsageError
+from .model import Model, fit_ir_version, tensor_array, tensor_slots, uses_external_data
+from .weights import Weight
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+INSTALL_HINT = ("onnxruntime is not installed: run pip install 'rdonnx[cpu]' "
+                "(or 'rdonnx[gpu]' for CUDA; never both)")
+
+
+def import_onnxruntime() -> ModuleType:
+    """Import onnxruntime, or explain in one line how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsageError(INSTALL_HINT) from None
+    return onnxruntime
+
+
+@dataclass(frozen=True)
+class Device:
+    """The execution provider that really runs the sessions, and any notice about the choice."""
+
+    provider: str
+    notice: str | None = None
+
+    @property
+    def ort_device(self) -> str:
+        return "cuda" if self.provider == CUDA else "cpu"
+
+
+def _options(ort: ModuleType) -> object:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: overridable-initializer warnings are expected
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.use_deterministic_compute = True
+    return options
+
+
+def create_session(payload: bytes, model: Model, device: str | Device,
+                   optimize: bool = False) -> tuple[object, Device]:
+    """A session on `device` ("auto", "cpu", "cuda" or a resolved `Device`)."""
+    ort = import_onnxruntime()
+    options = _options(ort)
+    if optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if model.base_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(model.base_dir))
+    wanted = device.provider if isinstance(device, Device) else device
+    if wanted not in (*DEVICES, CUDA, CPU):
+        raise UsageError(f"unknown device {wanted!r}; choose one of {', '.join(DEVICES)}")
+    notice = None
+    if wanted in ("auto", "cuda", CUDA):
+        if CUDA in ort.get_available_providers():
+            try:
+                session = ort.InferenceSession(payload, options, providers=[CUDA, CPU])
+                if session.get_providers()[0] == CUDA:
+                    return session, Device(CUDA)
+                reason = "the CUDA execution provider did not initialise"
+            except Exception as exc:  # noqa: BLE001 - report why CUDA is unusable
+                reason = f"the CUDA execution provider failed ({str(exc)[:160]})"
+        else:
+            reason = "onnxruntime has no CUDA execution provider (install 'rdonnx[gpu]')"
+        if wanted != "auto":
+            raise UsageError(f"--device cuda: {reason}; use --device cpu or auto")
+        notice = f"{reason}; running on the CPU"
+    try:
+        session = ort.InferenceSession(payload, options, providers=[CPU])
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
+        raise UsageError(f"onnxruntime cannot load the model: {str(exc).strip()[:300]}") from None
+    return session, Device(CPU, notice if not isinstance(device, Device) else None)
+
+
+def measurement_model(model: Model, weights: Sequence[Weight],
+                      extra_outputs: Sequence[str] = ()) -> onnx.ModelProto:
+    """A copy of the model whose weights are main-graph inputs, so each run can feed new ones.
+
+    Weights in subgraphs or Constant nodes move to the main graph too (subgraphs see outer
+    names). `extra_outputs` names intermediate tensors to return as well.
+    """
+    proto = copy.deepcopy(model.proto)
+    slots = tensor_slots(proto)
+    graph = proto.graph
+    for weight in weights:
+        slot = slots[weight.name]
+        if slot.node is not None:
+            slot.graph.node.remove(slot.node)
+        else:
+            slot.graph.initializer.remove(slot.tensor)
+        for value in list(graph.input):
+            if value.name == weight.name:
+                graph.input.remove(value)
+        graph.input.append(onnx.helper.make_tensor_value_info(
+            weight.name, slot.tensor.data_type, list(weight.shape)))
+    for name in extra_outputs:
+        graph.output.append(onnx.ValueInfoProto(name=name))
+    fit_ir_version(proto)
+    return proto
+
+
+class Runner:
+    """One ONNX Runtime session that runs the model with any variant of its prunable weights."""
+
+    def __init__(self, model: Model, weights: Sequence[Weight], device: str | Device = "auto",
+                 extra_outputs: Sequence[str] = ()):
+        proto = measurement_model(model, weights, extra_outputs)
+        if any(uses_external_data(t) for t in proto.graph.initializer) and model.base_dir is None:
+            raise UsageError("the model keeps tensors in external data: load it from its path")
+        self.session, self.device = create_session(proto.SerializeToString(), model, device)
+        self.output_names = [o.name for o in model.proto.graph.output]
+        self.extra_outputs = list(extra_outputs)
+        slots = tensor_slots(model.proto)
+        self._types = {w.name: slots[w.name].tensor.data_type for w in weights}
+        self._weights = {w.name: self._ortvalue(w.name, tensor_array(model, slots[w.name].tensor))
+                         for w in weights}
+
+    def _ortvalue(self, name: str, array: np.ndarray) -> object:
+        ort = import_onnxruntime()
+        data_type = self._types[name]
+        array = np.ascontiguousarray(array.astype(onnx.helper.tensor_dtype_to_np_dtype(data_type),
+                                                  copy=False))
+        if data_type == onnx.TensorProto.BFLOAT16:
+            value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16),
+                                                                    data_type)
+            return value if self.device.ort_device == "cpu" else \
+                ort.OrtValue.ortvalue_from_numpy(value.numpy(), self.device.ort_device, 0)
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device.ort_device, 0)
+
+    def run(self, feed: Mapping[str, np.ndarray],
+            weights: Mapping[str, np.ndarray] | None = None,
+            outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Run one batch; `weights` replace some prunable weights for this run only."""
+        full = dict(feed)
+        full.update(self._weights)
+        for name, array in (weights or {}).items():
+            full[name] = self._ortvalue(name, array)
+        names = list(outputs) if outputs is not None else self.output_names
+        try:
+            return self.session.run(names, full)
+        except Exception as exc:  # noqa: BLE001 - ORT's errors carry no common base type
+            raise UsageError(f"onnxruntime failed to run the model: {str(exc).strip()[:300]}") \
+                from None
