@@ -5,7 +5,9 @@ __version__ = "0.1.0"
 from .api import (  # noqa: E402
     CompressConfig,
     CompressResult,
+    Curves,
     Inspection,
+    calibrate,
     compress,
     evaluate,
     inspect,
@@ -15,6 +17,7 @@ from .errors import UsageError  # noqa: E402
 from .report import Evaluation, Report, WeightReport  # noqa: E402
 
 __all__ = [
-    "CompressConfig", "CompressResult", "DataOptions", "Evaluation", "Inspection", "Report",
-    "UsageError", "WeightReport", "__version__", "compress", "evaluate", "inspect",
+    "CompressConfig", "CompressResult", "Curves", "DataOptions", "Evaluation", "Inspection",
+    "Report", "UsageError", "WeightReport", "__version__", "calibrate", "compress", "evaluate",
+    "inspect",
 ]

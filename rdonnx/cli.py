@@ -6,28 +6,32 @@ was exceeded, 1 internal error. `--debug` shows tracebacks.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import tempfile
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .allocate import ALLOCATORS
-from .api import FORMATS, CompressConfig, compress, evaluate, inspect
+from .allocate import ALLOCATORS, SOLVERS
+from .api import FORMATS, CompressConfig, calibrate, compress, evaluate, inspect
+from .calibrate import DEFAULT_GRID, check_grid
 from .data import DataOptions
 from .distortion import METRICS
 from .errors import UsageError
+from .plot import plot_report, require_matplotlib
+from .prune import CRITERIA
 from .report import render
 from .runtime import DEVICES
 from .weights import DEFAULT_MIN_PARAMS
 
 EXIT_BOUND_EXCEEDED = 3
+PLOT_RATES = (0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02)  # --plot: the method measured at these
 
 
 def _parse_shape(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -125,69 +129,156 @@ def cli() -> None:
     """
 
 
+def _grid(text: str | None) -> tuple[float, ...]:
+    if text is None:
+        return DEFAULT_GRID
+    try:
+        return check_grid([float(v) for v in text.split(",") if v.strip()])
+    except ValueError:
+        raise UsageError(f"--grid {text!r}: write densities as 1,0.5,0.2,0.1") from None
+
+
+def rd_options(func: Callable) -> Callable:
+    """Options that shape the R-D measurement (shared by compress and calibrate)."""
+    options = [
+        click.option("--criterion", type=click.Choice(CRITERIA), default="magnitude",
+                     show_default=True, help="In-layer criterion: |w|, or w^2 * E[x^2] of the "
+                     "layer input compared within output rows (Wanda / Gao et al.)."),
+        click.option("--metric", type=click.Choice(METRICS), default="nmse", show_default=True,
+                     help="Output distortion: nmse (sum over outputs of ||y-y'||^2/||y||^2), "
+                     "nmse-channel (per channel along --channel-axis, averaged), kl of class "
+                     "scores, cosine."),
+        click.option("--channel-axis", type=int, default=1, show_default=True,
+                     help="Channel axis of the outputs for --metric nmse-channel."),
+        click.option("--grid", default=None, metavar="D1,D2,..",
+                     help="Densities of the R-D curves [default: 20 from 1 down to 0.002, "
+                     "log-spaced]."),
+        click.option("--min-params", type=int, default=DEFAULT_MIN_PARAMS, show_default=True,
+                     help="Smallest weight (elements) that is pruned."),
+        click.option("--include", multiple=True, metavar="GLOB", help="Also prune these."),
+        click.option("--exclude", multiple=True, metavar="GLOB", help="Never prune these."),
+        click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification."),
+        click.option("--calib", type=click.Path(path_type=Path), default=None,
+                     help="Calibration data: .npz (keys = input names, axis 0 = samples) or a "
+                     "folder of .npz feeds. Default: synthetic inputs."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _config(**kw) -> CompressConfig:
+    data = _data(kw.pop("batch_size"), kw.pop("calib_samples"), kw.pop("input_shape"),
+                 kw.pop("input_range"), kw.pop("seed"))
+    return CompressConfig(
+        criterion=kw["criterion"], metric=kw["metric"], channel_axis=kw["channel_axis"],
+        grid=_grid(kw["grid"]), min_params=kw["min_params"], include=kw["include"],
+        exclude=kw["exclude"], simplify=not kw["no_simplify"], device=kw["device"], data=data)
+
+
 @cli.command("compress")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--rate", type=float, required=True,
+@click.option("--rate", type=float, default=None,
               help="Fraction of prunable weights kept (density), 0 < R <= 1.")
+@click.option("--max-distortion", type=float, default=None,
+              help="Instead of --rate: the smallest rate whose measured distortion (--metric) "
+              "on the calibration data is at most D.")
+@click.option("--min-agreement", type=float, default=None,
+              help="Instead of --rate: the smallest rate whose measured top-1 agreement with "
+              "the original is at least A (0..1).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output file [default: <model>.pruned.onnx beside the input].")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="dense", show_default=True,
               help="dense: pruned weights with zeros; sparse: sparse_initializer where smaller.")
-@click.option("--method", type=click.Choice(list(ALLOCATORS)), default="uniform",
-              show_default=True, help="uniform: same density per weight; global: one "
-              "magnitude threshold across weights.")
+@click.option("--method", type=click.Choice(list(ALLOCATORS)), default="rd", show_default=True,
+              help="rd: densities from measured R-D curves; uniform: one density; global: one "
+              "score threshold; lamp: LAMP scores, one threshold.")
+@click.option("--solver", type=click.Choice(list(SOLVERS)), default="lagrange",
+              show_default=True, help="rd: equal-slope search on convex hulls, or DP over the "
+              "grid points.")
 @click.option("--normalize", is_flag=True,
-              help="global: compare magnitudes divided by each tensor's RMS.")
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="Calibration data: .npz (keys = input names, axis 0 = samples) or a folder "
-              "of .npz feeds. Default: synthetic inputs.")
+              help="global: compare scores divided by each tensor's RMS.")
+@click.option("--curves", "curves_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Reuse R-D curves from rdonnx calibrate (refused if the "
+              "model, data or settings differ).")
 @click.option("--test", "test_data", type=click.Path(path_type=Path), default=None,
               help="Labelled .npz to report accuracy before and after (with --labels).")
 @click.option("--labels", default=None, help="Key of the labels array in --test data.")
-@click.option("--metric", type=click.Choice(METRICS), default="nmse", show_default=True,
-              help="Output distortion: normalised MSE, KL divergence of class scores, cosine.")
-@click.option("--min-params", type=int, default=DEFAULT_MIN_PARAMS, show_default=True,
-              help="Smallest weight (elements) that is pruned.")
-@click.option("--include", multiple=True, metavar="GLOB", help="Also prune these tensors.")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Never prune these tensors.")
-@click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")
 @click.option("--no-layer-distortion", is_flag=True,
-              help="Skip measuring each weight pruned alone (one run per weight and batch).")
+              help="Skip measuring each weight pruned alone (one pass per weight).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write the JSON report here.")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="Draw the R-D curves and chosen densities to this PNG (needs matplotlib).")
+@click.option("--force", is_flag=True, help="Replace existing outputs.")
+@rd_options
 @data_options
 @common_options
-def compress_cmd(model: Path, rate: float, output: Path | None, fmt: str, method: str,
-                 normalize: bool, calib: Path | None, test_data: Path | None,
-                 labels: str | None, metric: str, min_params: int, include: tuple[str, ...],
-                 exclude: tuple[str, ...], no_simplify: bool, no_layer_distortion: bool,
-                 report_path: Path | None, force: bool, batch_size: int,
-                 calib_samples: int | None, input_shape: tuple[str, ...],
-                 input_range: tuple[str, ...], seed: int, device: str, quiet: bool,
-                 debug: bool) -> None:
-    """Prune MODEL to keep --rate of its prunable weights; report what it costs."""
+def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path | None,
+                 plot_path: Path | None, force: bool, test_data: Path | None,
+                 labels: str | None, curves_path: Path | None, quiet: bool, debug: bool,
+                 **kw) -> None:
+    """Prune MODEL to a target (--rate, --max-distortion or --min-agreement); report the cost.
+
+    Pruning makes files smaller, not faster: ONNX Runtime densifies weights at load.
+    """
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
     output = output or model.with_name(model.stem + ".pruned.onnx")
-    _check_output(output, model, force)
-    if report_path is not None:
-        _check_output(report_path, model, force)
+    paths = [p for p in (output, report_path, plot_path) if p is not None]
+    if len({p.resolve() for p in paths}) < len(paths):
+        raise UsageError("-o, --report and --plot must name different files")
+    for path in paths:
+        _check_output(path, model, force)
     if labels and test_data is None:
         raise UsageError("--labels needs --test DATA")
-    config = CompressConfig(
-        rate=rate, method=method, normalize=normalize, metric=metric, min_params=min_params,
-        include=include, exclude=exclude, simplify=not no_simplify, device=device,
-        layer_distortion=not no_layer_distortion,
-        data=_data(batch_size, calib_samples, input_shape, input_range, seed))
-    result = compress(model, rate=rate, method=method, calib=calib, test=test_data,
-                      labels=labels, config=config, quiet=quiet)
+    calib = kw.pop("calib")
+    config = replace(_config(**{k: kw.pop(k) for k in list(kw) if k in _CONFIG_KEYS}),
+                     rate=kw["rate"], max_distortion=kw["max_distortion"],
+                     min_agreement=kw["min_agreement"], method=kw["method"],
+                     solver=kw["solver"], normalize=kw["normalize"],
+                     layer_distortion=not kw["no_layer_distortion"])
+    config.check()
+    if plot_path is not None:
+        require_matplotlib()
+    frontier = PLOT_RATES if plot_path is not None else ()
+    result = compress(model, calib=calib, test=test_data, labels=labels, curves=curves_path,
+                      config=config, quiet=quiet, frontier=frontier)
     result.save(output, fmt, force=force)
     for notice in result.report.notices:
         _note(notice, quiet)
     if report_path is not None:
         _write_text(report_path, result.report.to_json())
+    if plot_path is not None:
+        plot_report(result.report, plot_path)
     click.echo(render(result.report), err=True)
+
+
+_CONFIG_KEYS = ("criterion", "metric", "channel_axis", "grid", "min_params", "include",
+                "exclude", "no_simplify", "device", "batch_size", "calib_samples",
+                "input_shape", "input_range", "seed")
+
+
+@cli.command("calibrate")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Where to write the curves (JSON).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@rd_options
+@data_options
+@common_options
+def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bool,
+                  **kw) -> None:
+    """Measure per-weight R-D curves of MODEL once; reuse them with compress --curves."""
+    if not model.is_file():
+        raise UsageError(f"model file not found: {model}")
+    _check_output(output, model, force)
+    calib = kw.pop("calib")
+    curves = calibrate(model, calib=calib, config=_config(**kw), quiet=quiet)
+    _write_text(output, curves.to_json())
+    if not quiet:
+        click.echo(f"rdonnx: {len(curves.distortion)} curves x {len(curves.grid)} densities "
+                   f"written to {output}", err=True)
 
 
 @cli.command("inspect")
@@ -250,7 +341,7 @@ def evaluate_cmd(reference: Path, candidate: Path, data: Path | None, labels: st
     if fail_above is not None and result.distortion > fail_above:
         click.echo(f"rdonnx: {metric} {result.distortion:.6g} exceeds --fail-above "
                    f"{fail_above:g}", err=True)
-        sys.exit(EXIT_BOUND_EXCEEDED)
+        click.get_current_context().exit(EXIT_BOUND_EXCEEDED)
 
 
 @cli.command("doctor")
@@ -301,9 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 internal error, 2 bad input, 3 bound)."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
-    try:
-        cli.main(args=args, prog_name="rdonnx", standalone_mode=False)
+    if not args:
+        click.echo(cli.get_help(click.Context(cli, info_name="rdonnx")))
         return 0
+    try:
+        code = cli.main(args=args, prog_name="rdonnx", standalone_mode=False)
+        return code if isinstance(code, int) else 0  # ctx.exit(n) comes back as n
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:

@@ -83,21 +83,28 @@ class _NpzMember:
             raise UsageError(f"{path}: array {member!r} holds Python objects; save numeric "
                              "arrays")
         self.shape, self.dtype = tuple(shape), dtype
+        with zipfile.ZipFile(path) as zf:
+            self.compressed = zf.getinfo(member).compress_type != zipfile.ZIP_STORED
+        self._whole: np.ndarray | None = None
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         start, stop, _ = rows.indices(self.shape[0] if self.shape else 1)
+        if self.compressed:  # seeking a deflated member re-reads it from the start: read once
+            if self._whole is None:
+                self._whole = self._read_rows(0, self.shape[0] if self.shape else 1)
+            return self._whole[start:stop].copy()
+        return self._read_rows(start, stop)
+
+    def _read_rows(self, start: int, stop: int) -> np.ndarray:
         row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
             f.seek(self.offset + start * row)
             data = f.read((stop - start) * row)
-        return np.frombuffer(data, self.dtype).reshape((stop - start, *self.shape[1:])).copy()
+        shape = (stop - start, *self.shape[1:]) if self.shape else ()
+        return np.frombuffer(data, self.dtype).reshape(shape).copy()
 
     def read(self) -> np.ndarray:
-        if not self.shape:
-            with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
-                f.seek(self.offset)
-                return np.frombuffer(f.read(self.dtype.itemsize), self.dtype).reshape(())
-        return self[:]
+        return self._read_rows(0, 1) if not self.shape else self[:]
 
 
 def open_npz(path: Path) -> dict[str, _NpzMember]:
@@ -261,10 +268,15 @@ def _sample_batches(arrays: Mapping[str, np.ndarray | _NpzMember], specs: Sequen
     samples = lengths.pop()
     if samples == 0:
         raise UsageError(f"{where} holds no samples")
-    fixed = {s.shape[0] for s in specs if isinstance(s.shape[0], int)}
-    batch = fixed.pop() if len(fixed) == 1 else options.batch_size
+    fixed = {s.shape[0] for s in specs if isinstance(s.shape[0], int) and s.shape[0] > 0}
+    batch = next(iter(fixed)) if len(fixed) == 1 else options.batch_size
     if options.samples is not None:
         samples = min(samples, options.samples)
+    if len(fixed) == 1:  # a fixed batch axis takes whole batches only
+        if samples < batch:
+            raise UsageError(f"{where}: the model takes batches of exactly {batch} samples but "
+                             f"only {samples} are given")
+        samples -= samples % batch
     return SampleBatches(arrays, batch, samples)
 
 

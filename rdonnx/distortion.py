@@ -7,24 +7,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-METRICS = ("nmse", "kl", "cosine")
+from .errors import UsageError
+
+METRICS = ("nmse", "nmse-channel", "kl", "cosine")
 
 
 @dataclass(frozen=True)
 class Distortion:
     """How far a candidate's outputs are from the reference's, over a whole data set."""
 
-    nmse: float  # sum over outputs of ||y - y'||^2 / ||y||^2
-    cosine: float  # sum over outputs of the mean per-sample cosine distance 1 - cos(y, y')
+    nmse: float | None  # sum over outputs of ||y - y'||^2 / ||y||^2
+    nmse_channel: float | None  # sum over outputs of the mean over channels of per-channel nmse
+    cosine: float | None  # sum over outputs of the mean per-sample cosine distance 1-cos(y, y')
     kl: float | None  # mean KL(p_ref || p_cand) over rows of class-score outputs (None: none)
     top1_agreement: float | None  # share of samples whose argmax class is unchanged
     samples: int
 
     def value(self, metric: str) -> float:
-        """The figure named by `metric` ("nmse", "kl" or "cosine")."""
-        value = getattr(self, metric)
+        """The figure named by `metric` (one of `METRICS`)."""
+        value = getattr(self, metric.replace("-", "_"))
         if value is None:
-            raise ValueError(f"metric {metric!r} needs an output of class scores")
+            raise ValueError(f"metric {metric!r} was not measured or needs an output of class "
+                             "scores")
         return float(value)
 
 
@@ -42,12 +46,25 @@ def _log_probs(scores: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def _accumulate(total: np.ndarray | float, batch: np.ndarray) -> np.ndarray:
+    """Add per-channel sums; if the channel count changes between batches, keep one channel."""
+    total = np.atleast_1d(np.asarray(total, dtype=np.float64))
+    if total.shape == batch.shape or total.size == 1 and np.all(total == 0):
+        return total + batch
+    return np.array([total.sum() + batch.sum()])
+
+
 class DistortionMeter:
     """Streams reference / candidate outputs and returns one `Distortion` for all of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, channel_axis: int = 1, only: str | None = None) -> None:
+        """`only` names the one metric to compute (probes); None computes all of them."""
+        self.channel_axis = channel_axis
+        self.wants = set(METRICS) | {"top1"} if only is None else {only}
         self._err: list[float] = []
         self._ref: list[float] = []
+        self._chan_err: list[np.ndarray | float] = []
+        self._chan_ref: list[np.ndarray | float] = []
         self._cos: list[float] = []
         self._kl = 0.0
         self._kl_rows = 0
@@ -63,39 +80,62 @@ class DistortionMeter:
             self._err = [0.0] * len(float_pairs)
             self._ref = [0.0] * len(float_pairs)
             self._cos = [0.0] * len(float_pairs)
+            self._chan_err = [0.0] * len(float_pairs)
+            self._chan_ref = [0.0] * len(float_pairs)
         batch = 1
         class_output_seen = False
         for i, (r, c) in enumerate(float_pairs):
             r64, c64 = r.astype(np.float64), c.astype(np.float64)
-            self._err[i] += float(np.sum((r64 - c64) ** 2))
-            self._ref[i] += float(np.sum(r64**2))
-            rows_r = r64.reshape(r64.shape[0], -1) if r64.ndim else r64.reshape(1, 1)
-            rows_c = c64.reshape(rows_r.shape)
-            batch = rows_r.shape[0]
-            norms = np.linalg.norm(rows_r, axis=1) * np.linalg.norm(rows_c, axis=1)
-            dots = np.sum(rows_r * rows_c, axis=1)
-            cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
-                           np.where(np.all(rows_r == rows_c, axis=1), 1.0, 0.0))
-            self._cos[i] += float(np.sum(1.0 - cos))
+            batch = r64.shape[0] if r64.ndim else 1
+            if "nmse" in self.wants or "nmse-channel" in self.wants:
+                diff2 = (r64 - c64) ** 2
+                ref2 = r64**2
+                self._err[i] += float(np.sum(diff2))
+                self._ref[i] += float(np.sum(ref2))
+            if "nmse-channel" in self.wants:
+                self._chan_err[i] = _accumulate(self._chan_err[i], self._per_channel(diff2))
+                self._chan_ref[i] = _accumulate(self._chan_ref[i], self._per_channel(ref2))
+            if "cosine" in self.wants:
+                rows_r = r64.reshape(batch, -1)
+                rows_c = c64.reshape(rows_r.shape)
+                norms = np.linalg.norm(rows_r, axis=1) * np.linalg.norm(rows_c, axis=1)
+                dots = np.sum(rows_r * rows_c, axis=1)
+                cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
+                               np.where(np.all(rows_r == rows_c, axis=1), 1.0, 0.0))
+                self._cos[i] += float(np.sum(1.0 - cos))
             if is_class_scores(r):
-                log_p, log_q = _log_probs(r64), _log_probs(c64)
-                self._kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
-                self._kl_rows += r.shape[0]
-                if not class_output_seen:  # top-1 agreement on the first class-score output
+                if "kl" in self.wants:
+                    log_p, log_q = _log_probs(r64), _log_probs(c64)
+                    self._kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+                    self._kl_rows += r.shape[0]
+                if "top1" in self.wants and not class_output_seen:  # first class-score output
                     self._agree += int(np.sum(r.argmax(axis=1) == c.argmax(axis=1)))
                     self._top1_rows += r.shape[0]
                     class_output_seen = True
         self._samples += batch
 
+    def _per_channel(self, squares: np.ndarray) -> np.ndarray:
+        """Sums over every axis but the channel axis (one channel for lower-rank outputs)."""
+        if squares.ndim <= self.channel_axis:
+            return np.array([squares.sum()])
+        return np.moveaxis(squares, self.channel_axis, 0).reshape(
+            squares.shape[self.channel_axis], -1).sum(axis=1)
+
     def result(self) -> Distortion:
         if not self._err:
-            raise ValueError("the model has no float output to measure distortion on")
+            raise UsageError("the model has no float output to measure distortion on")
         nmse = sum(e / r if r > 0 else (0.0 if e == 0 else float("inf"))
-                   for e, r in zip(self._err, self._ref))
+                   for e, r in zip(self._err, self._ref)) if "nmse" in self.wants else None
         samples = max(self._samples, 1)
+        per_channel = 0.0
+        for err, ref in zip(self._chan_err, self._chan_ref):
+            err, ref = np.atleast_1d(err), np.atleast_1d(ref)
+            floor = max(float(ref.mean()), 1e-30) * 1e-6  # silent channels: relative to the rest
+            per_channel += float(np.mean(err / np.maximum(ref, floor)))
         return Distortion(
-            nmse=float(nmse),
-            cosine=float(sum(c / samples for c in self._cos)),
+            nmse=nmse,
+            nmse_channel=per_channel if "nmse-channel" in self.wants else None,
+            cosine=float(sum(c / samples for c in self._cos)) if "cosine" in self.wants else None,
             kl=self._kl / self._kl_rows if self._kl_rows else None,
             top1_agreement=self._agree / self._top1_rows if self._top1_rows else None,
             samples=self._samples)

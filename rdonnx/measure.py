@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -25,9 +27,9 @@ class Measurement:
 
 def measure(reference: Predict, candidates: Sequence[Predict], batches: Batches,
             labels: str | None = None, description: str = "measuring",
-            quiet: bool = True) -> Measurement:
+            quiet: bool = True, channel_axis: int = 1) -> Measurement:
     """Stream `batches` once: the reference runs once per batch, every candidate after it."""
-    meters = [DistortionMeter() for _ in candidates]
+    meters = [DistortionMeter(channel_axis) for _ in candidates]
     ref_acc = AccuracyMeter()
     accs = [AccuracyMeter() for _ in candidates]
     with progress_bar(len(batches) * (1 + len(candidates)), description, quiet) as bar:
@@ -45,3 +47,51 @@ def measure(reference: Predict, candidates: Sequence[Predict], batches: Batches,
                 bar.update(1)
     return Measurement([m.result() for m in meters], ref_acc.result(),
                        [a.result() for a in accs])
+
+
+class Replay:
+    """Calibration feeds with the original model's outputs, replayed for every probe.
+
+    Up to `budget` bytes stay in memory; later batches are spilled to a temporary folder and
+    read back one at a time, so memory does not grow with the number of samples.
+    """
+
+    def __init__(self, budget: int = 512 * 2**20):
+        self.budget = budget
+        self._held: list[tuple[Feed, list[np.ndarray]] | Path] = []
+        self._bytes = 0
+        self._folder: tempfile.TemporaryDirectory | None = None
+
+    def append(self, feed: Feed, outputs: list[np.ndarray]) -> None:
+        size = sum(a.nbytes for a in feed.values()) + sum(np.asarray(o).nbytes for o in outputs)
+        if self._bytes + size <= self.budget:
+            self._held.append((feed, [np.asarray(o) for o in outputs]))
+            self._bytes += size
+            return
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="rdonnx-replay-")
+        path = Path(self._folder.name) / f"{len(self._held)}.npz"
+        np.savez(path, **{f"in:{k}": v for k, v in feed.items()},
+                 **{f"out:{i}": np.asarray(o) for i, o in enumerate(outputs)})
+        self._held.append(path)
+
+    def __iter__(self) -> Iterator[tuple[Feed, list[np.ndarray]]]:
+        for item in self._held:
+            if isinstance(item, Path):
+                with np.load(item) as data:
+                    feed = {k[3:]: data[k] for k in data.files if k.startswith("in:")}
+                    outs = sorted((int(k[4:]), data[k]) for k in data.files if k.startswith("out:"))
+                yield feed, [o for _, o in outs]
+            else:
+                yield item
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def distortion(self, run: Predict, channel_axis: int = 1,
+                   only: str | None = None) -> Distortion:
+        """Distortion of `run`'s outputs against the recorded ones (`only` one metric)."""
+        meter = DistortionMeter(channel_axis, only)
+        for feed, expected in self:
+            meter.add(expected, run(feed))
+        return meter.result()

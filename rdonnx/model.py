@@ -68,7 +68,7 @@ def tensor_array(model: Model, tensor: TensorProto) -> np.ndarray:
                          "unknown; load the model from its path")
     try:
         return numpy_helper.to_array(tensor, base)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise UsageError(f"cannot read tensor {tensor.name!r}: {exc}") from None
 
 
@@ -165,22 +165,50 @@ class TensorSlot:
     """Where a named constant tensor lives: a graph's initializer or a Constant node's value."""
 
     graph: onnx.GraphProto
-    tensor: TensorProto
+    tensor: TensorProto  # for a sparse initializer: its values
     node: onnx.NodeProto | None = None  # the Constant node, when it holds the tensor
+    sparse: onnx.SparseTensorProto | None = None  # when a sparse_initializer holds it
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in (self.sparse.dims if self.sparse else self.tensor.dims))
+
+    def detach(self) -> None:
+        """Remove the tensor from where it lives in its graph."""
+        if self.node is not None:
+            self.graph.node.remove(self.node)
+        elif self.sparse is not None:
+            self.graph.sparse_initializer.remove(self.sparse)
+        else:
+            self.graph.initializer.remove(self.tensor)
 
 
 def tensor_slots(proto: onnx.ModelProto) -> dict[str, TensorSlot]:
-    """Every dense initializer and Constant-node tensor in the model and its subgraphs, by name."""
+    """Every initializer (dense or sparse) and Constant-node tensor, subgraphs included."""
     slots: dict[str, TensorSlot] = {}
     for graph in iter_graphs(proto.graph):
         for t in graph.initializer:
             slots[t.name] = TensorSlot(graph, t)
+        for sp in graph.sparse_initializer:
+            slots[sp.values.name] = TensorSlot(graph, sp.values, sparse=sp)
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
                 for attr in node.attribute:
                     if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                         slots[node.output[0]] = TensorSlot(graph, attr.t, node)
     return slots
+
+
+def slot_array(model: Model, slot: TensorSlot) -> np.ndarray:
+    """The dense value of a slot (sparse initializers expanded)."""
+    if slot.sparse is None:
+        return tensor_array(model, slot.tensor)
+    values = tensor_array(model, slot.sparse.values)
+    indices = numpy_helper.to_array(slot.sparse.indices).astype(np.int64)
+    dense = np.zeros(slot.dims, dtype=values.dtype)
+    flat = indices if indices.ndim == 1 else np.ravel_multi_index(indices.T, slot.dims)
+    dense.reshape(-1)[flat] = values
+    return dense
 
 
 def set_tensor(tensor: TensorProto, array: np.ndarray) -> None:
@@ -217,11 +245,25 @@ def write_model(model: Model, path: Path, replace: dict[str, np.ndarray] | None 
     try:
         if external:
             tmp_data = _temp(folder, data_name)
+        for name in replace:  # replaced sparse initializers become dense ones first
+            slot = slots[name]
+            if slot.sparse is not None:
+                slot.detach()
+                dense = slot.graph.initializer.add()
+                dense.name, dense.data_type = name, slot.tensor.data_type
+                slots[name] = TensorSlot(slot.graph, dense)
+        if external:
             with open(tmp_data, "wb") as data_file:
                 for name, slot in slots.items():
+                    if slot.sparse is not None or (
+                            name in sparse and slot.node is None and name in replace and
+                            _sparse_is_smaller(replace[name], slot.tensor.data_type)):
+                        continue  # stored sparse, inline
                     _to_external(model, slot.tensor, replace.get(name), data_file, data_name)
         else:
             for name, slot in slots.items():
+                if slot.sparse is not None:
+                    continue
                 if name in replace:
                     set_tensor(slot.tensor, replace[name])
                 elif uses_external_data(slot.tensor):
@@ -252,8 +294,12 @@ def write_model(model: Model, path: Path, replace: dict[str, np.ndarray] | None 
 
 
 def _temp(folder: Path, name: str) -> str:
+    """A temporary file beside the output, with the permissions a new file would get."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return tmp
 
 
@@ -279,14 +325,20 @@ def _to_external(model: Model, tensor: TensorProto, array: np.ndarray | None, da
         entry.key, entry.value = key, value
 
 
+def _sparse_is_smaller(array: np.ndarray, data_type: int) -> bool:
+    """Whether int64-indexed sparse storage takes fewer bytes than dense storage."""
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    return array.ndim > 0 and np.count_nonzero(array) * (itemsize + 8) < array.size * itemsize
+
+
 def _make_sparse_if_smaller(graph: onnx.GraphProto, tensor: TensorProto,
                             array: np.ndarray) -> None:
     """Move an initializer to `sparse_initializer` (int64 linear indices) if that is smaller."""
-    flat = array.reshape(-1)
-    nonzero = np.flatnonzero(flat)
-    if nonzero.size * (flat.itemsize + 8) >= flat.size * flat.itemsize or array.ndim == 0:
+    if not _sparse_is_smaller(array, tensor.data_type):
         return
-    values = numpy_helper.from_array(_as_type(flat[nonzero], tensor.data_type), tensor.name)
+    flat = _as_type(array, tensor.data_type).reshape(-1)
+    nonzero = np.flatnonzero(flat)
+    values = numpy_helper.from_array(flat[nonzero], tensor.name)
     indices = numpy_helper.from_array(nonzero.astype(np.int64), tensor.name + "_indices")
     sparse = onnx.helper.make_sparse_tensor(values, indices, list(array.shape))
     for i, t in enumerate(graph.initializer):

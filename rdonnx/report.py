@@ -24,6 +24,18 @@ class WeightReport:
     kept: int
     density: float
     distortion: float | None = None  # output distortion with only this weight pruned
+    criterion: str = "magnitude"  # the in-layer criterion really used for this weight
+    curve: list[float] | None = None  # measured D(d) on the report's grid
+
+
+@dataclass
+class RatePoint:
+    """The model measured at one rate (a search probe, or a point of the frontier)."""
+
+    rate: float
+    distortion: float
+    top1_agreement: float | None
+    meets: bool | None = None  # search probes: whether the bound holds
 
 
 @dataclass
@@ -35,6 +47,7 @@ class Evaluation:
     metric: str
     distortion: float
     nmse: float
+    nmse_channel: float
     cosine: float
     kl: float | None
     top1_agreement: float | None
@@ -46,7 +59,8 @@ class Evaluation:
                         accuracy_original: float | None = None,
                         accuracy_compressed: float | None = None) -> Evaluation:
         return cls(data=data, samples=d.samples, metric=metric, distortion=d.value(metric),
-                   nmse=d.nmse, cosine=d.cosine, kl=d.kl, top1_agreement=d.top1_agreement,
+                   nmse=d.nmse, nmse_channel=d.nmse_channel, cosine=d.cosine, kl=d.kl,
+                   top1_agreement=d.top1_agreement,
                    accuracy_original=accuracy_original, accuracy_compressed=accuracy_compressed)
 
 
@@ -56,7 +70,8 @@ class Report:
 
     model: str
     method: str
-    rate: float
+    criterion: str
+    rate: float  # achieved: params_kept / params_total
     device: str
     simplified: bool
     params_total: int
@@ -67,6 +82,10 @@ class Report:
     settings: dict[str, Any]
     rdonnx_version: str
     test: Evaluation | None = None
+    predicted_distortion: float | None = None  # sum of the curves at the chosen densities
+    grid: list[float] | None = None
+    search: list[RatePoint] = field(default_factory=list)
+    frontier: list[RatePoint] = field(default_factory=list)  # the method at other rates
     output: str | None = None
     output_format: str | None = None
     output_bytes: int | None = None
@@ -130,14 +149,23 @@ def render(report: Report) -> str:
         size += f" -> {report.output_bytes:,} B ({report.output_format}, " \
                 f"{report.output_bytes / max(report.input_bytes, 1):.1%})"
     parts.append(f"params kept   {report.params_kept:,} / {report.params_total:,} "
-                 f"({report.density:.2%}), method {report.method}, device {report.device}")
+                 f"({report.density:.2%}), method {report.method}, criterion "
+                 f"{report.criterion}, device {report.device}")
     parts.append(f"file size     {size}")
     for ev in filter(None, (report.calibration, report.test)):
-        line = f"{ev.data:<13} {ev.metric} {ev.distortion:.4g}, top-1 agreement " \
+        line = f"{ev.data}: {ev.metric} {ev.distortion:.4g}, top-1 agreement " \
                f"{_pct(ev.top1_agreement)} ({ev.samples} samples)"
         if ev.accuracy_original is not None:
             line += f", accuracy {_pct(ev.accuracy_original)} -> {_pct(ev.accuracy_compressed)}"
         parts.append(line)
+    if report.predicted_distortion is not None:
+        parts.append(f"additivity    {metric} predicted by the curves "
+                     f"{report.predicted_distortion:.4g}, measured "
+                     f"{report.calibration.distortion:.4g}")
+    for step in report.search:
+        parts.append(f"search        rate {step.rate:.4g}: {metric} {step.distortion:.4g}, "
+                     f"top-1 agreement {_pct(step.top1_agreement)}"
+                     f"{' (meets the bound)' if step.meets else ''}")
     if report.output:
         parts.append(f"written       {report.output}")
     return "\n".join(parts)

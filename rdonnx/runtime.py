@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .errors import UsageError
-from .model import Model, fit_ir_version, tensor_array, tensor_slots, uses_external_data
+from .model import Model, fit_ir_version, slot_array, tensor_slots, uses_external_data
 from .weights import Weight
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -97,10 +97,7 @@ def measurement_model(model: Model, weights: Sequence[Weight],
     graph = proto.graph
     for weight in weights:
         slot = slots[weight.name]
-        if slot.node is not None:
-            slot.graph.node.remove(slot.node)
-        else:
-            slot.graph.initializer.remove(slot.tensor)
+        slot.detach()
         for value in list(graph.input):
             if value.name == weight.name:
                 graph.input.remove(value)
@@ -125,10 +122,11 @@ class Runner:
         self.extra_outputs = list(extra_outputs)
         slots = tensor_slots(model.proto)
         self._types = {w.name: slots[w.name].tensor.data_type for w in weights}
-        self._weights = {w.name: self._ortvalue(w.name, tensor_array(model, slots[w.name].tensor))
+        self._weights = {w.name: self.weight_value(w.name, slot_array(model, slots[w.name]))
                          for w in weights}
 
-    def _ortvalue(self, name: str, array: np.ndarray) -> object:
+    def weight_value(self, name: str, array: np.ndarray) -> object:
+        """`array` as an OrtValue on the session's device, to feed in place of weight `name`."""
         ort = import_onnxruntime()
         data_type = self._types[name]
         array = np.ascontiguousarray(array.astype(onnx.helper.tensor_dtype_to_np_dtype(data_type),
@@ -141,13 +139,15 @@ class Runner:
         return ort.OrtValue.ortvalue_from_numpy(array, self.device.ort_device, 0)
 
     def run(self, feed: Mapping[str, np.ndarray],
-            weights: Mapping[str, np.ndarray] | None = None,
+            weights: Mapping[str, object] | None = None,
             outputs: Sequence[str] | None = None) -> list[np.ndarray]:
-        """Run one batch; `weights` replace some prunable weights for this run only."""
+        """Run one batch; `weights` (arrays, or values from `weight_value`) replace some
+        prunable weights for this run only."""
         full = dict(feed)
         full.update(self._weights)
-        for name, array in (weights or {}).items():
-            full[name] = self._ortvalue(name, array)
+        for name, value in (weights or {}).items():
+            full[name] = self.weight_value(name, value) if isinstance(value, np.ndarray) \
+                else value
         names = list(outputs) if outputs is not None else self.output_names
         try:
             return self.session.run(names, full)

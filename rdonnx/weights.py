@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .model import Model, TensorSlot, iter_graphs, tensor_array, tensor_slots
+from .model import Model, TensorSlot, iter_graphs, slot_array, tensor_slots
 
 # Operator -> input positions that carry a weight (MatMul / Gemm: whichever side is constant).
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
@@ -71,13 +71,13 @@ def find_weights(model: Model, min_params: int = DEFAULT_MIN_PARAMS,
         if slot.tensor.data_type not in FLOAT_TYPES:
             continue
         ops = found.get(name)
-        size = int(np.prod(slot.tensor.dims, dtype=np.int64))
+        size = int(np.prod(slot.dims, dtype=np.int64))
         included = any(fnmatch.fnmatchcase(name, p) for p in include)
         if any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
         if included or (ops is not None and size >= min_params):
             weights.append(Weight(
-                name=name, shape=tuple(int(d) for d in slot.tensor.dims),
+                name=name, shape=slot.dims,
                 dtype=TensorProto.DataType.Name(slot.tensor.data_type),
                 op_types=tuple(sorted(ops or ())),
                 location="constant" if slot.node is not None else "initializer",
@@ -100,4 +100,4 @@ def _trace(name: str, slots: dict[str, TensorSlot],
 def read_weights(model: Model, weights: Sequence[Weight]) -> dict[str, np.ndarray]:
     """The current values of `weights` (external data read from disk)."""
     slots = tensor_slots(model.proto)
-    return {w.name: tensor_array(model, slots[w.name].tensor) for w in weights}
+    return {w.name: slot_array(model, slots[w.name]) for w in weights}

@@ -1,0 +1,174 @@
+"""Calibration: record reference outputs and layer-input moments, measure per-weight R-D curves.
+
+A curve D_l(d) is the output distortion of the whole model when only weight l is pruned to
+density d with the in-layer criterion. One session serves the whole sweep: each pruned variant
+is uploaded once and fed in place of the weight for every replayed batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .allocate import Curve
+from .data import Batches
+from .errors import UsageError
+from .measure import Replay
+from .model import Model
+from .progress import progress_bar
+from .prune import Ranking, Scores, activation, magnitude
+from .runtime import Runner
+from .stats import LayerInput, SecondMoments, layer_inputs
+from .weights import Weight
+
+DEFAULT_GRID = tuple(float(f"{d:.3g}") for d in np.geomspace(1.0, 0.002, 20))
+CURVES_FORMAT = "rdonnx-curves"
+CURVES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What curves were measured on: digests of the model, the data and the settings."""
+
+    model: str
+    data: str
+    settings: str
+
+    def mismatch(self, other: Fingerprint) -> list[str]:
+        return [part for part in ("model", "data", "settings")
+                if getattr(self, part) != getattr(other, part)]
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Per-weight R-D curves on a density grid, with the fingerprint of what they measured."""
+
+    grid: tuple[float, ...]
+    distortion: dict[str, tuple[float, ...]]
+    params: dict[str, int]
+    settings: dict
+    fingerprint: Fingerprint
+
+    def curve(self, name: str) -> Curve:
+        return Curve(self.grid, self.distortion[name])
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format": CURVES_FORMAT, "version": CURVES_VERSION,
+            "fingerprint": self.fingerprint.__dict__, "settings": self.settings,
+            "grid": list(self.grid),
+            "weights": {n: {"params": self.params[n], "distortion": list(d)}
+                        for n, d in self.distortion.items()}}, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, path: str | Path) -> Curves:
+        try:
+            data = json.loads(Path(path).read_text())
+            if data.get("format") != CURVES_FORMAT or data.get("version") != CURVES_VERSION:
+                raise ValueError("not an rdonnx curves file of version 1")
+            return cls(tuple(data["grid"]),
+                       {n: tuple(w["distortion"]) for n, w in data["weights"].items()},
+                       {n: int(w["params"]) for n, w in data["weights"].items()},
+                       data["settings"], Fingerprint(**data["fingerprint"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"cannot read curves {path}: {exc}; run rdonnx calibrate") from None
+
+
+def check_grid(grid: Sequence[float]) -> tuple[float, ...]:
+    """Grid densities sorted descending, with 1.0 first (its distortion is 0 by definition)."""
+    values = sorted({float(d) for d in grid} | {1.0}, reverse=True)
+    if any(not 0 < d <= 1 for d in values):
+        raise UsageError(f"--grid densities must be in (0, 1], got {list(grid)}")
+    return tuple(values)
+
+
+def digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def model_digest(model: Model, originals: Mapping[str, np.ndarray]) -> str:
+    """Digest of the graph and of every prunable weight's values (external data included)."""
+    return digest(model.proto.SerializeToString(deterministic=True),
+                  *(n.encode() + np.ascontiguousarray(a).tobytes()
+                    for n, a in sorted(originals.items())))
+
+
+def record(runner: Runner, batches: Batches, inputs: Mapping[str, LayerInput],
+           quiet: bool = True) -> tuple[Replay, dict[str, SecondMoments], str]:
+    """One pass over the data: reference outputs, layer-input moments and the data digest."""
+    replay = Replay()
+    moments = {name: SecondMoments(entry) for name, entry in inputs.items()}
+    h = hashlib.sha256()
+    with progress_bar(len(batches), "reference", quiet) as bar:
+        for feed in batches:
+            names = runner.output_names + runner.extra_outputs
+            values = dict(zip(names, runner.run(feed, outputs=names)))
+            values.update(feed)
+            for acc in moments.values():
+                acc.add_batch(values[acc.entry.tensor])
+            replay.append(feed, [values[n] for n in runner.output_names])
+            for key in sorted(feed):
+                array = np.ascontiguousarray(feed[key])
+                h.update(f"{key}:{array.dtype}:{array.shape}".encode())
+                h.update(array.tobytes())
+            bar.update(1)
+    return replay, moments, h.hexdigest()[:32]
+
+
+def exposed_tensors(model: Model, inputs: Mapping[str, LayerInput]) -> list[str]:
+    """Layer inputs that must be added as graph outputs (not already inputs or outputs)."""
+    given = {v.name for v in model.proto.graph.input} | {v.name for v in model.proto.graph.output}
+    return sorted({e.tensor for e in inputs.values()} - given)
+
+
+def scores_for(weights: Sequence[Weight], originals: Mapping[str, np.ndarray], criterion: str,
+               inputs: Mapping[str, LayerInput],
+               moments: Mapping[str, SecondMoments]) -> dict[str, Scores]:
+    """In-layer scores per weight; `activation` falls back to magnitude where no input is seen."""
+    scores = {}
+    for w in weights:
+        array = originals[w.name]
+        if criterion == "activation" and w.name in moments:
+            scores[w.name] = activation(array, moments[w.name].moments(array.shape),
+                                        inputs[w.name].row_axis)
+        else:
+            scores[w.name] = magnitude(array)
+    return scores
+
+
+def measure_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
+                   originals: Mapping[str, np.ndarray], rankings: Mapping[str, Ranking],
+                   grid: Sequence[float], metric: str, channel_axis: int = 1,
+                   quiet: bool = True) -> dict[str, tuple[float, ...]]:
+    """D_l(d) for every weight l and grid density d (prune only l, replay all batches)."""
+    curves: dict[str, tuple[float, ...]] = {}
+    probes = sum(1 for d in grid if d < 1) * len(weights) * len(replay)
+    with progress_bar(probes, "R-D curves", quiet) as bar:
+        for w in weights:
+            points = []
+            for density in grid:
+                if density >= 1:
+                    points.append(0.0)
+                    continue
+                keep = int(round(density * w.size))
+                value = runner.weight_value(w.name, rankings[w.name].apply(originals[w.name],
+                                                                           keep))
+                points.append(replay.distortion(
+                    lambda feed, v=value, n=w.name: runner.run(feed, {n: v}),
+                    channel_axis, only=metric).value(metric))
+                bar.update(len(replay))
+            curves[w.name] = tuple(points)
+    return curves
+
+
+__all__ = ["Curves", "DEFAULT_GRID", "Fingerprint", "check_grid", "digest", "exposed_tensors",
+           "layer_inputs", "measure_curves", "model_digest", "record", "scores_for"]

@@ -1,0 +1,80 @@
+"""The settings of a compress run, as one versioned dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .allocate import ALLOCATORS, SOLVERS
+from .calibrate import DEFAULT_GRID
+from .data import DataOptions
+from .distortion import METRICS
+from .errors import UsageError
+from .prune import CRITERIA
+from .weights import DEFAULT_MIN_PARAMS
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Every setting of a compress run; serialised into the report.
+
+    Exactly one target: `rate` (fraction of prunable weights kept), `max_distortion` (the
+    smallest rate whose measured distortion is at most this) or `min_agreement` (the smallest
+    rate whose measured top-1 agreement is at least this).
+    """
+
+    rate: float | None = None
+    max_distortion: float | None = None
+    min_agreement: float | None = None
+    method: str = "rd"
+    criterion: str = "magnitude"
+    solver: str = "lagrange"  # rd: "lagrange" (convex hulls) or "dp" (grid points only)
+    normalize: bool = False  # global: scores divided by each tensor's RMS
+    metric: str = "nmse"
+    channel_axis: int = 1  # nmse-channel: the channel axis of every output
+    grid: tuple[float, ...] = DEFAULT_GRID
+    min_params: int = DEFAULT_MIN_PARAMS
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    simplify: bool = True
+    device: str = "auto"
+    layer_distortion: bool = True  # measure each weight pruned alone at its chosen density
+    data: DataOptions = field(default_factory=DataOptions)
+    version: int = CONFIG_VERSION
+
+    def check(self) -> None:
+        targets = [t for t in (self.rate, self.max_distortion, self.min_agreement)
+                   if t is not None]
+        if len(targets) != 1:
+            raise UsageError("give exactly one target: --rate, --max-distortion or "
+                             "--min-agreement")
+        if self.rate is not None and not 0 < self.rate <= 1:
+            raise UsageError(f"--rate must be in (0, 1] (the fraction of prunable weights kept), "
+                             f"got {self.rate}")
+        if self.max_distortion is not None and self.max_distortion < 0:
+            raise UsageError(f"--max-distortion must be >= 0, got {self.max_distortion}")
+        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
+            raise UsageError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+        for value, options, what in ((self.method, ALLOCATORS, "method"),
+                                     (self.criterion, CRITERIA, "criterion"),
+                                     (self.solver, SOLVERS, "solver"),
+                                     (self.metric, METRICS, "metric")):
+            if value not in options:
+                raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(options)}")
+        if self.channel_axis < 0:
+            raise UsageError(f"--channel-axis must be >= 0, got {self.channel_axis}")
+
+    def curve_settings(self) -> dict[str, Any]:
+        """The settings that R-D curves depend on (part of their fingerprint)."""
+        return {"criterion": self.criterion, "metric": self.metric,
+                "channel_axis": self.channel_axis, "grid": list(self.grid),
+                "min_params": self.min_params, "include": list(self.include),
+                "exclude": list(self.exclude), "simplify": self.simplify}
+
+    def as_dict(self) -> dict[str, Any]:
+        settings = asdict(self)
+        settings["data"] = {k: (dict(v) if isinstance(v, dict) or hasattr(v, "items") else v)
+                            for k, v in settings["data"].items()}
+        return settings
