@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import rdonnx
+from rdonnx.allocate import SOLVERS, Allocation, predicted
 from rdonnx.config import CompressConfig
 from rdonnx.pipeline import calibrate_model, measure_all_curves
 from rdonnx.plot import plot_methods
@@ -54,10 +55,11 @@ def quality(name: str, path: Path) -> dict:
         cal = calibrate_model(path, config, CALIB)
         curves = measure_all_curves(cal, config)
         seconds = time.perf_counter() - start
-        probes = len(cal.weights) * (len(curves.grid) - 1) * len(cal.replay)
-        forward = _forward_seconds(cal)
-        timing[criterion] = (seconds, probes / seconds_of_probes(cal, curves, config),
-                             len(cal.replay) / forward)
+        probes = len(cal.weights) * (len(curves.grid) - 1)
+        timing[criterion] = (seconds, _probe_seconds(cal, config) / probes,
+                             _forward_seconds(cal))
+        if criterion == "magnitude":
+            timing["solvers"] = _solvers(cal, curves)
         for method in METHODS:
             for rate in RATES:
                 result = rdonnx.compress(path, rate=rate, method=method, calib=CALIB, test=TEST,
@@ -72,8 +74,23 @@ def quality(name: str, path: Path) -> dict:
     return {"rows": rows, "timing": timing}
 
 
+def _solvers(cal, curves) -> list[tuple[float, str, float, float, float]]:
+    """Lagrangian vs DP on the same curves: predicted distortion, achieved rate, time."""
+    allocation = Allocation({n: s.values for n, s in cal.scores.items()},
+                            {n: curves.curve(n) for n in curves.distortion})
+    out = []
+    for rate in RATES:
+        for name, solver in SOLVERS.items():
+            start = time.perf_counter()
+            keep = solver(allocation, rate)
+            seconds = time.perf_counter() - start
+            out.append((rate, name, predicted(allocation, keep), seconds,
+                        sum(keep.values()) / sum(w.size for w in cal.weights)))
+    return out
+
+
 def _forward_seconds(cal) -> float:
-    """Seconds for one plain forward pass over the replayed batches (best of 5)."""
+    """One plain forward pass over all calibration batches (best of 5)."""
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
@@ -83,26 +100,54 @@ def _forward_seconds(cal) -> float:
     return best
 
 
-def seconds_of_probes(cal, curves, config) -> float:
-    """Re-measure the curves' probe loop alone (no reference pass), for probes per second."""
+def _probe_seconds(cal, config) -> float:
+    """The curves' probe loop alone (every weight x grid density over all batches)."""
     start = time.perf_counter()
     measure_all_curves(cal, config)
     return time.perf_counter() - start
 
 
-def memory(path: Path) -> list[tuple[int, float]]:
-    """Peak RSS of `rdonnx calibrate` with 256 and 4096 synthetic samples (fresh processes)."""
+def _conv_model(path: Path) -> None:
+    """A convolutional model with 3x32x32 inputs (12 KiB a sample) for the memory check."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.2, n)
+             for n, s in (("w1", (16, 3, 3, 3)), ("w2", (16, 16, 3, 3)), ("w3", (16, 10)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Conv", ["b", "w2"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["c"], ["d"]),
+             helper.make_node("Flatten", ["d"], ["e"]),
+             helper.make_node("MatMul", ["e", "w3"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def memory() -> list[tuple[int, float, float]]:
+    """Peak RSS of calibration with 256 and 8192 synthetic samples (fresh processes).
+
+    The replay keeps 16 MiB in memory (--replay-mb 16); 8192 samples are 96 MiB of inputs.
+    """
+    path = ROOT / "bench" / "out" / "conv32.onnx"
+    _conv_model(path)
     out = []
-    for samples in (256, 4096):
+    for samples in (256, 8192):
         cmd = [sys.executable, "-c", (
-            "import resource,sys,rdonnx;"
+            "import resource,time,rdonnx;"
             "from rdonnx.config import CompressConfig;from rdonnx.data import DataOptions;"
+            "t=time.perf_counter();"
             f"rdonnx.calibrate(r'{path}', config=CompressConfig(data=DataOptions("
-            f"samples={samples}, batch_size=64), grid=(1.0, 0.5, 0.1)));"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")]
-        peak = int(subprocess.run(cmd, check=True, capture_output=True, text=True)
-                   .stdout.split()[-1])
-        out.append((samples, peak / 1024))
+            f"samples={samples}, batch_size=64), grid=(1.0, 0.5), replay_mb=16));"
+            "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")]
+        seconds, peak = subprocess.run(cmd, check=True, capture_output=True, text=True) \
+            .stdout.split()[-2:]
+        out.append((samples, float(seconds), int(peak) / 1024))
     return out
 
 
@@ -118,18 +163,27 @@ def main() -> None:
             print(f"| {name} | {criterion} | {method} | {rate} | {nmse:.4g} | {agree:.2%} | "
                   f"{acc:.2%} ({acc0:.2%}) |")
         _summary(name, result["rows"])
-    print("\n| model | criterion | calibration s (curves) | probes/s | plain forwards/s | "
-          "probe cost / forward |")
+    print("\n| model | criterion | calibration s (reference + curves) | one probe ms | "
+          "one forward pass ms | probe / forward |")
     print("|---|---|---|---|---|---|")
     for name, per in timings.items():
-        for criterion, (seconds, probes, forwards) in per.items():
-            print(f"| {name} | {criterion} | {seconds:.2f} | {probes:.0f} | {forwards:.0f} | "
-                  f"{forwards / probes:.2f}x |")
-    print("\n| model | calibration samples | peak RSS MiB |")
-    print("|---|---|---|")
-    for name, path in models().items():
-        for samples, peak in memory(path):
-            print(f"| {name} | {samples} | {peak:.0f} |")
+        for criterion, (seconds, probe, forward) in ((c, v) for c, v in per.items()
+                                                     if c != "solvers"):
+            print(f"| {name} | {criterion} | {seconds:.2f} | {1000 * probe:.2f} | "
+                  f"{1000 * forward:.2f} | {probe / forward:.2f}x |")
+    print("\n(a probe = one pruned variant run over all 256 calibration samples, a forward pass "
+          "= the same samples through the original model)")
+    print("\n| model | rate | solver | predicted nmse | rate met | solve ms |")
+    print("|---|---|---|---|---|---|")
+    for name, per in timings.items():
+        for rate, solver, value, seconds, achieved in per["solvers"]:
+            print(f"| {name} | {rate} | {solver} | {value:.4g} | {achieved:.4f} | "
+                  f"{1000 * seconds:.2f} |")
+    print("\n| model | calibration samples | calibrate s | peak RSS MiB |")
+    print("|---|---|---|---|")
+    for samples, seconds, peak in memory():
+        print(f"| conv32 (3x32x32 inputs, --replay-mb 16) | {samples} | {seconds:.1f} | "
+              f"{peak:.0f} |")
     print(f"\nbench peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -65,5 +65,6 @@ def build(path: Path, epochs: int = 40) -> float:
 if __name__ == "__main__":
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
-    print(f"test accuracy {build(out / 'digits_transformer.onnx'):.2%}")
-    print(np.unique([n.op_type for n in onnx.load(str(out / 'digits_transformer.onnx')).graph.node]))
+    path = out / "digits_transformer.onnx"
+    print(f"test accuracy {build(path):.2%}")
+    print(np.unique([n.op_type for n in onnx.load(str(path)).graph.node]))

@@ -12,12 +12,13 @@ from .api import (  # noqa: E402
     evaluate,
     inspect,
 )
+from .artifact import decompress, load, open_session  # noqa: E402
 from .data import DataOptions  # noqa: E402
 from .errors import UsageError  # noqa: E402
 from .report import Evaluation, Report, WeightReport  # noqa: E402
 
 __all__ = [
     "CompressConfig", "CompressResult", "Curves", "DataOptions", "Evaluation", "Inspection",
-    "Report", "UsageError", "WeightReport", "__version__", "calibrate", "compress", "evaluate",
-    "inspect",
+    "Report", "UsageError", "WeightReport", "__version__", "calibrate", "compress",
+    "decompress", "evaluate", "inspect", "load", "open_session",
 ]

@@ -148,9 +148,10 @@ def rd(inputs: Allocation, rate: float) -> dict[str, int]:
     hulls = {n: _hull(*p) for n, p in _curve_points(inputs).items()}
     exact = {n: float(h[0][0]) for n, h in hulls.items()}
     budget = total - sum(exact.values())
-    if budget < 0:
+    if total < sum(np.floor(v) for v in exact.values()):
         raise UsageError(f"rate {rate} is below the smallest density of the R-D grid; "
                          "calibrate with a --grid that reaches lower")
+    budget = max(budget, 0.0)
     segments = []  # (distortion saved per entry, name, start, length)
     for name, (xs, ys) in hulls.items():
         for i in range(len(xs) - 1):

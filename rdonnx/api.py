@@ -10,13 +10,13 @@ import numpy as np
 
 from . import pipeline
 from .calibrate import Curves
-from .config import CompressConfig
+from .config import FORMATS, CompressConfig
 from .data import DataOptions, input_specs
 from .distortion import METRICS
 from .errors import UsageError
 from .measure import measure
 from .model import load_model
-from .pipeline import FORMATS, CompressResult, DataSource, ModelSource, make_data
+from .pipeline import CompressResult, DataSource, ModelSource, make_data
 from .report import Evaluation, WeightReport, table
 from .runtime import Runner
 from .weights import DEFAULT_MIN_PARAMS, find_weights, read_weights
@@ -29,6 +29,7 @@ __all__ = ["FORMATS", "CompressConfig", "CompressResult", "Curves", "Inspection"
 def compress(model: ModelSource, *, rate: float | None = None, calib: DataSource = None,
              method: str | None = None, criterion: str | None = None,
              max_distortion: float | None = None, min_agreement: float | None = None,
+             bits_per_weight: float | None = None,
              test: DataSource = None, labels: str | None = None,
              curves: Curves | str | os.PathLike | None = None,
              config: CompressConfig | None = None, quiet: bool = True,
@@ -39,7 +40,8 @@ def compress(model: ModelSource, *, rate: float | None = None, calib: DataSource
         model: a path, an `onnx.ModelProto` or serialized bytes.
         rate: fraction of prunable weights kept, in (0, 1]. Or instead:
         max_distortion: the smallest rate whose measured distortion is at most this;
-        min_agreement: the smallest rate whose measured top-1 agreement is at least this.
+        min_agreement: the smallest rate whose measured top-1 agreement is at least this;
+        bits_per_weight: the largest rate coded in at most this many bits per weight.
         calib: calibration data (an `.npz` path, a folder of `.npz` feeds, arrays by input
             name); None makes synthetic inputs from the input specs.
         method: allocator: "rd" (default), "uniform", "global" or "lamp".
@@ -52,7 +54,8 @@ def compress(model: ModelSource, *, rate: float | None = None, calib: DataSource
     """
     config = config or CompressConfig()
     overrides = {k: v for k, v in (("method", method), ("criterion", criterion)) if v is not None}
-    targets = {"rate": rate, "max_distortion": max_distortion, "min_agreement": min_agreement}
+    targets = {"rate": rate, "max_distortion": max_distortion, "min_agreement": min_agreement,
+               "bits_per_weight": bits_per_weight}
     if any(v is not None for v in targets.values()):
         overrides.update(targets)
     return pipeline.compress(model, replace(config, **overrides), calib, test, labels, curves,

@@ -69,13 +69,15 @@ class Curves:
     def load(cls, path: str | Path) -> Curves:
         try:
             data = json.loads(Path(path).read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
             if data.get("format") != CURVES_FORMAT or data.get("version") != CURVES_VERSION:
                 raise ValueError("not an rdonnx curves file of version 1")
             return cls(tuple(data["grid"]),
                        {n: tuple(w["distortion"]) for n, w in data["weights"].items()},
                        {n: int(w["params"]) for n, w in data["weights"].items()},
                        data["settings"], Fingerprint(**data["fingerprint"]))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UsageError(f"cannot read curves {path}: {exc}; run rdonnx calibrate") from None
 
 
@@ -103,9 +105,10 @@ def model_digest(model: Model, originals: Mapping[str, np.ndarray]) -> str:
 
 
 def record(runner: Runner, batches: Batches, inputs: Mapping[str, LayerInput],
-           quiet: bool = True) -> tuple[Replay, dict[str, SecondMoments], str]:
+           quiet: bool = True, replay_bytes: int = 512 * 2**20,
+           ) -> tuple[Replay, dict[str, SecondMoments], str]:
     """One pass over the data: reference outputs, layer-input moments and the data digest."""
-    replay = Replay()
+    replay = Replay(replay_bytes)
     moments = {name: SecondMoments(entry) for name, entry in inputs.items()}
     h = hashlib.sha256()
     with progress_bar(len(batches), "reference", quiet) as bar:

@@ -19,8 +19,11 @@ import click
 
 from . import __version__
 from .allocate import ALLOCATORS, SOLVERS
-from .api import FORMATS, CompressConfig, calibrate, compress, evaluate, inspect
-from .calibrate import DEFAULT_GRID, check_grid
+from .api import CompressConfig, calibrate, compress, evaluate, inspect
+from .artifact import decompress, inspect_artifact
+from .calibrate import DEFAULT_GRID, Curves, check_grid
+from .config import FORMATS, VALUES
+from .container import is_artifact
 from .data import DataOptions
 from .distortion import METRICS
 from .errors import UsageError
@@ -161,6 +164,9 @@ def rd_options(func: Callable) -> Callable:
         click.option("--calib", type=click.Path(path_type=Path), default=None,
                      help="Calibration data: .npz (keys = input names, axis 0 = samples) or a "
                      "folder of .npz feeds. Default: synthetic inputs."),
+        click.option("--replay-mb", type=click.IntRange(min=0), default=512, show_default=True,
+                     help="MiB of calibration batches and reference outputs kept in memory "
+                     "for the probes; the rest is spilled to a temporary folder."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -173,7 +179,8 @@ def _config(**kw) -> CompressConfig:
     return CompressConfig(
         criterion=kw["criterion"], metric=kw["metric"], channel_axis=kw["channel_axis"],
         grid=_grid(kw["grid"]), min_params=kw["min_params"], include=kw["include"],
-        exclude=kw["exclude"], simplify=not kw["no_simplify"], device=kw["device"], data=data)
+        exclude=kw["exclude"], simplify=not kw["no_simplify"], device=kw["device"], data=data,
+        replay_mb=kw["replay_mb"])
 
 
 @cli.command("compress")
@@ -186,10 +193,25 @@ def _config(**kw) -> CompressConfig:
 @click.option("--min-agreement", type=float, default=None,
               help="Instead of --rate: the smallest rate whose measured top-1 agreement with "
               "the original is at least A (0..1).")
+@click.option("--bits-per-weight", type=float, default=None,
+              help="Instead of --rate: the largest rate whose coded positions + values take "
+              "at most B bits per prunable weight.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output file [default: <model>.pruned.onnx beside the input].")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="dense", show_default=True,
-              help="dense: pruned weights with zeros; sparse: sparse_initializer where smaller.")
+              help="Output file [default: <model>.rdonnx, or <model>.pruned.onnx for dense and "
+              "sparse, beside the input].")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="rdonnx",
+              show_default=True, help="rdonnx: entropy-coded artifact (rdonnx.open_session "
+              "runs it in stock ONNX Runtime); dense: ONNX with zeros; sparse: ONNX "
+              "sparse_initializer where smaller.")
+@click.option("--values", type=click.Choice(VALUES), default="auto", show_default=True,
+              help="Surviving values: quantized, exact, or auto (quantized for rdonnx only).")
+@click.option("--value-bits", type=click.IntRange(2, 16), default=None,
+              help="Quantize survivors to this many bits [default: the fewest bits that add "
+              "at most --value-budget to the measured distortion].")
+@click.option("--value-budget", type=float, default=0.02, show_default=True,
+              help="Share of the measured distortion that quantization may add.")
+@click.option("--lossless-unpruned", is_flag=True,
+              help="Keep large unpruned tensors (embeddings...) exact instead of quantized.")
 @click.option("--method", type=click.Choice(list(ALLOCATORS)), default="rd", show_default=True,
               help="rd: densities from measured R-D curves; uniform: one density; global: one "
               "score threshold; lamp: LAMP scores, one threshold.")
@@ -218,13 +240,15 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
                  plot_path: Path | None, force: bool, test_data: Path | None,
                  labels: str | None, curves_path: Path | None, quiet: bool, debug: bool,
                  **kw) -> None:
-    """Prune MODEL to a target (--rate, --max-distortion or --min-agreement); report the cost.
+    """Compress MODEL to a target (--rate, --max-distortion, --min-agreement or
+    --bits-per-weight) and report what it costs.
 
     Pruning makes files smaller, not faster: ONNX Runtime densifies weights at load.
     """
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
-    output = output or model.with_name(model.stem + ".pruned.onnx")
+    output = output or model.with_name(
+        model.stem + (".rdonnx" if fmt == "rdonnx" else ".pruned.onnx"))
     paths = [p for p in (output, report_path, plot_path) if p is not None]
     if len({p.resolve() for p in paths}) < len(paths):
         raise UsageError("-o, --report and --plot must name different files")
@@ -233,11 +257,16 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
     if labels and test_data is None:
         raise UsageError("--labels needs --test DATA")
     calib = kw.pop("calib")
+    if curves_path is not None and kw["grid"] is None:  # the grid the curves were measured on
+        kw["grid"] = ",".join(str(d) for d in Curves.load(curves_path).grid)
     config = replace(_config(**{k: kw.pop(k) for k in list(kw) if k in _CONFIG_KEYS}),
                      rate=kw["rate"], max_distortion=kw["max_distortion"],
-                     min_agreement=kw["min_agreement"], method=kw["method"],
-                     solver=kw["solver"], normalize=kw["normalize"],
-                     layer_distortion=not kw["no_layer_distortion"])
+                     min_agreement=kw["min_agreement"], bits_per_weight=kw["bits_per_weight"],
+                     method=kw["method"], solver=kw["solver"], normalize=kw["normalize"],
+                     layer_distortion=not kw["no_layer_distortion"], format=fmt,
+                     values=kw["values"], value_bits=kw["value_bits"],
+                     value_budget=kw["value_budget"],
+                     lossless_unpruned=kw["lossless_unpruned"])
     config.check()
     if plot_path is not None:
         require_matplotlib()
@@ -256,7 +285,7 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
 
 _CONFIG_KEYS = ("criterion", "metric", "channel_axis", "grid", "min_params", "include",
                 "exclude", "no_simplify", "device", "batch_size", "calib_samples",
-                "input_shape", "input_range", "seed")
+                "input_shape", "input_range", "seed", "replay_mb")
 
 
 @cli.command("calibrate")
@@ -291,7 +320,12 @@ def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bo
 @common_options
 def inspect_cmd(model: Path, min_params: int, include: tuple[str, ...],
                 exclude: tuple[str, ...], as_json: bool, quiet: bool, debug: bool) -> None:
-    """List the prunable weights of MODEL with their current density."""
+    """List the prunable weights of MODEL (or what an .rdonnx artifact holds)."""
+    if is_artifact(model):
+        found = inspect_artifact(model)
+        click.echo(json.dumps(found.manifest, indent=2, sort_keys=True) if as_json
+                   else found.render())
+        return
     result = inspect(model, min_params=min_params, include=include, exclude=exclude)
     if as_json:
         click.echo(json.dumps({"model": result.model, "params_total": result.params_total,
@@ -327,8 +361,10 @@ def evaluate_cmd(reference: Path, candidate: Path, data: Path | None, labels: st
     if as_json:
         click.echo(json.dumps(result.__dict__, indent=2, sort_keys=True))
     else:
-        lines = [f"{metric}: {result.distortion:.6g}", f"nmse: {result.nmse:.6g}",
-                 f"cosine: {result.cosine:.6g}"]
+        lines = [f"{metric}: {result.distortion:.6g}"] + [
+            f"{name}: {value:.6g}" for name, value in (("nmse", result.nmse),
+                                                      ("cosine", result.cosine))
+            if name != metric]
         if result.kl is not None:
             lines.append(f"kl: {result.kl:.6g}")
         if result.top1_agreement is not None:
@@ -342,6 +378,22 @@ def evaluate_cmd(reference: Path, candidate: Path, data: Path | None, labels: st
         click.echo(f"rdonnx: {metric} {result.distortion:.6g} exceeds --fail-above "
                    f"{fail_above:g}", err=True)
         click.get_current_context().exit(EXIT_BOUND_EXCEEDED)
+
+
+@cli.command("decompress")
+@click.argument("artifact", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="The ONNX file to write.")
+@click.option("--format", "fmt", type=click.Choice(("dense", "sparse")), default="dense",
+              show_default=True, help="dense, or sparse_initializer where smaller.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@common_options
+def decompress_cmd(artifact: Path, output: Path, fmt: str, force: bool, quiet: bool,
+                   debug: bool) -> None:
+    """Write ARTIFACT (.rdonnx) as plain ONNX that any tool reads."""
+    _check_output(output, artifact, force)
+    size = decompress(artifact, output, fmt, force=True)
+    _note(f"wrote {output} ({size:,} bytes, {fmt})", quiet)
 
 
 @cli.command("doctor")

@@ -6,14 +6,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .allocate import ALLOCATORS, SOLVERS
-from .calibrate import DEFAULT_GRID
+from .calibrate import DEFAULT_GRID, check_grid
 from .data import DataOptions
 from .distortion import METRICS
 from .errors import UsageError
 from .prune import CRITERIA
+from .quantize import VALUE_BITS
 from .weights import DEFAULT_MIN_PARAMS
 
 CONFIG_VERSION = 1
+FORMATS = ("rdonnx", "dense", "sparse")
+VALUES = ("auto", "quantized", "exact")
 
 
 @dataclass(frozen=True)
@@ -21,13 +24,15 @@ class CompressConfig:
     """Every setting of a compress run; serialised into the report.
 
     Exactly one target: `rate` (fraction of prunable weights kept), `max_distortion` (the
-    smallest rate whose measured distortion is at most this) or `min_agreement` (the smallest
-    rate whose measured top-1 agreement is at least this).
+    smallest rate whose measured distortion is at most this), `min_agreement` (the smallest
+    rate whose measured top-1 agreement is at least this) or `bits_per_weight` (the largest
+    rate whose coded size is at most this many bits per prunable weight).
     """
 
     rate: float | None = None
     max_distortion: float | None = None
     min_agreement: float | None = None
+    bits_per_weight: float | None = None  # coded bits per prunable weight, positions + values
     method: str = "rd"
     criterion: str = "magnitude"
     solver: str = "lagrange"  # rd: "lagrange" (convex hulls) or "dp" (grid points only)
@@ -41,15 +46,27 @@ class CompressConfig:
     simplify: bool = True
     device: str = "auto"
     layer_distortion: bool = True  # measure each weight pruned alone at its chosen density
+    replay_mb: int = 512  # calibration batches + reference outputs held in memory; rest on disk
+    format: str = "rdonnx"  # what the result is for: "rdonnx", "dense" or "sparse"
+    values: str = "auto"  # "quantized", "exact", or "auto": quantized for rdonnx only
+    value_bits: int | None = None  # None: the fewest bits within value_budget
+    value_budget: float = 0.02  # quantization may add this share to the measured distortion
+    lossless_unpruned: bool = False  # keep large unpruned tensors exact instead of quantized
     data: DataOptions = field(default_factory=DataOptions)
     version: int = CONFIG_VERSION
 
     def check(self) -> None:
-        targets = [t for t in (self.rate, self.max_distortion, self.min_agreement)
-                   if t is not None]
+        targets = [t for t in (self.rate, self.max_distortion, self.min_agreement,
+                               self.bits_per_weight) if t is not None]
         if len(targets) != 1:
-            raise UsageError("give exactly one target: --rate, --max-distortion or "
-                             "--min-agreement")
+            raise UsageError("give exactly one target: --rate, --max-distortion, "
+                             "--min-agreement or --bits-per-weight")
+        if self.bits_per_weight is not None and self.bits_per_weight <= 0:
+            raise UsageError(f"--bits-per-weight must be > 0, got {self.bits_per_weight}")
+        if self.value_bits is not None and self.value_bits not in VALUE_BITS:
+            raise UsageError(f"--value-bits must be in 2..16, got {self.value_bits}")
+        if self.value_budget < 0:
+            raise UsageError(f"--value-budget must be >= 0, got {self.value_budget}")
         if self.rate is not None and not 0 < self.rate <= 1:
             raise UsageError(f"--rate must be in (0, 1] (the fraction of prunable weights kept), "
                              f"got {self.rate}")
@@ -57,7 +74,9 @@ class CompressConfig:
             raise UsageError(f"--max-distortion must be >= 0, got {self.max_distortion}")
         if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
             raise UsageError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
-        for value, options, what in ((self.method, ALLOCATORS, "method"),
+        for value, options, what in ((self.format, FORMATS, "format"),
+                                     (self.values, VALUES, "values"),
+                                     (self.method, ALLOCATORS, "method"),
                                      (self.criterion, CRITERIA, "criterion"),
                                      (self.solver, SOLVERS, "solver"),
                                      (self.metric, METRICS, "metric")):
@@ -66,10 +85,15 @@ class CompressConfig:
         if self.channel_axis < 0:
             raise UsageError(f"--channel-axis must be >= 0, got {self.channel_axis}")
 
+    @property
+    def quantized(self) -> bool:
+        """Whether surviving values are quantized (`values`, or for `auto`, the format)."""
+        return self.values == "quantized" or (self.values == "auto" and self.format == "rdonnx")
+
     def curve_settings(self) -> dict[str, Any]:
         """The settings that R-D curves depend on (part of their fingerprint)."""
         return {"criterion": self.criterion, "metric": self.metric,
-                "channel_axis": self.channel_axis, "grid": list(self.grid),
+                "channel_axis": self.channel_axis, "grid": list(check_grid(self.grid)),
                 "min_params": self.min_params, "include": list(self.include),
                 "exclude": list(self.exclude), "simplify": self.simplify}
 

@@ -43,6 +43,12 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | bytes) -> Model:
     path = Path(source)
     if not path.is_file():
         raise UsageError(f"model file not found: {path}")
+    from .container import is_artifact
+
+    if is_artifact(path):  # an .rdonnx artifact reads as its decoded ONNX model
+        from .artifact import load
+
+        return Model(proto=load(path), path=path)
     with open(path, "rb") as f:
         proto = _parse(f.read(), str(path))
     return Model(proto=proto, base_dir=path.parent, path=path)

@@ -13,6 +13,7 @@ import onnx
 
 from . import __version__
 from .allocate import ALLOCATORS, SOLVERS, Allocation, predicted
+from .artifact import save_artifact
 from .calibrate import (
     Curves,
     Fingerprint,
@@ -25,35 +26,38 @@ from .calibrate import (
     record,
     scores_for,
 )
-from .config import CompressConfig
+from .coding import coding_report, stream_bits
+from .config import FORMATS, CompressConfig
 from .data import Batches, DataOptions, input_specs, make_batches, open_npz
 from .distortion import Distortion, is_class_scores
 from .errors import UsageError
 from .measure import Replay, measure
 from .model import Model, iter_graphs, load_model, simplify, write_model
 from .prune import Ranking, Scores
+from .quantize import Quantized, choose_bits
 from .report import Evaluation, RatePoint, Report, WeightReport
 from .runtime import Runner
-from .weights import Weight, find_weights, read_weights
+from .target import Realized, meet_target
+from .weights import Weight, find_codable, find_weights, read_weights
 
 ModelSource = str | os.PathLike | onnx.ModelProto | bytes
 DataSource = str | os.PathLike | Mapping[str, np.ndarray] | None
-FORMATS = ("dense", "sparse")
-SEARCH_STEPS = 8
 
 
 @dataclass
 class CompressResult:
-    """The pruned weights of a model and the report of what they cost."""
+    """The compressed weights of a model and the report of what they cost."""
 
     source: Model
-    weights: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]  # every replaced tensor, exactly as measured
+    quantized: dict[str, Quantized]  # integer levels + steps (empty: exact values)
     report: Report
     curves: Curves | None = None
+    pruned: dict[str, np.ndarray] = field(default_factory=dict)  # exact values, for baselines
 
     @property
     def model(self) -> onnx.ModelProto:
-        """The pruned model as one in-memory protobuf (dense; for models under 2 GB)."""
+        """The compressed model as one dense in-memory protobuf (models under 2 GB)."""
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
             write_model(self.source, path, self.weights)
@@ -62,8 +66,13 @@ class CompressResult:
                                  "data")
             return onnx.load(str(path))
 
-    def save(self, path: str | os.PathLike, format: str = "dense", force: bool = False) -> int:
-        """Write the pruned model (`dense`, or `sparse` initializers where smaller)."""
+    def save(self, path: str | os.PathLike, format: str | None = None,
+             force: bool = False) -> int:
+        """Write the result: `rdonnx` (entropy-coded), `dense`, or `sparse` ONNX.
+
+        The format defaults to the one the result was compressed for.
+        """
+        format = format or self.report.settings.get("format", "rdonnx")
         if format not in FORMATS:
             raise UsageError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
         path = Path(path)
@@ -74,10 +83,32 @@ class CompressResult:
             raise UsageError(f"output {path} is a folder; give a file name")
         if path.exists() and not force:
             raise UsageError(f"output {path} exists; pass --force to replace it")
-        sparse = frozenset(self.weights) if format == "sparse" else frozenset()
-        size = write_model(self.source, path, self.weights, sparse)
+        if not path.parent.is_dir():
+            raise UsageError(f"output folder does not exist: {path.parent}; create it first")
+        if format == "rdonnx":
+            size = self._save_artifact(path)
+        else:
+            sparse = frozenset(self.weights) if format == "sparse" else frozenset()
+            size = write_model(self.source, path, self.weights, sparse)
         self.report.output, self.report.output_format, self.report.output_bytes = \
             str(path), format, size
+        return size
+
+    def _save_artifact(self, path: Path) -> int:
+        prunable = {w.name for w in self.report.weights}
+        exact = {n: v for n, v in self.weights.items() if n not in self.quantized}
+        metrics = {"distortion": self.report.calibration.distortion,
+                   "metric": self.report.calibration.metric,
+                   "top1_agreement": self.report.calibration.top1_agreement,
+                   "rate": self.report.rate, "value_bits": self.report.value_bits}
+        size, entries = save_artifact(self.source, path, self.quantized, exact,
+                                      self.report.settings, metrics)
+        self.report.coding = coding_report(self.source, self.pruned or self.weights, entries,
+                                           prunable, size, self.report.input_bytes)
+        bits = {e.name: (e.bits["positions"] + e.bits["values"]) / max(e.size, 1)
+                for e in entries}
+        for w in self.report.weights:
+            w.bits_per_weight = bits.get(w.name)
         return size
 
 
@@ -94,14 +125,36 @@ class Calibration:
     rankings: dict[str, Ranking]
     fingerprint: Fingerprint
     data_name: str
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # coded, not pruned
     notices: list[str] = field(default_factory=list)
 
     def run_with(self, pruned: Mapping[str, np.ndarray]) -> Callable:
         values = {n: self.runner.weight_value(n, a) for n, a in pruned.items()}
         return lambda feed: self.runner.run(feed, values)
 
-    def distortion(self, pruned: Mapping[str, np.ndarray], config: CompressConfig) -> Distortion:
-        return self.replay.distortion(self.run_with(pruned), config.channel_axis)
+    def distortion(self, values: Mapping[str, np.ndarray], config: CompressConfig,
+                   only: str | None = None) -> Distortion:
+        return self.replay.distortion(self.run_with(values), config.channel_axis, only)
+
+    def realize(self, rate: float, keep: dict[str, int], config: CompressConfig) -> Realized:
+        """Prune to `keep`, quantize (when configured) and measure the result."""
+        pruned = self.prune(keep)
+        if not config.quantized:
+            return Realized(rate, keep, pruned, pruned, {}, None,
+                            self.distortion(pruned, config))
+        tensors = {**pruned, **({} if config.lossless_unpruned else self.extra)}
+        limit = None
+        if config.value_bits is None:
+            base = self.distortion(pruned, config, config.metric).value(config.metric)
+            limit = base * (1 + config.value_budget) + config.value_budget * 1e-2
+
+        def measure(values):
+            d = self.distortion(values, config)
+            return d.value(config.metric), d
+
+        choice = choose_bits(tensors, measure, limit, config.value_bits)
+        return Realized(rate, keep, pruned, choice.values, choice.quantized, choice.bits,
+                        choice.distortion)
 
     def prune(self, keep: Mapping[str, int]) -> dict[str, np.ndarray]:
         return {w.name: self.rankings[w.name].apply(self.originals[w.name], keep[w.name])
@@ -156,10 +209,13 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
     batches, data_name = make_data(loaded, calib, config.data)
     originals = read_weights(loaded, weights)
     inputs = layer_inputs(loaded, weights) if config.criterion == "activation" else {}
-    runner = Runner(loaded, weights, config.device, exposed_tensors(loaded, inputs))
+    extra = find_codable(loaded, weights, config.min_params) \
+        if config.quantized and not config.lossless_unpruned else []
+    runner = Runner(loaded, weights + extra, config.device, exposed_tensors(loaded, inputs))
     if runner.device.notice:
         notices.append(runner.device.notice)
-    replay, moments, data_digest = record(runner, batches, inputs, quiet)
+    replay, moments, data_digest = record(runner, batches, inputs, quiet,
+                                          config.replay_mb * 2**20)
     if config.metric == "kl" and not any(is_class_scores(o) for o in next(iter(replay))[1]):
         raise UsageError("--metric kl needs an output of class scores [batch, classes]; "
                          "use --metric nmse, nmse-channel or cosine")
@@ -168,7 +224,7 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                               digest(repr(sorted(config.curve_settings().items()))))
     return Calibration(loaded, weights, originals, runner, replay, scores,
                        {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
-                       notices)
+                       read_weights(loaded, extra), notices)
 
 
 def measure_all_curves(cal: Calibration, config: CompressConfig, quiet: bool = True) -> Curves:
@@ -211,20 +267,31 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
                             {n: curves.curve(n) for n in curves.distortion} if curves else {},
                             config.normalize)
     allocator = SOLVERS[config.solver] if config.method == "rd" else ALLOCATORS[config.method]
-    keep, pruned, final, steps = _meet_target(cal, config, allocation, allocator, curves)
+    prunable = {w.name for w in cal.weights}
+
+    def realize(rate: float) -> Realized:
+        return cal.realize(rate, allocator(allocation, rate), config)
+
+    def coded_bits(r: Realized) -> float:
+        return sum(stream_bits(r.quantized.get(n), r.values[n]) for n in prunable)
+
+    chosen, steps = meet_target(config, realize, allocation, allocator,
+                                min(check_grid(config.grid)), curves is not None, coded_bits)
+    keep, final = chosen.keep, chosen.distortion
     points = []
-    for rate in frontier:
-        d = cal.distortion(cal.prune(allocator(allocation, rate)), config)
+    lowest = min(check_grid(config.grid)) if curves is not None else 0.0
+    for rate in (r for r in frontier if r >= lowest):
+        d = realize(rate).distortion
         points.append(RatePoint(rate, d.value(config.metric), d.top1_agreement))
     layer = [None] * len(cal.weights)
     if config.layer_distortion:
-        layer = [cal.distortion({w.name: pruned[w.name]}, config).value(config.metric)
-                 for w in cal.weights]
+        layer = [cal.distortion({w.name: chosen.pruned[w.name]}, config, config.metric)
+                 .value(config.metric) for w in cal.weights]
     test_eval = None
     if test_data is not None:
         data, name = test_data
-        result = measure(cal.runner.run, [cal.run_with(pruned)], data, labels, "test", quiet,
-                         config.channel_axis)
+        result = measure(cal.runner.run, [cal.run_with(chosen.values)], data, labels, "test",
+                         quiet, config.channel_axis)
         test_eval = Evaluation.from_distortion(f"test ({name})", config.metric,
                                                result.distortions[0], result.reference_accuracy,
                                                result.accuracies[0])
@@ -233,89 +300,23 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
         keep[w.name] / w.size if w.size else 1.0, d, cal.scores[w.name].criterion,
         list(curves.distortion[w.name]) if curves else None)
         for w, d in zip(cal.weights, layer)]
+    total = sum(w.size for w in cal.weights)
     report = Report(
         model=str(cal.model.path.name) if cal.model.path else "<in-memory model>",
-        method=config.method, criterion=config.criterion, rate=sum(keep.values()) / sum(
-            w.size for w in cal.weights), device=cal.runner.device.provider,
+        method=config.method, criterion=config.criterion, rate=sum(keep.values()) / total,
+        device=cal.runner.device.provider,
         simplified=any("simplified with onnxsim" in n for n in cal.notices),
-        params_total=sum(w.size for w in cal.weights), params_kept=sum(keep.values()),
+        params_total=total, params_kept=sum(keep.values()),
         input_bytes=_source_bytes(cal.model),
         calibration=Evaluation.from_distortion(f"calibration ({cal.data_name})", config.metric,
                                                final),
+        value_bits=chosen.value_bits,
         predicted_distortion=predicted(allocation, keep) if curves else None,
         grid=list(curves.grid) if curves else None, search=steps, frontier=points,
-        weights=weights,
-        settings=config.as_dict(), rdonnx_version=__version__, test=test_eval,
+        weights=weights, settings=config.as_dict(), rdonnx_version=__version__, test=test_eval,
         notices=cal.notices)
-    return CompressResult(cal.model, pruned, report, curves)
-
-
-def _meet_target(cal: Calibration, config: CompressConfig, allocation: Allocation,
-                 allocator: Callable, curves: Curves | None):
-    """Allocate at the rate, or search the smallest rate whose measurement meets the bound."""
-
-    def at(rate: float):
-        keep = allocator(allocation, rate)
-        pruned = cal.prune(keep)
-        return keep, pruned, cal.distortion(pruned, config)
-
-    if config.rate is not None:
-        return (*at(config.rate), [])
-    if config.max_distortion is not None:
-        bound = config.max_distortion
-
-        def ok(d: Distortion) -> bool:
-            return d.value(config.metric) <= bound
-    else:
-        bound = config.min_agreement
-
-        def ok(d: Distortion) -> bool:
-            if d.top1_agreement is None:
-                raise UsageError("--min-agreement needs an output of class scores "
-                                 "[batch, classes]; use --max-distortion")
-            return d.top1_agreement >= bound
-    low = min(check_grid(config.grid))
-    guess = _predicted_rate(allocation, allocator, bound, low) \
-        if curves is not None and config.max_distortion is not None else 0.5
-    steps: list[RatePoint] = []
-    results: dict[float, tuple] = {}
-
-    def probe(rate: float) -> bool:
-        rate = float(f"{rate:.6g}")
-        if rate not in results:
-            results[rate] = at(rate)
-            d = results[rate][2]
-            steps.append(RatePoint(rate, d.value(config.metric), d.top1_agreement,
-                                    ok(d)))
-        return ok(results[rate][2])
-
-    hi = min(max(guess, low), 1.0)
-    while not probe(hi) and hi < 1.0:
-        hi = min(1.0, hi * 1.5)
-    lo = hi
-    while lo > low and probe(lo):
-        hi, lo = lo, max(low, lo / 1.5)
-    if not probe(lo):  # lo misses, hi meets the bound: bisect between them
-        for _ in range(SEARCH_STEPS):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if probe(mid) else (mid, hi)
-    best = min((r for r, res in results.items() if ok(res[2])), default=None)
-    if best is None:
-        raise UsageError("no rate meets the bound, not even keeping every weight")
-    return (*results[best], sorted(steps, key=lambda s: s.rate))
-
-
-def _predicted_rate(allocation: Allocation, allocator: Callable, bound: float,
-                    low: float) -> float:
-    """The smallest rate whose curve-predicted distortion is within `bound` (bisection)."""
-    lo, hi = low, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if predicted(allocation, allocator(allocation, mid)) <= bound:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return CompressResult(cal.model, chosen.values, chosen.quantized, report, curves,
+                          chosen.pruned)
 
 
 def _source_bytes(model: Model) -> int:

@@ -50,7 +50,10 @@ def plot_report(report: Report, path: str | os.PathLike) -> None:
     left.set(xscale="log", yscale="log", xlabel="density of the weight",
              ylabel=f"{metric}, this weight pruned alone", title="per-weight R-D curves "
              "(circles: chosen)")
-    if len(report.weights) <= 12:
+    if report.grid is None:
+        left.text(0.5, 0.5, f"no curves measured (method {report.method})",
+                  ha="center", va="center", transform=left.transAxes)
+    elif len(report.weights) <= 12:
         left.legend(fontsize=7)
     if report.frontier:
         pts = sorted((p.rate, max(p.distortion, floor)) for p in report.frontier)

@@ -26,6 +26,7 @@ class WeightReport:
     distortion: float | None = None  # output distortion with only this weight pruned
     criterion: str = "magnitude"  # the in-layer criterion really used for this weight
     curve: list[float] | None = None  # measured D(d) on the report's grid
+    bits_per_weight: float | None = None  # coded bits per entry in the .rdonnx artifact
 
 
 @dataclass
@@ -36,6 +37,7 @@ class RatePoint:
     distortion: float
     top1_agreement: float | None
     meets: bool | None = None  # search probes: whether the bound holds
+    bits_per_weight: float | None = None  # coded bits per prunable weight (bits targets)
 
 
 @dataclass
@@ -65,6 +67,25 @@ class Evaluation:
 
 
 @dataclass
+class CodingReport:
+    """Sizes of the entropy-coded artifact, per prunable weight and against baselines."""
+
+    bits_per_weight: float  # positions + values streams (their side information included)
+    positions_bits_per_weight: float
+    values_bits_per_weight: float
+    side_bits_per_weight: float  # the part of the streams that is model parameters
+    iid_entropy_bits_per_weight: float  # empirical i.i.d. entropy of what is coded
+    artifact_bits_per_weight: float  # the whole file (graph, biases, manifest) per weight
+    artifact_bytes: int
+    dense_bytes: int  # the pruned model (exact values) as dense ONNX
+    dense_zstd19_bytes: int | None  # that, compressed with zstd -19 (None: too large)
+    sparse_bytes: int  # the pruned model (exact values) as sparse ONNX
+    smaller_than_original: float  # ratios: other size / artifact size
+    smaller_than_dense_zstd19: float | None
+    smaller_than_sparse: float
+
+
+@dataclass
 class Report:
     """Everything `compress` measured; one source of truth for the table and the JSON."""
 
@@ -82,6 +103,8 @@ class Report:
     settings: dict[str, Any]
     rdonnx_version: str
     test: Evaluation | None = None
+    value_bits: int | None = None  # quantization of surviving values (None: exact)
+    coding: CodingReport | None = None  # set when an .rdonnx artifact is written
     predicted_distortion: float | None = None  # sum of the curves at the chosen densities
     grid: list[float] | None = None
     search: list[RatePoint] = field(default_factory=list)
@@ -141,9 +164,10 @@ def _numeric(text: str) -> bool:
 def render(report: Report) -> str:
     """The human summary printed on stderr."""
     rows = [(w.name, w.op, "x".join(map(str, w.shape)), str(w.params), _pct(w.density),
-             _fmt(w.distortion)) for w in report.weights]
+             _fmt(w.distortion), _fmt(w.bits_per_weight, "{:.3f}")) for w in report.weights]
     metric = report.calibration.metric
-    parts = [table(rows, ("weight", "op", "shape", "params", "kept", f"{metric} alone")), ""]
+    parts = [table(rows, ("weight", "op", "shape", "params", "kept", f"{metric} alone",
+                          "bits/w")), ""]
     size = f"{report.input_bytes:,} B"
     if report.output_bytes is not None:
         size += f" -> {report.output_bytes:,} B ({report.output_format}, " \
@@ -152,6 +176,21 @@ def render(report: Report) -> str:
                  f"({report.density:.2%}), method {report.method}, criterion "
                  f"{report.criterion}, device {report.device}")
     parts.append(f"file size     {size}")
+    values = "exact" if report.value_bits is None else f"{report.value_bits}-bit"
+    parts.append(f"values        {values}")
+    c = report.coding
+    if c is not None:
+        parts.append(f"coded         {c.bits_per_weight:.3f} bits per prunable weight "
+                     f"(positions {c.positions_bits_per_weight:.3f}, values "
+                     f"{c.values_bits_per_weight:.3f}, of which side information "
+                     f"{c.side_bits_per_weight:.3f}; i.i.d. entropy "
+                     f"{c.iid_entropy_bits_per_weight:.3f}); whole file "
+                     f"{c.artifact_bits_per_weight:.3f}")
+        zstd = "-" if c.dense_zstd19_bytes is None else \
+            f"{c.dense_zstd19_bytes:,} B ({c.smaller_than_dense_zstd19:.2f}x)"
+        parts.append(f"baselines     original {c.smaller_than_original:.2f}x larger; dense ONNX "
+                     f"+ zstd -19 {zstd}; sparse ONNX {c.sparse_bytes:,} B "
+                     f"({c.smaller_than_sparse:.2f}x)")
     for ev in filter(None, (report.calibration, report.test)):
         line = f"{ev.data}: {ev.metric} {ev.distortion:.4g}, top-1 agreement " \
                f"{_pct(ev.top1_agreement)} ({ev.samples} samples)"

@@ -101,3 +101,27 @@ def read_weights(model: Model, weights: Sequence[Weight]) -> dict[str, np.ndarra
     """The current values of `weights` (external data read from disk)."""
     slots = tensor_slots(model.proto)
     return {w.name: slot_array(model, slots[w.name]) for w in weights}
+
+
+def find_codable(model: Model, prunable: Sequence[Weight],
+                 min_params: int = DEFAULT_MIN_PARAMS) -> list[Weight]:
+    """Other float tensors of at least `min_params` elements (embedding tables, large
+    constants): not pruned, but quantized and entropy-coded in an `.rdonnx` artifact."""
+    taken = {w.name for w in prunable}
+    slots = tensor_slots(model.proto)
+    consumers: dict[str, list[str]] = {}
+    for graph in iter_graphs(model.proto.graph):
+        for node in graph.node:
+            for name in node.input:
+                ops = consumers.setdefault(name, [])
+                if node.op_type not in ops:
+                    ops.append(node.op_type)
+    main = model.proto.graph
+    return [Weight(name=name, shape=slot.dims,
+                   dtype=TensorProto.DataType.Name(slot.tensor.data_type),
+                   op_types=tuple(sorted(consumers.get(name, ()))),
+                   location="constant" if slot.node is not None else "initializer",
+                   in_subgraph=slot.graph is not main)
+            for name, slot in slots.items()
+            if name not in taken and slot.tensor.data_type in FLOAT_TYPES
+            and int(np.prod(slot.dims, dtype=np.int64)) >= min_params]

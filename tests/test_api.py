@@ -20,8 +20,12 @@ RATE_TOLERANCE = 0.005  # params_kept / params_total within 0.5 % of the rate
 
 
 def fast(rate: float, method: str = "uniform", **kwargs) -> CompressConfig:
-    """Settings without the per-weight measurement (one extra run per weight)."""
+    """Pruning to dense ONNX (exact values) without the per-weight measurement."""
+    kwargs.setdefault("format", "dense")
     return CompressConfig(rate=rate, method=method, layer_distortion=False, **kwargs)
+
+
+DENSE = CompressConfig(format="dense")  # these tests are about pruning: exact values
 
 
 def _graphs(graph: onnx.GraphProto):
@@ -80,12 +84,12 @@ def check_report(result: CompressResult, rate: float) -> None:
 @pytest.fixture(scope="module")
 def mlp_10(mlp) -> CompressResult:
     """The MLP at rate 0.1 with per-weight distortions measured."""
-    return rdonnx.compress(mlp.path, rate=0.1, calib=mlp.calib, method="uniform")
+    return rdonnx.compress(mlp.path, rate=0.1, calib=mlp.calib, method="uniform", config=DENSE)
 
 
 @pytest.fixture(scope="module")
 def mlp_full(mlp) -> CompressResult:
-    return rdonnx.compress(mlp.path, rate=1.0, calib=mlp.calib, method="uniform")
+    return rdonnx.compress(mlp.path, rate=1.0, calib=mlp.calib, method="uniform", config=DENSE)
 
 
 def test_report_numbers_are_consistent(mlp_10, mlp):
@@ -450,7 +454,8 @@ def test_evaluate_metrics_and_errors(bundled_cnn, bundled_cnn_pruned, digits_tes
 
 
 def _run(case: Case, calib, seed: int, method: str, fmt: str, folder: Path):
-    config = CompressConfig(rate=0.25, method=method, data=DataOptions(seed=seed, samples=32))
+    config = CompressConfig(rate=0.25, method=method, data=DataOptions(seed=seed, samples=32),
+                            format="dense")
     result = rdonnx.compress(case.path, rate=0.25, calib=calib, method=method, config=config)
     before_save = result.report.to_json()
     folder.mkdir(parents=True)

@@ -30,7 +30,8 @@ CALIB = BUNDLED / "digits_calib.npz"
 TEST = BUNDLED / "digits_test.npz"
 CNN_PARAMS = 56224  # prunable parameters of the bundled CNN (README: 4 weights)
 CNN_WEIGHTS = ["0.weight", "3.weight", "7.weight", "11.weight"]
-FAST = ["--method", "uniform", "--no-layer-distortion", "--calib-samples", "64"]
+FAST = ["--method", "uniform", "--no-layer-distortion", "--calib-samples", "64",
+        "--format", "dense"]
 
 
 @dataclass
@@ -104,7 +105,7 @@ def compressed_cnn(tmp_path_factory) -> tuple[Run, Path]:
     capture = _Capture()
     with capture:
         code = main(["compress", str(CNN), "--rate", "0.5", "--calib", str(CALIB),
-                     "--test", str(TEST), "--labels", "label", "--report",
+                     "--format", "dense", "--test", str(TEST), "--labels", "label", "--report",
                      str(folder / "r.json"), "-o", str(folder / "out.onnx")])
     return Run(code, capture.out, capture.err), folder
 
@@ -477,7 +478,7 @@ def test_python_cli_py_compress(tmp_path, ort_run):
                          "--rate", "0.5", "--calib", "models/digits_calib.npz",
                          "--test", "models/digits_test.npz", "--labels", "label",
                          "--no-layer-distortion", "--report", tmp_path / "r.json",
-                         "-o", tmp_path / "out.onnx")
+                         "--format", "dense", "-o", tmp_path / "out.onnx")
     assert run.code == 0, run.err
     assert "accuracy" in run.err
     assert listing(tmp_path) == ["out.onnx", "r.json"]

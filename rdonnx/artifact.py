@@ -1,0 +1,179 @@
+"""The `.rdonnx` artifact for users: write from a compress result, open in stock ONNX Runtime,
+load as ONNX, decompress, inspect."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from . import __version__
+from .container import CODED_LOCATION, Artifact, encode_tensor, read_artifact, write_artifact
+from .errors import UsageError
+from .model import (
+    Model,
+    fit_ir_version,
+    set_tensor,
+    tensor_array,
+    tensor_slots,
+    uses_external_data,
+    write_model,
+)
+from .quantize import Quantized
+from .report import table
+from .runtime import CPU, import_onnxruntime
+
+
+def container_graph(model: Model, coded: Sequence[str]) -> onnx.ModelProto:
+    """The model with every coded tensor turned into a data-less main-graph initializer.
+
+    Coded tensors held by Constant nodes or subgraph initializers move to the main graph
+    (subgraphs see outer names), so ONNX Runtime can take them all as external initializers.
+    Other tensors stored as external data are embedded.
+    """
+    proto = copy.deepcopy(model.proto)
+    fit_ir_version(proto)
+    slots = tensor_slots(proto)
+    for name, slot in slots.items():
+        if name not in coded and slot.sparse is None and uses_external_data(slot.tensor):
+            set_tensor(slot.tensor, tensor_array(model, slot.tensor))
+    for name in coded:
+        slot = slots[name]
+        slot.detach()
+        tensor = proto.graph.initializer.add()
+        tensor.name, tensor.data_type = name, slot.tensor.data_type
+        tensor.dims.extend(slot.dims)
+        tensor.data_location = TensorProto.EXTERNAL
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "location", CODED_LOCATION
+    return proto
+
+
+def save_artifact(model: Model, path: Path, quantized: Mapping[str, Quantized],
+                  exact: Mapping[str, np.ndarray], settings: dict[str, Any],
+                  metrics: dict[str, Any]) -> tuple[int, list]:
+    """Code `quantized` (levels + step) and `exact` tensors into an `.rdonnx` file."""
+    slots = tensor_slots(model.proto)
+    coded = []
+    for name in sorted(set(quantized) | set(exact)):
+        slot = slots[name]
+        if name in quantized:
+            q = quantized[name]
+            coded.append(encode_tensor(name, slot.tensor.data_type, slot.dims, q.q, q.step, None))
+        else:
+            coded.append(encode_tensor(name, slot.tensor.data_type, slot.dims, None, None,
+                                       np.asarray(exact[name])))
+    graph = container_graph(model, [c[0].name for c in coded])
+    size = write_artifact(path, graph, coded, settings, metrics, __version__)
+    return size, [c[0] for c in coded]
+
+
+def _ortvalue(ort, array: np.ndarray, data_type: int):
+    if data_type == TensorProto.BFLOAT16:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+            np.ascontiguousarray(array).view(np.uint16), data_type)
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+
+
+def open_session(path: str | os.PathLike, providers: Sequence[str] | None = None,
+                 sess_options: Any = None):
+    """A stock `onnxruntime.InferenceSession` for an `.rdonnx` file.
+
+    The weights are decoded in memory and handed over with
+    `SessionOptions.add_external_initializers`; no dense file is written.
+    """
+    ort = import_onnxruntime()
+    artifact = read_artifact(path)
+    options = sess_options if sess_options is not None else ort.SessionOptions()
+    names, values = [], []
+    for entry in artifact.tensors:
+        names.append(entry.name)
+        values.append(_ortvalue(ort, artifact.decode(entry),
+                                TensorProto.DataType.Value(entry.dtype)))
+    if names:
+        options.add_external_initializers(names, values)
+    session = ort.InferenceSession(artifact.graph.SerializeToString(), options,
+                                   providers=list(providers or [CPU]))
+    session._rdonnx_keepalive = values  # ORT borrows the buffers: keep them alive
+    return session
+
+
+def _decoded_model(artifact: Artifact) -> tuple[Model, dict[str, np.ndarray]]:
+    return Model(proto=artifact.graph), artifact.decode_all()
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """The artifact as a dense in-memory `onnx.ModelProto` (models under 2 GB)."""
+    artifact = read_artifact(path)
+    proto = artifact.graph
+    slots = tensor_slots(proto)
+    for name, value in artifact.decode_all().items():
+        tensor = slots[name].tensor
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+        set_tensor(tensor, value)
+    return proto
+
+
+def decompress(path: str | os.PathLike, output: str | os.PathLike, format: str = "dense",
+               force: bool = False) -> int:
+    """Write the artifact as plain ONNX (`dense`, or `sparse` initializers where smaller)."""
+    if format not in ("dense", "sparse"):
+        raise UsageError(f"unknown format {format!r}; choose dense or sparse")
+    output = Path(output)
+    if output.exists() and Path(path).resolve() == output.resolve():
+        raise UsageError(f"output {output} is the input; choose another -o")
+    if output.exists() and not force:
+        raise UsageError(f"output {output} exists; pass --force to replace it")
+    model, values = _decoded_model(read_artifact(path))
+    sparse = frozenset(values) if format == "sparse" else frozenset()
+    return write_model(model, output, values, sparse)
+
+
+@dataclass(frozen=True)
+class ArtifactInspection:
+    """What an `.rdonnx` file holds: settings, metrics and per-tensor bits."""
+
+    path: str
+    size: int
+    manifest: dict[str, Any]
+
+    def render(self) -> str:
+        tensors = self.manifest["tensors"]
+        rows = []
+        for t in tensors:
+            n = int(np.prod(t["shape"], dtype=np.int64)) or 1
+            bits = t["bits"]
+            total = bits["positions"] + bits["values"]
+            rows.append((t["name"], "x".join(map(str, t["shape"])), t["encoding"],
+                         f"{t['nnz'] / n:.2%}", f"{bits['positions'] / n:.3f}",
+                         f"{bits['values'] / n:.3f}", f"{total / n:.3f}",
+                         f"{bits['iid_entropy'] / n:.3f}", bits.get("positions_model", "-")))
+        coded = sum(t["bits"]["positions"] + t["bits"]["values"] for t in tensors)
+        params = sum(int(np.prod(t["shape"], dtype=np.int64)) for t in tensors)
+        lines = [table(rows, ("tensor", "shape", "encoding", "kept", "pos bits/w",
+                              "value bits/w", "bits/w", "iid bits/w", "positions model")), ""]
+        lines.append(f"{self.path}: {self.size:,} bytes, format version "
+                     f"{self.manifest['format_version']}, written by rdonnx "
+                     f"{self.manifest['rdonnx_version']}")
+        lines.append(f"coded tensors: {len(tensors)}, {params:,} values, "
+                     f"{coded / max(params, 1):.3f} bits per value in coded streams")
+        metrics = self.manifest.get("metrics", {})
+        if metrics:
+            lines.append("measured: " + ", ".join(f"{k} {v}" for k, v in sorted(metrics.items())
+                                                  if v is not None))
+        return "\n".join(lines)
+
+
+def inspect_artifact(path: str | os.PathLike) -> ArtifactInspection:
+    artifact = read_artifact(path)
+    for entry in artifact.tensors:  # verify every checksum and decode
+        artifact.decode(entry)
+    return ArtifactInspection(str(path), Path(path).stat().st_size, artifact.manifest)

@@ -1,0 +1,979 @@
+"""Entropy coding of pruned, quantized weight tensors with constriction's ANS coder.
+
+A pruned, quantized tensor `q` is coded as two self-describing byte streams:
+
+* positions: the mask `q != 0`. Models: one Bernoulli for the whole tensor ("iid"), or the
+  tensor viewed as a matrix `[shape[0], prod(shape[1:])]` with its rows ("rows"), its
+  columns ("columns") or both ("rows+columns") grouped into classes of similar density; the
+  positions of one block (row class x column class) share one Bernoulli whose probability is
+  the block's exact density. The encoder estimates every candidate, encodes those near the
+  best estimate (all of them for tensors up to 65536 elements) and keeps the smallest.
+* values: `q[q != 0]` in C order. Signs with one Bernoulli; magnitudes with one Categorical
+  over tokens whose probabilities are the exact token histogram (stored as side info). A
+  token is either a magnitude or, for wide alphabets, a (bit length, leading bits) bucket
+  followed by uniformly coded low bits.
+
+Every symbol group is coded with one scalar model in one constriction call (no per-symbol
+parameters). Decoders validate every header field against the payload and the requested
+shape/count before allocating and raise `CodecError` on any inconsistency.
+
+Layout (varint = canonical unsigned LEB128; ANS words = the rest of the payload, uint32
+little-endian, from constriction's stack `AnsCoder`, decoded in the order listed):
+
+positions: u8 0x11 | u8 model (0 iid, 1 rows, 2 columns, 3 rows+columns) | varint n |
+    [rows: varint Kr, Kr varints rows per class] | [columns: varint Kc, Kc varints columns
+    per class] | Kr*Kc varints kept count per block (row-major; Kr = 1 / Kc = 1 for an axis
+    not modelled) | ANS: row class ids (Categorical), column class ids (Categorical), then
+    each block with 0 < k < size: its elements of X[rperm][:, cperm] in C order, Bernoulli
+    (k / size); X = mask viewed as [shape[0], n / shape[0]] ([1, n] for iid), rperm / cperm
+    the stable argsorts of the class ids.
+values: u8 0x21 | u8 mode (bits 0-4 precision s, bit 5 zstd table) | varint count |
+    varint positives | varint alphabet A | token counts: A varints, or varint L + a zstd
+    frame of L bytes holding them | ANS: tokens (Categorical(counts), if > 1 token used),
+    low bits grouped by width nb = 1..23 (Uniform(2**nb)), signs (Bernoulli(positives /
+    count), 1 = positive, if mixed). See `_tokens` for the token mapping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import constriction
+import numpy as np
+import zstandard
+
+__all__ = [
+    "CodecError", "CodedStream", "decode_integers", "decode_positions", "decode_values",
+    "encode_integers", "encode_positions", "encode_values",
+]
+
+_AnsCoder = constriction.stream.stack.AnsCoder
+_models = constriction.stream.model
+
+POSITIONS_TAG = 0x11  # high nibble 1 = positions stream, low nibble = format version 1
+VALUES_TAG = 0x21  # high nibble 2 = values stream, low nibble = format version 1
+
+POSITION_MODELS = ("iid", "rows", "columns", "rows+columns")
+MAX_CLASSES = 64  # decoder limit on row / column classes
+MAX_MAGNITUDE = (1 << 24) - 1
+MAX_ALPHABET = 1 << 19  # decoder limit on the value token alphabet
+ALPHABET_SLACK = 4096  # the token alphabet may exceed the value count by at most 4 x + this
+
+_K_SINGLE = 32  # most classes the encoder uses for "rows" / "columns"
+_K_JOINT = 16  # most classes per axis the encoder uses for "rows+columns"
+_FINE_SINGLE = 256  # density chunks the class search works on (single axis)
+_FINE_JOINT = 64  # density chunks per axis for the joint search
+_EXACT_ALL = 1 << 16  # tensors up to this size: encode every candidate to compare exact sizes
+_ANS_FLUSH_BITS = 32.0  # estimated ANS overhead (final state words)
+_DECODE_ERRORS = (ValueError, KeyError, IndexError, OverflowError, TypeError,
+                  zstandard.ZstdError)
+
+
+class CodecError(ValueError):
+    """A payload is corrupted, truncated or inconsistent with the requested shape/count."""
+
+
+@dataclass(frozen=True)
+class CodedStream:
+    """One coded stream and its size accounting.
+
+    Attributes:
+        payload: Self-describing bytes: tag byte, model choice and parameters, ANS words.
+        bits: `8 * len(payload)`.
+        side_bits: Bits of the payload that are headers / model parameters, not ANS words.
+        iid_entropy_bits: Empirical i.i.d. entropy of the coded content (no side info).
+        model: "iid", "rows", "columns" or "rows+columns" for positions; "categorical" or
+            "categorical+escape" for values.
+    """
+
+    payload: bytes
+    bits: int
+    side_bits: int
+    iid_entropy_bits: float
+    model: str
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _varint(value: int) -> bytes:
+    """LEB128 encoding of one non-negative integer."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _varints(values: np.ndarray) -> bytes:
+    """LEB128 encoding of an array of non-negative integers (< 2**63), vectorised."""
+    v = np.asarray(values, dtype=np.uint64).ravel()
+    if v.size == 0:
+        return b""
+    nbytes = np.ones(v.size, dtype=np.int64)
+    for k in range(1, 10):
+        nbytes += v >= np.uint64(1 << (7 * k))
+    starts = np.cumsum(nbytes) - nbytes
+    out = np.empty(int(nbytes.sum()), dtype=np.uint8)
+    for j in range(int(nbytes.max())):
+        sel = nbytes > j
+        byte = ((v[sel] >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8)
+        more = (nbytes[sel] - 1 > j).astype(np.uint8) << 7
+        out[starts[sel] + j] = byte | more
+    return out.tobytes()
+
+
+def _varint_len(values: np.ndarray) -> int:
+    """Total LEB128 size in bytes of an array of non-negative integers."""
+    v = np.asarray(values, dtype=np.uint64).ravel()
+    total = v.size
+    for k in range(1, 10):
+        total += int(np.count_nonzero(v >= np.uint64(1 << (7 * k))))
+    return total
+
+
+class _Reader:
+    """Bounds-checked reader over a payload; every failure raises CodecError."""
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+        self.pos = 0
+
+    def remaining(self) -> int:
+        return len(self.buf) - self.pos
+
+    def byte(self, what: str) -> int:
+        if self.pos >= len(self.buf):
+            raise CodecError(f"truncated payload: missing {what}")
+        b = self.buf[self.pos]
+        self.pos += 1
+        return b
+
+    def varint(self, limit: int, what: str) -> int:
+        """One canonical LEB128 integer in [0, limit]."""
+        value = 0
+        for i in range(10):
+            b = self.byte(what)
+            value |= (b & 0x7F) << (7 * i)
+            if b < 0x80:
+                if b == 0 and i > 0:
+                    raise CodecError(f"non-canonical varint in {what}")
+                break
+        else:
+            raise CodecError(f"varint too long in {what}")
+        if value > limit:
+            raise CodecError(f"{what} out of range ({value} > {limit})")
+        return value
+
+    def varints(self, count: int, limit: int, what: str) -> np.ndarray:
+        """`count` canonical LEB128 integers, each in [0, limit], as int64."""
+        values, used = _parse_varints(self.buf, self.pos, count, limit, what)
+        self.pos += used
+        return values
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > self.remaining():
+            raise CodecError(f"truncated payload: {what}")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def words(self) -> np.ndarray:
+        """The rest of the payload as little-endian uint32 ANS words."""
+        rest = self.remaining()
+        if rest % 4:
+            raise CodecError("ANS data is not a whole number of 32-bit words")
+        words = np.frombuffer(self.buf, dtype="<u4", count=rest // 4, offset=self.pos)
+        self.pos = len(self.buf)
+        return words.astype(np.uint32)
+
+
+def _parse_varints(buf: bytes, pos: int, count: int, limit: int, what: str
+                   ) -> tuple[np.ndarray, int]:
+    """Vectorised LEB128 parse of `count` values from buf[pos:]; returns (values, bytes used)."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    avail = len(buf) - pos
+    if avail <= 0:
+        raise CodecError(f"truncated payload: missing {what}")
+    region = np.frombuffer(buf, dtype=np.uint8, count=min(avail, 9 * count), offset=pos)
+    ends = np.flatnonzero(region < 0x80)
+    if ends.size < count:
+        raise CodecError(f"truncated payload: {what}")
+    ends = ends[:count]
+    lens = np.diff(ends, prepend=-1)
+    if int(lens.max()) > 9:
+        raise CodecError(f"varint too long in {what}")
+    if np.any(region[ends[lens > 1]] == 0):
+        raise CodecError(f"non-canonical varint in {what}")
+    used = int(ends[-1]) + 1
+    starts = ends - lens + 1
+    shift = (np.arange(used, dtype=np.int64) - np.repeat(starts, lens)) * 7
+    parts = (region[:used] & 0x7F).astype(np.uint64) << shift.astype(np.uint64)
+    values = np.add.reduceat(parts, starts)
+    if int(values.max()) > limit:
+        raise CodecError(f"{what} out of range")
+    return values.astype(np.int64), used
+
+
+def _nh(n: object, k: object) -> np.ndarray:
+    """n * H(k / n) in bits (binary entropy), vectorised; 0 where k == 0 or k == n."""
+    n = np.asarray(n, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(k > 0, k * np.log2(n / k), 0.0)
+        b = np.where(n - k > 0, (n - k) * np.log2(n / (n - k)), 0.0)
+    return np.nan_to_num(a + b, nan=0.0, posinf=0.0)
+
+
+def _hist_bits(counts: np.ndarray) -> float:
+    """Empirical entropy in bits of a sample with these symbol counts (count * H)."""
+    c = np.asarray(counts, dtype=np.float64)
+    c = c[c > 0]
+    total = c.sum()
+    if total <= 0:
+        return 0.0
+    return float(np.sum(c * np.log2(total / c)))
+
+
+def _bernoulli(ones: int, size: int) -> object:
+    """Scalar Bernoulli whose p is the exact density `ones / size` (float64 division)."""
+    return _models.Bernoulli(ones / size, perfect=False)
+
+
+def _categorical(counts: np.ndarray) -> object:
+    """Categorical with probabilities proportional to integer counts (as float64)."""
+    return _models.Categorical(np.asarray(counts, dtype=np.float64), perfect=False)
+
+
+def _words_bytes(coder: object) -> bytes:
+    return coder.get_compressed().astype("<u4").tobytes()
+
+
+def _open_coder(words: np.ndarray, needed: bool, min_bits: float = 0.0) -> object:
+    """ANS decoder over `words`; `min_bits` is the information content the header implies.
+
+    Any ANS encoding of symbols whose histogram is fixed by the header takes at least their
+    empirical entropy (cross-entropy >= entropy), so shorter data is rejected up front; the
+    slack covers float rounding (measured ANS overhead is >= +10 bits).
+    """
+    if 32 * words.size < min_bits * (1 - 1e-9) - 64:
+        raise CodecError("ANS data shorter than the header's symbol counts require")
+    if not needed:
+        if words.size:
+            raise CodecError("unexpected trailing data")
+        return None
+    if words.size == 0:
+        raise CodecError("missing ANS data")
+    if words[-1] == 0:
+        raise CodecError("invalid ANS data (ends in a zero word)")
+    return _AnsCoder(words)
+
+
+def _finish_coder(coder: object) -> None:
+    if coder is not None and not coder.is_empty():
+        raise CodecError("trailing ANS data after the last symbol")
+
+
+def _check_shape(shape: object) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"invalid shape {shape!r}") from exc
+    if any(d < 0 for d in dims):
+        raise CodecError(f"invalid shape {shape!r}")
+    return dims
+
+
+def _as_bytes(payload: object) -> bytes:
+    try:
+        return bytes(payload)
+    except TypeError as exc:
+        raise CodecError("payload must be bytes-like") from exc
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A candidate position model: class per row / column (None: one class)."""
+
+    model: int
+    row_cls: np.ndarray | None
+    col_cls: np.ndarray | None
+    est_bits: float
+
+
+def _chunks(unit_ones: np.ndarray, length: int, max_chunks: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Split units (rows or columns), sorted by density, into at most ~max_chunks runs.
+
+    Returns (chunk index of every unit, units per chunk). Units that are empty or full get
+    chunks of their own; otherwise chunks are equal-count runs (or runs of equal density).
+    """
+    u = unit_ones.size
+    order = np.argsort(unit_ones, kind="stable")
+    sk = unit_ones[order]
+    change = np.flatnonzero(np.diff(sk)) + 1
+    if change.size + 1 <= max_chunks:
+        cuts = change
+    else:
+        cuts = np.rint(np.linspace(0, u, max_chunks + 1)).astype(np.int64)
+        cuts = np.concatenate([cuts, np.searchsorted(sk, [1, length])])
+    bounds = np.unique(np.concatenate([[0, u], cuts]).astype(np.int64))
+    bounds = bounds[(bounds >= 0) & (bounds <= u)]
+    sizes = np.diff(bounds)
+    chunk_sorted = np.repeat(np.arange(sizes.size, dtype=np.int64), sizes)
+    chunk = np.empty(u, dtype=np.int64)
+    chunk[order] = chunk_sorted
+    return chunk, sizes
+
+
+def _partition(units: np.ndarray, ones: np.ndarray, lens: np.ndarray, kmax: int,
+               kmin: int = 1) -> tuple[float, np.ndarray]:
+    """Optimal grouping of density-sorted chunks into <= kmax contiguous classes.
+
+    Args:
+        units: (M,) units (rows or columns) per chunk, all >= 1.
+        ones: (M, G) kept positions per chunk and class of the other axis.
+        lens: (G,) number of other-axis units in each of those classes.
+        kmax: most classes.
+        kmin: fewest classes (when there are at least that many chunks).
+
+    Returns:
+        (estimated bits: positions + class ids + per-class side info, class of each chunk).
+    """
+    m, g = ones.shape
+    ucum = np.concatenate([[0], np.cumsum(units)]).astype(np.float64)
+    ocum = np.vstack([np.zeros((1, g)), np.cumsum(ones, axis=0)]).astype(np.float64)
+    uij = ucum[None, :] - ucum[:, None]
+    oij = ocum[None, :, :] - ocum[:, None, :]
+    nij = uij[:, :, None] * np.asarray(lens, dtype=np.float64)[None, None, :]
+    total = ucum[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        idbits = np.where(uij > 0, uij * np.log2(total / uij), 0.0)
+    cost = _nh(nij, oij).sum(axis=2) + idbits + 8.0 * (2 + 3 * g)
+    cost[~(uij > 0)] = np.inf
+    dp = cost[0].copy()
+    best_k, best = 1, (dp[m] if kmin <= 1 or m < 2 else np.inf)
+    back = []
+    cols = np.arange(m + 1)
+    for k in range(2, min(kmax, m) + 1):
+        tot = dp[:, None] + cost
+        arg = np.argmin(tot, axis=0)
+        dp = tot[arg, cols]
+        back.append(arg)
+        if dp[m] < best - 1e-9:
+            best_k, best = k, dp[m]
+    bounds = [m]
+    j = m
+    for k in range(best_k, 1, -1):
+        j = int(back[k - 2][j])
+        bounds.append(j)
+    bounds.append(0)
+    bounds = np.array(bounds[::-1], dtype=np.int64)
+    cls = np.repeat(np.arange(best_k, dtype=np.int64), np.diff(bounds))
+    return float(best), cls
+
+
+def _id_bits(counts: np.ndarray) -> float:
+    return _hist_bits(counts) + 8.0 * _varint_len(counts) if counts.size > 1 else 0.0
+
+
+def _context_plans(x2: np.ndarray, allowed: set[str]) -> list[_Plan]:
+    """Candidate "rows", "columns" and "rows+columns" models for a 2-D bool matrix.
+
+    Without "iid" in `allowed`, every search uses at least two classes per axis it models.
+    """
+    r, c = x2.shape
+    kmin = 1 if "iid" in allowed else 2
+    plans: list[_Plan] = []
+    rk = np.count_nonzero(x2, axis=1).astype(np.int64) if r >= 2 else None
+    ck = np.count_nonzero(x2, axis=0).astype(np.int64) if c >= 2 else None
+    header = 8.0 * (2 + len(_varint(r * c)))
+    if rk is not None:
+        chunk, sizes = _chunks(rk, c, _FINE_SINGLE)
+        ones = np.bincount(chunk, weights=rk, minlength=sizes.size)[:, None]
+        est, cls = _partition(sizes, ones, np.array([c]), _K_SINGLE, kmin)
+        if cls.max() >= 1:
+            plans.append(_Plan(1, cls[chunk], None, est + header + _ANS_FLUSH_BITS))
+    if ck is not None:
+        chunk, sizes = _chunks(ck, r, _FINE_SINGLE)
+        ones = np.bincount(chunk, weights=ck, minlength=sizes.size)[:, None]
+        est, cls = _partition(sizes, ones, np.array([r]), _K_SINGLE, kmin)
+        if cls.max() >= 1:
+            plans.append(_Plan(2, None, cls[chunk], est + header + _ANS_FLUSH_BITS))
+    if rk is not None and ck is not None and "rows+columns" in allowed:
+        joint = _joint_plan(x2, rk, ck, kmin)
+        if joint is not None:
+            plans.append(_Plan(joint[0], joint[1], joint[2], joint[3] + header
+                               + _ANS_FLUSH_BITS))
+    return plans
+
+
+def _fine_counts(x2: np.ndarray, r_chunk: np.ndarray, mr: int, c_chunk: np.ndarray, mc: int
+                 ) -> np.ndarray:
+    """Kept positions per (row chunk, column chunk), shape (mr, mc), in bounded memory."""
+    r, c = x2.shape
+    dt = np.float32 if c < (1 << 24) else np.float64
+    onehot = np.zeros((c, mc), dtype=dt)
+    onehot[np.arange(c), c_chunk] = 1
+    fine = np.zeros((mr, mc), dtype=np.float64)
+    step = max(1, (1 << 20) // max(c, mr))
+    for r0 in range(0, r, step):
+        r1 = min(r, r0 + step)
+        per_row = (x2[r0:r1].view(np.uint8).astype(dt) @ onehot).astype(np.float64)
+        rows = np.zeros((mr, r1 - r0), dtype=np.float64)
+        rows[r_chunk[r0:r1], np.arange(r1 - r0)] = 1
+        fine += rows @ per_row
+    return np.rint(fine)
+
+
+def _joint_plan(x2: np.ndarray, rk: np.ndarray, ck: np.ndarray, kmin: int = 1
+                ) -> tuple[int, np.ndarray, np.ndarray, float] | None:
+    """Alternating search for row and column classes (model "rows+columns").
+
+    Works on density chunks of rows and columns: starting from the best column classes,
+    alternately re-optimises row classes given column classes and vice versa (3 rounds),
+    keeping the cheapest estimate. Returns (model, row classes, column classes, est bits).
+    """
+    r, c = x2.shape
+    r_chunk, r_sizes = _chunks(rk, c, _FINE_JOINT)
+    c_chunk, c_sizes = _chunks(ck, r, _FINE_JOINT)
+    if r_sizes.size < 2 or c_sizes.size < 2:
+        return None
+    fine = _fine_counts(x2, r_chunk, r_sizes.size, c_chunk, c_sizes.size)
+    # start from the best column classes alone
+    _, c_cls = _partition(c_sizes, fine.sum(axis=0)[:, None], np.array([r]), _K_JOINT,
+                          kmin)
+    best = None
+    r_cls = None
+    for _ in range(3):
+        kc = int(c_cls.max()) + 1
+        c_group = np.zeros((c_sizes.size, kc))
+        c_group[np.arange(c_sizes.size), c_cls] = 1
+        c_lens = np.bincount(c_cls, weights=c_sizes, minlength=kc)
+        est, r_cls = _partition(r_sizes, fine @ c_group, c_lens, _K_JOINT, kmin)
+        est += _id_bits(c_lens)
+        if best is None or est < best[0] - 1e-9:
+            best = (est, r_cls, c_cls)
+        kr = int(r_cls.max()) + 1
+        r_group = np.zeros((r_sizes.size, kr))
+        r_group[np.arange(r_sizes.size), r_cls] = 1
+        r_lens = np.bincount(r_cls, weights=r_sizes, minlength=kr)
+        est, c_cls = _partition(c_sizes, fine.T @ r_group, r_lens, _K_JOINT, kmin)
+        est += _id_bits(r_lens)
+        if est < best[0] - 1e-9:
+            best = (est, r_cls, c_cls)
+    est, r_cls, c_cls = best
+    if r_cls.max() < 1 or c_cls.max() < 1:
+        return None
+    return 3, r_cls[r_chunk], c_cls[c_chunk], est
+
+
+def _encode_plan(x2: np.ndarray, n: int, plan: _Plan) -> tuple[bytes, int]:
+    """Payload for one plan; returns (payload, header bytes)."""
+    r, c = x2.shape
+    p = x2
+    head = bytearray([POSITIONS_TAG, plan.model])
+    head += _varint(n)
+    if plan.row_cls is not None:
+        rcnt = np.bincount(plan.row_cls)
+        p = p[np.argsort(plan.row_cls, kind="stable")]
+        head += _varint(rcnt.size) + _varints(rcnt)
+    else:
+        rcnt = np.array([r])
+    if plan.col_cls is not None:
+        ccnt = np.bincount(plan.col_cls)
+        p = np.take(p, np.argsort(plan.col_cls, kind="stable"), axis=1)
+        head += _varint(ccnt.size) + _varints(ccnt)
+    else:
+        ccnt = np.array([c])
+    rb = np.concatenate([[0], np.cumsum(rcnt)]).tolist()
+    cb = np.concatenate([[0], np.cumsum(ccnt)]).tolist()
+    blocks = [(rb[i], rb[i + 1], cb[j], cb[j + 1])
+              for i in range(rcnt.size) for j in range(ccnt.size)]
+    ones = [int(np.count_nonzero(p[r0:r1, c0:c1])) for r0, r1, c0, c1 in blocks]
+    head += _varints(np.array(ones, dtype=np.int64))
+    coder = _AnsCoder()
+    for (r0, r1, c0, c1), k in zip(reversed(blocks), reversed(ones), strict=True):
+        size = (r1 - r0) * (c1 - c0)
+        if 0 < k < size:
+            sym = np.ascontiguousarray(p[r0:r1, c0:c1], dtype=np.int32).ravel()
+            coder.encode_reverse(sym, _bernoulli(k, size))
+    if plan.col_cls is not None:
+        coder.encode_reverse(plan.col_cls.astype(np.int32), _categorical(ccnt))
+    if plan.row_cls is not None:
+        coder.encode_reverse(plan.row_cls.astype(np.int32), _categorical(rcnt))
+    return bytes(head) + _words_bytes(coder), len(head)
+
+
+def encode_positions(mask: np.ndarray, *, models: tuple[str, ...] | None = None
+                     ) -> CodedStream:
+    """Entropy-code a keep-mask.
+
+    Args:
+        mask: Boolean array of any shape (True = kept); non-bool arrays are read as `!= 0`.
+        models: Candidate models to consider (default: all of `POSITION_MODELS`). Without
+            "iid" the context models are forced to use >= 2 classes per modelled axis; "iid"
+            remains the fallback when none of them applies (rank < 2, density 0 or 1).
+
+    Returns:
+        The smallest of the candidate models ("iid"; for rank >= 2 also "rows", "columns",
+        "rows+columns" over the `[shape[0], prod(shape[1:])]` view), side info included.
+    """
+    allowed = set(POSITION_MODELS if models is None else models)
+    if not allowed <= set(POSITION_MODELS):
+        raise ValueError(f"unknown position models {sorted(allowed - set(POSITION_MODELS))}")
+    m = np.asarray(mask)
+    x = np.ascontiguousarray(m if m.dtype == np.bool_ else m != 0)
+    n = int(x.size)
+    nnz = int(np.count_nonzero(x))
+    iid_bits = float(_nh(n, nnz))
+    iid_est = 8.0 * (2 + len(_varint(n)) + len(_varint(nnz))) + iid_bits + _ANS_FLUSH_BITS
+    plans = [_Plan(0, None, None, iid_est)]
+    x2 = x.reshape(x.shape[0], n // x.shape[0]) if x.ndim >= 2 and n else x.reshape(1, n)
+    if x.ndim >= 2 and 0 < nnz < n and allowed - {"iid"}:
+        context = [p for p in _context_plans(x2, allowed) if POSITION_MODELS[p.model] in allowed]
+        plans = context if context and "iid" not in allowed else plans + context
+    if len(plans) > 1 and n > _EXACT_ALL:  # large: exact sizes only for near-best estimates
+        best_est = min(p.est_bits for p in plans)
+        slack = max(256.0, 0.002 * best_est)
+        plans = [p for p in plans if p.est_bits <= best_est + slack]
+    best = None
+    for plan in plans:
+        flat = plan.model == 0
+        payload, head = _encode_plan(x.reshape(1, -1) if flat else x2, n, plan)
+        if best is None or len(payload) < len(best[0]):
+            best = (payload, head, plan.model)
+    payload, head, model = best
+    return CodedStream(payload=payload, bits=8 * len(payload), side_bits=8 * head,
+                       iid_entropy_bits=iid_bits, model=POSITION_MODELS[model])
+
+
+def decode_positions(payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode a positions payload.
+
+    Args:
+        payload: Bytes from `encode_positions`.
+        shape: The mask's shape (must match the coded element count and class layout).
+
+    Returns:
+        Boolean array of `shape`.
+
+    Raises:
+        CodecError: Corrupted/truncated payload or a shape that does not match it.
+    """
+    dims = _check_shape(shape)
+    buf = _as_bytes(payload)
+    try:
+        return _decode_positions(buf, dims)
+    except CodecError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise CodecError(f"corrupted positions payload: {exc}") from None
+
+
+def _decode_positions(buf: bytes, dims: tuple[int, ...]) -> np.ndarray:
+    n = math.prod(dims)
+    rd = _Reader(buf)
+    if rd.byte("tag") != POSITIONS_TAG:
+        raise CodecError("not a positions payload (bad tag byte)")
+    model = rd.byte("model")
+    if model >= len(POSITION_MODELS):
+        raise CodecError(f"unknown positions model {model}")
+    stored_n = rd.varint(1 << 62, "element count")
+    if stored_n != n:
+        raise CodecError(f"payload codes {stored_n} elements, shape {dims} has {n}")
+    if model != 0 and (len(dims) < 2 or n == 0):
+        raise CodecError("context model on a tensor of rank < 2 or without elements")
+    r, c = (1, n) if model == 0 else (dims[0], n // dims[0])
+    rcnt = np.array([r], dtype=np.int64)
+    ccnt = np.array([c], dtype=np.int64)
+    if model in (1, 3):
+        kr = rd.varint(min(MAX_CLASSES, r), "row class count")
+        if kr < 2:
+            raise CodecError("row class count < 2")
+        rcnt = rd.varints(kr, r, "rows per class")
+        if np.any(rcnt == 0) or int(rcnt.sum()) != r:
+            raise CodecError("rows per class do not add up to shape[0]")
+    if model in (2, 3):
+        kc = rd.varint(min(MAX_CLASSES, c), "column class count")
+        if kc < 2:
+            raise CodecError("column class count < 2")
+        ccnt = rd.varints(kc, c, "columns per class")
+        if np.any(ccnt == 0) or int(ccnt.sum()) != c:
+            raise CodecError("columns per class do not add up to prod(shape[1:])")
+    ones = rd.varints(rcnt.size * ccnt.size, n, "ones per block")
+    sizes = (rcnt[:, None] * ccnt[None, :]).ravel()
+    if np.any(ones > sizes):
+        raise CodecError("block count exceeds block size")
+    coded = (ones > 0) & (ones < sizes)
+    min_bits = float(np.sum(_nh(sizes, ones)))
+    min_bits += _hist_bits(rcnt) * (rcnt.size > 1) + _hist_bits(ccnt) * (ccnt.size > 1)
+    coder = _open_coder(rd.words(), bool(coded.any()) or model != 0, min_bits)
+
+    if model == 0:  # fast path: one block
+        k = int(ones[0])
+        if k == 0:
+            return np.zeros(dims, dtype=bool)
+        if k == n:
+            return np.ones(dims, dtype=bool)
+        sym = coder.decode(_bernoulli(k, n), n)
+        if int(np.count_nonzero(sym)) != k:
+            raise CodecError("decoded kept count does not match the header")
+        _finish_coder(coder)
+        return sym.astype(bool).reshape(dims)
+
+    rperm = cperm = None
+    if rcnt.size > 1:
+        row_cls = coder.decode(_categorical(rcnt), r)
+        if not np.array_equal(np.bincount(row_cls, minlength=rcnt.size), rcnt):
+            raise CodecError("decoded row classes do not match the header")
+        rperm = np.argsort(row_cls, kind="stable")
+    if ccnt.size > 1:
+        col_cls = coder.decode(_categorical(ccnt), c)
+        if not np.array_equal(np.bincount(col_cls, minlength=ccnt.size), ccnt):
+            raise CodecError("decoded column classes do not match the header")
+        cperm = np.argsort(col_cls, kind="stable")
+    p = np.empty((r, c), dtype=bool)
+    rb = np.concatenate([[0], np.cumsum(rcnt)]).tolist()
+    cb = np.concatenate([[0], np.cumsum(ccnt)]).tolist()
+    b = 0
+    for i in range(rcnt.size):
+        for j in range(ccnt.size):
+            r0, r1, c0, c1 = rb[i], rb[i + 1], cb[j], cb[j + 1]
+            k, size = int(ones[b]), int(sizes[b])
+            b += 1
+            if k == 0:
+                p[r0:r1, c0:c1] = False
+            elif k == size:
+                p[r0:r1, c0:c1] = True
+            else:
+                sym = coder.decode(_bernoulli(k, size), size)
+                if int(np.count_nonzero(sym)) != k:
+                    raise CodecError("decoded kept count does not match the header")
+                p[r0:r1, c0:c1] = sym.reshape(r1 - r0, c1 - c0)
+    _finish_coder(coder)
+    if rperm is not None:
+        inv = np.empty(r, dtype=np.int64)
+        inv[rperm] = np.arange(r)
+        p = np.take(p, inv, axis=0)
+    if cperm is not None:
+        inv = np.empty(c, dtype=np.int64)
+        inv[cperm] = np.arange(c)
+        p = np.take(p, inv, axis=1)
+    return p.reshape(dims)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def _alphabet_limit(s: int, count: int) -> int:
+    """Largest token alphabet allowed for precision `s` and `count` values."""
+    full = (1 << (s + 1)) - 1 + (23 - s) * (1 << s)
+    return min(full, MAX_ALPHABET, 4 * count + ALPHABET_SLACK)
+
+
+def _bit_length(m: np.ndarray) -> np.ndarray:
+    """Bit length of positive integers < 2**53, vectorised (exact via frexp)."""
+    return np.frexp(m.astype(np.float64))[1].astype(np.int64)
+
+
+def _tokens(mag: np.ndarray, s: int, blen: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(token, number of raw low bits) for magnitudes >= 1 at precision s.
+
+    Magnitudes m < 2**(s+1) are tokens m - 1; larger ones, of bit length b, are the token
+    2**(s+1) - 1 + (b - s - 2) * 2**s + (leading s+1 bits - 2**s) followed by b - 1 - s raw
+    low bits. Tokens increase with m. `blen` optionally gives the bit lengths of `mag`.
+    """
+    mag = mag.astype(np.int64)
+    direct = (1 << (s + 1)) - 1
+    tok = mag - 1
+    nbits = np.zeros(mag.shape, dtype=np.int64)
+    esc = mag > direct
+    if esc.any():
+        me = mag[esc]
+        b = _bit_length(me) if blen is None else blen[esc]
+        nb = b - 1 - s
+        top = me >> nb
+        tok[esc] = direct + (b - s - 2) * (1 << s) + (top - (1 << s))
+        nbits[esc] = nb
+    return tok, nbits
+
+
+def _table_size_estimate(table: np.ndarray) -> int:
+    """Approximate size in bytes of `_table_payload(table)` (fast zstd level)."""
+    if table.size < 16 or table.size > 65536:
+        return _varint_len(table)
+    raw = _varints(table)
+    z = zstandard.ZstdCompressor(level=3, write_checksum=False).compress(raw)
+    return min(len(raw), len(z) + len(_varint(len(z))))
+
+
+def _table_payload(table: np.ndarray) -> tuple[bool, bytes]:
+    """(zstd?, bytes) for the token count table: raw LEB128 or a zstd frame of it."""
+    raw = _varints(table)
+    if table.size >= 16:
+        z = zstandard.ZstdCompressor(level=19, write_content_size=True,
+                                     write_checksum=False).compress(raw)
+        zz = _varint(len(z)) + z
+        if len(zz) < len(raw):
+            return True, zz
+    return False, raw
+
+
+def _choose_precision(uniq: np.ndarray, ucnt: np.ndarray, count: int) -> tuple[int, int]:
+    """Precision s (and alphabet size) minimising the estimated values size.
+
+    The token histogram of the largest feasible s is built once; each step s -> s - 1 merges
+    adjacent token pairs from token 2**s - 1 on (every bit length >= s + 1 loses one leading
+    bit), and every escaped value gains one raw bit. Ties favour the larger s.
+    """
+    mmax = int(uniq[-1])
+    ublen = _bit_length(uniq)
+    hb = np.bincount(ublen, weights=ucnt, minlength=26)  # values per bit length
+
+    def alphabet(s: int) -> int:
+        return int(_tokens(np.array([mmax]), s)[0][0]) + 1  # tokens increase with magnitude
+
+    s = 23
+    while alphabet(s) > _alphabet_limit(s, count):
+        s -= 1  # s = 0 always fits (at most 24 tokens)
+    tok, _ = _tokens(uniq, s, ublen)
+    hist = np.bincount(tok, weights=ucnt).astype(np.int64)
+    best = None
+    while True:
+        a = alphabet(s)
+        table = hist[:a]
+        raw = float(np.dot(hb, np.maximum(np.arange(hb.size) - 1 - s, 0)))
+        est = _hist_bits(table) + raw + 8.0 * _table_size_estimate(table)
+        if best is None or est < best[0] - 1e-9:
+            best = (est, s, a)
+        if s == 0:
+            break
+        start = (1 << s) - 1
+        tail = hist[start:]
+        if tail.size % 2:
+            tail = np.append(tail, 0)
+        hist = np.concatenate([hist[:start], tail.reshape(-1, 2).sum(axis=1)])
+        s -= 1
+    return best[1], best[2]
+
+
+def encode_values(values: np.ndarray) -> CodedStream:
+    """Entropy-code nonzero signed integers.
+
+    Args:
+        values: 1-D integer array, every entry nonzero with |v| < 2**24.
+
+    Returns:
+        The coded stream (model "categorical", or "categorical+escape" when wide magnitudes
+        are split into a bucket token plus uniformly coded low bits).
+
+    Raises:
+        ValueError: Not 1-D integers, a zero, or a magnitude >= 2**24.
+    """
+    v = np.asarray(values)
+    if v.ndim != 1 or v.dtype.kind not in "iu":
+        raise ValueError("values must be a 1-D integer array")
+    count = int(v.size)
+    if count == 0:
+        payload = bytes([VALUES_TAG, 23]) + _varint(0) + _varint(0) + _varint(0)
+        return CodedStream(payload, 8 * len(payload), 8 * len(payload), 0.0, "categorical")
+    if v.dtype.kind == "u" and int(v.max()) > MAX_MAGNITUDE:
+        raise ValueError("|value| must be < 2**24")
+    v64 = v.astype(np.int64)
+    if int(v64.min()) < -MAX_MAGNITUDE or int(v64.max()) > MAX_MAGNITUDE:
+        raise ValueError("|value| must be < 2**24")
+    mag = np.abs(v64)
+    mmax = int(mag.max())
+    if int(mag.min()) == 0:
+        raise ValueError("values must be nonzero")
+    npos = int(np.count_nonzero(v64 > 0))
+    if mmax <= 4 * count + 65536:
+        hist = np.bincount(mag)
+        uniq = np.flatnonzero(hist)
+        ucnt = hist[uniq]
+    else:
+        uniq, ucnt = np.unique(mag, return_counts=True)
+    iid_bits = float(_nh(count, npos)) + _hist_bits(ucnt)
+
+    s, a = _choose_precision(uniq, ucnt, count)
+    if mmax <= 4 * count + 65536:  # small alphabet: per-magnitude lookup tables
+        lut_tok, lut_nb = _tokens(np.arange(1, mmax + 1, dtype=np.int64), s)
+        tok, nbits = lut_tok[mag - 1], lut_nb[mag - 1]
+    else:
+        tok, nbits = _tokens(mag, s)
+    table = np.bincount(tok, minlength=a).astype(np.int64)
+    zstd_table, table_bytes = _table_payload(table)
+
+    head = bytearray([VALUES_TAG, s | (0x20 if zstd_table else 0)])
+    head += _varint(count) + _varint(npos) + _varint(a) + table_bytes
+    coder = _AnsCoder()
+    if 0 < npos < count:
+        coder.encode_reverse((v64 > 0).astype(np.int32), _bernoulli(npos, count))
+    esc = np.flatnonzero(nbits)
+    if esc.size:
+        nb_esc = nbits[esc]
+        low = mag[esc] & ((np.int64(1) << nb_esc) - 1)
+        order = np.argsort(nb_esc, kind="stable")
+        nb_sorted = nb_esc[order]
+        bounds = np.flatnonzero(np.diff(nb_sorted)) + 1
+        groups = np.split(order, bounds)
+        for grp in reversed(groups):
+            nb = int(nb_esc[grp[0]])
+            coder.encode_reverse(low[grp].astype(np.int32), _models.Uniform(1 << nb))
+    if np.count_nonzero(table) > 1:
+        coder.encode_reverse(tok.astype(np.int32), _categorical(table))
+    payload = bytes(head) + _words_bytes(coder)
+    model = "categorical+escape" if esc.size else "categorical"
+    return CodedStream(payload, 8 * len(payload), 8 * len(head), iid_bits, model)
+
+
+def decode_values(payload: bytes, count: int) -> np.ndarray:
+    """Decode a values payload.
+
+    Args:
+        payload: Bytes from `encode_values`.
+        count: Number of values coded (the mask's kept count).
+
+    Returns:
+        int32 array of length `count`.
+
+    Raises:
+        CodecError: Corrupted/truncated payload or a count that does not match it.
+    """
+    try:
+        count = int(count)
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"invalid count {count!r}") from exc
+    if count < 0:
+        raise CodecError(f"invalid count {count}")
+    buf = _as_bytes(payload)
+    try:
+        return _decode_values(buf, count)
+    except CodecError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise CodecError(f"corrupted values payload: {exc}") from None
+
+
+def _decode_values(buf: bytes, count: int) -> np.ndarray:
+    rd = _Reader(buf)
+    if rd.byte("tag") != VALUES_TAG:
+        raise CodecError("not a values payload (bad tag byte)")
+    mode = rd.byte("mode")
+    s, zstd_table = mode & 0x1F, bool(mode & 0x20)
+    if mode & 0xC0 or s > 23:
+        raise CodecError(f"invalid values mode byte {mode:#x}")
+    stored = rd.varint(1 << 62, "value count")
+    if stored != count:
+        raise CodecError(f"payload codes {stored} values, {count} requested")
+    npos = rd.varint(count, "positive count")
+    a = rd.varint(_alphabet_limit(s, count), "alphabet size")
+    if count == 0:
+        if a != 0 or zstd_table or rd.remaining():
+            raise CodecError("inconsistent empty values payload")
+        return np.zeros(0, dtype=np.int32)
+    if a == 0:
+        raise CodecError("empty alphabet for a nonempty payload")
+    if zstd_table:
+        zlen = rd.varint(rd.remaining(), "table frame length")
+        frame = rd.take(zlen, "table frame")
+        limit = 9 * a
+        declared = zstandard.get_frame_parameters(frame).content_size
+        if declared == zstandard.CONTENTSIZE_UNKNOWN or declared > limit:
+            raise CodecError("table frame size invalid")
+        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
+        table, used = _parse_varints(raw, 0, a, count, "token counts")
+        if used != len(raw):
+            raise CodecError("trailing bytes in the token table")
+    else:
+        table = rd.varints(a, count, "token counts")
+    if int(table.sum()) != count or table[-1] == 0:
+        raise CodecError("token counts inconsistent with the value count")
+    direct = (1 << (s + 1)) - 1
+    nbits_of = np.zeros(a, dtype=np.int64)
+    if a > direct:
+        nbits_of[direct:] = ((np.arange(direct, a) - direct) >> s) + 1
+    used_syms = np.flatnonzero(table)
+    need_tokens = used_syms.size > 1
+    need_signs = 0 < npos < count
+    need_low = bool(np.any(nbits_of[used_syms] > 0))
+    min_bits = (_hist_bits(table) * need_tokens + float(np.dot(table, nbits_of))
+                + float(_nh(count, npos)))
+    coder = _open_coder(rd.words(), need_tokens or need_signs or need_low, min_bits)
+
+    if need_tokens:
+        tok = coder.decode(_categorical(table), count)
+        if not np.array_equal(np.bincount(tok, minlength=a), table):
+            raise CodecError("decoded tokens do not match the token table")
+    else:
+        tok = np.full(count, used_syms[0], dtype=np.int32)
+    if need_low:
+        mag = tok.astype(np.int64) + 1
+        esc = np.flatnonzero(tok >= direct)
+        u = tok[esc].astype(np.int64) - direct
+        nb_esc = (u >> s) + 1
+        top = (1 << s) + (u & ((1 << s) - 1))
+        order = np.argsort(nb_esc, kind="stable")
+        bounds = np.flatnonzero(np.diff(nb_esc[order])) + 1
+        low = np.empty(esc.size, dtype=np.int64)
+        for grp in np.split(order, bounds):
+            nb = int(nb_esc[grp[0]])
+            low[grp] = coder.decode(_models.Uniform(1 << nb), grp.size)
+        mag[esc] = (top << nb_esc) | low
+        mag = mag.astype(np.int32)
+    else:
+        mag = tok.astype(np.int32) + 1
+    if need_signs:
+        sign = coder.decode(_bernoulli(npos, count), count)
+        if int(np.count_nonzero(sign)) != npos:
+            raise CodecError("decoded sign count does not match the header")
+        out = np.where(sign != 0, mag, -mag)
+    elif npos == count:
+        out = mag
+    else:
+        out = -mag
+    _finish_coder(coder)
+    return out.astype(np.int32, copy=False)
+
+
+# ----------------------------------------------------------------------------- integers
+
+
+def encode_integers(q: np.ndarray) -> tuple[CodedStream, CodedStream]:
+    """Code a dense integer tensor (0 = pruned) as (positions of q != 0, q[q != 0] in C order).
+
+    Args:
+        q: Integer array of any shape with |q| < 2**24.
+
+    Returns:
+        (positions stream, values stream).
+    """
+    a = np.asarray(q)
+    if a.dtype.kind not in "iu":
+        raise ValueError("q must be an integer array")
+    mask = a != 0
+    return encode_positions(mask), encode_values(a[mask])
+
+
+def decode_integers(positions: bytes, values: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode `encode_integers` output into a dense int32 array of `shape`.
+
+    Raises:
+        CodecError: Either payload is corrupted or inconsistent with `shape`.
+    """
+    mask = decode_positions(positions, shape)
+    vals = decode_values(values, int(np.count_nonzero(mask)))
+    out = np.zeros(mask.shape, dtype=np.int32)
+    np.place(out, mask, vals)
+    return out

@@ -1,0 +1,254 @@
+"""The `.rdonnx` file: write, read and verify (layout in docs/FORMAT.md).
+
+    MAGIC (8 bytes) | version u16 | flags u16 | manifest length u32 | manifest CRC-32 u32
+    | manifest (UTF-8 JSON) | data (sections addressed by offset and length from its start)
+
+Every section (the zstd-compressed graph, each tensor's coded streams) carries a CRC-32 in the
+manifest; readers check bounds and checksums before decoding anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import zstandard
+
+from .codec import entropy
+from .errors import UsageError
+from .quantize import dequantize
+
+MAGIC = b"RDONNX\r\n"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sHHII")
+MAX_MANIFEST = 256 * 2**20
+MAX_ELEMENTS = 2**33  # per tensor: refuse larger declared shapes rather than allocate them
+CODED_LOCATION = "rdonnx"  # external-data location of coded initializers in the graph
+
+
+class FormatError(UsageError):
+    """A damaged or foreign file: one line, exit 2."""
+
+
+@dataclass
+class Section:
+    offset: int
+    length: int
+    crc32: int
+
+
+@dataclass
+class TensorEntry:
+    """One coded tensor: how to rebuild it and what it cost."""
+
+    name: str
+    dtype: str  # ONNX element type name
+    shape: list[int]
+    encoding: str  # "quantized" (integer levels x step) or "exact" (original values, zstd)
+    nnz: int
+    positions: Section
+    values: Section
+    step: float | None = None
+    bits: dict[str, float] = field(default_factory=dict)  # positions, values, side, iid
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass
+class Artifact:
+    """A parsed `.rdonnx` file (sections verified lazily, on access)."""
+
+    path: Path | None
+    manifest: dict[str, Any]
+    graph: onnx.ModelProto
+    tensors: list[TensorEntry]
+    data: bytes
+
+    def section(self, s: Section, what: str) -> bytes:
+        if s.offset < 0 or s.length < 0 or s.offset + s.length > len(self.data):
+            raise FormatError(f"{self._where()}: {what} lies outside the file (truncated?)")
+        blob = self.data[s.offset:s.offset + s.length]
+        if zlib.crc32(blob) != s.crc32:
+            raise FormatError(f"{self._where()}: checksum mismatch in {what} (damaged file)")
+        return blob
+
+    def _where(self) -> str:
+        return str(self.path) if self.path else "artifact"
+
+    def decode(self, entry: TensorEntry) -> np.ndarray:
+        """The tensor's values, exactly as compress measured them."""
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
+            onnx.TensorProto.DataType.Value(entry.dtype)))
+        positions = self.section(entry.positions, f"{entry.name} positions")
+        values = self.section(entry.values, f"{entry.name} values")
+        try:
+            mask = entropy.decode_positions(positions, tuple(entry.shape))
+            if int(mask.sum()) != entry.nnz:
+                raise FormatError(f"{self._where()}: {entry.name}: nonzero count mismatch")
+            if entry.encoding == "quantized":
+                levels = entropy.decode_values(values, entry.nnz)
+                dense = np.zeros(entry.shape, dtype=np.int32)
+                dense[mask] = levels
+                return dequantize(dense, float(entry.step), dtype)
+            raw = zstandard.ZstdDecompressor().decompress(
+                values, max_output_size=entry.nnz * dtype.itemsize)
+            if len(raw) != entry.nnz * dtype.itemsize:
+                raise FormatError(f"{self._where()}: {entry.name}: value bytes mismatch")
+            out = np.zeros(entry.shape, dtype=dtype)
+            out[mask] = np.frombuffer(raw, dtype=dtype)
+            return out
+        except (entropy.CodecError, zstandard.ZstdError) as exc:
+            raise FormatError(f"{self._where()}: cannot decode {entry.name}: {exc}") from None
+
+    def decode_all(self) -> dict[str, np.ndarray]:
+        return {e.name: self.decode(e) for e in self.tensors}
+
+
+def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarray | None,
+                  step: float | None, exact: np.ndarray | None
+                  ) -> tuple[TensorEntry, bytes, bytes]:
+    """Code one tensor: integer levels (`q`, `step`) or exact values; returns its entry and
+    the two streams (sections are placed by `write_artifact`)."""
+    if q is not None:
+        pos, val = entropy.encode_integers(q)
+        nnz, encoding = int(np.count_nonzero(q)), "quantized"
+        values_blob = val.payload
+        value_bits, value_iid, value_side = val.bits, val.iid_entropy_bits, val.side_bits
+    else:
+        mask = exact != 0
+        pos = entropy.encode_positions(mask)
+        nnz, encoding = int(mask.sum()), "exact"
+        values_blob = zstandard.ZstdCompressor(level=19).compress(exact[mask].tobytes())
+        value_bits = value_iid = 8 * len(values_blob)
+        value_side = 0
+    entry = TensorEntry(
+        name=name, dtype=onnx.TensorProto.DataType.Name(data_type), shape=list(shape),
+        encoding=encoding, nnz=nnz, positions=Section(0, 0, 0), values=Section(0, 0, 0),
+        step=step, bits={"positions": pos.bits, "values": value_bits,
+                         "side": pos.side_bits + value_side,
+                         "iid_entropy": pos.iid_entropy_bits + value_iid,
+                         "positions_model": pos.model})
+    return entry, pos.payload, values_blob
+
+
+def write_artifact(path: Path, graph: onnx.ModelProto,
+                   coded: list[tuple[TensorEntry, bytes, bytes]],
+                   settings: dict[str, Any], metrics: dict[str, Any], version: str) -> int:
+    """Write the container atomically; returns its size in bytes."""
+    from .model import _temp  # the same atomic temp-file helper as for ONNX outputs
+
+    chunks: list[bytes] = []
+    offset = 0
+
+    def place(blob: bytes) -> Section:
+        nonlocal offset
+        chunks.append(blob)
+        section = Section(offset, len(blob), zlib.crc32(blob))
+        offset += len(blob)
+        return section
+
+    graph_section = place(zstandard.ZstdCompressor(level=19).compress(
+        graph.SerializeToString(deterministic=True)))
+    tensors = []
+    for entry, positions, values in coded:
+        entry.positions, entry.values = place(positions), place(values)
+        tensors.append(_entry_json(entry))
+    manifest = json.dumps({
+        "format": "rdonnx", "format_version": FORMAT_VERSION, "rdonnx_version": version,
+        "graph": {**graph_section.__dict__, "codec": "zstd"}, "tensors": tensors,
+        "settings": settings, "metrics": metrics}, sort_keys=True,
+        separators=(",", ":")).encode()
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(manifest), zlib.crc32(manifest))
+    tmp = _temp(path.parent, path.name)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header + manifest)
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path.stat().st_size
+
+
+def _entry_json(entry: TensorEntry) -> dict[str, Any]:
+    data = dict(entry.__dict__)
+    data["positions"], data["values"] = entry.positions.__dict__, entry.values.__dict__
+    return data
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def read_artifact(source: str | os.PathLike | bytes) -> Artifact:
+    """Parse and check the header, manifest and graph of an `.rdonnx` file."""
+    path = None if isinstance(source, bytes) else Path(source)
+    where = str(path) if path else "artifact"
+    if path is not None:
+        if not path.is_file():
+            raise UsageError(f"file not found: {path}")
+        blob = path.read_bytes()
+    else:
+        blob = source
+    if len(blob) < HEADER.size or blob[:len(MAGIC)] != MAGIC:
+        raise FormatError(f"{where} is not an .rdonnx file (wrong magic bytes)")
+    _, version, _, length, crc = HEADER.unpack_from(blob)
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{where} has format version {version}; this rdonnx reads version "
+                          f"{FORMAT_VERSION}: upgrade rdonnx")
+    if length > min(MAX_MANIFEST, len(blob) - HEADER.size):
+        raise FormatError(f"{where}: manifest size {length} exceeds the file (truncated?)")
+    raw = blob[HEADER.size:HEADER.size + length]
+    if zlib.crc32(raw) != crc:
+        raise FormatError(f"{where}: manifest checksum mismatch (damaged file)")
+    try:
+        manifest = json.loads(raw)
+        tensors = [_entry(t) for t in manifest["tensors"]]
+        graph_section = Section(**{k: int(manifest["graph"][k])
+                                   for k in ("offset", "length", "crc32")})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{where}: malformed manifest ({exc})") from None
+    artifact = Artifact(path, manifest, onnx.ModelProto(), tensors,
+                        blob[HEADER.size + length:])
+    try:
+        packed = artifact.section(graph_section, "graph")
+        artifact.graph.ParseFromString(zstandard.ZstdDecompressor().decompress(
+            packed, max_output_size=2**31 - 1))
+    except (zstandard.ZstdError, ValueError) as exc:
+        raise FormatError(f"{where}: cannot read the graph ({exc})") from None
+    for entry in tensors:
+        if entry.size > MAX_ELEMENTS or any(d < 0 for d in entry.shape):
+            raise FormatError(f"{where}: tensor {entry.name} declares shape {entry.shape}, "
+                              "larger than any model rdonnx writes")
+    return artifact
+
+
+def _entry(data: dict[str, Any]) -> TensorEntry:
+    if data["encoding"] not in ("quantized", "exact"):
+        raise ValueError(f"unknown encoding {data['encoding']!r}")
+    onnx.TensorProto.DataType.Value(data["dtype"])  # raises ValueError for unknown types
+    shape = [int(d) for d in data["shape"]]
+    nnz = int(data["nnz"])
+    if not 0 <= nnz <= int(np.prod(shape, dtype=np.float64)):
+        raise ValueError(f"{data['name']}: nnz {nnz} does not fit shape {shape}")
+    return TensorEntry(
+        name=str(data["name"]), dtype=str(data["dtype"]), shape=shape,
+        encoding=data["encoding"], nnz=nnz,
+        positions=Section(*(int(data["positions"][k]) for k in ("offset", "length", "crc32"))),
+        values=Section(*(int(data["values"][k]) for k in ("offset", "length", "crc32"))),
+        step=None if data.get("step") is None else float(data["step"]),
+        bits=dict(data.get("bits", {})))

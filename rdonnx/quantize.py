@@ -1,0 +1,79 @@
+"""Uniform scalar quantization of surviving weight values, per tensor.
+
+A tensor is stored as integers q (0 = pruned) and one float32 step; its value is
+q * step computed in float32 and cast to the tensor's dtype, on the encoder and the decoder alike,
+so decoding reproduces exactly the weights whose distortion was measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+VALUE_BITS = range(2, 17)  # what --value-bits accepts
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Integer levels and the float32 step of one tensor."""
+
+    q: np.ndarray  # int32, the tensor's shape
+    step: float  # a float32 value
+
+    def values(self, dtype: np.dtype) -> np.ndarray:
+        """The dequantized tensor in `dtype` (exactly what a decoder reconstructs)."""
+        return dequantize(self.q, self.step, dtype)
+
+
+def dequantize(q: np.ndarray, step: float, dtype: np.dtype) -> np.ndarray:
+    return (q.astype(np.float32) * np.float32(step)).astype(dtype)
+
+
+def quantize(weight: np.ndarray, bits: int) -> Quantized:
+    """Round to 2^(bits-1) - 1 levels each side of zero, the largest magnitude exactly kept.
+
+    Zeros (pruned entries) stay zero; survivors that round to zero become pruned.
+    """
+    if bits not in VALUE_BITS:
+        raise ValueError(f"value bits must be in {VALUE_BITS.start}..{VALUE_BITS.stop - 1}")
+    w = np.asarray(weight, dtype=np.float32)
+    largest = float(np.max(np.abs(w))) if w.size else 0.0
+    if largest == 0.0 or not np.isfinite(largest):
+        return Quantized(np.zeros(w.shape, dtype=np.int32), 1.0)
+    levels = 2 ** (bits - 1) - 1
+    step = float(np.float32(largest / levels))
+    q = np.clip(np.rint(w / np.float32(step)), -levels, levels).astype(np.int32)
+    return Quantized(q, step)
+
+
+AUTO_BITS = (4, 5, 6, 7, 8, 10, 12, 16)
+
+
+@dataclass(frozen=True)
+class BitsChoice:
+    """Quantized tensors at the chosen bits, their values, and the measured distortion."""
+
+    bits: int
+    quantized: dict[str, Quantized]
+    values: dict[str, np.ndarray]
+    distortion: object  # the `Distortion` measured with these values
+
+
+def choose_bits(tensors: dict[str, np.ndarray], measure, limit: float | None,
+                bits: int | None = None) -> BitsChoice:
+    """Quantize every tensor at the fewest bits whose measured distortion is within `limit`.
+
+    `measure(values)` returns (figure, distortion) for a dict of replacement values. With
+    explicit `bits`, that width is used as is.
+    """
+    candidates = (bits,) if bits is not None else AUTO_BITS
+    choice = None
+    for b in candidates:
+        quantized = {n: quantize(a, b) for n, a in tensors.items()}
+        values = {n: q.values(tensors[n].dtype) for n, q in quantized.items()}
+        figure, distortion = measure(values)
+        choice = BitsChoice(b, quantized, values, distortion)
+        if limit is None or figure <= limit:
+            break
+    return choice

@@ -1,0 +1,121 @@
+"""Meet a target: a rate, or the smallest rate whose *measured* result meets a bound."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .allocate import Allocation, predicted
+from .config import CompressConfig
+from .distortion import Distortion
+from .errors import UsageError
+from .quantize import Quantized
+from .report import RatePoint
+
+SEARCH_STEPS = 8
+
+
+@dataclass
+class Realized:
+    """One candidate: kept counts, final values (pruned, then quantized) and their cost."""
+
+    rate: float
+    keep: dict[str, int]
+    pruned: dict[str, np.ndarray]  # pruning alone
+    values: dict[str, np.ndarray]  # every replaced tensor as the artifact holds it
+    quantized: dict[str, Quantized]  # empty when values are exact
+    value_bits: int | None
+    distortion: Distortion
+    coded_bits: float | None = None  # positions + values bits of the prunable weights
+
+
+Realize = Callable[[float], Realized]
+
+
+def meet_target(config: CompressConfig, realize: Realize, allocation: Allocation,
+                allocator: Callable, low: float, has_curves: bool,
+                coded_bits: Callable[[Realized], float]) -> tuple[Realized, list[RatePoint]]:
+    """The realized candidate for the configured target and the probes measured on the way."""
+    if config.rate is not None:
+        return realize(config.rate), []
+    points: list[RatePoint] = []
+    seen: dict[float, Realized] = {}
+    params = sum(s.size for s in allocation.scores.values())
+
+    def ok(r: Realized) -> bool:
+        if config.bits_per_weight is not None:
+            return r.coded_bits / params <= config.bits_per_weight
+        if config.max_distortion is not None:
+            return r.distortion.value(config.metric) <= config.max_distortion
+        if r.distortion.top1_agreement is None:
+            raise UsageError("--min-agreement needs an output of class scores [batch, classes]; "
+                             "use --max-distortion")
+        return r.distortion.top1_agreement >= config.min_agreement
+
+    def probe(rate: float) -> bool:
+        rate = float(f"{min(max(rate, low), 1.0):.6g}")
+        if rate not in seen:
+            r = realize(rate)
+            if config.bits_per_weight is not None:
+                r.coded_bits = coded_bits(r)
+            seen[rate] = r
+            points.append(RatePoint(rate, r.distortion.value(config.metric),
+                                    r.distortion.top1_agreement, ok(r),
+                                    None if r.coded_bits is None else r.coded_bits / params))
+        return ok(seen[rate])
+
+    if config.bits_per_weight is not None:  # bits grow with the rate: the largest rate within
+        lo, hi = _bracket(probe, 0.1, low, grow=False)
+        best = max((r for r, v in seen.items() if ok(v)), default=None)
+    else:  # distortion falls as the rate grows: the smallest rate that meets the bound
+        guess = _predicted_rate(allocation, allocator, config.max_distortion, low) \
+            if has_curves and config.max_distortion is not None else 0.5
+        lo, hi = _bracket(probe, guess, low, grow=True)
+        best = min((r for r, v in seen.items() if ok(v)), default=None)
+    if best is None:
+        raise UsageError("no rate meets the target, not even keeping every weight"
+                         if config.bits_per_weight is None else
+                         "no rate fits the --bits-per-weight budget; raise it")
+    result = seen[best]
+    return result, sorted(points, key=lambda p: p.rate)
+
+
+def _bracket(probe: Callable[[float], bool], guess: float, low: float,
+             grow: bool) -> tuple[float, float]:
+    """Find a passing and a failing rate around `guess`, then bisect between them.
+
+    With `grow`, rates at or above the threshold pass; otherwise rates at or below it pass.
+    """
+    passing = guess
+    if grow:
+        while not probe(passing) and passing < 1.0:
+            passing = min(1.0, passing * 1.5)
+        failing = passing
+        while failing > low and probe(failing):
+            passing, failing = failing, max(low, failing / 1.5)
+    else:
+        while not probe(passing) and passing > low:
+            passing = max(low, passing / 1.5)
+        failing = passing
+        while failing < 1.0 and probe(failing):
+            passing, failing = failing, min(1.0, failing * 1.5)
+    if probe(failing) != probe(passing):
+        for _ in range(SEARCH_STEPS):
+            mid = (passing + failing) / 2
+            passing, failing = (mid, failing) if probe(mid) else (passing, mid)
+    return passing, failing
+
+
+def _predicted_rate(allocation: Allocation, allocator: Callable, bound: float,
+                    low: float) -> float:
+    """The smallest rate whose curve-predicted distortion is within `bound` (bisection)."""
+    lo, hi = low, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if predicted(allocation, allocator(allocation, mid)) <= bound:
+            hi = mid
+        else:
+            lo = mid
+    return hi
