@@ -10,6 +10,7 @@ manifest; readers check bounds and checksums before decoding anything.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zlib
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 import zstandard
+from google.protobuf.message import DecodeError
 
 from .codec import entropy
 from .errors import UsageError
@@ -30,6 +32,7 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sHHII")
 MAX_MANIFEST = 256 * 2**20
 MAX_ELEMENTS = 2**33  # per tensor: refuse larger declared shapes rather than allocate them
+CODED_DTYPES = ("FLOAT", "FLOAT16", "BFLOAT16")
 CODED_LOCATION = "rdonnx"  # external-data location of coded initializers in the graph
 
 
@@ -60,7 +63,7 @@ class TensorEntry:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -206,10 +209,12 @@ def read_artifact(source: str | os.PathLike | bytes) -> Artifact:
         blob = source
     if len(blob) < HEADER.size or blob[:len(MAGIC)] != MAGIC:
         raise FormatError(f"{where} is not an .rdonnx file (wrong magic bytes)")
-    _, version, _, length, crc = HEADER.unpack_from(blob)
+    _, version, flags, length, crc = HEADER.unpack_from(blob)
     if version != FORMAT_VERSION:
         raise FormatError(f"{where} has format version {version}; this rdonnx reads version "
                           f"{FORMAT_VERSION}: upgrade rdonnx")
+    if flags != 0:
+        raise FormatError(f"{where} sets reserved header flags {flags:#x} (damaged file?)")
     if length > min(MAX_MANIFEST, len(blob) - HEADER.size):
         raise FormatError(f"{where}: manifest size {length} exceeds the file (truncated?)")
     raw = blob[HEADER.size:HEADER.size + length]
@@ -217,10 +222,12 @@ def read_artifact(source: str | os.PathLike | bytes) -> Artifact:
         raise FormatError(f"{where}: manifest checksum mismatch (damaged file)")
     try:
         manifest = json.loads(raw)
+        if manifest.get("format") != "rdonnx" or manifest.get("format_version") != version:
+            raise ValueError("format fields do not match the header")
         tensors = [_entry(t) for t in manifest["tensors"]]
         graph_section = Section(**{k: int(manifest["graph"][k])
                                    for k in ("offset", "length", "crc32")})
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise FormatError(f"{where}: malformed manifest ({exc})") from None
     artifact = Artifact(path, manifest, onnx.ModelProto(), tensors,
                         blob[HEADER.size + length:])
@@ -228,23 +235,43 @@ def read_artifact(source: str | os.PathLike | bytes) -> Artifact:
         packed = artifact.section(graph_section, "graph")
         artifact.graph.ParseFromString(zstandard.ZstdDecompressor().decompress(
             packed, max_output_size=2**31 - 1))
-    except (zstandard.ZstdError, ValueError) as exc:
+    except (zstandard.ZstdError, ValueError, RuntimeError, DecodeError) as exc:
         raise FormatError(f"{where}: cannot read the graph ({exc})") from None
-    for entry in tensors:
-        if entry.size > MAX_ELEMENTS or any(d < 0 for d in entry.shape):
-            raise FormatError(f"{where}: tensor {entry.name} declares shape {entry.shape}, "
-                              "larger than any model rdonnx writes")
+    _check_against_graph(artifact, where)
     return artifact
+
+
+def _check_against_graph(artifact: Artifact, where: str) -> None:
+    """The manifest's tensors must be exactly the graph's coded initializers, alike in type."""
+    coded = {t.name: t for t in artifact.graph.graph.initializer
+             if t.data_location == onnx.TensorProto.EXTERNAL and
+             any(e.key == "location" and e.value == CODED_LOCATION for e in t.external_data)}
+    names = [e.name for e in artifact.tensors]
+    if len(set(names)) != len(names) or set(names) != set(coded):
+        raise FormatError(f"{where}: the manifest's tensors do not match the graph's coded "
+                          "initializers (damaged file)")
+    for entry in artifact.tensors:
+        t = coded[entry.name]
+        if list(t.dims) != entry.shape or \
+                onnx.TensorProto.DataType.Name(t.data_type) != entry.dtype:
+            raise FormatError(f"{where}: tensor {entry.name} differs from its graph declaration")
 
 
 def _entry(data: dict[str, Any]) -> TensorEntry:
     if data["encoding"] not in ("quantized", "exact"):
         raise ValueError(f"unknown encoding {data['encoding']!r}")
-    onnx.TensorProto.DataType.Value(data["dtype"])  # raises ValueError for unknown types
+    if data["dtype"] not in CODED_DTYPES:
+        raise ValueError(f"{data['name']}: dtype {data['dtype']!r} is not a coded float type")
     shape = [int(d) for d in data["shape"]]
+    if any(d < 0 for d in shape) or math.prod(shape) > MAX_ELEMENTS:
+        raise ValueError(f"{data['name']}: shape {shape} is larger than any model rdonnx writes")
     nnz = int(data["nnz"])
-    if not 0 <= nnz <= int(np.prod(shape, dtype=np.float64)):
+    if not 0 <= nnz <= math.prod(shape):
         raise ValueError(f"{data['name']}: nnz {nnz} does not fit shape {shape}")
+    if data["encoding"] == "quantized":
+        step = float(data["step"])
+        if not (math.isfinite(step) and step > 0):
+            raise ValueError(f"{data['name']}: step {step} is not a positive number")
     return TensorEntry(
         name=str(data["name"]), dtype=str(data["dtype"]), shape=shape,
         encoding=data["encoding"], nnz=nnz,

@@ -152,7 +152,10 @@ class Calibration:
             d = self.distortion(values, config)
             return d.value(config.metric), d
 
-        choice = choose_bits(tensors, measure, limit, config.value_bits)
+        try:
+            choice = choose_bits(tensors, measure, limit, config.value_bits)
+        except ValueError as exc:
+            raise UsageError(f"cannot quantize: {exc}; pass --values exact") from None
         return Realized(rate, keep, pruned, choice.values, choice.quantized, choice.bits,
                         choice.distortion)
 

@@ -31,15 +31,18 @@ def dequantize(q: np.ndarray, step: float, dtype: np.dtype) -> np.ndarray:
 
 
 def quantize(weight: np.ndarray, bits: int) -> Quantized:
-    """Round to 2^(bits-1) - 1 levels each side of zero, the largest magnitude exactly kept.
+    """Round to 2^(bits-1) - 1 levels each side of zero; the largest magnitude gets the top level.
 
-    Zeros (pruned entries) stay zero; survivors that round to zero become pruned.
+    Zeros (pruned entries) stay zero; survivors that round to zero become pruned. Non-finite
+    values raise ValueError.
     """
     if bits not in VALUE_BITS:
         raise ValueError(f"value bits must be in {VALUE_BITS.start}..{VALUE_BITS.stop - 1}")
     w = np.asarray(weight, dtype=np.float32)
     largest = float(np.max(np.abs(w))) if w.size else 0.0
-    if largest == 0.0 or not np.isfinite(largest):
+    if not np.isfinite(largest):
+        raise ValueError("the tensor holds inf or NaN values; use exact values")
+    if largest == 0.0:
         return Quantized(np.zeros(w.shape, dtype=np.int32), 1.0)
     levels = 2 ** (bits - 1) - 1
     step = float(np.float32(largest / levels))
