@@ -1,11 +1,11 @@
-"""Baseline pruning on the bundled models: sizes, distortion, agreement, accuracy; time, memory.
+"""Baseline pruning (uniform, global; exact values) on the bundled models to dense and sparse ONNX:
+sizes, distortion, agreement, accuracy; and the time and peak memory of the README's main job.
 
 Run: .venv/bin/python bench/compress.py   (prints Markdown tables; about a minute on 2 cores)
 """
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,7 +33,8 @@ def quality_table() -> None:
                 for rate in RATES:
                     result = rdonnx.compress(
                         model, rate=rate, method=method, calib=ROOT / "models/digits_calib.npz",
-                        test=ROOT / "models/digits_test.npz", labels="label")
+                        test=ROOT / "models/digits_test.npz", labels="label",
+                        config=rdonnx.CompressConfig(format="dense"))
                     dense = result.save(Path(tmp) / "d.onnx", "dense", force=True)
                     sparse = result.save(Path(tmp) / "s.onnx", "sparse", force=True)
                     r, t = result.report, result.report.test
@@ -48,20 +49,24 @@ def _accuracy(model: Path) -> str:
 
 
 def cost_table() -> None:
+    """Wall time and peak RSS of the README's main job, each in a fresh process."""
     print("\n| model | command | wall s | peak RSS MiB |")
     print("|---|---|---|---|")
     for name in MODELS:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, str(ROOT / "cli.py"), "compress", f"models/{name}.onnx",
-                   "--rate", "0.1", "--calib", "models/digits_calib.npz", "--test",
-                   "models/digits_test.npz", "--labels", "label", "-o", f"{tmp}/out.onnx",
-                   "--quiet"]
+            args = ["compress", f"models/{name}.onnx", "--rate", "0.1", "--calib",
+                    "models/digits_calib.npz", "--test", "models/digits_test.npz", "--labels",
+                    "label", "-o", f"{tmp}/out.rdonnx", "--quiet"]
+            code = ("import resource, sys; from rdonnx.cli import main; code = main("
+                    f"{args!r}); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
+                    "sys.exit(code)")
             start = time.perf_counter()
-            subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+            done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                                  capture_output=True, text=True)
             wall = time.perf_counter() - start
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            peak = int(done.stdout.split()[-1]) / 1024
             print(f"| {name} | `rdonnx compress models/{name}.onnx --rate 0.1 --calib ... "
-                  f"--test ...` | {wall:.2f} | {peak:.0f} |")
+                  f"--test ...` (rd, .rdonnx) | {wall:.2f} | {peak:.0f} |")
 
 
 if __name__ == "__main__":

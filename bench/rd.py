@@ -50,7 +50,7 @@ def quality(name: str, path: Path) -> dict:
     """Distortion and accuracy of every method and criterion at every rate."""
     rows, series, timing = [], {}, {}
     for criterion in CRITERIA:
-        config = CompressConfig(criterion=criterion, layer_distortion=False)
+        config = CompressConfig(criterion=criterion, layer_distortion=False, format="dense")
         start = time.perf_counter()
         cal = calibrate_model(path, config, CALIB)
         curves = measure_all_curves(cal, config)

@@ -1,7 +1,7 @@
 """The `.rdonnx` file: write, read and verify (layout in docs/FORMAT.md).
 
     MAGIC (8 bytes) | version u16 | flags u16 | manifest length u32 | manifest CRC-32 u32
-    | manifest (UTF-8 JSON) | data (sections addressed by offset and length from its start)
+    | manifest (zstd frame of UTF-8 JSON) | data (sections addressed by offset and length)
 
 Every section (the zstd-compressed graph, each tensor's coded streams) carries a CRC-32 in the
 manifest; readers check bounds and checksums before decoding anything.
@@ -165,11 +165,11 @@ def write_artifact(path: Path, graph: onnx.ModelProto,
     for entry, positions, values in coded:
         entry.positions, entry.values = place(positions), place(values)
         tensors.append(_entry_json(entry))
-    manifest = json.dumps({
+    manifest = zstandard.ZstdCompressor(level=19).compress(json.dumps({
         "format": "rdonnx", "format_version": FORMAT_VERSION, "rdonnx_version": version,
         "graph": {**graph_section.__dict__, "codec": "zstd"}, "tensors": tensors,
         "settings": settings, "metrics": metrics}, sort_keys=True,
-        separators=(",", ":")).encode()
+        separators=(",", ":")).encode())
     header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(manifest), zlib.crc32(manifest))
     tmp = _temp(path.parent, path.name)
     try:
@@ -221,13 +221,15 @@ def read_artifact(source: str | os.PathLike | bytes) -> Artifact:
     if zlib.crc32(raw) != crc:
         raise FormatError(f"{where}: manifest checksum mismatch (damaged file)")
     try:
-        manifest = json.loads(raw)
+        manifest = json.loads(zstandard.ZstdDecompressor().decompress(
+            raw, max_output_size=MAX_MANIFEST))
         if manifest.get("format") != "rdonnx" or manifest.get("format_version") != version:
             raise ValueError("format fields do not match the header")
         tensors = [_entry(t) for t in manifest["tensors"]]
         graph_section = Section(**{k: int(manifest["graph"][k])
                                    for k in ("offset", "length", "crc32")})
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
+            zstandard.ZstdError) as exc:
         raise FormatError(f"{where}: malformed manifest ({exc})") from None
     artifact = Artifact(path, manifest, onnx.ModelProto(), tensors,
                         blob[HEADER.size + length:])

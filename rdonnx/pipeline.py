@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ from .target import Realized, meet_target
 from .weights import Weight, find_codable, find_weights, read_weights
 
 ModelSource = str | os.PathLike | onnx.ModelProto | bytes
+JOINT_BITS = (4, 5, 6, 8)  # value widths tried when a bound picks the smallest artifact
 DataSource = str | os.PathLike | Mapping[str, np.ndarray] | None
 
 
@@ -272,14 +273,36 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
     allocator = SOLVERS[config.solver] if config.method == "rd" else ALLOCATORS[config.method]
     prunable = {w.name for w in cal.weights}
 
-    def realize(rate: float) -> Realized:
-        return cal.realize(rate, allocator(allocation, rate), config)
-
     def coded_bits(r: Realized) -> float:
         return sum(stream_bits(r.quantized.get(n), r.values[n]) for n in prunable)
 
-    chosen, steps = meet_target(config, realize, allocation, allocator,
-                                min(check_grid(config.grid)), curves is not None, coded_bits)
+    def search(run_config: CompressConfig) -> tuple[Realized, list[RatePoint]]:
+        def realize(rate: float) -> Realized:
+            return cal.realize(rate, allocator(allocation, rate), run_config)
+
+        return meet_target(run_config, realize, allocation, allocator,
+                           min(check_grid(config.grid)), curves is not None, coded_bits)
+
+    bound = config.max_distortion is not None or config.min_agreement is not None
+    if bound and config.quantized and config.value_bits is None:
+        # the smallest artifact that meets the bound: density and value bits chosen together
+        candidates = []
+        for bits in JOINT_BITS:
+            try:
+                candidates.append(search(replace(config, value_bits=bits)))
+            except UsageError:  # this width cannot meet the bound at any rate
+                continue
+        if not candidates:
+            raise UsageError("no rate and value width meets the bound; loosen it or pass "
+                             "--values exact")
+        chosen, steps = min(candidates, key=lambda c: coded_bits(c[0]))
+        chosen.coded_bits = coded_bits(chosen)
+    else:
+        chosen, steps = search(config)
+
+    def realize(rate: float) -> Realized:
+        return cal.realize(rate, allocator(allocation, rate), config)
+
     keep, final = chosen.keep, chosen.distortion
     points = []
     lowest = min(check_grid(config.grid)) if curves is not None else 0.0

@@ -60,7 +60,8 @@ def small(tmp_path_factory, mlp) -> Layout:
     blob = path.read_bytes()
     magic, version, flags, length, crc = HEADER.unpack_from(blob)
     assert (magic, version, flags) == (MAGIC, 1, 0)
-    manifest = json.loads(blob[HEADER.size:HEADER.size + length])
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(
+        blob[HEADER.size:HEADER.size + length]))
     assert zlib.crc32(blob[HEADER.size:HEADER.size + length]) == crc
     data = HEADER.size + length
     g = manifest["graph"]
@@ -77,7 +78,7 @@ def small(tmp_path_factory, mlp) -> Layout:
 
 def _rebuild(manifest: dict, data: bytes, version: int = 1, flags: int = 0) -> bytes:
     """An artifact with this manifest and data, its header and manifest CRC valid."""
-    raw = json.dumps(manifest).encode()
+    raw = zstandard.ZstdCompressor().compress(json.dumps(manifest).encode())
     return HEADER.pack(MAGIC, version, flags, len(raw), zlib.crc32(raw)) + raw + data
 
 
@@ -165,8 +166,7 @@ DAMAGED: dict[str, Callable[[Layout], bytes]] = {
     "flip-manifest-crc": lambda lay: _flip(lay.blob, 17),
     "flip-manifest-start": lambda lay: _flip(lay.blob, lay.manifest_start),
     "flip-manifest": lambda lay: _flip(lay.blob, _mid(lay.manifest_start, lay.data_start)),
-    "flip-manifest-digit": lambda lay: _flip(lay.blob, lay.blob.index(
-        b'"nnz":', lay.manifest_start) + 6, 0x01),  # still valid JSON: only the CRC tells
+    "flip-manifest-end": lambda lay: _flip(lay.blob, lay.data_start - 1, 0x01),
     "flip-graph-start": lambda lay: _flip(lay.blob, lay.graph[0]),
     "flip-graph": lambda lay: _flip(lay.blob, _mid(*lay.graph)),
     "flip-streams-start": lambda lay: _flip(lay.blob, lay.streams[0]),
@@ -242,7 +242,7 @@ CRAFTED_BUGS: dict[str, Callable[[Layout], bytes]] = {
 
 
 def _nested(layout: Layout) -> bytes:
-    raw = b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    raw = zstandard.ZstdCompressor().compress(b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     return HEADER.pack(MAGIC, 1, 0, len(raw), zlib.crc32(raw)) + raw + _data(layout)
 
 
