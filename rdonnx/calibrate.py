@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from .measure import Replay
 from .model import Model
 from .progress import progress_bar
 from .prune import Ranking, Scores, activation, magnitude
+from .quantize import quantize
 from .runtime import Runner
 from .stats import LayerInput, SecondMoments, layer_inputs
 from .weights import Weight
@@ -53,6 +54,7 @@ class Curves:
     params: dict[str, int]
     settings: dict
     fingerprint: Fingerprint
+    values: dict[str, dict[int, float]] = field(default_factory=dict)  # Q(b): whole weight
 
     def curve(self, name: str) -> Curve:
         return Curve(self.grid, self.distortion[name])
@@ -62,7 +64,8 @@ class Curves:
             "format": CURVES_FORMAT, "version": CURVES_VERSION,
             "fingerprint": self.fingerprint.__dict__, "settings": self.settings,
             "grid": list(self.grid),
-            "weights": {n: {"params": self.params[n], "distortion": list(d)}
+            "weights": {n: {"params": self.params[n], "distortion": list(d),
+                            "quantized": {str(b): v for b, v in self.values.get(n, {}).items()}}
                         for n, d in self.distortion.items()}}, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -73,10 +76,13 @@ class Curves:
                 raise ValueError("not a JSON object")
             if data.get("format") != CURVES_FORMAT or data.get("version") != CURVES_VERSION:
                 raise ValueError("not an rdonnx curves file of version 1")
+            weights = data["weights"]
             return cls(tuple(data["grid"]),
-                       {n: tuple(w["distortion"]) for n, w in data["weights"].items()},
-                       {n: int(w["params"]) for n, w in data["weights"].items()},
-                       data["settings"], Fingerprint(**data["fingerprint"]))
+                       {n: tuple(w["distortion"]) for n, w in weights.items()},
+                       {n: int(w["params"]) for n, w in weights.items()},
+                       data["settings"], Fingerprint(**data["fingerprint"]),
+                       {n: {int(b): float(v) for b, v in w.get("quantized", {}).items()}
+                        for n, w in weights.items() if w.get("quantized")})
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UsageError(f"cannot read curves {path}: {exc}; run rdonnx calibrate") from None
 
@@ -171,6 +177,26 @@ def measure_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
                 bar.update(len(replay))
             curves[w.name] = tuple(points)
     return curves
+
+
+def measure_value_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
+                         originals: Mapping[str, np.ndarray], widths: Sequence[int],
+                         metric: str, channel_axis: int = 1,
+                         quiet: bool = True) -> dict[str, dict[int, float]]:
+    """Q_l(b): the distortion of quantizing only weight l, unpruned, to b bits."""
+    result: dict[str, dict[int, float]] = {}
+    with progress_bar(len(weights) * len(widths) * len(replay), "value curves", quiet) as bar:
+        for w in weights:
+            original = originals[w.name]
+            result[w.name] = {}
+            for bits in widths:
+                value = runner.weight_value(w.name, quantize(original, bits).values(
+                    original.dtype))
+                result[w.name][bits] = replay.distortion(
+                    lambda feed, v=value, n=w.name: runner.run(feed, {n: v}), channel_axis,
+                    only=metric).value(metric)
+                bar.update(len(replay))
+    return result
 
 
 __all__ = ["Curves", "DEFAULT_GRID", "Fingerprint", "check_grid", "digest", "exposed_tensors",

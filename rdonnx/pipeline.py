@@ -22,6 +22,7 @@ from .calibrate import (
     exposed_tensors,
     layer_inputs,
     measure_curves,
+    measure_value_curves,
     model_digest,
     record,
     scores_for,
@@ -31,13 +32,14 @@ from .config import FORMATS, CompressConfig
 from .data import Batches, DataOptions, input_specs, make_batches, open_npz
 from .distortion import Distortion, is_class_scores
 from .errors import UsageError
+from .joint import JOINT_VALUE_BITS, allocate_joint, cost_range, options_for
 from .measure import Replay, measure
 from .model import Model, iter_graphs, load_model, simplify, write_model
 from .prune import Ranking, Scores
-from .quantize import Quantized, choose_bits
+from .quantize import Quantized, choose_bits, quantize
 from .report import Evaluation, RatePoint, Report, WeightReport
 from .runtime import Runner
-from .target import Realized, meet_target
+from .target import Realized, meet_budget, meet_target
 from .weights import Weight, find_codable, find_weights, read_weights
 
 ModelSource = str | os.PathLike | onnx.ModelProto | bytes
@@ -137,13 +139,20 @@ class Calibration:
                    only: str | None = None) -> Distortion:
         return self.replay.distortion(self.run_with(values), config.channel_axis, only)
 
-    def realize(self, rate: float, keep: dict[str, int], config: CompressConfig) -> Realized:
-        """Prune to `keep`, quantize (when configured) and measure the result."""
+    def realize(self, rate: float, keep: dict[str, int], config: CompressConfig,
+                widths: Mapping[str, int] | None = None) -> Realized:
+        """Prune to `keep`, quantize (when configured: at `widths` per weight, or the fewest
+        bits within the value budget) and measure the result."""
         pruned = self.prune(keep)
         if not config.quantized:
-            return Realized(rate, keep, pruned, pruned, {}, None,
-                            self.distortion(pruned, config))
+            return Realized(rate, keep, pruned, pruned, {}, {}, self.distortion(pruned, config))
         tensors = {**pruned, **({} if config.lossless_unpruned else self.extra)}
+        if widths is not None:  # extras (not pruned, no curves) get 8 bits
+            quantized = {n: quantize(a, widths.get(n, 8)) for n, a in tensors.items()}
+            values = {n: q.values(tensors[n].dtype) for n, q in quantized.items()}
+            return Realized(rate, keep, pruned, values, quantized,
+                            {n: widths.get(n, 8) for n in tensors},
+                            self.distortion(values, config))
         limit = None
         if config.value_bits is None:
             base = self.distortion(pruned, config, config.metric).value(config.metric)
@@ -157,8 +166,8 @@ class Calibration:
             choice = choose_bits(tensors, measure, limit, config.value_bits)
         except ValueError as exc:
             raise UsageError(f"cannot quantize: {exc}; pass --values exact") from None
-        return Realized(rate, keep, pruned, choice.values, choice.quantized, choice.bits,
-                        choice.distortion)
+        return Realized(rate, keep, pruned, choice.values, choice.quantized,
+                        {n: choice.bits for n in tensors}, choice.distortion)
 
     def prune(self, keep: Mapping[str, int]) -> dict[str, np.ndarray]:
         return {w.name: self.rankings[w.name].apply(self.originals[w.name], keep[w.name])
@@ -284,7 +293,25 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
                            min(check_grid(config.grid)), curves is not None, coded_bits)
 
     bound = config.max_distortion is not None or config.min_agreement is not None
-    if bound and config.quantized and config.value_bits is None:
+    if config.rate is None and config.quantized and config.value_bits is None and \
+            config.method == "rd":
+        curves = _with_value_curves(cal, config, curves, quiet)
+        options = {w.name: options_for(cal.originals[w.name], cal.rankings[w.name],
+                                       curves.grid, curves.distortion[w.name],
+                                       curves.values[w.name]) for w in cal.weights}
+        sizes = {w.name: w.size for w in cal.weights}
+
+        def realize_budget(budget: float) -> Realized:
+            choice = allocate_joint(options, budget)
+            keep = {n: int(round(o.density * sizes[n])) for n, o in choice.items()}
+            r = cal.realize(sum(keep.values()) / sum(sizes.values()), keep, config,
+                            {n: o.bits for n, o in choice.items()})
+            r.coded_bits = coded_bits(r)
+            return r
+
+        chosen, steps = meet_budget(config, realize_budget, cost_range(options),
+                                    sum(sizes.values()))
+    elif bound and config.quantized and config.value_bits is None:
         # the smallest artifact that meets the bound: density and value bits chosen together
         candidates = []
         for bits in JOINT_BITS:
@@ -324,7 +351,8 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
     weights = [WeightReport(
         w.name, w.op, list(w.shape), w.dtype, w.size, keep[w.name],
         keep[w.name] / w.size if w.size else 1.0, d, cal.scores[w.name].criterion,
-        list(curves.distortion[w.name]) if curves else None)
+        list(curves.distortion[w.name]) if curves else None,
+        value_bits=chosen.widths.get(w.name))
         for w, d in zip(cal.weights, layer)]
     total = sum(w.size for w in cal.weights)
     report = Report(
@@ -336,13 +364,30 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
         input_bytes=_source_bytes(cal.model),
         calibration=Evaluation.from_distortion(f"calibration ({cal.data_name})", config.metric,
                                                final),
-        value_bits=chosen.value_bits,
+        value_bits=_common(chosen.widths[w.name] for w in cal.weights) if chosen.widths
+        else None,
         predicted_distortion=predicted(allocation, keep) if curves else None,
         grid=list(curves.grid) if curves else None, search=steps, frontier=points,
         weights=weights, settings=config.as_dict(), rdonnx_version=__version__, test=test_eval,
         notices=cal.notices)
     return CompressResult(cal.model, chosen.values, chosen.quantized, report, curves,
                           chosen.pruned)
+
+
+def _common(values) -> int | None:
+    """The one value all items share, else None."""
+    unique = set(values)
+    return unique.pop() if len(unique) == 1 else None
+
+
+def _with_value_curves(cal: Calibration, config: CompressConfig, curves: Curves,
+                       quiet: bool) -> Curves:
+    """`curves` with Q_l(b) for every joint value width (measured now if missing)."""
+    if all(set(JOINT_VALUE_BITS) <= set(curves.values.get(w.name, {})) for w in cal.weights):
+        return curves
+    measured = measure_value_curves(cal.runner, cal.replay, cal.weights, cal.originals,
+                                    JOINT_VALUE_BITS, config.metric, config.channel_axis, quiet)
+    return replace(curves, values=measured)
 
 
 def _source_bytes(model: Model) -> int:

@@ -27,6 +27,7 @@ class WeightReport:
     criterion: str = "magnitude"  # the in-layer criterion really used for this weight
     curve: list[float] | None = None  # measured D(d) on the report's grid
     bits_per_weight: float | None = None  # coded bits per entry in the .rdonnx artifact
+    value_bits: int | None = None  # quantization width of its survivors (None: exact)
 
 
 @dataclass
@@ -176,7 +177,9 @@ def render(report: Report) -> str:
                  f"({report.density:.2%}), method {report.method}, criterion "
                  f"{report.criterion}, device {report.device}")
     parts.append(f"file size     {size}")
-    values = "exact" if report.value_bits is None else f"{report.value_bits}-bit"
+    widths = sorted({w.value_bits for w in report.weights if w.value_bits is not None})
+    values = "exact" if not widths else f"{widths[0]}-bit" if len(widths) == 1 else \
+        "per weight: " + ", ".join(f"{w.name} {w.value_bits}-bit" for w in report.weights)
     parts.append(f"values        {values}")
     c = report.coding
     if c is not None:

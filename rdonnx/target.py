@@ -26,7 +26,7 @@ class Realized:
     pruned: dict[str, np.ndarray]  # pruning alone
     values: dict[str, np.ndarray]  # every replaced tensor as the artifact holds it
     quantized: dict[str, Quantized]  # empty when values are exact
-    value_bits: int | None
+    widths: dict[str, int]  # value bits per quantized tensor (empty when exact)
     distortion: Distortion
     coded_bits: float | None = None  # positions + values bits of the prunable weights
 
@@ -119,3 +119,61 @@ def _predicted_rate(allocation: Allocation, allocator: Callable, bound: float,
         else:
             lo = mid
     return hi
+
+
+def meet_budget(config: CompressConfig, realize: Callable[[float], Realized],
+                budgets: tuple[float, float], params: int) -> tuple[Realized, list[RatePoint]]:
+    """Joint density / value-bits allocation: the budget (estimated bits) that meets the target.
+
+    `--bits-per-weight`: the largest budget whose *coded* size fits (estimates are corrected
+    with the real coder); a bound: the smallest budget whose measurement meets it.
+    """
+    points: list[RatePoint] = []
+    seen: dict[float, Realized] = {}
+
+    def ok(r: Realized) -> bool:
+        if config.bits_per_weight is not None:
+            return r.coded_bits / params <= config.bits_per_weight
+        if config.max_distortion is not None:
+            return r.distortion.value(config.metric) <= config.max_distortion
+        if r.distortion.top1_agreement is None:
+            raise UsageError("--min-agreement needs an output of class scores [batch, classes]; "
+                             "use --max-distortion")
+        return r.distortion.top1_agreement >= config.min_agreement
+
+    def probe(budget: float) -> bool:
+        budget = float(f"{budget:.6g}")
+        if budget not in seen:
+            r = realize(budget)
+            seen[budget] = r
+            points.append(RatePoint(r.rate, r.distortion.value(config.metric),
+                                    r.distortion.top1_agreement, ok(r), r.coded_bits / params))
+        return ok(seen[budget])
+
+    low, high = budgets
+    if config.bits_per_weight is not None:
+        target = config.bits_per_weight * params
+        budget = min(max(target, low), high)
+        for _ in range(6):  # estimates are i.i.d. entropies: steer them by the real coder
+            fits = probe(budget)
+            coded = seen[float(f"{budget:.6g}")].coded_bits
+            if fits and (coded >= 0.99 * target or budget >= high):
+                break
+            budget = min(high, max(low, budget * target / coded * (1.0 if fits else 0.995)))
+        best = max((b for b, r in seen.items() if ok(r)), default=None)
+    else:
+        if not probe(high):
+            best = None
+        else:
+            lo, hi = low, high
+            if probe(lo):
+                hi = lo
+            for _ in range(SEARCH_STEPS + 2 if lo < hi else 0):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if probe(mid) else (mid, hi)
+            best = min((b for b, r in seen.items() if ok(r)), default=None)
+    if best is None:
+        raise UsageError("no density and value width fits the --bits-per-weight budget; raise it"
+                         if config.bits_per_weight is not None else
+                         "no density and value width meets the bound; loosen it")
+    return seen[best], sorted(points, key=lambda p: p.rate)

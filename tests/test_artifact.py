@@ -323,16 +323,14 @@ def test_bits_per_weight_target(bundled_mlp, tmp_path, budget):
     assert coded <= budget
     steps = result.report.search
     assert steps
-    by_rate = {round(s.rate, 6): s for s in steps}
-    # the search measured the chosen rate and found it within the budget
-    assert any(s.meets and abs(s.rate - result.report.rate) < 2e-3 for s in steps)
-    assert any(s.bits_per_weight == pytest.approx(coded, rel=1e-9) for s in steps)
+    # the search measured the chosen allocation with the real coder, within the budget
+    assert any(s.meets and s.bits_per_weight == pytest.approx(coded, rel=1e-9) for s in steps)
     for s in steps:
         assert s.bits_per_weight is not None and s.meets == (s.bits_per_weight <= budget)
-    if result.report.rate < 1.0 - 1e-9:  # a larger rate was measured over the budget
-        over = [s for s in steps if s.rate > result.report.rate and not s.meets]
-        assert over and min(s.bits_per_weight for s in over) > budget
-    assert len(by_rate) == len(steps)  # no rate measured twice
+    if result.report.rate < 1.0 - 1e-9:  # the budget is used, not left idle
+        assert coded >= 0.9 * budget
+    # density and value width are chosen per weight together
+    assert all(w.value_bits is not None for w in result.report.weights)
 
 
 def test_bits_per_weight_loose_budget_keeps_everything(mlp, tmp_path):
