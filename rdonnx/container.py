@@ -99,9 +99,9 @@ class Artifact:
                 raise FormatError(f"{self._where()}: {entry.name}: nonzero count mismatch")
             if entry.encoding == "quantized":
                 levels = entropy.decode_values(values, entry.nnz)
-                dense = np.zeros(entry.shape, dtype=np.int32)
-                dense[mask] = levels
-                return dequantize(dense, float(entry.step), dtype)
+                out = np.zeros(entry.shape, dtype=np.float32)
+                out[mask] = dequantize(levels, float(entry.step), np.float32)  # zeros stay +0
+                return out.astype(dtype, copy=False)
             raw = zstandard.ZstdDecompressor().decompress(
                 values, max_output_size=entry.nnz * dtype.itemsize)
             if len(raw) != entry.nnz * dtype.itemsize:
