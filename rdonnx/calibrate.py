@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from .errors import UsageError
 from .measure import Replay
 from .model import Model
 from .progress import progress_bar
-from .prune import Ranking, Scores, activation, magnitude
+from .prune import Scores, activation, magnitude
 from .quantize import quantize
 from .runtime import Runner
 from .stats import LayerInput, SecondMoments, layer_inputs
@@ -155,10 +155,13 @@ def scores_for(weights: Sequence[Weight], originals: Mapping[str, np.ndarray], c
 
 
 def measure_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
-                   originals: Mapping[str, np.ndarray], rankings: Mapping[str, Ranking],
-                   grid: Sequence[float], metric: str, channel_axis: int = 1,
+                   variant: Callable[[Weight, int], np.ndarray], grid: Sequence[float],
+                   metric: str, channel_axis: int = 1,
                    quiet: bool = True) -> dict[str, tuple[float, ...]]:
-    """D_l(d) for every weight l and grid density d (prune only l, replay all batches)."""
+    """D_l(d) for every weight l and grid density d (prune only l, replay all batches).
+
+    `variant(weight, keep)` prunes one weight (with the in-layer criterion, reconstructed or
+    not); each variant is uploaded once and replayed over every batch."""
     curves: dict[str, tuple[float, ...]] = {}
     probes = sum(1 for d in grid if d < 1) * len(weights) * len(replay)
     with progress_bar(probes, "R-D curves", quiet) as bar:
@@ -169,8 +172,7 @@ def measure_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
                     points.append(0.0)
                     continue
                 keep = int(round(density * w.size))
-                value = runner.weight_value(w.name, rankings[w.name].apply(originals[w.name],
-                                                                           keep))
+                value = runner.weight_value(w.name, variant(w, keep))
                 points.append(replay.distortion(
                     lambda feed, v=value, n=w.name: runner.run(feed, {n: v}),
                     channel_axis, only=metric).value(metric))

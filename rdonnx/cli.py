@@ -145,12 +145,21 @@ def rd_options(func: Callable) -> Callable:
     """Options that shape the R-D measurement (shared by compress and calibrate)."""
     options = [
         click.option("--criterion", type=click.Choice(CRITERIA), default="magnitude",
-                     show_default=True, help="In-layer criterion: |w|, or w^2 * E[x^2] of the "
-                     "layer input compared within output rows (Wanda / Gao et al.)."),
+                     show_default=True, help="In-layer criterion: |w|; w^2 * E[x^2] of the "
+                     "layer input compared within output rows (Wanda / Gao et al.); or obs, "
+                     "SparseGPT's selection during reconstruction (implies --reconstruct)."),
         click.option("--metric", type=click.Choice(METRICS), default="nmse", show_default=True,
                      help="Output distortion: nmse (sum over outputs of ||y-y'||^2/||y||^2), "
                      "nmse-channel (per channel along --channel-axis, averaged), kl of class "
                      "scores, cosine."),
+        click.option("--reconstruct", is_flag=True,
+                     help="Update surviving weights to reconstruct each layer's output on the "
+                     "calibration data (OBS / SparseGPT; GPTQ error feedback when quantizing)."),
+        click.option("--sequential", is_flag=True,
+                     help="Reconstruct layers in graph order, each from the inputs the already-"
+                     "compressed earlier layers produce (implies --reconstruct)."),
+        click.option("--damp", type=float, default=0.01, show_default=True,
+                     help="Reconstruction dampening: share of the mean diagonal of X X^T."),
         click.option("--channel-axis", type=int, default=1, show_default=True,
                      help="Channel axis of the outputs for --metric nmse-channel."),
         click.option("--grid", default=None, metavar="D1,D2,..",
@@ -177,7 +186,8 @@ def _config(**kw) -> CompressConfig:
     data = _data(kw.pop("batch_size"), kw.pop("calib_samples"), kw.pop("input_shape"),
                  kw.pop("input_range"), kw.pop("seed"))
     return CompressConfig(
-        criterion=kw["criterion"], metric=kw["metric"], channel_axis=kw["channel_axis"],
+        criterion=kw["criterion"], reconstruct=kw["reconstruct"], sequential=kw["sequential"],
+        damp=kw["damp"], metric=kw["metric"], channel_axis=kw["channel_axis"],
         grid=_grid(kw["grid"]), min_params=kw["min_params"], include=kw["include"],
         exclude=kw["exclude"], simplify=not kw["no_simplify"], device=kw["device"], data=data,
         replay_mb=kw["replay_mb"])
@@ -212,6 +222,9 @@ def _config(**kw) -> CompressConfig:
               help="Share of the measured distortion that quantization may add.")
 @click.option("--lossless-unpruned", is_flag=True,
               help="Keep large unpruned tensors (embeddings...) exact instead of quantized.")
+@click.option("--pattern", default=None, metavar="N:M",
+              help="Structured sparsity instead of a rate: keep N of every M consecutive "
+              "inputs per output row (2:4 is what GPUs accelerate).")
 @click.option("--method", type=click.Choice(list(ALLOCATORS)), default="rd", show_default=True,
               help="rd: densities from measured R-D curves; uniform: one density; global: one "
               "score threshold; lamp: LAMP scores, one threshold.")
@@ -266,7 +279,7 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
                      layer_distortion=not kw["no_layer_distortion"], format=fmt,
                      values=kw["values"], value_bits=kw["value_bits"],
                      value_budget=kw["value_budget"],
-                     lossless_unpruned=kw["lossless_unpruned"])
+                     lossless_unpruned=kw["lossless_unpruned"], pattern=kw["pattern"])
     config.check()
     if plot_path is not None:
         require_matplotlib()
@@ -283,9 +296,9 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
     click.echo(render(result.report), err=True)
 
 
-_CONFIG_KEYS = ("criterion", "metric", "channel_axis", "grid", "min_params", "include",
-                "exclude", "no_simplify", "device", "batch_size", "calib_samples",
-                "input_shape", "input_range", "seed", "replay_mb")
+_CONFIG_KEYS = ("criterion", "reconstruct", "sequential", "damp", "metric", "channel_axis",
+                "grid", "min_params", "include", "exclude", "no_simplify", "device",
+                "batch_size", "calib_samples", "input_shape", "input_range", "seed", "replay_mb")
 
 
 @cli.command("calibrate")

@@ -52,15 +52,26 @@ class CompressConfig:
     value_bits: int | None = None  # None: the fewest bits within value_budget
     value_budget: float = 0.02  # quantization may add this share to the measured distortion
     lossless_unpruned: bool = False  # keep large unpruned tensors exact instead of quantized
+    reconstruct: bool = False  # update survivors to reconstruct each layer's output (OBS)
+    sequential: bool = False  # reconstruct in graph order from already-compressed inputs
+    pattern: str | None = None  # "N:M": keep N of every M consecutive inputs per output row
+    damp: float = 0.01  # reconstruction: dampening, share of the mean diagonal of H
     data: DataOptions = field(default_factory=DataOptions)
     version: int = CONFIG_VERSION
 
     def check(self) -> None:
         targets = [t for t in (self.rate, self.max_distortion, self.min_agreement,
                                self.bits_per_weight) if t is not None]
-        if len(targets) != 1:
+        if self.pattern is not None:
+            if targets:
+                raise UsageError("--pattern N:M fixes the density; drop --rate and the other "
+                                 "targets")
+            self.n_m  # noqa: B018 - validates the pattern
+        elif len(targets) != 1:
             raise UsageError("give exactly one target: --rate, --max-distortion, "
                              "--min-agreement or --bits-per-weight")
+        if not 0 <= self.damp < 10:
+            raise UsageError(f"--damp must be in [0, 10), got {self.damp}")
         if self.bits_per_weight is not None and self.bits_per_weight <= 0:
             raise UsageError(f"--bits-per-weight must be > 0, got {self.bits_per_weight}")
         if self.value_bits is not None and self.value_bits not in VALUE_BITS:
@@ -86,6 +97,24 @@ class CompressConfig:
             raise UsageError(f"--channel-axis must be >= 0, got {self.channel_axis}")
 
     @property
+    def n_m(self) -> tuple[int, int] | None:
+        """The N:M pattern as two integers (None without --pattern)."""
+        if self.pattern is None:
+            return None
+        try:
+            n, m = (int(v) for v in self.pattern.split(":"))
+            assert 1 <= n < m <= 32
+        except (ValueError, AssertionError):
+            raise UsageError(f"--pattern {self.pattern!r}: write N:M with 1 <= N < M <= 32, "
+                             "e.g. 2:4") from None
+        return n, m
+
+    @property
+    def reconstructs(self) -> bool:
+        """Survivors are updated (--reconstruct, --sequential or the obs criterion)."""
+        return self.reconstruct or self.sequential or self.criterion == "obs"
+
+    @property
     def quantized(self) -> bool:
         """Whether surviving values are quantized (`values`, or for `auto`, the format)."""
         return self.values == "quantized" or (self.values == "auto" and self.format == "rdonnx")
@@ -93,6 +122,7 @@ class CompressConfig:
     def curve_settings(self) -> dict[str, Any]:
         """The settings that R-D curves depend on (part of their fingerprint)."""
         return {"criterion": self.criterion, "metric": self.metric,
+                "reconstruct": self.reconstructs, "damp": self.damp,
                 "channel_axis": self.channel_axis, "grid": list(check_grid(self.grid)),
                 "min_params": self.min_params, "include": list(self.include),
                 "exclude": list(self.exclude), "simplify": self.simplify}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,37 +14,27 @@ import onnx
 from . import __version__
 from .allocate import ALLOCATORS, SOLVERS, Allocation, predicted
 from .artifact import save_artifact
-from .calibrate import (
-    Curves,
-    Fingerprint,
-    check_grid,
-    digest,
-    exposed_tensors,
-    layer_inputs,
-    measure_curves,
-    measure_value_curves,
-    model_digest,
-    record,
-    scores_for,
+from .calibrate import Curves, check_grid, measure_value_curves
+from .calibration import (
+    Calibration,
+    DataSource,
+    ModelSource,
+    calibrate_model,
+    check_curves,
+    make_data,
+    measure_all_curves,
 )
 from .coding import coding_report, stream_bits
 from .config import FORMATS, CompressConfig
-from .data import Batches, DataOptions, input_specs, make_batches, open_npz
-from .distortion import Distortion, is_class_scores
 from .errors import UsageError
 from .joint import JOINT_VALUE_BITS, allocate_joint, cost_range, options_for
-from .measure import Replay, measure
-from .model import Model, iter_graphs, load_model, simplify, write_model
-from .prune import Ranking, Scores
-from .quantize import Quantized, choose_bits, quantize
+from .measure import measure
+from .model import Model, iter_graphs, write_model
+from .quantize import Quantized
 from .report import Evaluation, RatePoint, Report, WeightReport
-from .runtime import Runner
 from .target import Realized, meet_budget, meet_target
-from .weights import Weight, find_codable, find_weights, read_weights
 
-ModelSource = str | os.PathLike | onnx.ModelProto | bytes
 JOINT_BITS = (4, 5, 6, 8)  # value widths tried when a bound picks the smallest artifact
-DataSource = str | os.PathLike | Mapping[str, np.ndarray] | None
 
 
 @dataclass
@@ -115,148 +105,6 @@ class CompressResult:
         return size
 
 
-@dataclass
-class Calibration:
-    """Everything measured once on the calibration data, reused by every probe."""
-
-    model: Model
-    weights: list[Weight]
-    originals: dict[str, np.ndarray]
-    runner: Runner
-    replay: Replay
-    scores: dict[str, Scores]
-    rankings: dict[str, Ranking]
-    fingerprint: Fingerprint
-    data_name: str
-    extra: dict[str, np.ndarray] = field(default_factory=dict)  # coded, not pruned
-    notices: list[str] = field(default_factory=list)
-
-    def run_with(self, pruned: Mapping[str, np.ndarray]) -> Callable:
-        values = {n: self.runner.weight_value(n, a) for n, a in pruned.items()}
-        return lambda feed: self.runner.run(feed, values)
-
-    def distortion(self, values: Mapping[str, np.ndarray], config: CompressConfig,
-                   only: str | None = None) -> Distortion:
-        return self.replay.distortion(self.run_with(values), config.channel_axis, only)
-
-    def realize(self, rate: float, keep: dict[str, int], config: CompressConfig,
-                widths: Mapping[str, int] | None = None) -> Realized:
-        """Prune to `keep`, quantize (when configured: at `widths` per weight, or the fewest
-        bits within the value budget) and measure the result."""
-        pruned = self.prune(keep)
-        if not config.quantized:
-            return Realized(rate, keep, pruned, pruned, {}, {}, self.distortion(pruned, config))
-        tensors = {**pruned, **({} if config.lossless_unpruned else self.extra)}
-        if widths is not None:  # extras (not pruned, no curves) get 8 bits
-            quantized = {n: quantize(a, widths.get(n, 8)) for n, a in tensors.items()}
-            values = {n: q.values(tensors[n].dtype) for n, q in quantized.items()}
-            return Realized(rate, keep, pruned, values, quantized,
-                            {n: widths.get(n, 8) for n in tensors},
-                            self.distortion(values, config))
-        limit = None
-        if config.value_bits is None:
-            base = self.distortion(pruned, config, config.metric).value(config.metric)
-            limit = base * (1 + config.value_budget) + config.value_budget * 1e-2
-
-        def measure(values):
-            d = self.distortion(values, config)
-            return d.value(config.metric), d
-
-        try:
-            choice = choose_bits(tensors, measure, limit, config.value_bits)
-        except ValueError as exc:
-            raise UsageError(f"cannot quantize: {exc}; pass --values exact") from None
-        return Realized(rate, keep, pruned, choice.values, choice.quantized,
-                        {n: choice.bits for n in tensors}, choice.distortion)
-
-    def prune(self, keep: Mapping[str, int]) -> dict[str, np.ndarray]:
-        return {w.name: self.rankings[w.name].apply(self.originals[w.name], keep[w.name])
-                for w in self.weights}
-
-
-def load_and_find(model: ModelSource, config: CompressConfig) -> tuple[Model, list[Weight],
-                                                                        list[str]]:
-    """Load (and simplify when that exposes more prunable weights); find the weights."""
-    loaded = load_model(model)
-    notices: list[str] = []
-    weights = find_weights(loaded, config.min_params, config.include, config.exclude)
-    if config.simplify:
-        simplified, notice = simplify(loaded)
-        if notice:
-            notices.append(notice)
-        elif simplified is not loaded:
-            more = find_weights(simplified, config.min_params, config.include, config.exclude)
-            if sum(w.size for w in more) > sum(w.size for w in weights):
-                loaded, weights = simplified, more
-                notices.append("simplified with onnxsim: constant folding exposed more weights")
-    if not weights:
-        raise UsageError("no prunable weight found (float tensors of at least --min-params "
-                         f"{config.min_params} elements feeding Conv, ConvTranspose, Gemm, "
-                         "MatMul, LSTM, GRU or RNN); lower --min-params or --include NAME")
-    return loaded, weights, notices
-
-
-def make_data(model: Model, source: DataSource, options: DataOptions,
-              labels: str | None = None) -> tuple[Batches, str]:
-    """Batches for `model` and a short name of where they come from."""
-    name = "synthetic" if source is None else (
-        "arrays" if isinstance(source, Mapping) else Path(source).name)
-    if labels and source is not None:
-        if isinstance(source, Mapping):
-            keys = set(source)
-        elif Path(source).is_file():
-            keys = set(open_npz(Path(source)))
-        else:
-            keys = {k for f in Path(source).glob("*.npz") for k in open_npz(f)}
-        if labels not in keys:
-            raise UsageError(f"labels key {labels!r} not found in {source}; keys: "
-                             f"{sorted(keys)}")
-    batches = make_batches(source, input_specs(model), options, (labels,) if labels else ())
-    return batches, name
-
-
-def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSource,
-                    quiet: bool = True) -> Calibration:
-    """Load, find weights, run the reference pass (outputs, layer-input moments) once."""
-    loaded, weights, notices = load_and_find(model, config)
-    batches, data_name = make_data(loaded, calib, config.data)
-    originals = read_weights(loaded, weights)
-    inputs = layer_inputs(loaded, weights) if config.criterion == "activation" else {}
-    extra = find_codable(loaded, weights, config.min_params) \
-        if config.quantized and not config.lossless_unpruned else []
-    runner = Runner(loaded, weights + extra, config.device, exposed_tensors(loaded, inputs))
-    if runner.device.notice:
-        notices.append(runner.device.notice)
-    replay, moments, data_digest = record(runner, batches, inputs, quiet,
-                                          config.replay_mb * 2**20)
-    if config.metric == "kl" and not any(is_class_scores(o) for o in next(iter(replay))[1]):
-        raise UsageError("--metric kl needs an output of class scores [batch, classes]; "
-                         "use --metric nmse, nmse-channel or cosine")
-    scores = scores_for(weights, originals, config.criterion, inputs, moments)
-    fingerprint = Fingerprint(model_digest(loaded, originals), data_digest,
-                              digest(repr(sorted(config.curve_settings().items()))))
-    return Calibration(loaded, weights, originals, runner, replay, scores,
-                       {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
-                       read_weights(loaded, extra), notices)
-
-
-def measure_all_curves(cal: Calibration, config: CompressConfig, quiet: bool = True) -> Curves:
-    """Per-weight R-D curves on the configured grid."""
-    grid = check_grid(config.grid)
-    measured = measure_curves(cal.runner, cal.replay, cal.weights, cal.originals, cal.rankings,
-                              grid, config.metric, config.channel_axis, quiet)
-    return Curves(grid, measured, {w.name: w.size for w in cal.weights},
-                  config.curve_settings(), cal.fingerprint)
-
-
-def check_curves(curves: Curves, cal: Calibration) -> None:
-    """Refuse curves measured on another model, other data or other settings."""
-    differ = curves.fingerprint.mismatch(cal.fingerprint)
-    if differ:
-        raise UsageError(f"the curves do not match this run ({', '.join(differ)} differ); "
-                         "rerun rdonnx calibrate with the same model, data and settings")
-
-
 def compress(model: ModelSource, config: CompressConfig, calib: DataSource = None,
              test: DataSource = None, labels: str | None = None,
              curves: Curves | str | os.PathLike | None = None, quiet: bool = True,
@@ -270,7 +118,8 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
         raise UsageError("labels need test data (--test DATA --labels KEY)")
     cal = calibrate_model(model, config, calib, quiet)
     test_data = make_data(cal.model, test, config.data, labels) if test is not None else None
-    need_curves = config.method == "rd" or config.max_distortion is not None
+    need_curves = (config.method == "rd" or config.max_distortion is not None) and \
+        config.pattern is None
     if curves is not None:
         curves = curves if isinstance(curves, Curves) else Curves.load(curves)
         check_curves(curves, cal)
@@ -293,7 +142,15 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
                            min(check_grid(config.grid)), curves is not None, coded_bits)
 
     bound = config.max_distortion is not None or config.min_agreement is not None
-    if config.rate is None and config.quantized and config.value_bits is None and \
+    if config.n_m is not None:  # the pattern fixes every supported weight's density
+        n, m = config.n_m
+        keep = {w.name: int(np.count_nonzero(cal.pattern_mask(w.name, (n, m))))
+                if cal.reconstructs(w.name, config) or w.name in cal.inputs else w.size
+                for w in cal.weights}
+        chosen = cal.realize(sum(keep.values()) / sum(w.size for w in cal.weights), keep,
+                             config)
+        steps = []
+    elif config.rate is None and config.quantized and config.value_bits is None and \
             config.method == "rd":
         curves = _with_value_curves(cal, config, curves, quiet)
         options = {w.name: options_for(cal.originals[w.name], cal.rankings[w.name],

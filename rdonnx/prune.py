@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CRITERIA = ("magnitude", "activation")
+CRITERIA = ("magnitude", "activation", "obs")  # obs: SparseGPT's selection (rdonnx.obs)
 
 
 @dataclass(frozen=True)

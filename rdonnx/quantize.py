@@ -63,18 +63,16 @@ class BitsChoice:
     distortion: object  # the `Distortion` measured with these values
 
 
-def choose_bits(tensors: dict[str, np.ndarray], measure, limit: float | None,
-                bits: int | None = None) -> BitsChoice:
-    """Quantize every tensor at the fewest bits whose measured distortion is within `limit`.
+def choose_bits(make, measure, limit: float | None, bits: int | None = None) -> BitsChoice:
+    """The fewest bits whose measured distortion is within `limit` (or exactly `bits`).
 
-    `measure(values)` returns (figure, distortion) for a dict of replacement values. With
-    explicit `bits`, that width is used as is.
+    `make(bits)` returns (values, quantized) dicts for that width; `measure(values)` returns
+    (figure, distortion).
     """
     candidates = (bits,) if bits is not None else AUTO_BITS
     choice = None
     for b in candidates:
-        quantized = {n: quantize(a, b) for n, a in tensors.items()}
-        values = {n: q.values(tensors[n].dtype) for n, q in quantized.items()}
+        values, quantized = make(b)
         figure, distortion = measure(values)
         choice = BitsChoice(b, quantized, values, distortion)
         if limit is None or figure <= limit:

@@ -134,6 +134,15 @@ def _figure(tensors, bits):
                for n, a in tensors.items())
 
 
+def _make(tensors):
+    """Plain per-tensor quantization at one width, as the pipeline's `make` without
+    reconstruction."""
+    def make(bits):
+        quantized = {n: quantize(a, bits) for n, a in tensors.items()}
+        return {n: q.values(tensors[n].dtype) for n, q in quantized.items()}, quantized
+    return make
+
+
 @pytest.mark.parametrize("target", [4, 6, 8, 12])
 def test_choose_bits_fewest_within_limit(tensors, target):
     figures = {b: _figure(tensors, b) for b in AUTO_BITS}
@@ -143,7 +152,7 @@ def test_choose_bits_fewest_within_limit(tensors, target):
     if previous:
         assert figures[previous[-1]] > limit
     calls = []
-    choice = choose_bits(tensors, _mse_measure(tensors, calls), limit)
+    choice = choose_bits(_make(tensors), _mse_measure(tensors, calls), limit)
     assert choice.bits == target
     assert len(calls) == AUTO_BITS.index(target) + 1  # stops at the first width that fits
     assert choice.distortion == ("distortion", pytest.approx(figures[target]))
@@ -159,13 +168,13 @@ def test_choose_bits_fewest_within_limit(tensors, target):
 
 def test_choose_bits_without_limit_takes_the_fewest(tensors):
     calls = []
-    choice = choose_bits(tensors, _mse_measure(tensors, calls), None)
+    choice = choose_bits(_make(tensors), _mse_measure(tensors, calls), None)
     assert choice.bits == AUTO_BITS[0] and len(calls) == 1
 
 
 def test_choose_bits_unreachable_limit_takes_the_widest(tensors):
     calls = []
-    choice = choose_bits(tensors, _mse_measure(tensors, calls), -1.0)
+    choice = choose_bits(_make(tensors), _mse_measure(tensors, calls), -1.0)
     assert choice.bits == AUTO_BITS[-1] and len(calls) == len(AUTO_BITS)
 
 
@@ -175,7 +184,7 @@ def test_choose_bits_honours_explicit_bits(tensors, bits):
     # the limit would be met at 4 bits already, or never: explicit bits win either way
     for limit in (1e9, -1.0, None):
         calls.clear()
-        choice = choose_bits(tensors, _mse_measure(tensors, calls), limit, bits)
+        choice = choose_bits(_make(tensors), _mse_measure(tensors, calls), limit, bits)
         assert choice.bits == bits and len(calls) == 1
         assert all(int(np.abs(q.q).max()) == 2 ** (bits - 1) - 1
                    for q in choice.quantized.values())

@@ -8,6 +8,10 @@ A pruned, quantized tensor `q` is coded as two self-describing byte streams:
   positions of one block (row class x column class) share one Bernoulli whose probability is
   the block's exact density. The encoder estimates every candidate, encodes those near the
   best estimate (all of them for tensors up to 65536 elements) and keeps the smallest.
+  Masks with N:M structured sparsity (the C-order flattening split into consecutive groups
+  of M elements, each with exactly N kept; detected for M = 4, 8, 16) also get the "n:m"
+  model: one symbol per group, the rank of its kept set among the C(M, N) possible ones,
+  coded Uniform(C(M, N)) or Categorical(exact pattern histogram, stored as side info).
 * values: `q[q != 0]` in C order. Signs with one Bernoulli; magnitudes with one Categorical
   over tokens whose probabilities are the exact token histogram (stored as side info). A
   token is either a magnitude or, for wide alphabets, a (bit length, leading bits) bucket
@@ -20,13 +24,20 @@ shape/count before allocating and raise `CodecError` on any inconsistency.
 Layout (varint = canonical unsigned LEB128; ANS words = the rest of the payload, uint32
 little-endian, from constriction's stack `AnsCoder`, decoded in the order listed):
 
-positions: u8 0x11 | u8 model (0 iid, 1 rows, 2 columns, 3 rows+columns) | varint n |
+positions: u8 0x11 | u8 model (0 iid, 1 rows, 2 columns, 3 rows+columns, 4 n:m) | varint n |
     [rows: varint Kr, Kr varints rows per class] | [columns: varint Kc, Kc varints columns
     per class] | Kr*Kc varints kept count per block (row-major; Kr = 1 / Kc = 1 for an axis
     not modelled) | ANS: row class ids (Categorical), column class ids (Categorical), then
     each block with 0 < k < size: its elements of X[rperm][:, cperm] in C order, Bernoulli
     (k / size); X = mask viewed as [shape[0], n / shape[0]] ([1, n] for iid), rperm / cperm
     the stable argsorts of the class ids.
+    Model 4 instead: u8 0x11 | u8 4 | varint n | varint M (2..32) | varint N (1..M-1) |
+    u8 table mode t (0 none, 1 raw, 2 zstd) | [t > 0: P = C(M, N) pattern counts: P
+    varints, or varint L + a zstd frame of L bytes holding them] | ANS: n / M pattern
+    indices (t = 0: Uniform(P), or for P > 2**24 all high parts idx >> 16 Uniform(((P - 1)
+    >> 16) + 1) then all low parts idx & 0xFFFF Uniform(2**16), then a terminator 1,
+    Uniform(2); t > 0: Categorical(counts), if > 1 pattern used). See `_nm_lut` for the
+    pattern index.
 values: u8 0x21 | u8 mode (bits 0-4 precision s, bit 5 zstd table) | varint count |
     varint positives | varint alphabet A | token counts: A varints, or varint L + a zstd
     frame of L bytes holding them | ANS: tokens (Categorical(counts), if > 1 token used),
@@ -36,6 +47,7 @@ values: u8 0x21 | u8 mode (bits 0-4 precision s, bit 5 zstd table) | varint coun
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -54,8 +66,10 @@ _models = constriction.stream.model
 POSITIONS_TAG = 0x11  # high nibble 1 = positions stream, low nibble = format version 1
 VALUES_TAG = 0x21  # high nibble 2 = values stream, low nibble = format version 1
 
-POSITION_MODELS = ("iid", "rows", "columns", "rows+columns")
+POSITION_MODELS = ("iid", "rows", "columns", "rows+columns", "n:m")
 MAX_CLASSES = 64  # decoder limit on row / column classes
+NM_MAX_GROUP = 32  # largest group size M of the "n:m" positions model
+NM_MAX_TABLE = 1 << 16  # most patterns C(M, N) for which "n:m" may store a pattern histogram
 MAX_MAGNITUDE = (1 << 24) - 1
 MAX_ALPHABET = 1 << 19  # decoder limit on the value token alphabet
 ALPHABET_SLACK = 4096  # the token alphabet may exceed the value count by at most 4 x + this
@@ -65,6 +79,9 @@ _K_JOINT = 16  # most classes per axis the encoder uses for "rows+columns"
 _FINE_SINGLE = 256  # density chunks the class search works on (single axis)
 _FINE_JOINT = 64  # density chunks per axis for the joint search
 _EXACT_ALL = 1 << 16  # tensors up to this size: encode every candidate to compare exact sizes
+_NM_GROUPS = (4, 8, 16)  # group sizes M the encoder tries for the "n:m" model
+_NM_LUT_MAX = 16  # "n:m" pattern index by lookup tables up to this M, by arithmetic above
+_UNIFORM_MAX = 1 << 24  # largest constriction Uniform (default 24-bit precision)
 _ANS_FLUSH_BITS = 32.0  # estimated ANS overhead (final state words)
 _DECODE_ERRORS = (ValueError, KeyError, IndexError, OverflowError, TypeError,
                   zstandard.ZstdError)
@@ -83,8 +100,8 @@ class CodedStream:
         bits: `8 * len(payload)`.
         side_bits: Bits of the payload that are headers / model parameters, not ANS words.
         iid_entropy_bits: Empirical i.i.d. entropy of the coded content (no side info).
-        model: "iid", "rows", "columns" or "rows+columns" for positions; "categorical" or
-            "categorical+escape" for values.
+        model: "iid", "rows", "columns", "rows+columns" or "n:m" for positions;
+            "categorical" or "categorical+escape" for values.
     """
 
     payload: bytes
@@ -255,21 +272,38 @@ def _words_bytes(coder: object) -> bytes:
     return coder.get_compressed().astype("<u4").tobytes()
 
 
-def _open_coder(words: np.ndarray, needed: bool, min_bits: float = 0.0) -> object:
-    """ANS decoder over `words`; `min_bits` is the information content the header implies.
+def _info_bits(counts: np.ndarray) -> float:
+    """Information in bits of a sample with these symbol counts under its own histogram,
+    leaving out symbol 0 (see `_open_coder`)."""
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    rest = c[1:][c[1:] > 0]
+    return float(np.sum(rest * np.log2(total / rest))) if total > 0 else 0.0
 
-    Any ANS encoding of symbols whose histogram is fixed by the header takes at least their
-    empirical entropy (cross-entropy >= entropy), so shorter data is rejected up front; the
-    slack covers float rounding (measured ANS overhead is >= +10 bits).
+
+def _open_coder(words: np.ndarray, needed: bool, min_bits: float = 0.0,
+                nonempty: bool = False) -> object:
+    """ANS decoder over `words`; `min_bits` is a lower bound on the information the header
+    implies, checked before any symbol is decoded.
+
+    An encoding of symbols whose histogram is fixed by the header takes about their empirical
+    entropy (cross-entropy >= entropy), except that the symbols the encoder pushes first
+    (decoded last) cost nothing while they are each model's symbol 0 (cdf 0 keeps the
+    initial state at 0). Callers therefore pass the information of the symbols other than
+    symbol 0; words holding less than half of it (minus 64 bits; the factor absorbs the
+    probability quantization) are rejected, so a tiny payload cannot claim a huge tensor.
+    Without `nonempty`, an empty word list is valid (all symbols free: it decodes zeros).
     """
-    if 32 * words.size < min_bits * (1 - 1e-9) - 64:
+    if 32 * words.size < 0.5 * min_bits - 64:
         raise CodecError("ANS data shorter than the header's symbol counts require")
     if not needed:
         if words.size:
             raise CodecError("unexpected trailing data")
         return None
     if words.size == 0:
-        raise CodecError("missing ANS data")
+        if nonempty:
+            raise CodecError("missing ANS data")
+        return _AnsCoder(words)
     if words[-1] == 0:
         raise CodecError("invalid ANS data (ends in a zero word)")
     return _AnsCoder(words)
@@ -302,12 +336,18 @@ def _as_bytes(payload: object) -> bytes:
 
 @dataclass(frozen=True)
 class _Plan:
-    """A candidate position model: class per row / column (None: one class)."""
+    """A candidate position model: class per row / column (None: one class).
+
+    For model 4 ("n:m"), `nm` is (N, M, with pattern table?) and `nm_idx` the pattern index of
+    every group.
+    """
 
     model: int
     row_cls: np.ndarray | None
     col_cls: np.ndarray | None
     est_bits: float
+    nm: tuple[int, int, bool] | None = None
+    nm_idx: np.ndarray | None = None
 
 
 def _chunks(unit_ones: np.ndarray, length: int, max_chunks: int
@@ -514,6 +554,171 @@ def _encode_plan(x2: np.ndarray, n: int, plan: _Plan) -> tuple[bytes, int]:
     return bytes(head) + _words_bytes(coder), len(head)
 
 
+# "n:m": a group's pattern is its set of kept offsets {j : 0 <= j < M}; its code is the M-bit
+# integer sum(2**(M - 1 - j)) (first element = most significant bit) and its index the rank
+# of that set among all N-subsets of range(M) in lexicographic order of the sorted offsets,
+# which is the position of the code in the descending list of M-bit codes with N ones.
+
+
+@functools.lru_cache(maxsize=64)
+def _nm_lut(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes by pattern index, index of every M-bit code or -1) for M <= _NM_LUT_MAX."""
+    codes = np.arange(1 << m, dtype=np.int64)
+    ones = np.zeros(codes.size, dtype=np.int64)
+    for j in range(m):
+        ones += (codes >> j) & 1
+    by_index = codes[ones == k][::-1].copy()
+    index_of = np.full(codes.size, -1, dtype=np.int32)
+    index_of[by_index] = np.arange(by_index.size, dtype=np.int32)
+    by_index.flags.writeable = False
+    index_of.flags.writeable = False
+    return by_index, index_of
+
+
+@functools.lru_cache(maxsize=1)
+def _binomials() -> np.ndarray:
+    """C(a, b) for 0 <= a, b <= NM_MAX_GROUP as int64 (0 for b > a)."""
+    t = np.array([[math.comb(a, b) for b in range(NM_MAX_GROUP + 1)]
+                  for a in range(NM_MAX_GROUP + 1)], dtype=np.int64)
+    t.flags.writeable = False
+    return t
+
+
+def _nm_rank(codes: np.ndarray, m: int, k: int) -> np.ndarray:
+    """Pattern index of M-bit codes with k ones, by arithmetic (combinatorial number system).
+
+    Scanning offsets j = 0..M-1, an offset not kept while `need` ones remain skips the
+    C(M - 1 - j, need - 1) patterns with the same prefix that keep it.
+    """
+    cb = _binomials()
+    rank = np.zeros(codes.shape, dtype=np.int64)
+    need = np.full(codes.shape, k, dtype=np.int64)
+    for j in range(m):
+        a = m - 1 - j
+        bit = (codes >> a) & 1
+        skip = (bit == 0) & (need > 0)
+        rank += np.where(skip, cb[a][np.maximum(need - 1, 0)], 0)
+        need -= bit
+    return rank
+
+
+def _nm_unrank(idx: np.ndarray, m: int, k: int) -> np.ndarray:
+    """Inverse of `_nm_rank`: M-bit codes with k ones from pattern indices < C(M, k)."""
+    cb = _binomials()
+    r = idx.astype(np.int64)
+    need = np.full(r.shape, k, dtype=np.int64)
+    code = np.zeros(r.shape, dtype=np.int64)
+    for j in range(m):
+        a = m - 1 - j
+        with_j = np.where(need > 0, cb[a][np.maximum(need - 1, 0)], 0)
+        take = (need > 0) & (r < with_j)
+        code |= take.astype(np.int64) << a
+        r -= np.where(take, 0, with_j)
+        need -= take
+    return code
+
+
+def _nm_codes(groups: np.ndarray, m: int) -> np.ndarray:
+    """M-bit codes (first element = MSB) of the rows of a C-contiguous (G, M) bool array."""
+    g = groups.shape[0]
+    if m % 8 == 0 or 8 % m == 0:  # whole groups per byte or whole bytes per group
+        packed = np.packbits(groups.reshape(-1))
+        if m >= 8:
+            by = packed.reshape(g, m // 8)
+            code = by[:, 0].astype(np.int64)
+            for b in range(1, m // 8):
+                code = (code << 8) | by[:, b]
+            return code
+        shifts = np.arange(8 - m, -1, -m, dtype=np.uint8)
+        return ((packed[:, None] >> shifts) & ((1 << m) - 1)).reshape(-1)[:g].astype(np.int64)
+    packed = np.packbits(groups, axis=1).astype(np.int64)
+    code = np.zeros(g, dtype=np.int64)
+    for b in range(packed.shape[1]):
+        code = (code << 8) | packed[:, b]
+    return code >> (8 * packed.shape[1] - m)
+
+
+def _nm_groups(codes: np.ndarray, m: int) -> np.ndarray:
+    """Inverse of `_nm_codes`: (G, M) bool array from M-bit codes."""
+    g = codes.size
+    c = codes.astype(np.int64)
+    if m % 8 == 0 or 8 % m == 0:
+        if m >= 8:
+            by = np.empty((g, m // 8), dtype=np.uint8)
+            for b in range(m // 8):
+                by[:, b] = (c >> (m - 8 - 8 * b)) & 0xFF
+        else:
+            per = 8 // m
+            c = np.concatenate([c, np.zeros(-g % per, dtype=np.int64)]).reshape(-1, per)
+            by = np.zeros(c.shape[0], dtype=np.int64)
+            for j in range(per):
+                by = (by << m) | c[:, j]
+            by = by.astype(np.uint8)
+        return np.unpackbits(by.reshape(-1), count=g * m).astype(bool).reshape(g, m)
+    nb = (m + 7) // 8
+    c = c << (8 * nb - m)
+    by = np.empty((g, nb), dtype=np.uint8)
+    for b in range(nb):
+        by[:, b] = (c >> (8 * (nb - 1 - b))) & 0xFF
+    return np.unpackbits(by, axis=1, count=m).astype(bool)
+
+
+def _nm_plans(flat: np.ndarray, n: int, nnz: int) -> list[_Plan]:
+    """"n:m" candidates (uniform and, if allowed, histogram) for every group size M in
+    `_NM_GROUPS` such that M divides n and every group has the first group's count N."""
+    plans: list[_Plan] = []
+    for m in _NM_GROUPS:
+        if n % m or not 2 <= m <= NM_MAX_GROUP:
+            continue
+        k = int(np.count_nonzero(flat[:m]))
+        if not 0 < k < m or nnz * m != k * n:
+            continue
+        groups = flat.reshape(-1, m)
+        if m <= _NM_LUT_MAX:
+            idx = _nm_lut(m, k)[1][_nm_codes(groups, m)]
+            if int(idx.min()) < 0:  # a group without exactly k kept
+                continue
+        else:
+            if np.any(groups.view(np.uint8).sum(axis=1, dtype=np.uint8) != k):
+                continue
+            idx = _nm_rank(_nm_codes(groups, m), m, k)
+        g, p = n // m, math.comb(m, k)
+        head = 8.0 * (2 + len(_varint(n)) + 3)
+        plans.append(_Plan(4, None, None, head + g * math.log2(p) + _ANS_FLUSH_BITS,
+                           (k, m, False), idx))
+        if p <= NM_MAX_TABLE:
+            counts = np.bincount(idx, minlength=p)
+            est = head + _hist_bits(counts) + 8.0 * _table_size_estimate(counts)
+            est += _ANS_FLUSH_BITS * (np.count_nonzero(counts) > 1)
+            plans.append(_Plan(4, None, None, est, (k, m, True), idx))
+    return plans
+
+
+def _encode_nm(n: int, plan: _Plan) -> tuple[bytes, int]:
+    """Payload for an "n:m" plan; returns (payload, header bytes)."""
+    k, m, table = plan.nm
+    idx = plan.nm_idx
+    p = math.comb(m, k)
+    head = bytearray([POSITIONS_TAG, 4]) + _varint(n) + _varint(m) + _varint(k)
+    coder = _AnsCoder()
+    if table:
+        counts = np.bincount(idx, minlength=p)
+        zstd_table, table_bytes = _table_payload(counts)
+        head += bytes([2 if zstd_table else 1]) + table_bytes
+        if np.count_nonzero(counts) > 1:
+            coder.encode_reverse(idx.astype(np.int32), _categorical(counts))
+    else:
+        head.append(0)
+        coder.encode_reverse(np.ones(1, dtype=np.int32), _models.Uniform(2))  # terminator
+        if p <= _UNIFORM_MAX:
+            coder.encode_reverse(idx.astype(np.int32), _models.Uniform(p))
+        else:
+            coder.encode_reverse((idx & 0xFFFF).astype(np.int32), _models.Uniform(1 << 16))
+            coder.encode_reverse((idx >> 16).astype(np.int32),
+                                 _models.Uniform(((p - 1) >> 16) + 1))
+    return bytes(head) + _words_bytes(coder), len(head)
+
+
 def encode_positions(mask: np.ndarray, *, models: tuple[str, ...] | None = None
                      ) -> CodedStream:
     """Entropy-code a keep-mask.
@@ -522,11 +727,14 @@ def encode_positions(mask: np.ndarray, *, models: tuple[str, ...] | None = None
         mask: Boolean array of any shape (True = kept); non-bool arrays are read as `!= 0`.
         models: Candidate models to consider (default: all of `POSITION_MODELS`). Without
             "iid" the context models are forced to use >= 2 classes per modelled axis; "iid"
-            remains the fallback when none of them applies (rank < 2, density 0 or 1).
+            remains the fallback when none of them applies (rank < 2, density 0 or 1, no
+            N:M structure).
 
     Returns:
         The smallest of the candidate models ("iid"; for rank >= 2 also "rows", "columns",
-        "rows+columns" over the `[shape[0], prod(shape[1:])]` view), side info included.
+        "rows+columns" over the `[shape[0], prod(shape[1:])]` view; "n:m" when every
+        consecutive group of M = 4, 8 or 16 elements of the C-order flattening keeps the
+        same number N, 0 < N < M), side info included.
     """
     allowed = set(POSITION_MODELS if models is None else models)
     if not allowed <= set(POSITION_MODELS):
@@ -539,17 +747,24 @@ def encode_positions(mask: np.ndarray, *, models: tuple[str, ...] | None = None
     iid_est = 8.0 * (2 + len(_varint(n)) + len(_varint(nnz))) + iid_bits + _ANS_FLUSH_BITS
     plans = [_Plan(0, None, None, iid_est)]
     x2 = x.reshape(x.shape[0], n // x.shape[0]) if x.ndim >= 2 and n else x.reshape(1, n)
-    if x.ndim >= 2 and 0 < nnz < n and allowed - {"iid"}:
-        context = [p for p in _context_plans(x2, allowed) if POSITION_MODELS[p.model] in allowed]
-        plans = context if context and "iid" not in allowed else plans + context
+    others: list[_Plan] = []
+    if x.ndim >= 2 and 0 < nnz < n and allowed & {"rows", "columns", "rows+columns"}:
+        others = [p for p in _context_plans(x2, allowed) if POSITION_MODELS[p.model] in allowed]
+    if "n:m" in allowed and 0 < nnz < n:
+        others += _nm_plans(x.reshape(-1), n, nnz)
+    if others:
+        plans = others if "iid" not in allowed else plans + others
     if len(plans) > 1 and n > _EXACT_ALL:  # large: exact sizes only for near-best estimates
         best_est = min(p.est_bits for p in plans)
         slack = max(256.0, 0.002 * best_est)
         plans = [p for p in plans if p.est_bits <= best_est + slack]
     best = None
     for plan in plans:
-        flat = plan.model == 0
-        payload, head = _encode_plan(x.reshape(1, -1) if flat else x2, n, plan)
+        if plan.model == 4:
+            payload, head = _encode_nm(n, plan)
+        else:
+            flat = plan.model == 0
+            payload, head = _encode_plan(x.reshape(1, -1) if flat else x2, n, plan)
         if best is None or len(payload) < len(best[0]):
             best = (payload, head, plan.model)
     payload, head, model = best
@@ -591,6 +806,8 @@ def _decode_positions(buf: bytes, dims: tuple[int, ...]) -> np.ndarray:
     stored_n = rd.varint(1 << 62, "element count")
     if stored_n != n:
         raise CodecError(f"payload codes {stored_n} elements, shape {dims} has {n}")
+    if model == 4:
+        return _decode_nm(rd, dims, n)
     if model != 0 and (len(dims) < 2 or n == 0):
         raise CodecError("context model on a tensor of rank < 2 or without elements")
     r, c = (1, n) if model == 0 else (dims[0], n // dims[0])
@@ -615,8 +832,10 @@ def _decode_positions(buf: bytes, dims: tuple[int, ...]) -> np.ndarray:
     if np.any(ones > sizes):
         raise CodecError("block count exceeds block size")
     coded = (ones > 0) & (ones < sizes)
-    min_bits = float(np.sum(_nh(sizes, ones)))
-    min_bits += _hist_bits(rcnt) * (rcnt.size > 1) + _hist_bits(ccnt) * (ccnt.size > 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kept_bits = np.where(coded, ones * np.log2(sizes / np.maximum(ones, 1)), 0.0)
+    min_bits = float(np.sum(kept_bits))
+    min_bits += _info_bits(rcnt) * (rcnt.size > 1) + _info_bits(ccnt) * (ccnt.size > 1)
     coder = _open_coder(rd.words(), bool(coded.any()) or model != 0, min_bits)
 
     if model == 0:  # fast path: one block
@@ -670,6 +889,74 @@ def _decode_positions(buf: bytes, dims: tuple[int, ...]) -> np.ndarray:
         inv[cperm] = np.arange(c)
         p = np.take(p, inv, axis=1)
     return p.reshape(dims)
+
+
+def _decode_nm(rd: _Reader, dims: tuple[int, ...], n: int) -> np.ndarray:
+    """The rest of a model-4 ("n:m") positions payload after the element count."""
+    if n == 0:
+        raise CodecError("n:m model on a tensor without elements")
+    m = rd.varint(NM_MAX_GROUP, "n:m group size M")
+    if m < 2:
+        raise CodecError("n:m group size M < 2")
+    k = rd.varint(m - 1, "n:m kept per group N")
+    if k < 1:
+        raise CodecError("n:m kept per group N < 1")
+    if n % m:
+        raise CodecError(f"n:m group size {m} does not divide the element count {n}")
+    g, p = n // m, math.comb(m, k)
+    mode = rd.byte("n:m table mode")
+    if mode > 2:
+        raise CodecError(f"invalid n:m table mode {mode}")
+    counts = None
+    if mode:
+        if p > NM_MAX_TABLE:
+            raise CodecError(f"n:m pattern table of {p} entries exceeds {NM_MAX_TABLE}")
+        counts = _read_counts(rd, mode == 2, p, g, "pattern counts")
+        if int(counts.sum()) != g:
+            raise CodecError("pattern counts do not add up to the group count")
+        need = int(np.count_nonzero(counts)) > 1
+        min_bits = _info_bits(counts)
+    else:
+        need = True
+        min_bits = g * math.log2(p)  # the terminator leaves no pattern free
+    coder = _open_coder(rd.words(), need, min_bits, nonempty=counts is None)
+    if counts is None:
+        if p <= _UNIFORM_MAX:
+            idx = coder.decode(_models.Uniform(p), g)
+        else:
+            hi = coder.decode(_models.Uniform(((p - 1) >> 16) + 1), g).astype(np.int64)
+            idx = (hi << 16) | coder.decode(_models.Uniform(1 << 16), g)
+            if int(idx.max()) >= p:
+                raise CodecError("n:m pattern index out of range")
+        if int(coder.decode(_models.Uniform(2), 1)[0]) != 1:
+            raise CodecError("n:m terminator missing (truncated or corrupted ANS data)")
+    elif need:
+        idx = coder.decode(_categorical(counts), g)
+        if not np.array_equal(np.bincount(idx, minlength=p), counts):
+            raise CodecError("decoded patterns do not match the pattern counts")
+    else:
+        idx = np.full(g, int(np.flatnonzero(counts)[0]), dtype=np.int64)
+    _finish_coder(coder)
+    codes = _nm_lut(m, k)[0][idx] if m <= _NM_LUT_MAX else _nm_unrank(idx, m, k)
+    return _nm_groups(codes, m).reshape(dims)
+
+
+def _read_counts(rd: _Reader, zstd_table: bool, size: int, limit: int, what: str
+                 ) -> np.ndarray:
+    """A table of `size` counts (each <= limit): varints, or varint L + zstd frame of them."""
+    if not zstd_table:
+        return rd.varints(size, limit, what)
+    zlen = rd.varint(rd.remaining(), f"{what} frame length")
+    frame = rd.take(zlen, f"{what} frame")
+    cap = 9 * size
+    declared = zstandard.get_frame_parameters(frame).content_size
+    if declared == zstandard.CONTENTSIZE_UNKNOWN or declared > cap:
+        raise CodecError(f"{what} frame size invalid")
+    raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=cap)
+    table, used = _parse_varints(raw, 0, size, limit, what)
+    if used != len(raw):
+        raise CodecError(f"trailing bytes in the {what} frame")
+    return table
 
 
 # ----------------------------------------------------------------------------- values
@@ -885,19 +1172,7 @@ def _decode_values(buf: bytes, count: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int32)
     if a == 0:
         raise CodecError("empty alphabet for a nonempty payload")
-    if zstd_table:
-        zlen = rd.varint(rd.remaining(), "table frame length")
-        frame = rd.take(zlen, "table frame")
-        limit = 9 * a
-        declared = zstandard.get_frame_parameters(frame).content_size
-        if declared == zstandard.CONTENTSIZE_UNKNOWN or declared > limit:
-            raise CodecError("table frame size invalid")
-        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
-        table, used = _parse_varints(raw, 0, a, count, "token counts")
-        if used != len(raw):
-            raise CodecError("trailing bytes in the token table")
-    else:
-        table = rd.varints(a, count, "token counts")
+    table = _read_counts(rd, zstd_table, a, count, "token counts")
     if int(table.sum()) != count or table[-1] == 0:
         raise CodecError("token counts inconsistent with the value count")
     direct = (1 << (s + 1)) - 1
@@ -908,8 +1183,9 @@ def _decode_values(buf: bytes, count: int) -> np.ndarray:
     need_tokens = used_syms.size > 1
     need_signs = 0 < npos < count
     need_low = bool(np.any(nbits_of[used_syms] > 0))
-    min_bits = (_hist_bits(table) * need_tokens + float(np.dot(table, nbits_of))
-                + float(_nh(count, npos)))
+    min_bits = _info_bits(table) * need_tokens
+    if need_signs:  # else the low bits may end the stream (free zeros)
+        min_bits += float(np.dot(table, nbits_of)) + npos * math.log2(count / npos)
     coder = _open_coder(rd.words(), need_tokens or need_signs or need_low, min_bits)
 
     if need_tokens:

@@ -1,0 +1,305 @@
+"""The calibrated state of one compress run: the model, its weights, one ONNX Runtime session,
+the replayed calibration batches, in-layer rankings, and (for reconstruction) layer Hessians.
+
+Every candidate (a kept count per weight, optionally value widths) is realized here: pruned,
+reconstructed, quantized and measured against the replayed reference outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import obs
+from .calibrate import (
+    Curves,
+    Fingerprint,
+    check_grid,
+    digest,
+    exposed_tensors,
+    layer_inputs,
+    measure_curves,
+    model_digest,
+    record,
+    scores_for,
+)
+from .config import CompressConfig
+from .data import Batches, DataOptions, input_specs, make_batches, open_npz
+from .distortion import Distortion, is_class_scores
+from .errors import UsageError
+from .measure import Replay
+from .model import Model, load_model, simplify
+from .prune import Ranking, Scores
+from .quantize import Quantized, choose_bits, quantize
+from .runtime import Runner
+from .stats import LayerInput
+from .target import Realized
+from .weights import Weight, find_codable, find_weights, read_weights
+
+ModelSource = str | os.PathLike | onnx.ModelProto | bytes
+DataSource = str | os.PathLike | Mapping[str, np.ndarray] | None
+
+
+@dataclass
+class Calibration:
+    """Everything measured once on the calibration data, reused by every probe."""
+
+    model: Model
+    weights: list[Weight]  # in graph order
+    originals: dict[str, np.ndarray]
+    runner: Runner
+    replay: Replay
+    scores: dict[str, Scores]
+    rankings: dict[str, Ranking]
+    fingerprint: Fingerprint
+    data_name: str
+    inputs: dict[str, LayerInput] = field(default_factory=dict)  # where layer inputs are seen
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # coded, not pruned
+    notices: list[str] = field(default_factory=list)
+    _hessians: dict[str, obs.Hessian] = field(default_factory=dict)
+
+    def run_with(self, values: Mapping[str, np.ndarray]) -> Callable:
+        prepared = {n: self.runner.weight_value(n, a) for n, a in values.items()}
+        return lambda feed: self.runner.run(feed, prepared)
+
+    def distortion(self, values: Mapping[str, np.ndarray], config: CompressConfig,
+                   only: str | None = None) -> Distortion:
+        return self.replay.distortion(self.run_with(values), config.channel_axis, only)
+
+    def reconstructs(self, name: str, config: CompressConfig) -> bool:
+        """Whether this weight is reconstructed (its layer input is seen, its layout known)."""
+        entry = self.inputs.get(name)
+        return config.reconstructs and entry is not None and \
+            obs.supports(entry, self.originals[name].shape)
+
+    def hessian(self, name: str, earlier: Mapping[str, np.ndarray] | None = None) -> obs.Hessian:
+        """E[x x^T] of the weight's layer input: from the original model (cached), or with
+        the `earlier` weights already compressed (sequential mode)."""
+        if earlier is None and name in self._hessians:
+            return self._hessians[name]
+        entry = self.inputs[name]
+        h = obs.Hessian(entry)
+        prepared = {n: self.runner.weight_value(n, a) for n, a in (earlier or {}).items()}
+        for feed, _ in self.replay:
+            if entry.tensor in feed:
+                h.add_batch(feed[entry.tensor])
+            else:
+                h.add_batch(self.runner.run(feed, prepared, outputs=[entry.tensor])[0])
+        if earlier is None:
+            self._hessians[name] = h
+        return h
+
+    def compress_weight(self, w: Weight, keep: int, config: CompressConfig,
+                        bits: int | None = None,
+                        hessian: obs.Hessian | None = None) -> tuple[np.ndarray, Quantized | None]:
+        """One weight pruned to `keep` entries (reconstructed when configured), quantized to
+        `bits` when given (with error feedback when reconstructed)."""
+        original = self.originals[w.name]
+        levels = 2 ** (bits - 1) - 1 if bits else None
+        step = quantize(original, bits).step if bits else None
+        if not self.reconstructs(w.name, config):
+            pruned = self.rankings[w.name].apply(original, keep)
+            if bits is None:
+                return pruned, None
+            q = quantize(pruned, bits)
+            return q.values(original.dtype), q
+        hessian = hessian or self.hessian(w.name)
+        options = {"step": step, "levels": levels, "percdamp": config.damp}
+        n_m = config.n_m
+        if config.criterion == "obs" and n_m is None:
+            options["sparsity"] = 1.0 - keep / max(original.size, 1)
+        elif n_m is not None and config.criterion == "obs":
+            options["n_m"] = n_m
+        else:
+            options["keep"] = self.rankings[w.name].mask(keep) if n_m is None else \
+                self.pattern_mask(w.name, n_m)
+            if n_m is not None:
+                options["n_m"] = n_m
+        new = obs.reconstruct_weight(original, self.inputs[w.name], hessian, **options)
+        if bits is None:
+            return new, None
+        q = Quantized(np.rint(new.astype(np.float32) / np.float32(step)).astype(np.int32), step)
+        return q.values(original.dtype), q
+
+    def pattern_mask(self, name: str, n_m: tuple[int, int]) -> np.ndarray:
+        """N of every M consecutive inputs kept per output row, by the in-layer scores."""
+        entry = self.inputs[name]
+        n, m = n_m
+        mats = obs.to_matrices(self.scores[name].values, entry)
+        masks = []
+        for mat in mats:
+            rows, cols = mat.shape
+            full = cols - cols % m
+            mask = np.ones(mat.shape, dtype=bool)
+            groups = mat[:, :full].reshape(rows, -1, m)
+            order = np.argsort(-groups, axis=2, kind="stable")
+            keep = np.zeros(groups.shape, dtype=bool)
+            np.put_along_axis(keep, order[:, :, :n], True, axis=2)
+            mask[:, :full] = keep.reshape(rows, full)
+            if cols % m:  # a last partial group keeps min(N, its width) entries
+                tail = mat[:, full:]
+                tail_keep = np.zeros(tail.shape, dtype=bool)
+                np.put_along_axis(tail_keep, np.argsort(-tail, axis=1, kind="stable")
+                                  [:, :min(n, tail.shape[1])], True, axis=1)
+                mask[:, full:] = tail_keep
+            masks.append(mask)
+        return obs.from_matrices(masks, entry, self.originals[name].shape).astype(bool)
+
+    def compress_all(self, keep: Mapping[str, int], config: CompressConfig,
+                     widths: Mapping[str, int] | Callable[[str], int | None] | None = None,
+                     ) -> tuple[dict[str, np.ndarray], dict[str, Quantized]]:
+        """Every weight compressed, in graph order (later layers see earlier ones compressed
+        in sequential mode)."""
+        values: dict[str, np.ndarray] = {}
+        quantized: dict[str, Quantized] = {}
+        for w in self.weights:
+            bits = widths(w.name) if callable(widths) else (widths or {}).get(w.name)
+            hessian = None
+            if config.sequential and self.reconstructs(w.name, config):
+                hessian = self.hessian(w.name, values)
+            values[w.name], q = self.compress_weight(w, keep[w.name], config, bits, hessian)
+            if q is not None:
+                quantized[w.name] = q
+        return values, quantized
+
+    def variant(self, config: CompressConfig) -> Callable[[Weight, int], np.ndarray]:
+        """Pruning of one weight alone, for R-D curves (reconstructed when configured)."""
+        return lambda w, keep: self.compress_weight(w, keep, config)[0]
+
+    def realize(self, rate: float, keep: dict[str, int], config: CompressConfig,
+                widths: Mapping[str, int] | None = None) -> Realized:
+        """Prune to `keep`, quantize (when configured: at `widths` per weight, or the fewest
+        bits within the value budget) and measure the result."""
+        pruned, _ = self.compress_all(keep, config)
+        if not config.quantized:
+            return Realized(rate, keep, pruned, pruned, {}, {}, self.distortion(pruned, config))
+        extra = {} if config.lossless_unpruned else self.extra
+
+        def make(bits_for) -> tuple[dict, dict]:
+            values, quantized = self.compress_all(keep, config, bits_for)
+            for name, array in extra.items():
+                quantized[name] = quantize(array, bits_for(name) or 8)
+                values[name] = quantized[name].values(array.dtype)
+            return values, quantized
+
+        if widths is not None:  # extras (not pruned, no curves) get 8 bits
+            values, quantized = make(lambda n: widths.get(n, 8))
+            return Realized(rate, keep, pruned, values, quantized,
+                            {n: widths.get(n, 8) for n in quantized},
+                            self.distortion(values, config))
+        limit = None
+        if config.value_bits is None:
+            base = self.distortion(pruned, config, config.metric).value(config.metric)
+            limit = base * (1 + config.value_budget) + config.value_budget * 1e-2
+
+        def measure(values):
+            d = self.distortion(values, config)
+            return d.value(config.metric), d
+
+        try:
+            choice = choose_bits(lambda b: make(lambda _: b), measure, limit, config.value_bits)
+        except ValueError as exc:
+            raise UsageError(f"cannot quantize: {exc}; pass --values exact") from None
+        return Realized(rate, keep, pruned, choice.values, choice.quantized,
+                        {n: choice.bits for n in choice.quantized}, choice.distortion)
+
+
+def graph_order(model: Model, weights: list[Weight]) -> list[Weight]:
+    """Weights sorted by their first consumer in the (topologically sorted) main graph."""
+    first: dict[str, int] = {}
+    for index, node in enumerate(model.proto.graph.node):
+        for name in node.input:
+            first.setdefault(name, index)
+    return sorted(weights, key=lambda w: first.get(w.name, len(first) + 1))
+
+
+def load_and_find(model: ModelSource, config: CompressConfig) -> tuple[Model, list[Weight],
+                                                                        list[str]]:
+    """Load (and simplify when that exposes more prunable weights); find the weights."""
+    loaded = load_model(model)
+    notices: list[str] = []
+    weights = find_weights(loaded, config.min_params, config.include, config.exclude)
+    if config.simplify:
+        simplified, notice = simplify(loaded)
+        if notice:
+            notices.append(notice)
+        elif simplified is not loaded:
+            more = find_weights(simplified, config.min_params, config.include, config.exclude)
+            if sum(w.size for w in more) > sum(w.size for w in weights):
+                loaded, weights = simplified, more
+                notices.append("simplified with onnxsim: constant folding exposed more weights")
+    if not weights:
+        raise UsageError("no prunable weight found (float tensors of at least --min-params "
+                         f"{config.min_params} elements feeding Conv, ConvTranspose, Gemm, "
+                         "MatMul, LSTM, GRU or RNN); lower --min-params or --include NAME")
+    return loaded, weights, notices
+
+
+def make_data(model: Model, source: DataSource, options: DataOptions,
+              labels: str | None = None) -> tuple[Batches, str]:
+    """Batches for `model` and a short name of where they come from."""
+    name = "synthetic" if source is None else (
+        "arrays" if isinstance(source, Mapping) else Path(source).name)
+    if labels and source is not None:
+        if isinstance(source, Mapping):
+            keys = set(source)
+        elif Path(source).is_file():
+            keys = set(open_npz(Path(source)))
+        else:
+            keys = {k for f in Path(source).glob("*.npz") for k in open_npz(f)}
+        if labels not in keys:
+            raise UsageError(f"labels key {labels!r} not found in {source}; keys: "
+                             f"{sorted(keys)}")
+    batches = make_batches(source, input_specs(model), options, (labels,) if labels else ())
+    return batches, name
+
+
+def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSource,
+                    quiet: bool = True) -> Calibration:
+    """Load, find weights, run the reference pass (outputs, layer-input moments) once."""
+    loaded, weights, notices = load_and_find(model, config)
+    batches, data_name = make_data(loaded, calib, config.data)
+    originals = read_weights(loaded, weights)
+    weights = graph_order(loaded, weights)
+    inputs = layer_inputs(loaded, weights) \
+        if config.criterion == "activation" or config.reconstructs or config.pattern else {}
+    extra = find_codable(loaded, weights, config.min_params) \
+        if config.quantized and not config.lossless_unpruned else []
+    runner = Runner(loaded, weights + extra, config.device, exposed_tensors(loaded, inputs))
+    if runner.device.notice:
+        notices.append(runner.device.notice)
+    replay, moments, data_digest = record(runner, batches, inputs, quiet,
+                                          config.replay_mb * 2**20)
+    if config.metric == "kl" and not any(is_class_scores(o) for o in next(iter(replay))[1]):
+        raise UsageError("--metric kl needs an output of class scores [batch, classes]; "
+                         "use --metric nmse, nmse-channel or cosine")
+    scores = scores_for(weights, originals, config.criterion, inputs, moments)
+    fingerprint = Fingerprint(model_digest(loaded, originals), data_digest,
+                              digest(repr(sorted(config.curve_settings().items()))))
+    return Calibration(loaded, weights, originals, runner, replay, scores,
+                       {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
+                       inputs, read_weights(loaded, extra), notices)
+
+
+def measure_all_curves(cal: Calibration, config: CompressConfig, quiet: bool = True) -> Curves:
+    """Per-weight R-D curves on the configured grid."""
+    grid = check_grid(config.grid)
+    measured = measure_curves(cal.runner, cal.replay, cal.weights, cal.variant(config), grid,
+                              config.metric, config.channel_axis, quiet)
+    return Curves(grid, measured, {w.name: w.size for w in cal.weights},
+                  config.curve_settings(), cal.fingerprint)
+
+
+def check_curves(curves: Curves, cal: Calibration) -> None:
+    """Refuse curves measured on another model, other data or other settings."""
+    differ = curves.fingerprint.mismatch(cal.fingerprint)
+    if differ:
+        raise UsageError(f"the curves do not match this run ({', '.join(differ)} differ); "
+                         "rerun rdonnx calibrate with the same model, data and settings")
+
+
