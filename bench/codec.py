@@ -143,10 +143,15 @@ def smallest_at_unchanged_accuracy() -> None:
                 result.save(Path(tmp) / "a.rdonnx", force=True)
                 r = result.report
                 kept = r.test.accuracy_compressed >= r.test.accuracy_original - 0.002
-                print(f"| {name} | --max-distortion {bound} | {r.rate:.3f} | {r.value_bits}-bit "
+                print(f"| {name} | --max-distortion {bound} | {r.rate:.3f} | {_widths(r)} "
                       f"| {r.coding.artifact_bytes:,} | {r.coding.smaller_than_original:.1f} | "
                       f"{r.test.accuracy_compressed:.2%} ({r.test.accuracy_original:.2%}) | "
                       f"{'yes' if kept else 'no'} |")
+
+
+def _widths(report) -> str:
+    widths = [w.value_bits for w in report.weights]
+    return f"{widths[0]}-bit" if len(set(widths)) == 1 else "/".join(map(str, widths)) + " bits"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""Survivor reconstruction (OBS / SparseGPT, GPTQ) against plain pruning and rounding.
+
+Part 1: bundled models and the benchmark transformer, rates 0.7 / 0.5 / 0.3, uniform and rd
+allocation, without / with reconstruction (same masks) and SparseGPT's own selection
+(criterion obs): output distortion on the calibration data, test accuracy, time.
+Part 2: values at 8 / 6 / 4 bits (rd, rate 0.5): plain rounding against error-compensated.
+Part 3: the smallest .rdonnx keeping test accuracy within 0.2 points (reconstruction on).
+Part 4: streaming: peak memory of reconstruction with 256 and 8192 calibration samples.
+Part 5: a 25M-parameter model: reconstruction time against the R-D calibration alone.
+
+Run: .venv/bin/python bench/reconstruct.py    (about 10 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import rdonnx
+from rdonnx.config import CompressConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import rd  # noqa: E402
+
+CALIB, TEST = ROOT / "models" / "digits_calib.npz", ROOT / "models" / "digits_test.npz"
+GRID = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
+
+
+def _run(path: Path, **settings) -> tuple[rdonnx.CompressResult, float]:
+    config = CompressConfig(layer_distortion=False, grid=GRID, **settings)
+    start = time.perf_counter()
+    result = rdonnx.compress(path, calib=CALIB, test=TEST, labels="label", config=config)
+    return result, time.perf_counter() - start
+
+
+def masks(models: dict[str, Path]) -> None:
+    print("| model | rate | allocation | nmse plain | nmse reconstructed | x less | nmse obs | "
+          "accuracy plain / reconstructed / obs | s plain / reconstructed / obs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, path in models.items():
+        for rate in (0.7, 0.5, 0.3):
+            for method in ("uniform", "rd"):
+                runs = [_run(path, rate=rate, method=method, format="dense", **extra)
+                        for extra in ({}, {"reconstruct": True}, {"criterion": "obs"})]
+                nmse = [r.report.calibration.nmse for r, _ in runs]
+                acc = [r.report.test.accuracy_compressed for r, _ in runs]
+                secs = [s for _, s in runs]
+                print(f"| {name} | {rate} | {method} | {nmse[0]:.4g} | {nmse[1]:.4g} | "
+                      f"{nmse[0] / max(nmse[1], 1e-12):.1f} | {nmse[2]:.4g} | "
+                      f"{acc[0]:.2%} / {acc[1]:.2%} / {acc[2]:.2%} | "
+                      f"{secs[0]:.1f} / {secs[1]:.1f} / {secs[2]:.1f} |")
+
+
+def values(models: dict[str, Path]) -> None:
+    print("\n| model | value bits | nmse rounded | nmse error-compensated | accuracy rounded | "
+          "accuracy error-compensated |")
+    print("|---|---|---|---|---|---|")
+    for name, path in models.items():
+        for bits in (8, 6, 4):
+            plain, _ = _run(path, rate=0.5, value_bits=bits)
+            comp, _ = _run(path, rate=0.5, value_bits=bits, reconstruct=True)
+            print(f"| {name} | {bits} | {plain.report.calibration.nmse:.4g} | "
+                  f"{comp.report.calibration.nmse:.4g} | "
+                  f"{plain.report.test.accuracy_compressed:.2%} | "
+                  f"{comp.report.test.accuracy_compressed:.2%} |")
+
+
+def smallest(models: dict[str, Path]) -> None:
+    print("\n| model | reconstruction | --max-distortion | rate | .rdonnx B | x original | "
+          "test accuracy (original) | within 0.2 points |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in models.items():
+            for extra in ({}, {"reconstruct": True}):
+                for bound in (0.002, 0.005, 0.01, 0.02):
+                    result, _ = _run(path, max_distortion=bound, **extra)
+                    result.save(Path(tmp) / "a.rdonnx", force=True)
+                    r = result.report
+                    kept = r.test.accuracy_compressed >= r.test.accuracy_original - 0.002
+                    print(f"| {name} | {'yes' if extra else 'no'} | {bound} | {r.rate:.3f} | "
+                          f"{r.coding.artifact_bytes:,} | {r.coding.smaller_than_original:.1f} "
+                          f"| {r.test.accuracy_compressed:.2%} ({r.test.accuracy_original:.2%}) "
+                          f"| {'yes' if kept else 'no'} |")
+
+
+def streaming() -> None:
+    print("\n| model | calibration samples | compress --reconstruct s | peak RSS MiB |")
+    print("|---|---|---|---|")
+    path = ROOT / "bench" / "out" / "conv32.onnx"
+    rd._conv_model(path)
+    for samples in (256, 8192):
+        code = ("import resource, time, rdonnx\n"
+                "from rdonnx.config import CompressConfig\n"
+                "from rdonnx.data import DataOptions\n"
+                "t = time.perf_counter()\n"
+                f"rdonnx.compress(r'{path}', rate=0.5, config=CompressConfig(method='uniform', "
+                f"reconstruct=True, format='dense', layer_distortion=False, replay_mb=16, "
+                f"data=DataOptions(samples={samples}, batch_size=64)))\n"
+                "print(time.perf_counter() - t, "
+                "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                             text=True).stdout.split()
+        print(f"| conv32 (3x32x32 inputs) | {samples} | {float(out[-2]):.1f} | "
+              f"{int(out[-1]) / 1024:.0f} |")
+
+
+def large() -> None:
+    """25M parameters: R-D calibration (curves) alone against reconstruction alone."""
+    from codec import synthetic_model
+
+    from rdonnx.data import DataOptions
+
+    print("\n| model | step | seconds |")
+    print("|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m25.onnx"
+        synthetic_model(path, params=25_000_000)
+        data = DataOptions(samples=64, batch_size=16)
+        start = time.perf_counter()
+        rdonnx.calibrate(path, config=CompressConfig(data=data, grid=GRID))
+        curves = time.perf_counter() - start
+        start = time.perf_counter()
+        rdonnx.compress(path, rate=0.5, config=CompressConfig(
+            method="uniform", reconstruct=True, format="dense", layer_distortion=False,
+            data=data))
+        rebuilt = time.perf_counter() - start
+        print(f"| synthetic 25M (5 MatMul) | R-D calibration, {len(GRID)}-point grid | "
+              f"{curves:.1f} |")
+        print(f"| synthetic 25M (5 MatMul) | compress --reconstruct (uniform 0.5) | "
+              f"{rebuilt:.1f} ({rebuilt / curves:.2f}x) |")
+
+
+if __name__ == "__main__":
+    out = ROOT / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    model_paths = rd.models()
+    masks(model_paths)
+    values(model_paths)
+    smallest(model_paths)
+    streaming()
+    large()
