@@ -123,7 +123,8 @@ def record(runner: Runner, batches: Batches, inputs: Mapping[str, LayerInput],
             values = dict(zip(names, runner.run(feed, outputs=names)))
             values.update(feed)
             for acc in moments.values():
-                acc.add_batch(values[acc.entry.tensor])
+                for tensor in acc.entry.tensors:  # every consumer of a shared weight
+                    acc.add_batch(values[tensor])
             replay.append(feed, [values[n] for n in runner.output_names])
             for key in sorted(feed):
                 array = np.ascontiguousarray(feed[key])
@@ -136,7 +137,7 @@ def record(runner: Runner, batches: Batches, inputs: Mapping[str, LayerInput],
 def exposed_tensors(model: Model, inputs: Mapping[str, LayerInput]) -> list[str]:
     """Layer inputs that must be added as graph outputs (not already inputs or outputs)."""
     given = {v.name for v in model.proto.graph.input} | {v.name for v in model.proto.graph.output}
-    return sorted({e.tensor for e in inputs.values()} - given)
+    return sorted({t for e in inputs.values() for t in e.tensors} - given)
 
 
 def scores_for(weights: Sequence[Weight], originals: Mapping[str, np.ndarray], criterion: str,

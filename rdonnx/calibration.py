@@ -71,11 +71,14 @@ class Calibration:
                    only: str | None = None) -> Distortion:
         return self.replay.distortion(self.run_with(values), config.channel_axis, only)
 
-    def reconstructs(self, name: str, config: CompressConfig) -> bool:
-        """Whether this weight is reconstructed (its layer input is seen, its layout known)."""
+    def supports(self, name: str) -> bool:
+        """Whether the weight's layer input is seen and its layout known (matrix views)."""
         entry = self.inputs.get(name)
-        return config.reconstructs and entry is not None and \
-            obs.supports(entry, self.originals[name].shape)
+        return entry is not None and obs.supports(entry, self.originals[name].shape)
+
+    def reconstructs(self, name: str, config: CompressConfig) -> bool:
+        """Whether this weight is reconstructed."""
+        return config.reconstructs and self.supports(name)
 
     def hessian(self, name: str, earlier: Mapping[str, np.ndarray] | None = None) -> obs.Hessian:
         """E[x x^T] of the weight's layer input: from the original model (cached), or with
@@ -86,10 +89,11 @@ class Calibration:
         h = obs.Hessian(entry)
         prepared = {n: self.runner.weight_value(n, a) for n, a in (earlier or {}).items()}
         for feed, _ in self.replay:
-            if entry.tensor in feed:
-                h.add_batch(feed[entry.tensor])
-            else:
-                h.add_batch(self.runner.run(feed, prepared, outputs=[entry.tensor])[0])
+            missing = [t for t in entry.tensors if t not in feed]
+            computed = dict(zip(missing, self.runner.run(feed, prepared, outputs=missing))) \
+                if missing else {}
+            for tensor in entry.tensors:  # every consumer of a shared weight
+                h.add_batch(feed[tensor] if tensor in feed else computed[tensor])
         if earlier is None:
             self._hessians[name] = h
         return h
@@ -103,10 +107,17 @@ class Calibration:
         levels = 2 ** (bits - 1) - 1 if bits else None
         step = quantize(original, bits).step if bits else None
         if not self.reconstructs(w.name, config):
-            pruned = self.rankings[w.name].apply(original, keep)
+            patterned = config.n_m is not None and self.supports(w.name)
+            mask = self.pattern_mask(w.name, config.n_m) if patterned else \
+                self.rankings[w.name].mask(keep)
+            pruned = np.where(mask, original, np.zeros((), original.dtype)).astype(
+                original.dtype, copy=False)
             if bits is None:
                 return pruned, None
             q = quantize(pruned, bits)
+            if patterned:  # a survivor never rounds to 0: the N:M structure is kept
+                lost = mask & (q.q == 0) & (pruned != 0)
+                q.q[lost] = np.sign(pruned[lost]).astype(np.int32)
             return q.values(original.dtype), q
         hessian = hessian or self.hessian(w.name)
         options = {"step": step, "levels": levels, "percdamp": config.damp}

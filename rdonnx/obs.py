@@ -207,12 +207,18 @@ def layer_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:
     return float(_row_errors(W, W_new, H).sum())
 
 
-def _round(w: torch.Tensor, step: float | None, levels: int | None) -> torch.Tensor:
-    """Nearest multiple of `step` (float32, as quantize.quantize), clipped to +-levels*step."""
+def _round(w: torch.Tensor, step: float | None, levels: int | None,
+           nonzero: bool = False) -> torch.Tensor:
+    """Nearest multiple of `step` (float32, as quantize.quantize), clipped to +-levels*step.
+
+    With `nonzero`, a nonzero value never rounds to 0 (it takes the first level of its sign), so
+    a structured N:M mask survives quantization."""
     if step is None:
         return w
     s = torch.tensor(step, dtype=torch.float32, device=w.device)
     q = torch.round(w / s)
+    if nonzero:
+        q = torch.where((q == 0) & (w != 0), torch.sign(w), q)
     if levels is not None:
         q = q.clamp(-levels, levels)
     return q * s
@@ -315,15 +321,17 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
     if keep is None and sparsity is None and n_m is None and step is None:
         return W0.clone()
     select = n_m if keep is None else None
-    Wc = _sweep(W0, H.to(device), pruned, sparsity, select, step, levels, blocksize, percdamp)
-    plain = torch.where(pruned, torch.zeros_like(W0), _round(W0, step, levels))
+    nonzero = n_m is not None
+    Wc = _sweep(W0, H.to(device), pruned, sparsity, select, step, levels, blocksize, percdamp,
+                nonzero)
+    plain = torch.where(pruned, torch.zeros_like(W0), _round(W0, step, levels, nonzero))
     worse = _row_errors(W0, Wc, H) > _row_errors(W0, plain, H)
     return torch.where(worse[:, None], plain, Wc)
 
 
 def _sweep(W0: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, sparsity: float | None,
            n_m: tuple[int, int] | None, step: float | None, levels: int | None,
-           blocksize: int, percdamp: float) -> torch.Tensor:
+           blocksize: int, percdamp: float, nonzero: bool = False) -> torch.Tensor:
     """SparseGPT's blocked sweep without the final check. `pruned` (True = pruned) is the given
     mask, or all False and filled in place by the `sparsity` / `n_m` selection."""
     rows, d = W0.shape
@@ -363,7 +371,7 @@ def _sweep(W0: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, sparsity: fl
                     idx = torch.topk(score, drop, dim=1, largest=False).indices
                     P1[:, i:i + width].scatter_(1, idx, True)
             w = W1[:, i]
-            q = torch.where(P1[:, i], torch.zeros_like(w), _round(w, step, levels))
+            q = torch.where(P1[:, i], torch.zeros_like(w), _round(w, step, levels, nonzero))
             Q1[:, i] = q
             err = (w - q) / hdiag[i]
             W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
@@ -411,8 +419,8 @@ def reconstruct_weight(weight: np.ndarray, entry: LayerInput, hessian: Hessian, 
 def weight_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput,
                  hessian: Hessian) -> float:
     """Sum of `layer_error` over a weight's matrices: its output change on the calibration data."""
-    a = to_matrices(np.asarray(weight, dtype=np.float32), entry)
-    b = to_matrices(np.asarray(new, dtype=np.float32), entry)
+    a = to_matrices(np.array(weight, dtype=np.float32), entry)
+    b = to_matrices(np.array(new, dtype=np.float32), entry)
     hs = _pair(hessian.matrices, len(a))
     return sum(layer_error(torch.from_numpy(x).to(h.device), torch.from_numpy(y), h)
                for x, y, h in zip(a, b, hs))

@@ -145,8 +145,7 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
     if config.n_m is not None:  # the pattern fixes every supported weight's density
         n, m = config.n_m
         keep = {w.name: int(np.count_nonzero(cal.pattern_mask(w.name, (n, m))))
-                if cal.reconstructs(w.name, config) or w.name in cal.inputs else w.size
-                for w in cal.weights}
+                if cal.supports(w.name) else w.size for w in cal.weights}
         chosen = cal.realize(sum(keep.values()) / sum(w.size for w in cal.weights), keep,
                              config)
         steps = []
@@ -207,7 +206,9 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
                                                result.accuracies[0])
     weights = [WeightReport(
         w.name, w.op, list(w.shape), w.dtype, w.size, keep[w.name],
-        keep[w.name] / w.size if w.size else 1.0, d, cal.scores[w.name].criterion,
+        keep[w.name] / w.size if w.size else 1.0, d,
+        "obs" if cal.reconstructs(w.name, config) and config.criterion == "obs"
+        else cal.scores[w.name].criterion,
         list(curves.distortion[w.name]) if curves else None,
         value_bits=chosen.widths.get(w.name))
         for w, d in zip(cal.weights, layer)]

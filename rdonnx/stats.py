@@ -9,7 +9,7 @@ consumer's data input is exposed as an extra graph output; convolutions are unfo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -39,6 +39,12 @@ class LayerInput:
     pads: tuple[int, ...] = ()  # begin..., end... (ONNX order)
     auto_pad: str = "NOTSET"
     groups: int = 1
+    others: tuple[str, ...] = ()  # inputs of further consumers of a shared weight, same layout
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """Every layer input the weight multiplies (one per consumer node)."""
+        return (self.tensor, *self.others)
 
 
 def layer_inputs(model: Model, weights: Sequence[Weight]) -> dict[str, LayerInput]:
@@ -61,8 +67,9 @@ def layer_inputs(model: Model, weights: Sequence[Weight]) -> dict[str, LayerInpu
     for name, entries in found.items():
         uses = sum(1 for node in _all_nodes(model) for i in node.input if i == name)
         if None not in entries and len(entries) == uses and len(
-                {(e.in_axis, e.row_axis, e.op) for e in entries}) == 1:
-            result[name] = entries[0]
+                {(e.in_axis, e.row_axis, e.feature_axis, e.op, e.kernel, e.strides,
+                  e.dilations, e.pads, e.auto_pad, e.groups) for e in entries}) == 1:
+            result[name] = replace(entries[0], others=tuple(e.tensor for e in entries[1:]))
     return result
 
 
