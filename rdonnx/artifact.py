@@ -19,6 +19,7 @@ from .container import CODED_LOCATION, Artifact, encode_tensor, read_artifact, w
 from .errors import UsageError
 from .model import (
     Model,
+    check_output,
     fit_ir_version,
     set_tensor,
     tensor_array,
@@ -128,10 +129,7 @@ def decompress(path: str | os.PathLike, output: str | os.PathLike, format: str =
     if format not in ("dense", "sparse"):
         raise UsageError(f"unknown format {format!r}; choose dense or sparse")
     output = Path(output)
-    if output.exists() and Path(path).resolve() == output.resolve():
-        raise UsageError(f"output {output} is the input; choose another -o")
-    if output.exists() and not force:
-        raise UsageError(f"output {output} exists; pass --force to replace it")
+    check_output(output, Path(path), force)
     model, values = _decoded_model(read_artifact(path))
     sparse = frozenset(values) if format == "sparse" else frozenset()
     return write_model(model, output, values, sparse)

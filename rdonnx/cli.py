@@ -27,6 +27,7 @@ from .container import is_artifact
 from .data import DataOptions
 from .distortion import METRICS
 from .errors import UsageError
+from .model import check_output
 from .plot import plot_report, require_matplotlib
 from .prune import CRITERIA
 from .report import render
@@ -100,20 +101,6 @@ def _data(batch_size: int, calib_samples: int | None, input_shape: tuple[str, ..
 def _note(message: str, quiet: bool) -> None:
     if not quiet:
         click.echo(f"rdonnx: {message}", err=True)
-
-
-def _check_output(path: Path, source: Path, force: bool) -> None:
-    """Fail before any work when the output cannot be written."""
-    if path.exists() and path.resolve() == source.resolve():
-        raise UsageError(f"output {path} is the input model; choose another -o")
-    if path.is_dir():
-        raise UsageError(f"output {path} is a folder; give a file name")
-    if path.exists() and not force:
-        raise UsageError(f"output {path} exists; pass --force to replace it")
-    if not path.parent.is_dir():
-        raise UsageError(f"output folder does not exist: {path.parent}; create it first")
-    if not os.access(path.parent, os.W_OK):
-        raise UsageError(f"output folder is not writable: {path.parent}; choose another -o")
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -266,7 +253,7 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
     if len({p.resolve() for p in paths}) < len(paths):
         raise UsageError("-o, --report and --plot must name different files")
     for path in paths:
-        _check_output(path, model, force)
+        check_output(path, model, force)
     if labels and test_data is None:
         raise UsageError("--labels needs --test DATA")
     calib = kw.pop("calib")
@@ -314,7 +301,7 @@ def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bo
     """Measure per-weight R-D curves of MODEL once; reuse them with compress --curves."""
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
-    _check_output(output, model, force)
+    check_output(output, model, force)
     calib = kw.pop("calib")
     curves = calibrate(model, calib=calib, config=_config(**kw), quiet=quiet)
     _write_text(output, curves.to_json())
@@ -404,7 +391,7 @@ def evaluate_cmd(reference: Path, candidate: Path, data: Path | None, labels: st
 def decompress_cmd(artifact: Path, output: Path, fmt: str, force: bool, quiet: bool,
                    debug: bool) -> None:
     """Write ARTIFACT (.rdonnx) as plain ONNX that any tool reads."""
-    _check_output(output, artifact, force)
+    check_output(output, artifact, force)
     size = decompress(artifact, output, fmt, force=True)
     _note(f"wrote {output} ({size:,} bytes, {fmt})", quiet)
 

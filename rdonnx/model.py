@@ -66,6 +66,21 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
     return proto
 
 
+def check_output(path: Path, source: Path | None, force: bool) -> None:
+    """Refuse, before any work, an output that would overwrite the input, replace a file
+    without `force`, or cannot be written."""
+    if source is not None and path.exists() and path.resolve() == Path(source).resolve():
+        raise UsageError(f"output {path} is the input model; choose another -o")
+    if path.is_dir():
+        raise UsageError(f"output {path} is a folder; give a file name")
+    if path.exists() and not force:
+        raise UsageError(f"output {path} exists; pass --force to replace it")
+    if not path.parent.is_dir():
+        raise UsageError(f"output folder does not exist: {path.parent}; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise UsageError(f"output folder is not writable: {path.parent}; choose another -o")
+
+
 def tensor_array(model: Model, tensor: TensorProto) -> np.ndarray:
     """The value of `tensor`, reading external data from the model's folder when needed."""
     base = str(model.base_dir) if model.base_dir is not None else ""

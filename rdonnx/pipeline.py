@@ -29,7 +29,7 @@ from .config import FORMATS, CompressConfig
 from .errors import UsageError
 from .joint import JOINT_VALUE_BITS, allocate_joint, cost_range, options_for
 from .measure import measure
-from .model import Model, iter_graphs, write_model
+from .model import Model, check_output, iter_graphs, write_model
 from .quantize import Quantized
 from .report import Evaluation, RatePoint, Report, WeightReport
 from .target import Realized, meet_budget, meet_target
@@ -69,15 +69,7 @@ class CompressResult:
         if format not in FORMATS:
             raise UsageError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
         path = Path(path)
-        source = self.source.path
-        if source is not None and path.exists() and path.resolve() == source.resolve():
-            raise UsageError(f"output {path} is the input model; choose another -o")
-        if path.is_dir():
-            raise UsageError(f"output {path} is a folder; give a file name")
-        if path.exists() and not force:
-            raise UsageError(f"output {path} exists; pass --force to replace it")
-        if not path.parent.is_dir():
-            raise UsageError(f"output folder does not exist: {path.parent}; create it first")
+        check_output(path, self.source.path, force)
         if format == "rdonnx":
             size = self._save_artifact(path)
         else:

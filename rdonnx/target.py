@@ -34,6 +34,18 @@ class Realized:
 Realize = Callable[[float], Realized]
 
 
+def meets(config: CompressConfig, r: Realized, params: int) -> bool:
+    """Whether a measured candidate meets the configured bound or bits budget."""
+    if config.bits_per_weight is not None:
+        return r.coded_bits / params <= config.bits_per_weight
+    if config.max_distortion is not None:
+        return r.distortion.value(config.metric) <= config.max_distortion
+    if r.distortion.top1_agreement is None:
+        raise UsageError("--min-agreement needs an output of class scores [batch, classes]; "
+                         "use --max-distortion")
+    return r.distortion.top1_agreement >= config.min_agreement
+
+
 def meet_target(config: CompressConfig, realize: Realize, allocation: Allocation,
                 allocator: Callable, low: float, has_curves: bool,
                 coded_bits: Callable[[Realized], float]) -> tuple[Realized, list[RatePoint]]:
@@ -45,14 +57,7 @@ def meet_target(config: CompressConfig, realize: Realize, allocation: Allocation
     params = sum(s.size for s in allocation.scores.values())
 
     def ok(r: Realized) -> bool:
-        if config.bits_per_weight is not None:
-            return r.coded_bits / params <= config.bits_per_weight
-        if config.max_distortion is not None:
-            return r.distortion.value(config.metric) <= config.max_distortion
-        if r.distortion.top1_agreement is None:
-            raise UsageError("--min-agreement needs an output of class scores [batch, classes]; "
-                             "use --max-distortion")
-        return r.distortion.top1_agreement >= config.min_agreement
+        return meets(config, r, params)
 
     def probe(rate: float) -> bool:
         rate = float(f"{min(max(rate, low), 1.0):.6g}")
@@ -132,14 +137,7 @@ def meet_budget(config: CompressConfig, realize: Callable[[float], Realized],
     seen: dict[float, Realized] = {}
 
     def ok(r: Realized) -> bool:
-        if config.bits_per_weight is not None:
-            return r.coded_bits / params <= config.bits_per_weight
-        if config.max_distortion is not None:
-            return r.distortion.value(config.metric) <= config.max_distortion
-        if r.distortion.top1_agreement is None:
-            raise UsageError("--min-agreement needs an output of class scores [batch, classes]; "
-                             "use --max-distortion")
-        return r.distortion.top1_agreement >= config.min_agreement
+        return meets(config, r, params)
 
     def probe(budget: float) -> bool:
         budget = float(f"{budget:.6g}")
