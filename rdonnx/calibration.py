@@ -62,6 +62,7 @@ class Calibration:
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # coded, not pruned
     notices: list[str] = field(default_factory=list)
     _hessians: dict[str, obs.Hessian] = field(default_factory=dict)
+    _reconstructed: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
     def run_with(self, values: Mapping[str, np.ndarray]) -> Callable:
         prepared = {n: self.runner.weight_value(n, a) for n, a in values.items()}
@@ -104,8 +105,6 @@ class Calibration:
         """One weight pruned to `keep` entries (reconstructed when configured), quantized to
         `bits` when given (with error feedback when reconstructed)."""
         original = self.originals[w.name]
-        levels = 2 ** (bits - 1) - 1 if bits else None
-        step = quantize(original, bits).step if bits else None
         if not self.reconstructs(w.name, config):
             patterned = config.n_m is not None and self.supports(w.name)
             mask = self.pattern_mask(w.name, config.n_m) if patterned else \
@@ -119,8 +118,9 @@ class Calibration:
                 lost = mask & (q.q == 0) & (pruned != 0)
                 q.q[lost] = np.sign(pruned[lost]).astype(np.int32)
             return q.values(original.dtype), q
+        sequential = hessian is not None
         hessian = hessian or self.hessian(w.name)
-        options = {"step": step, "levels": levels, "percdamp": config.damp}
+        options: dict = {"percdamp": config.damp}
         n_m = config.n_m
         if config.criterion == "obs" and n_m is None:
             options["sparsity"] = 1.0 - keep / max(original.size, 1)
@@ -131,9 +131,18 @@ class Calibration:
                 self.pattern_mask(w.name, n_m)
             if n_m is not None:
                 options["n_m"] = n_m
-        new = obs.reconstruct_weight(original, self.inputs[w.name], hessian, **options)
+        key = (w.name, keep)
+        exact = None if sequential else self._reconstructed.get(key)
+        if exact is None:
+            exact = obs.reconstruct_weight(original, self.inputs[w.name], hessian, **options)
+            if not sequential:
+                self._reconstructed[key] = exact
         if bits is None:
-            return new, None
+            return exact, None
+        # the grid spans the reconstructed survivors (updates can outgrow the original range)
+        step = quantize(exact, bits).step
+        new = obs.reconstruct_weight(original, self.inputs[w.name], hessian, step=step,
+                                     levels=2 ** (bits - 1) - 1, **options)
         q = Quantized(np.rint(new.astype(np.float32) / np.float32(step)).astype(np.int32), step)
         return q.values(original.dtype), q
 
