@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -121,68 +121,11 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
                             {n: curves.curve(n) for n in curves.distortion} if curves else {},
                             config.normalize)
     allocator = SOLVERS[config.solver] if config.method == "rd" else ALLOCATORS[config.method]
-    prunable = {w.name for w in cal.weights}
-
-    def coded_bits(r: Realized) -> float:
-        return sum(stream_bits(r.quantized.get(n), r.values[n]) for n in prunable)
-
-    def search(run_config: CompressConfig) -> tuple[Realized, list[RatePoint]]:
-        def realize(rate: float) -> Realized:
-            return cal.realize(rate, allocator(allocation, rate), run_config)
-
-        return meet_target(run_config, realize, allocation, allocator,
-                           min(check_grid(config.grid)), curves is not None, coded_bits)
-
-    bound = config.max_distortion is not None or config.min_agreement is not None
-    if config.n_m is not None:  # the pattern fixes every supported weight's density
-        n, m = config.n_m
-        keep = {w.name: int(np.count_nonzero(cal.pattern_mask(w.name, (n, m))))
-                if cal.supports(w.name) else w.size for w in cal.weights}
-        chosen = cal.realize(sum(keep.values()) / sum(w.size for w in cal.weights), keep,
-                             config)
-        steps = []
-    elif config.rate is None and config.quantized and config.value_bits is None and \
-            config.method == "rd":
-        curves = _with_value_curves(cal, config, curves, quiet)
-        options = {w.name: options_for(cal.originals[w.name], cal.rankings[w.name],
-                                       curves.grid, curves.distortion[w.name],
-                                       curves.values[w.name]) for w in cal.weights}
-        sizes = {w.name: w.size for w in cal.weights}
-
-        def realize_budget(budget: float) -> Realized:
-            choice = allocate_joint(options, budget)
-            keep = {n: int(round(o.density * sizes[n])) for n, o in choice.items()}
-            r = cal.realize(sum(keep.values()) / sum(sizes.values()), keep, config,
-                            {n: o.bits for n, o in choice.items()})
-            r.coded_bits = coded_bits(r)
-            return r
-
-        chosen, steps = meet_budget(config, realize_budget, cost_range(options),
-                                    sum(sizes.values()))
-    elif bound and config.quantized and config.value_bits is None:
-        # the smallest artifact that meets the bound: density and value bits chosen together
-        candidates = []
-        for bits in JOINT_BITS:
-            try:
-                candidates.append(search(replace(config, value_bits=bits)))
-            except UsageError:  # this width cannot meet the bound at any rate
-                continue
-        if not candidates:
-            raise UsageError("no rate and value width meets the bound; loosen it or pass "
-                             "--values exact")
-        chosen, steps = min(candidates, key=lambda c: coded_bits(c[0]))
-        chosen.coded_bits = coded_bits(chosen)
-    else:
-        chosen, steps = search(config)
-
-    def realize(rate: float) -> Realized:
-        return cal.realize(rate, allocator(allocation, rate), config)
-
-    keep, final = chosen.keep, chosen.distortion
-    points = []
+    chosen, steps, curves = _choose(cal, config, allocation, allocator, curves, quiet)
     lowest = min(check_grid(config.grid)) if curves is not None else 0.0
+    points = []
     for rate in (r for r in frontier if r >= lowest):
-        d = realize(rate).distortion
+        d = cal.realize(rate, allocator(allocation, rate), config).distortion
         points.append(RatePoint(rate, d.value(config.metric), d.top1_agreement))
     layer = [None] * len(cal.weights)
     if config.layer_distortion:
@@ -196,6 +139,72 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
         test_eval = Evaluation.from_distortion(f"test ({name})", config.metric,
                                                result.distortions[0], result.reference_accuracy,
                                                result.accuracies[0])
+    report = _report(cal, config, chosen, curves, allocation, layer)
+    report.search, report.frontier, report.test = steps, points, test_eval
+    return CompressResult(cal.model, chosen.values, chosen.quantized, report, curves,
+                          chosen.pruned)
+
+
+def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
+            allocator: Callable, curves: Curves | None,
+            quiet: bool) -> tuple[Realized, list[RatePoint], Curves | None]:
+    """The realized candidate for the target, the probes measured on the way, and the curves
+    (with value curves added when the joint allocation needed them)."""
+    prunable = {w.name for w in cal.weights}
+    sizes = {w.name: w.size for w in cal.weights}
+
+    def coded_bits(r: Realized) -> float:
+        return sum(stream_bits(r.quantized.get(n), r.values[n]) for n in prunable)
+
+    def search(run_config: CompressConfig) -> tuple[Realized, list[RatePoint]]:
+        def realize(rate: float) -> Realized:
+            return cal.realize(rate, allocator(allocation, rate), run_config)
+
+        return meet_target(run_config, realize, allocation, allocator,
+                           min(check_grid(config.grid)), curves is not None, coded_bits)
+
+    if config.n_m is not None:  # the pattern fixes every supported weight's density
+        keep = {w.name: int(np.count_nonzero(cal.pattern_mask(w.name, config.n_m)))
+                if cal.supports(w.name) else w.size for w in cal.weights}
+        return cal.realize(sum(keep.values()) / sum(sizes.values()), keep, config), [], curves
+    free_bits = config.quantized and config.value_bits is None
+    if config.rate is None and free_bits and config.method == "rd":
+        curves = _with_value_curves(cal, config, curves, quiet)
+        options = {w.name: options_for(cal.originals[w.name], cal.rankings[w.name],
+                                       curves.grid, curves.distortion[w.name],
+                                       curves.values[w.name]) for w in cal.weights}
+
+        def realize_budget(budget: float) -> Realized:
+            choice = allocate_joint(options, budget)
+            keep = {n: int(round(o.density * sizes[n])) for n, o in choice.items()}
+            r = cal.realize(sum(keep.values()) / sum(sizes.values()), keep, config,
+                            {n: o.bits for n, o in choice.items()})
+            r.coded_bits = coded_bits(r)
+            return r
+
+        return (*meet_budget(config, realize_budget, cost_range(options),
+                             sum(sizes.values())), curves)
+    bound = config.max_distortion is not None or config.min_agreement is not None
+    if bound and free_bits:  # other allocators: one value width for all, the smallest file
+        candidates = []
+        for bits in JOINT_BITS:
+            try:
+                candidates.append(search(replace(config, value_bits=bits)))
+            except UsageError:  # this width cannot meet the bound at any rate
+                continue
+        if not candidates:
+            raise UsageError("no rate and value width meets the bound; loosen it or pass "
+                             "--values exact")
+        chosen, steps = min(candidates, key=lambda c: coded_bits(c[0]))
+        chosen.coded_bits = coded_bits(chosen)
+        return chosen, steps, curves
+    return (*search(config), curves)
+
+
+def _report(cal: Calibration, config: CompressConfig, chosen: Realized, curves: Curves | None,
+            allocation: Allocation, layer: list[float | None]) -> Report:
+    """The report of the chosen candidate (search, frontier and test are added by the caller)."""
+    keep = chosen.keep
     weights = [WeightReport(
         w.name, w.op, list(w.shape), w.dtype, w.size, keep[w.name],
         keep[w.name] / w.size if w.size else 1.0, d,
@@ -205,7 +214,7 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
         value_bits=chosen.widths.get(w.name))
         for w, d in zip(cal.weights, layer)]
     total = sum(w.size for w in cal.weights)
-    report = Report(
+    return Report(
         model=str(cal.model.path.name) if cal.model.path else "<in-memory model>",
         method=config.method, criterion=config.criterion, rate=sum(keep.values()) / total,
         device=cal.runner.device.provider,
@@ -213,19 +222,15 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
         params_total=total, params_kept=sum(keep.values()),
         input_bytes=_source_bytes(cal.model),
         calibration=Evaluation.from_distortion(f"calibration ({cal.data_name})", config.metric,
-                                               final),
-        value_bits=_common(chosen.widths[w.name] for w in cal.weights) if chosen.widths
-        else None,
+                                               chosen.distortion),
+        value_bits=_common(chosen.widths.get(w.name) for w in cal.weights),
         predicted_distortion=predicted(allocation, keep) if curves else None,
-        grid=list(curves.grid) if curves else None, search=steps, frontier=points,
-        weights=weights, settings=config.as_dict(), rdonnx_version=__version__, test=test_eval,
-        notices=cal.notices)
-    return CompressResult(cal.model, chosen.values, chosen.quantized, report, curves,
-                          chosen.pruned)
+        grid=list(curves.grid) if curves else None, weights=weights,
+        settings=config.as_dict(), rdonnx_version=__version__, notices=cal.notices)
 
 
 def _common(values) -> int | None:
-    """The one value all items share, else None."""
+    """The one value all items share, else None (None too when they are all None)."""
     unique = set(values)
     return unique.pop() if len(unique) == 1 else None
 
