@@ -82,6 +82,15 @@ class DistortionMeter:
             self._cos = [0.0] * len(float_pairs)
             self._chan_err = [0.0] * len(float_pairs)
             self._chan_ref = [0.0] * len(float_pairs)
+        if self.wants == {"nmse"}:  # the probes' hot path: two dot products per output
+            for i, (r, c) in enumerate(float_pairs):
+                d = np.subtract(c, r, dtype=np.float64).ravel()
+                r64 = r.astype(np.float64).ravel()
+                self._err[i] += float(d @ d)
+                self._ref[i] += float(r64 @ r64)
+            self._samples += float_pairs[0][0].shape[0] if float_pairs and \
+                float_pairs[0][0].ndim else 1
+            return
         batch = 1
         class_output_seen = False
         for i, (r, c) in enumerate(float_pairs):
