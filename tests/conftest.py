@@ -308,3 +308,52 @@ def calib_feed(case: Case, samples: int = 8) -> dict[str, np.ndarray]:
 def feed_of() -> Callable[[Case], dict[str, np.ndarray]]:
     """`feed_of(case)`: the first samples of a case's calibration data as an ORT feed."""
     return calib_feed
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI, in-process
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys) -> Callable[..., Run]:
+    """`cli("compress", path, ...)`: run `rdonnx.cli.main` in-process, capture its output."""
+    from rdonnx.cli import main
+
+    def run(*args) -> Run:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # main() must return the code, never exit
+            out, err = capsys.readouterr()
+            pytest.fail(f"main() raised SystemExit({exc.code}) instead of returning the exit "
+                        f"code; stderr: {err!r}")
+        out, err = capsys.readouterr()
+        return Run(code, out, err)
+
+    return run
+
+
+def listing(folder: Path) -> list[str]:
+    """Every file and folder below `folder`, hidden and temporary files included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def assert_usage_error(run: Run, *patterns: str) -> None:
+    """Exit 2, exactly one "rdonnx: error:" line on stderr matching every pattern, no output."""
+    import re
+
+    assert run.code == 2, run
+    lines = run.err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {run.err!r}"
+    assert lines[0].startswith("rdonnx: error: "), lines[0]
+    assert "Traceback" not in run.err
+    for pattern in patterns:
+        assert re.search(pattern, lines[0], re.IGNORECASE), f"{pattern!r} not in {lines[0]!r}"
+    assert run.out == ""

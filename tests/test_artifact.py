@@ -8,18 +8,15 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import BUNDLED, PRUNABLE_CASES, Case, calib_feed
-from test_cli import Run, listing
+from conftest import BUNDLED, PRUNABLE_CASES, Case, calib_feed, listing
 
 import rdonnx
-from rdonnx.cli import main
 from rdonnx.container import HEADER, MAGIC, read_artifact
 from rdonnx.model import tensor_slots
 from rdonnx.quantize import quantize
@@ -29,17 +26,7 @@ CONFIG = rdonnx.CompressConfig(layer_distortion=False, grid=GRID)
 FAST_CLI = ["--no-layer-distortion", "--grid", ",".join(map(str, GRID)), "--quiet"]
 
 
-@pytest.fixture
-def cli(capsys) -> Callable[..., Run]:
-    """`cli("inspect", path, ...)`: `rdonnx.cli.main` in-process (as in test_cli.py)."""
 
-    def run(*args) -> Run:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-
-    return run
 
 
 def _ort(model, feed) -> list[np.ndarray]:

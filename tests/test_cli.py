@@ -13,13 +13,12 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import BUNDLED, REPO
+from conftest import BUNDLED, REPO, Run, assert_usage_error, listing
 
 import rdonnx
 from rdonnx.cli import main
@@ -34,31 +33,6 @@ FAST = ["--method", "uniform", "--no-layer-distortion", "--calib-samples", "64",
         "--format", "dense"]
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def cli(capsys) -> Callable[..., Run]:
-    """`cli("compress", path, ...)`: run `rdonnx.cli.main` in-process, capture its output."""
-
-    def run(*args) -> Run:
-        capsys.readouterr()
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exc:  # main() must return the code, never exit
-            out, err = capsys.readouterr()
-            pytest.fail(f"main() raised SystemExit({exc.code}) instead of returning the exit "
-                        f"code; stderr: {err!r}")
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-
-    return run
-
-
 def subprocess_run(*args, cwd: Path = REPO) -> Run:
     proc = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True,
                           timeout=120)
@@ -69,21 +43,6 @@ def console_script() -> Path:
     script = Path(sys.executable).parent / ("rdonnx.exe" if os.name == "nt" else "rdonnx")
     assert script.is_file(), f"the rdonnx console script is not installed beside {sys.executable}"
     return script
-
-
-def listing(folder: Path) -> list[str]:
-    """Every file and folder below `folder`, hidden and temporary files included."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
-def assert_usage_error(run: Run, match: str) -> None:
-    assert run.code == 2, run
-    lines = run.err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {run.err!r}"
-    assert lines[0].startswith("rdonnx: error: "), lines[0]
-    assert "Traceback" not in run.err
-    assert re.search(match, lines[0], re.IGNORECASE), f"{match!r} not in {lines[0]!r}"
-    assert run.out == ""
 
 
 @pytest.fixture(autouse=True)

@@ -17,27 +17,16 @@ import numpy as np
 import onnx
 import pytest
 import zstandard
-from test_cli import Run, assert_usage_error, listing
+from conftest import assert_usage_error, listing
 
 import rdonnx
-from rdonnx.cli import main
 from rdonnx.container import HEADER, MAGIC, FormatError, is_artifact, read_artifact
 from rdonnx.errors import UsageError
 
 CONFIG = rdonnx.CompressConfig(layer_distortion=False, grid=(1.0, 0.5, 0.2, 0.1, 0.05))
 
 
-@pytest.fixture
-def cli(capsys) -> Callable[..., Run]:
-    """`cli("inspect", path, ...)`: `rdonnx.cli.main` in-process (as in test_cli.py)."""
 
-    def run(*args) -> Run:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-
-    return run
 
 
 @dataclass(frozen=True)

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from _graphs import make_model, vi
-from conftest import PRUNABLE_CASES, Case, calib_feed
+from conftest import PRUNABLE_CASES, Case, assert_usage_error, calib_feed
 from onnx import TensorProto, helper
 
 import rdonnx
 from rdonnx import CompressConfig, DataOptions, UsageError
 from rdonnx.calibration import Calibration, calibrate_model
-from rdonnx.cli import main
 from rdonnx.container import read_artifact
 from rdonnx.obs import Hessian, supports, to_matrices, weight_error
 from rdonnx.stats import LayerInput
@@ -104,33 +102,6 @@ def calibration(case: Case, cfg: CompressConfig) -> Calibration:
     if key not in _CALIBRATIONS:
         _CALIBRATIONS[key] = calibrate_model(case.path, cfg, case.calib)
     return _CALIBRATIONS[key]
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def cli(capsys) -> Callable[..., Run]:
-    def run(*args) -> Run:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-
-    return run
-
-
-def assert_usage_error(run: Run, *words: str) -> None:
-    assert run.code == 2, run
-    lines = run.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rdonnx: error: "), run.err
-    assert "Traceback" not in run.err
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
