@@ -128,25 +128,27 @@ def synthetic() -> None:
             del values
 
 
-def smallest_at_unchanged_accuracy() -> None:
-    """--max-distortion searches (density and value bits chosen together) and what they keep."""
-    print("\n| model | target | rate | values | .rdonnx B | x original | test accuracy | "
-          "within 0.2 points |")
-    print("|---|---|---|---|---|---|---|---|")
+def smallest(models: dict[str, Path], bounds: tuple[float, ...],
+             variants: dict[str, dict], **settings) -> None:
+    """--max-distortion searches (density and value bits chosen together), per settings
+    variant, and the test accuracy they keep."""
+    print("\n| model | settings | --max-distortion | rate | values | .rdonnx B | x original | "
+          "test accuracy (original) | within 0.2 points |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("digits_mlp", "digits_cnn"):
-            model = ROOT / "models" / f"{name}.onnx"
-            for bound in (0.002, 0.005, 0.01, 0.02, 0.05):
-                result = rdonnx.compress(model, max_distortion=bound, calib=CALIB, test=TEST,
-                                         labels="label",
-                                         config=CompressConfig(layer_distortion=False))
-                result.save(Path(tmp) / "a.rdonnx", force=True)
-                r = result.report
-                kept = r.test.accuracy_compressed >= r.test.accuracy_original - 0.002
-                print(f"| {name} | --max-distortion {bound} | {r.rate:.3f} | {_widths(r)} "
-                      f"| {r.coding.artifact_bytes:,} | {r.coding.smaller_than_original:.1f} | "
-                      f"{r.test.accuracy_compressed:.2%} ({r.test.accuracy_original:.2%}) | "
-                      f"{'yes' if kept else 'no'} |")
+        for name, model in models.items():
+            for label, extra in variants.items():
+                for bound in bounds:
+                    config = CompressConfig(layer_distortion=False, **settings, **extra)
+                    result = rdonnx.compress(model, max_distortion=bound, calib=CALIB,
+                                             test=TEST, labels="label", config=config)
+                    result.save(Path(tmp) / "a.rdonnx", force=True)
+                    r = result.report
+                    kept = r.test.accuracy_compressed >= r.test.accuracy_original - 0.002
+                    print(f"| {name} | {label} | {bound} | {r.rate:.3f} | {_widths(r)} | "
+                          f"{r.coding.artifact_bytes:,} | {r.coding.smaller_than_original:.1f} "
+                          f"| {r.test.accuracy_compressed:.2%} ({r.test.accuracy_original:.2%}) "
+                          f"| {'yes' if kept else 'no'} |")
 
 
 def _widths(report) -> str:
@@ -158,4 +160,5 @@ if __name__ == "__main__":
     bundled()
     if "--quick" not in sys.argv:
         synthetic()
-    smallest_at_unchanged_accuracy()
+    smallest({n: ROOT / "models" / f"{n}.onnx" for n in ("digits_mlp", "digits_cnn")},
+             (0.002, 0.005, 0.01, 0.02, 0.05), {"default": {}})

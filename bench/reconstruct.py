@@ -4,7 +4,8 @@ Part 1: bundled models and the benchmark transformer, rates 0.7 / 0.5 / 0.3, uni
 allocation, without / with reconstruction (same masks) and SparseGPT's own selection
 (criterion obs): output distortion on the calibration data, test accuracy, time.
 Part 2: values at 8 / 6 / 4 bits (rd, rate 0.5): plain rounding against error-compensated.
-Part 3: the smallest .rdonnx keeping test accuracy within 0.2 points (reconstruction on).
+Part 3: the smallest .rdonnx keeping test accuracy within 0.2 points (without and with
+reconstruction).
 Part 4: streaming: peak memory of reconstruction with 256 and 8192 calibration samples.
 Part 5: a 25M-parameter model: reconstruction time against the R-D calibration alone.
 
@@ -24,6 +25,7 @@ from rdonnx.config import CompressConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+import codec  # noqa: E402
 import rd  # noqa: E402
 
 CALIB, TEST = ROOT / "models" / "digits_calib.npz", ROOT / "models" / "digits_test.npz"
@@ -69,24 +71,6 @@ def values(models: dict[str, Path]) -> None:
                   f"{comp.report.test.accuracy_compressed:.2%} |")
 
 
-def smallest(models: dict[str, Path]) -> None:
-    print("\n| model | reconstruction | --max-distortion | rate | .rdonnx B | x original | "
-          "test accuracy (original) | within 0.2 points |")
-    print("|---|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, path in models.items():
-            for extra in ({}, {"reconstruct": True}):
-                for bound in (0.002, 0.005, 0.01, 0.02):
-                    result, _ = _run(path, max_distortion=bound, **extra)
-                    result.save(Path(tmp) / "a.rdonnx", force=True)
-                    r = result.report
-                    kept = r.test.accuracy_compressed >= r.test.accuracy_original - 0.002
-                    print(f"| {name} | {'yes' if extra else 'no'} | {bound} | {r.rate:.3f} | "
-                          f"{r.coding.artifact_bytes:,} | {r.coding.smaller_than_original:.1f} "
-                          f"| {r.test.accuracy_compressed:.2%} ({r.test.accuracy_original:.2%}) "
-                          f"| {'yes' if kept else 'no'} |")
-
-
 def streaming() -> None:
     print("\n| model | calibration samples | compress --reconstruct s | peak RSS MiB |")
     print("|---|---|---|---|")
@@ -110,15 +94,13 @@ def streaming() -> None:
 
 def large() -> None:
     """25M parameters: R-D calibration (curves) alone against reconstruction alone."""
-    from codec import synthetic_model
-
     from rdonnx.data import DataOptions
 
     print("\n| model | step | seconds |")
     print("|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m25.onnx"
-        synthetic_model(path, params=25_000_000)
+        codec.synthetic_model(path, params=25_000_000)
         data = DataOptions(samples=64, batch_size=16)
         start = time.perf_counter()
         rdonnx.calibrate(path, config=CompressConfig(data=data, grid=GRID))
@@ -140,6 +122,7 @@ if __name__ == "__main__":
     model_paths = rd.models()
     masks(model_paths)
     values(model_paths)
-    smallest(model_paths)
+    codec.smallest(model_paths, (0.002, 0.005, 0.01, 0.02),
+                   {"plain": {}, "--reconstruct": {"reconstruct": True}}, grid=GRID)
     streaming()
     large()

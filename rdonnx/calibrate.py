@@ -24,7 +24,7 @@ from .progress import progress_bar
 from .prune import Scores, activation, magnitude
 from .quantize import quantize
 from .runtime import Runner
-from .stats import LayerInput, SecondMoments, layer_inputs
+from .stats import LayerInput, SecondMoments
 from .weights import Weight
 
 DEFAULT_GRID = tuple(float(f"{d:.3g}") for d in np.geomspace(1.0, 0.002, 20))
@@ -155,6 +155,15 @@ def scores_for(weights: Sequence[Weight], originals: Mapping[str, np.ndarray], c
     return scores
 
 
+def probe(runner: Runner, replay: Replay, name: str, array: np.ndarray, metric: str,
+          channel_axis: int = 1) -> float:
+    """Distortion of the model with one weight replaced: the variant is uploaded once and
+    replayed over every batch."""
+    value = runner.weight_value(name, array)
+    return replay.distortion(lambda feed: runner.run(feed, {name: value}), channel_axis,
+                             only=metric).value(metric)
+
+
 def measure_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
                    variant: Callable[[Weight, int], np.ndarray], grid: Sequence[float],
                    metric: str, channel_axis: int = 1,
@@ -173,10 +182,8 @@ def measure_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
                     points.append(0.0)
                     continue
                 keep = int(round(density * w.size))
-                value = runner.weight_value(w.name, variant(w, keep))
-                points.append(replay.distortion(
-                    lambda feed, v=value, n=w.name: runner.run(feed, {n: v}),
-                    channel_axis, only=metric).value(metric))
+                points.append(probe(runner, replay, w.name, variant(w, keep), metric,
+                                    channel_axis))
                 bar.update(len(replay))
             curves[w.name] = tuple(points)
     return curves
@@ -193,14 +200,12 @@ def measure_value_curves(runner: Runner, replay: Replay, weights: Sequence[Weigh
             original = originals[w.name]
             result[w.name] = {}
             for bits in widths:
-                value = runner.weight_value(w.name, quantize(original, bits).values(
-                    original.dtype))
-                result[w.name][bits] = replay.distortion(
-                    lambda feed, v=value, n=w.name: runner.run(feed, {n: v}), channel_axis,
-                    only=metric).value(metric)
+                result[w.name][bits] = probe(runner, replay, w.name, quantize(
+                    original, bits).values(original.dtype), metric, channel_axis)
                 bar.update(len(replay))
     return result
 
 
 __all__ = ["Curves", "DEFAULT_GRID", "Fingerprint", "check_grid", "digest", "exposed_tensors",
-           "layer_inputs", "measure_curves", "model_digest", "record", "scores_for"]
+           "measure_curves", "measure_value_curves", "model_digest", "probe", "record",
+           "scores_for"]

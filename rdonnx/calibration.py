@@ -22,7 +22,6 @@ from .calibrate import (
     check_grid,
     digest,
     exposed_tensors,
-    layer_inputs,
     measure_curves,
     model_digest,
     record,
@@ -37,7 +36,7 @@ from .model import Model, load_model, simplify
 from .prune import Ranking, Scores
 from .quantize import Quantized, choose_bits, quantize
 from .runtime import Runner
-from .stats import LayerInput
+from .stats import LayerInput, layer_inputs
 from .target import Realized
 from .weights import Weight, find_codable, find_weights, read_weights
 

@@ -31,7 +31,7 @@ from .model import check_output
 from .plot import plot_report, require_matplotlib
 from .prune import CRITERIA
 from .report import render
-from .runtime import DEVICES
+from .runtime import DEVICES, cuda_status
 from .weights import DEFAULT_MIN_PARAMS
 
 EXIT_BOUND_EXCEEDED = 3
@@ -412,32 +412,13 @@ def doctor_cmd() -> None:
         import onnxruntime as ort
 
         lines.append(f"providers available: {', '.join(ort.get_available_providers())}")
-        lines.append(f"CUDA execution provider works: {_cuda_works()}")
+        lines.append(f"CUDA execution provider works: {cuda_status()}")
     except ImportError:
         lines.append("onnxruntime: not importable; pip install 'rdonnx[cpu]' or 'rdonnx[gpu]'")
     import torch
 
     lines.append(f"torch CUDA available: {torch.cuda.is_available()}")
     click.echo("\n".join(lines))
-
-
-def _cuda_works() -> str:
-    import onnx
-
-    from .model import Model
-    from .runtime import CUDA, create_session
-
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Relu", ["x"], ["y"])], "probe",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
-    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
-    probe.ir_version = 8
-    try:
-        _, device = create_session(probe.SerializeToString(), Model(probe), "auto")
-    except UsageError as exc:
-        return f"no ({exc})"
-    return "yes" if device.provider == CUDA else f"no ({device.notice})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,6 @@ A `Model` keeps the protobuf with external tensors left on disk (never one proto
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -128,32 +127,10 @@ def _data_size(t: TensorProto) -> int:
     return t.ByteSize()
 
 
-@functools.lru_cache(maxsize=1)
-def max_runtime_ir_version() -> int:
-    """The newest IR version the installed onnxruntime loads (probed once)."""
-    from .runtime import import_onnxruntime
-
-    ort = import_onnxruntime()
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
-        [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    for ir in range(onnx.IR_VERSION, 6, -1):
-        probe.ir_version = ir
-        try:
-            ort.InferenceSession(probe.SerializeToString(), options,
-                                 providers=["CPUExecutionProvider"])
-            return ir
-        except Exception:  # noqa: BLE001 - any refusal means "too new"
-            continue
-    return 7
-
-
 def fit_ir_version(proto: onnx.ModelProto) -> None:
     """Lower the IR version in place to the newest one the installed onnxruntime accepts."""
+    from .runtime import max_runtime_ir_version
+
     proto.ir_version = min(proto.ir_version or onnx.IR_VERSION, max_runtime_ir_version())
 
 

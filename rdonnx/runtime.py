@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -28,6 +29,43 @@ def import_onnxruntime() -> ModuleType:
     except ImportError:
         raise UsageError(INSTALL_HINT) from None
     return onnxruntime
+
+
+def _probe_model() -> onnx.ModelProto:
+    """A one-node model for asking onnxruntime what it accepts."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+
+
+@functools.lru_cache(maxsize=1)
+def max_runtime_ir_version() -> int:
+    """The newest IR version the installed onnxruntime loads (probed once)."""
+    ort = import_onnxruntime()
+    probe = _probe_model()
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    for ir in range(onnx.IR_VERSION, 6, -1):
+        probe.ir_version = ir
+        try:
+            ort.InferenceSession(probe.SerializeToString(), options, providers=[CPU])
+            return ir
+        except Exception:  # noqa: BLE001 - any refusal means "too new"
+            continue
+    return 7
+
+
+def cuda_status() -> str:
+    """Whether the CUDA execution provider really runs a model here ("yes" or "no (why)")."""
+    probe = _probe_model()
+    probe.ir_version = 8
+    try:
+        _, device = create_session(probe.SerializeToString(), Model(probe), "auto")
+    except UsageError as exc:
+        return f"no ({exc})"
+    return "yes" if device.provider == CUDA else f"no ({device.notice})"
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ from rdonnx.model import (
     fit_ir_version,
     iter_graphs,
     load_model,
-    max_runtime_ir_version,
     simplify,
     tensor_array,
     tensor_bytes,
     tensor_slots,
     write_model,
 )
+from rdonnx.runtime import max_runtime_ir_version
 
 X = np.random.default_rng(42).standard_normal((5, 8)).astype(np.float32)
 
