@@ -29,7 +29,7 @@ from .model import (
 )
 from .quantize import Quantized
 from .report import table
-from .runtime import CPU, import_onnxruntime
+from .runtime import CPU, import_onnxruntime, ortvalue
 
 
 def container_graph(model: Model, coded: Sequence[str]) -> onnx.ModelProto:
@@ -76,13 +76,6 @@ def save_artifact(model: Model, path: Path, quantized: Mapping[str, Quantized],
     return size, [c[0] for c in coded]
 
 
-def _ortvalue(ort, array: np.ndarray, data_type: int):
-    if data_type == TensorProto.BFLOAT16:
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
-            np.ascontiguousarray(array).view(np.uint16), data_type)
-    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
-
-
 def open_session(path: str | os.PathLike, providers: Sequence[str] | None = None,
                  sess_options: Any = None):
     """A stock `onnxruntime.InferenceSession` for an `.rdonnx` file.
@@ -96,8 +89,7 @@ def open_session(path: str | os.PathLike, providers: Sequence[str] | None = None
     names, values = [], []
     for entry in artifact.tensors:
         names.append(entry.name)
-        values.append(_ortvalue(ort, artifact.decode(entry),
-                                TensorProto.DataType.Value(entry.dtype)))
+        values.append(ortvalue(artifact.decode(entry), TensorProto.DataType.Value(entry.dtype)))
     if names:
         options.add_external_initializers(names, values)
     session = ort.InferenceSession(artifact.graph.SerializeToString(), options,

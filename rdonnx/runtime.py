@@ -147,6 +147,17 @@ def measurement_model(model: Model, weights: Sequence[Weight],
     return proto
 
 
+def ortvalue(array: np.ndarray, data_type: int, device: str = "cpu") -> object:
+    """`array` as an OrtValue of ONNX element type `data_type` (bfloat16 through its bits;
+    those stay on the CPU and ONNX Runtime copies them where they are needed)."""
+    ort = import_onnxruntime()
+    array = np.ascontiguousarray(array.astype(onnx.helper.tensor_dtype_to_np_dtype(data_type),
+                                              copy=False))
+    if data_type == onnx.TensorProto.BFLOAT16:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), data_type)
+    return ort.OrtValue.ortvalue_from_numpy(array, device, 0)
+
+
 class Runner:
     """One ONNX Runtime session that runs the model with any variant of its prunable weights."""
 
@@ -165,16 +176,7 @@ class Runner:
 
     def weight_value(self, name: str, array: np.ndarray) -> object:
         """`array` as an OrtValue on the session's device, to feed in place of weight `name`."""
-        ort = import_onnxruntime()
-        data_type = self._types[name]
-        array = np.ascontiguousarray(array.astype(onnx.helper.tensor_dtype_to_np_dtype(data_type),
-                                                  copy=False))
-        if data_type == onnx.TensorProto.BFLOAT16:
-            value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16),
-                                                                    data_type)
-            return value if self.device.ort_device == "cpu" else \
-                ort.OrtValue.ortvalue_from_numpy(value.numpy(), self.device.ort_device, 0)
-        return ort.OrtValue.ortvalue_from_numpy(array, self.device.ort_device, 0)
+        return ortvalue(array, self._types[name], self.device.ort_device)
 
     def run(self, feed: Mapping[str, np.ndarray],
             weights: Mapping[str, object] | None = None,
