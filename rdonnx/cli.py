@@ -18,11 +18,11 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .allocate import ALLOCATORS, SOLVERS
+from .allocate import SOLVERS
 from .api import CompressConfig, calibrate, compress, evaluate, inspect
 from .artifact import decompress, inspect_artifact
 from .calibrate import DEFAULT_GRID, Curves, check_grid
-from .config import FORMATS, VALUES
+from .config import FORMATS, METHODS, VALUES
 from .container import is_artifact
 from .data import DataOptions
 from .distortion import METRICS
@@ -212,7 +212,7 @@ def _config(**kw) -> CompressConfig:
 @click.option("--pattern", default=None, metavar="N:M",
               help="Structured sparsity instead of a rate: keep N of every M consecutive "
               "inputs per output row (2:4 is what GPUs accelerate).")
-@click.option("--method", type=click.Choice(list(ALLOCATORS)), default="rd", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="rd", show_default=True,
               help="rd: densities from measured R-D curves; uniform: one density; global: one "
               "score threshold; lamp: LAMP scores, one threshold.")
 @click.option("--solver", type=click.Choice(list(SOLVERS)), default="lagrange",

@@ -17,6 +17,9 @@ from .weights import DEFAULT_MIN_PARAMS
 CONFIG_VERSION = 1
 FORMATS = ("rdonnx", "dense", "sparse")
 VALUES = ("auto", "quantized", "exact")
+# allocators, plus methods with their own flow: gao (uniform densities, activation scores),
+# surp (successive-refinement encoder)
+METHODS = (*ALLOCATORS, "gao", "surp")
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ class CompressConfig:
             raise UsageError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
         for value, options, what in ((self.format, FORMATS, "format"),
                                      (self.values, VALUES, "values"),
-                                     (self.method, ALLOCATORS, "method"),
+                                     (self.method, METHODS, "method"),
                                      (self.criterion, CRITERIA, "criterion"),
                                      (self.solver, SOLVERS, "solver"),
                                      (self.metric, METRICS, "metric")):
