@@ -29,11 +29,15 @@ class Curve:
 
 @dataclass(frozen=True)
 class Allocation:
-    """What allocators may use: in-layer scores and, for `rd`, measured curves."""
+    """What allocators may use: in-layer scores and, for `rd`, measured curves; `pqi` and
+    `hsic` read their own fields (filled by `pqi.bounds_for` and `hsic.layer_inputs_for`)."""
 
     scores: Mapping[str, np.ndarray]  # per weight, the criterion's scores (weight's shape)
     curves: Mapping[str, Curve] = field(default_factory=dict)
     normalize: bool = False  # global: scores divided by each tensor's RMS first
+    bounds: Mapping[str, np.ndarray] = field(default_factory=dict)  # pqi: kept share per row
+    importance: Mapping[str, float] = field(default_factory=dict)  # hsic: alpha, graph order
+    costs: Mapping[str, float] = field(default_factory=dict)  # hsic: params or MACs at density 1
 
     def sizes(self) -> dict[str, int]:
         return {name: int(s.size) for name, s in self.scores.items()}
@@ -109,6 +113,66 @@ def lamp(inputs: Allocation, rate: float) -> dict[str, int]:
     """Data-free LAMP scores with one global threshold."""
     return _threshold({n: lamp_scores(s) for n, s in inputs.scores.items()},
                       target_count(inputs.sizes(), rate))
+
+
+def fill_factor(shares: np.ndarray, costs: np.ndarray, budget: float) -> float:
+    """The factor c with sum_i min(c * shares_i, 1) * costs_i = budget (exact, piecewise linear).
+
+    Past the largest reachable budget (every share > 0 saturated) the factor that saturates
+    all is returned.
+    """
+    shares = np.asarray(shares, dtype=np.float64).reshape(-1)
+    costs = np.asarray(costs, dtype=np.float64).reshape(-1)
+    live = shares > 0
+    shares, costs = shares[live], costs[live]
+    if budget <= 0 or shares.size == 0:
+        return 0.0
+    knots = 1.0 / shares  # c at which each entry saturates
+    order = np.argsort(knots, kind="stable")
+    knots, shares, costs = knots[order], shares[order], costs[order]
+    saturated = np.concatenate([[0.0], np.cumsum(costs)])  # cost of entries saturated before k
+    slope = np.concatenate([np.cumsum((shares * costs)[::-1])[::-1], [0.0]])  # rest's slope
+    at_knot = saturated[1:] + knots * slope[1:]  # spent at c = knots[k]
+    k = int(np.searchsorted(at_knot, budget))
+    if k >= knots.size:
+        return float(knots[-1])
+    return float((budget - saturated[k]) / slope[k])
+
+
+def pqi(inputs: Allocation, rate: float) -> dict[str, int]:
+    """PQ-index densities (Diao et al.): each row keeps min(c * r_i, 1) of its entries, r_i
+    its PQI retained-fraction bound, one factor c across the model so the rate is met."""
+    sizes = inputs.sizes()
+    missing = set(sizes) - set(inputs.bounds)
+    if missing:
+        raise UsageError(f"no PQI bound for {sorted(missing)[:3]}")
+    rows = {n: np.asarray(inputs.bounds[n], dtype=np.float64).reshape(-1) for n in sizes}
+    row_size = {n: sizes[n] / max(rows[n].size, 1) for n in sizes}
+    total = target_count(sizes, rate)
+    c = fill_factor(np.concatenate(list(rows.values())),
+                    np.concatenate([np.full(rows[n].size, row_size[n]) for n in sizes]), total)
+    exact = {n: float(np.minimum(c * rows[n], 1.0).sum() * row_size[n]) for n in sizes}
+    return round_counts(exact, sizes, total)
+
+
+def hsic(inputs: Allocation, rate: float) -> dict[str, int]:
+    """ITPruner densities: width multipliers from the nHSIC importance program (see
+    `hsic.solve_widths`), density = input width * output width, scaled so the budget (sum of
+    `costs` kept) is met exactly."""
+    from .hsic import solve_widths  # scipy is imported only when this method runs
+
+    sizes = inputs.sizes()
+    names = list(sizes)
+    if set(names) - set(inputs.importance) or set(names) - set(inputs.costs):
+        raise UsageError("--method hsic needs layer importances; run it through compress")
+    costs = np.array([inputs.costs[n] for n in names], dtype=np.float64)
+    widths = solve_widths(np.array([inputs.importance[n] for n in names]), costs, rate)
+    density = widths * np.concatenate([[1.0], widths[:-1]])
+    c = fill_factor(density, costs, rate * costs.sum())
+    exact = {n: float(min(c * d, 1.0) * sizes[n]) for n, d in zip(names, density)}
+    if np.allclose(costs, [sizes[n] for n in names]):  # a parameter budget: the exact count
+        return round_counts(exact, sizes, target_count(sizes, rate))
+    return round_counts(exact, sizes, int(round(sum(exact.values()))))
 
 
 def _hull(kept: np.ndarray, distortion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -215,5 +279,7 @@ ALLOCATORS: dict[str, Allocator] = {
     "uniform": uniform,
     "global": global_threshold,
     "lamp": lamp,
+    "pqi": pqi,
+    "hsic": hsic,
 }
 SOLVERS: dict[str, Allocator] = {"lagrange": rd, "dp": rd_dp}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from .errors import UsageError
 from .measure import measure
 from .model import load_model
 from .pipeline import CompressResult, DataSource, ModelSource, make_data
+from .pqi import INSPECT_PAIRS, pq_index, suggest_rate
 from .report import Evaluation, WeightReport, table
 from .runtime import Runner
 from .weights import DEFAULT_MIN_PARAMS, find_weights, read_weights
@@ -72,10 +73,13 @@ def calibrate(model: ModelSource, *, calib: DataSource = None,
 
 @dataclass(frozen=True)
 class Inspection:
-    """The prunable weights of a model with their current density."""
+    """The prunable weights of a model with their current density and PQ indices."""
 
     model: str
     weights: list[WeightReport]
+    pqi: list[tuple[float, ...]] = field(default_factory=list)  # per weight, INSPECT_PAIRS
+    pqi_model: tuple[float, ...] = ()  # all prunable weights pooled
+    suggested_rate: float | None = None  # the PQI fixed-point density (data-free)
 
     @property
     def params_total(self) -> int:
@@ -86,17 +90,29 @@ class Inspection:
         return sum(w.kept for w in self.weights)
 
     def render(self) -> str:
+        pairs = [f"PQI({p:g},{q:g})" for p, q in INSPECT_PAIRS]
         rows = [(w.name, w.op, "x".join(map(str, w.shape)), w.dtype, str(w.params),
-                 f"{w.density:.2%}") for w in self.weights]
+                 f"{w.density:.2%}", *(f"{v:.4f}" for v in pqi))
+                for w, pqi in zip(self.weights, self.pqi or [()] * len(self.weights))]
         total = self.params_total
-        return (table(rows, ("weight", "op", "shape", "dtype", "params", "density")) +
+        text = (table(rows, ("weight", "op", "shape", "dtype", "params", "density",
+                             *(pairs if self.pqi else ()))) +
                 f"\n\n{len(self.weights)} prunable weights, {total:,} params, "
                 f"{self.params_nonzero / max(total, 1):.2%} nonzero")
+        if self.pqi_model:
+            text += "\nmodel " + ", ".join(f"{name} {v:.4f}"
+                                           for name, v in zip(pairs, self.pqi_model))
+        if self.suggested_rate is not None:
+            text += (f"\nsuggested --rate {self.suggested_rate:.4f} (PQI fixed point, data-free;"
+                     " check it with a measured --max-distortion)")
+        return text
 
 
 def inspect(model: ModelSource, *, min_params: int = DEFAULT_MIN_PARAMS,
-            include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Inspection:
-    """List the prunable weights of `model` (name, op, shape, dtype, params, density)."""
+            include: Sequence[str] = (), exclude: Sequence[str] = (),
+            suggest: bool = False) -> Inspection:
+    """List the prunable weights of `model` (name, op, shape, dtype, params, density, PQ
+    indices); `suggest` adds the PQI fixed-point density as a suggested rate."""
     loaded = load_model(model)
     weights = find_weights(loaded, min_params, include, exclude)
     values = read_weights(loaded, weights)
@@ -105,7 +121,12 @@ def inspect(model: ModelSource, *, min_params: int = DEFAULT_MIN_PARAMS,
         nonzero = int(np.count_nonzero(values[w.name]))
         rows.append(WeightReport(w.name, w.op, list(w.shape), w.dtype, w.size, nonzero,
                                  nonzero / w.size if w.size else 1.0))
-    return Inspection(loaded.path.name if loaded.path else "<in-memory model>", rows)
+    pqi = [tuple(pq_index(values[w.name], p, q) for p, q in INSPECT_PAIRS) for w in weights]
+    pooled = np.concatenate([values[w.name].reshape(-1) for w in weights]) if weights else \
+        np.zeros(0, np.float32)
+    return Inspection(loaded.path.name if loaded.path else "<in-memory model>", rows, pqi,
+                      tuple(pq_index(pooled, p, q) for p, q in INSPECT_PAIRS),
+                      suggest_rate(values) if suggest and weights else None)
 
 
 def evaluate(reference: ModelSource, candidate: ModelSource, data: DataSource, *,

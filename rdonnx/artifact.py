@@ -59,20 +59,31 @@ def container_graph(model: Model, coded: Sequence[str]) -> onnx.ModelProto:
 
 def save_artifact(model: Model, path: Path, quantized: Mapping[str, Quantized],
                   exact: Mapping[str, np.ndarray], settings: dict[str, Any],
-                  metrics: dict[str, Any]) -> tuple[int, list]:
-    """Code `quantized` (levels + step) and `exact` tensors into an `.rdonnx` file."""
+                  metrics: dict[str, Any], surp: Any = None) -> tuple[int, list]:
+    """Code `quantized` (levels + step) and `exact` tensors into an `.rdonnx` file.
+
+    `surp` (a `rdonnx.surp.Coded`): its pool's tensors (their decoded values in `exact`) are
+    stored as one SuRP stream."""
     slots = tensor_slots(model.proto)
     coded = []
-    for name in sorted(set(quantized) | set(exact)):
+    pool = set() if surp is None else {t.name for t in surp.pool.tensors}
+    for name in sorted((set(quantized) | set(exact)) - pool):
         slot = slots[name]
         if name in quantized:
             q = quantized[name]
-            coded.append(encode_tensor(name, slot.tensor.data_type, slot.dims, q.q, q.step, None))
+            coded.append(encode_tensor(name, slot.tensor.data_type, slot.dims, q.q, q.step, None,
+                                       q.codebook))
         else:
             coded.append(encode_tensor(name, slot.tensor.data_type, slot.dims, None, None,
                                        np.asarray(exact[name])))
+    stream = None
+    if surp is not None:
+        from .surp import entries
+
+        coded.extend((e, b"", b"") for e in entries(surp, exact))
+        stream = (surp.stream.payload(), surp.manifest())
     graph = container_graph(model, [c[0].name for c in coded])
-    size = write_artifact(path, graph, coded, settings, metrics, __version__)
+    size = write_artifact(path, graph, coded, settings, metrics, __version__, stream)
     return size, [c[0] for c in coded]
 
 

@@ -31,6 +31,7 @@ from .config import CompressConfig
 from .data import Batches, DataOptions, input_specs, make_batches, open_npz
 from .distortion import Distortion, is_class_scores
 from .errors import UsageError
+from .kmeans import kmeans_quantize
 from .measure import Replay
 from .model import Model, load_model, simplify
 from .prune import Ranking, Scores
@@ -60,6 +61,7 @@ class Calibration:
     inputs: dict[str, LayerInput] = field(default_factory=dict)  # where layer inputs are seen
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # coded, not pruned
     notices: list[str] = field(default_factory=list)
+    importance: dict[str, np.ndarray] = field(default_factory=dict)  # E[x^2] vs each weight
     _hessians: dict[str, obs.Hessian] = field(default_factory=dict)
     _reconstructed: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
@@ -98,6 +100,14 @@ class Calibration:
             self._hessians[name] = h
         return h
 
+    def quantize(self, name: str, array: np.ndarray, bits: int,
+                 config: CompressConfig) -> Quantized:
+        """`array` quantized with the configured quantizer: a uniform grid, or a k-means
+        codebook weighted by the layer-input moments (plain k-means where none is seen)."""
+        if config.quantizer == "kmeans":
+            return kmeans_quantize(array, bits, self.importance.get(name))
+        return quantize(array, bits)
+
     def compress_weight(self, w: Weight, keep: int, config: CompressConfig,
                         bits: int | None = None,
                         hessian: obs.Hessian | None = None) -> tuple[np.ndarray, Quantized | None]:
@@ -112,8 +122,9 @@ class Calibration:
                 original.dtype, copy=False)
             if bits is None:
                 return pruned, None
-            q = quantize(pruned, bits)
-            if patterned:  # a survivor never rounds to 0: the N:M structure is kept
+            q = self.quantize(w.name, pruned, bits, config)
+            # a survivor never rounds to 0 (k-means never maps one to 0): N:M is kept
+            if patterned and q.codebook is None:
                 lost = mask & (q.q == 0) & (pruned != 0)
                 q.q[lost] = np.sign(pruned[lost]).astype(np.int32)
             return q.values(original.dtype), q
@@ -202,7 +213,7 @@ class Calibration:
         def make(bits_for) -> tuple[dict, dict]:
             values, quantized = self.compress_all(keep, config, bits_for)
             for name, array in extra.items():
-                quantized[name] = quantize(array, bits_for(name) or 8)
+                quantized[name] = self.quantize(name, array, bits_for(name) or 8, config)
                 values[name] = quantized[name].values(array.dtype)
             return values, quantized
 
@@ -285,8 +296,9 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
     batches, data_name = make_data(loaded, calib, config.data)
     originals = read_weights(loaded, weights)
     weights = graph_order(loaded, weights)
-    inputs = layer_inputs(loaded, weights) \
-        if config.criterion == "activation" or config.reconstructs or config.pattern else {}
+    kmeans = config.quantized and config.quantizer == "kmeans"
+    inputs = layer_inputs(loaded, weights) if config.criterion == "activation" or \
+        config.reconstructs or config.pattern or kmeans else {}
     extra = find_codable(loaded, weights, config.min_params) \
         if config.quantized and not config.lossless_unpruned else []
     runner = Runner(loaded, weights + extra, config.device, exposed_tensors(loaded, inputs))
@@ -298,11 +310,18 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
         raise UsageError("--metric kl needs an output of class scores [batch, classes]; "
                          "use --metric nmse, nmse-channel or cosine")
     scores = scores_for(weights, originals, config.criterion, inputs, moments)
+    importance = {n: m.moments(originals[n].shape) for n, m in moments.items()} if kmeans else {}
+    plain = [w.name for w in weights if w.name not in importance] + [w.name for w in extra]
+    if kmeans and plain:
+        notices.append(f"k-means without layer-input moments (importance 1, plain k-means) for "
+                       f"{len(plain)} tensor(s): {', '.join(plain[:8])}"
+                       f"{' ...' if len(plain) > 8 else ''}")
     fingerprint = Fingerprint(model_digest(loaded, originals), data_digest,
                               digest(repr(sorted(config.curve_settings().items()))))
     return Calibration(loaded, weights, originals, runner, replay, scores,
                        {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
-                       inputs, read_weights(loaded, extra), notices)
+                       inputs, read_weights(loaded, extra), notices,
+                       importance=importance)
 
 
 def measure_all_curves(cal: Calibration, config: CompressConfig, quiet: bool = True) -> Curves:

@@ -27,9 +27,12 @@ from .container import is_artifact
 from .data import DataOptions
 from .distortion import METRICS
 from .errors import UsageError
+from .hsic import BUDGETS
 from .model import check_output
 from .plot import plot_report, require_matplotlib
+from .pqi import GRANULARITIES, INSPECT_PAIRS, PQI_MODES
 from .prune import CRITERIA
+from .quantize import QUANTIZERS
 from .report import render
 from .runtime import DEVICES, cuda_status
 from .weights import DEFAULT_MIN_PARAMS
@@ -207,6 +210,10 @@ def _config(**kw) -> CompressConfig:
               "at most --value-budget to the measured distortion].")
 @click.option("--value-budget", type=float, default=0.02, show_default=True,
               help="Share of the measured distortion that quantization may add.")
+@click.option("--quantizer", type=click.Choice(QUANTIZERS), default="uniform",
+              show_default=True, help="Quantized values: a uniform grid per tensor, or a "
+              "k-means codebook of 2^b - 1 centroids weighted by E[x^2] of the layer input "
+              "(Gao et al.; plain k-means where no input is seen). Not with --reconstruct.")
 @click.option("--lossless-unpruned", is_flag=True,
               help="Keep large unpruned tensors (embeddings...) exact instead of quantized.")
 @click.option("--pattern", default=None, metavar="N:M",
@@ -214,12 +221,35 @@ def _config(**kw) -> CompressConfig:
               "inputs per output row (2:4 is what GPUs accelerate).")
 @click.option("--method", type=click.Choice(METHODS), default="rd", show_default=True,
               help="rd: densities from measured R-D curves; uniform: one density; global: one "
-              "score threshold; lamp: LAMP scores, one threshold.")
+              "score threshold; lamp: LAMP scores, one threshold; gao: one density, "
+              "w^2 * E[x^2] scores and activation-weighted k-means values (Gao et al.); "
+              "surp: SuRP successive refinement, an embedded stream (rdonnx truncate cuts it).")
 @click.option("--solver", type=click.Choice(list(SOLVERS)), default="lagrange",
               show_default=True, help="rd: equal-slope search on convex hulls, or DP over the "
               "grid points.")
 @click.option("--normalize", is_flag=True,
               help="global: compare scores divided by each tensor's RMS.")
+@click.option("--pqi-p", type=float, default=0.5, show_default=True,
+              help="pqi: PQ index exponent p (0 < p < q).")
+@click.option("--pqi-q", type=float, default=1.0, show_default=True,
+              help="pqi: PQ index exponent q.")
+@click.option("--pqi-eta", type=float, default=0.0, show_default=True,
+              help="pqi: eta of the retained-fraction bound (>= 0; larger keeps fewer).")
+@click.option("--pqi-gamma", type=float, default=1.0, show_default=True,
+              help="pqi: SAP step size (each step prunes gamma * (1 - r), at most 0.9).")
+@click.option("--pqi-mode", type=click.Choice(PQI_MODES), default="fixed", show_default=True,
+              help="pqi: fixed: each weight's kept share where the iterated SAP step stops "
+              "(prunes < 1% of survivors); single: one PQI bound.")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="layer",
+              show_default=True, help="pqi: one PQI density per weight, or per output row "
+              "(neuron).")
+@click.option("--budget", type=click.Choice(BUDGETS), default="params", show_default=True,
+              help="hsic: what --rate counts: parameters, or multiply-accumulates per sample "
+              "(flops).")
+@click.option("--hsic-samples", type=int, default=64, show_default=True,
+              help="hsic: calibration samples whose layer outputs are compared.")
+@click.option("--hsic-beta", type=float, default=None,
+              help="hsic: importance exp(-beta * s_i) [default: 10 * number of layers].")
 @click.option("--curves", "curves_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Reuse R-D curves from rdonnx calibrate (refused if the "
               "model, data or settings differ).")
@@ -266,7 +296,12 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
                      layer_distortion=not kw["no_layer_distortion"], format=fmt,
                      values=kw["values"], value_bits=kw["value_bits"],
                      value_budget=kw["value_budget"],
-                     lossless_unpruned=kw["lossless_unpruned"], pattern=kw["pattern"])
+                     lossless_unpruned=kw["lossless_unpruned"], pattern=kw["pattern"],
+                     quantizer=kw["quantizer"])
+    config = replace(config, pqi_p=kw["pqi_p"], pqi_q=kw["pqi_q"], pqi_eta=kw["pqi_eta"],
+                     pqi_gamma=kw["pqi_gamma"], pqi_mode=kw["pqi_mode"],
+                     granularity=kw["granularity"], budget=kw["budget"],
+                     hsic_samples=kw["hsic_samples"], hsic_beta=kw["hsic_beta"])
     config.check()
     if plot_path is not None:
         require_matplotlib()
@@ -317,20 +352,30 @@ def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bo
 @click.option("--include", multiple=True, metavar="GLOB", help="Also list these tensors.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave these tensors out.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--suggest-rate", is_flag=True,
+              help="Also print a data-free --rate: the PQ index fixed-point density.")
 @common_options
 def inspect_cmd(model: Path, min_params: int, include: tuple[str, ...],
-                exclude: tuple[str, ...], as_json: bool, quiet: bool, debug: bool) -> None:
+                exclude: tuple[str, ...], as_json: bool, suggest_rate: bool, quiet: bool,
+                debug: bool) -> None:
     """List the prunable weights of MODEL (or what an .rdonnx artifact holds)."""
     if is_artifact(model):
         found = inspect_artifact(model)
         click.echo(json.dumps(found.manifest, indent=2, sort_keys=True) if as_json
                    else found.render())
         return
-    result = inspect(model, min_params=min_params, include=include, exclude=exclude)
+    result = inspect(model, min_params=min_params, include=include, exclude=exclude,
+                     suggest=suggest_rate)
     if as_json:
-        click.echo(json.dumps({"model": result.model, "params_total": result.params_total,
-                               "params_nonzero": result.params_nonzero,
-                               "weights": [w.__dict__ for w in result.weights]}, indent=2))
+        pqi_keys = [f"pqi_{p:g}_{q:g}" for p, q in INSPECT_PAIRS]
+        weights = [{**w.__dict__, **dict(zip(pqi_keys, v))}
+                   for w, v in zip(result.weights, result.pqi)]
+        found = {"model": result.model, "params_total": result.params_total,
+                 "params_nonzero": result.params_nonzero, "weights": weights,
+                 **dict(zip(pqi_keys, result.pqi_model))}
+        if result.suggested_rate is not None:
+            found["suggested_rate"] = result.suggested_rate
+        click.echo(json.dumps(found, indent=2))
     else:
         click.echo(result.render())
 
@@ -394,6 +439,46 @@ def decompress_cmd(artifact: Path, output: Path, fmt: str, force: bool, quiet: b
     check_output(output, artifact, force)
     size = decompress(artifact, output, fmt, force=True)
     _note(f"wrote {output} ({size:,} bytes, {fmt})", quiet)
+
+
+@cli.command("truncate")
+@click.argument("artifact", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="The smaller .rdonnx to write (never the input).")
+@click.option("--rate", type=float, default=None,
+              help="Keep the shortest prefix with this fraction of pool weights nonzero.")
+@click.option("--bits-per-weight", type=float, default=None,
+              help="Keep the longest prefix whose stream takes at most B bits per pool weight.")
+@click.option("--max-distortion", type=float, default=None,
+              help="Keep the shortest prefix whose measured distortion (the artifact's "
+              "--metric) against the original is at most D (needs --calib).")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The original model for --max-distortion [default: the source recorded "
+              "in the artifact, if unchanged].")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration data for --max-distortion (.npz or folder of .npz).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@data_options
+@common_options
+def truncate_cmd(artifact: Path, output: Path, rate: float | None,
+                 bits_per_weight: float | None, max_distortion: float | None,
+                 reference: Path | None, calib: Path | None, force: bool, quiet: bool,
+                 debug: bool, batch_size: int, calib_samples: int | None,
+                 input_shape: tuple[str, ...], input_range: tuple[str, ...], seed: int,
+                 device: str) -> None:
+    """Cut the SuRP stream of ARTIFACT (compress --method surp) to a shorter prefix."""
+    from .surp import truncate_artifact
+
+    if max_distortion is not None and calib is None:
+        raise UsageError("--max-distortion needs --calib DATA")
+    result = truncate_artifact(
+        artifact, output, rate=rate, bits_per_weight=bits_per_weight,
+        max_distortion=max_distortion, calib=calib, reference=reference,
+        data=_data(batch_size, calib_samples, input_shape, input_range, seed), device=device,
+        quiet=quiet, force=force)
+    extra = "" if result.distortion is None else f", distortion {result.distortion:.6g}"
+    _note(f"wrote {output} ({result.size:,} bytes, {result.steps:,} steps, rate "
+          f"{result.rate:.4g}, {result.bits_per_weight:.4f} bits per weight{extra})", quiet)
 
 
 @cli.command("doctor")

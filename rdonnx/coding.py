@@ -19,7 +19,8 @@ ZSTD_BASELINE_LIMIT = 256 * 2**20  # zstd -19 of larger dense models takes minut
 def stream_bits(quantized, values: np.ndarray) -> float:
     """Coded bits (positions + values streams) of one tensor, without writing anything."""
     if quantized is not None:
-        entry, _, _ = encode_tensor("t", 1, quantized.q.shape, quantized.q, quantized.step, None)
+        entry, _, _ = encode_tensor("t", 1, quantized.q.shape, quantized.q, quantized.step, None,
+                                    quantized.codebook)
     else:
         entry, _, _ = encode_tensor("t", 1, values.shape, None, None, np.asarray(values))
     return entry.bits["positions"] + entry.bits["values"]

@@ -10,8 +10,10 @@ from .calibrate import DEFAULT_GRID, check_grid
 from .data import DataOptions
 from .distortion import METRICS
 from .errors import UsageError
+from .hsic import BUDGETS
+from .pqi import GRANULARITIES, PQI_MODES, PQIOptions
 from .prune import CRITERIA
-from .quantize import VALUE_BITS
+from .quantize import QUANTIZERS, VALUE_BITS
 from .weights import DEFAULT_MIN_PARAMS
 
 CONFIG_VERSION = 1
@@ -54,11 +56,21 @@ class CompressConfig:
     values: str = "auto"  # "quantized", "exact", or "auto": quantized for rdonnx only
     value_bits: int | None = None  # None: the fewest bits within value_budget
     value_budget: float = 0.02  # quantization may add this share to the measured distortion
+    quantizer: str = "uniform"  # "uniform" grid, or "kmeans": activation-weighted codebook
     lossless_unpruned: bool = False  # keep large unpruned tensors exact instead of quantized
     reconstruct: bool = False  # update survivors to reconstruct each layer's output (OBS)
     sequential: bool = False  # reconstruct in graph order from already-compressed inputs
     pattern: str | None = None  # "N:M": keep N of every M consecutive inputs per output row
     damp: float = 0.01  # reconstruction: dampening, share of the mean diagonal of H
+    pqi_p: float = 0.5  # pqi: PQ index exponents, 0 < p < q
+    pqi_q: float = 1.0
+    pqi_eta: float = 0.0  # pqi: the bound's eta (>= 0)
+    pqi_gamma: float = 1.0  # pqi: SAP step size gamma (rho = gamma * (1 - r), at most 0.9)
+    pqi_mode: str = "fixed"  # pqi: "fixed" point of the iterated SAP step, or "single" bound
+    granularity: str = "layer"  # pqi: one density per "layer" (weight) or per "neuron" (row)
+    budget: str = "params"  # hsic: the rate counts "params" or "flops" (MACs per sample)
+    hsic_samples: int = 64  # hsic: calibration samples whose activations are compared
+    hsic_beta: float | None = None  # hsic: importance exp(-beta s_i); None: 10 * layers
     data: DataOptions = field(default_factory=DataOptions)
     version: int = CONFIG_VERSION
 
@@ -93,11 +105,45 @@ class CompressConfig:
                                      (self.method, METHODS, "method"),
                                      (self.criterion, CRITERIA, "criterion"),
                                      (self.solver, SOLVERS, "solver"),
-                                     (self.metric, METRICS, "metric")):
+                                     (self.metric, METRICS, "metric"),
+                                     (self.quantizer, QUANTIZERS, "quantizer")):
             if value not in options:
                 raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(options)}")
+        if self.quantizer == "kmeans" and self.quantized and self.reconstructs:
+            raise UsageError("k-means values (--quantizer kmeans, --method gao) do not combine "
+                             "with --reconstruct, --sequential or --criterion obs (GPTQ error "
+                             "feedback needs a uniform grid); drop one of them")
         if self.channel_axis < 0:
             raise UsageError(f"--channel-axis must be >= 0, got {self.channel_axis}")
+        if self.method == "surp":
+            from .surp import check_config
+
+            check_config(self)
+        self._check_methods()
+
+    def _check_methods(self) -> None:
+        """The pqi and hsic settings: valid, and given only with their method."""
+        defaults = CompressConfig()
+        pqi = ("pqi_p", "pqi_q", "pqi_eta", "pqi_gamma", "pqi_mode", "granularity")
+        hsic = ("budget", "hsic_samples", "hsic_beta")
+        for fields, method in ((pqi, "pqi"), (hsic, "hsic")):
+            changed = [f for f in fields if getattr(self, f) != getattr(defaults, f)]
+            if changed and self.method != method:
+                raise UsageError(f"--{changed[0].replace('_', '-')} applies to --method "
+                                 f"{method} only")
+        PQIOptions(self.pqi_p, self.pqi_q, self.pqi_eta, self.pqi_gamma).check()
+        for value, options, what in ((self.pqi_mode, PQI_MODES, "--pqi-mode"),
+                                     (self.granularity, GRANULARITIES, "--granularity"),
+                                     (self.budget, BUDGETS, "--budget")):
+            if value not in options:
+                raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(options)}")
+        if self.granularity == "neuron" and self.criterion == "obs":
+            raise UsageError("--granularity neuron orders entries itself; use --criterion "
+                             "magnitude or activation")
+        if self.hsic_samples < 2:
+            raise UsageError(f"--hsic-samples must be >= 2, got {self.hsic_samples}")
+        if self.hsic_beta is not None and self.hsic_beta < 0:
+            raise UsageError(f"--hsic-beta must be >= 0, got {self.hsic_beta}")
 
     @property
     def n_m(self) -> tuple[int, int] | None:

@@ -25,13 +25,16 @@ from google.protobuf.message import DecodeError
 
 from .codec import entropy
 from .errors import UsageError
-from .quantize import dequantize
+from .quantize import dequantize, lookup
 
 MAGIC = b"RDONNX\r\n"
 FORMAT_VERSION = 1
+SURP_FORMAT_VERSION = 2  # written only for files holding a SuRP stream (`manifest["surp"]`)
+READ_VERSIONS = (FORMAT_VERSION, SURP_FORMAT_VERSION)
 HEADER = struct.Struct("<8sHHII")
 MAX_MANIFEST = 256 * 2**20
 MAX_ELEMENTS = 2**33  # per tensor: refuse larger declared shapes rather than allocate them
+MAX_CODEBOOK = 2**16 - 1  # centroids of a "codebook" tensor (16 value bits at most)
 CODED_DTYPES = ("FLOAT", "FLOAT16", "BFLOAT16")
 CODED_LOCATION = "rdonnx"  # external-data location of coded initializers in the graph
 
@@ -60,6 +63,8 @@ class TensorEntry:
     values: Section
     step: float | None = None
     bits: dict[str, float] = field(default_factory=dict)  # positions, values, side, iid
+    codebook: Section | None = None  # "codebook" encoding: K float32 centroids
+    codebook_bytes: bytes = field(default=b"", repr=False)  # the centroids until placed
 
     @property
     def size(self) -> int:
@@ -75,6 +80,7 @@ class Artifact:
     graph: onnx.ModelProto
     tensors: list[TensorEntry]
     data: bytes
+    _surp: dict[str, np.ndarray] | None = field(default=None, repr=False)  # decoded pool
 
     def section(self, s: Section, what: str) -> bytes:
         if s.offset < 0 or s.length < 0 or s.offset + s.length > len(self.data):
@@ -89,6 +95,12 @@ class Artifact:
 
     def decode(self, entry: TensorEntry) -> np.ndarray:
         """The tensor's values, exactly as compress measured them."""
+        if entry.encoding == "surp":  # the shared SuRP stream, decoded once
+            if self._surp is None:
+                from .surp import decode_artifact
+
+                self._surp = decode_artifact(self)
+            return self._surp[entry.name]
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
             onnx.TensorProto.DataType.Value(entry.dtype)))
         positions = self.section(entry.positions, f"{entry.name} positions")
@@ -97,6 +109,8 @@ class Artifact:
             mask = entropy.decode_positions(positions, tuple(entry.shape))
             if int(mask.sum()) != entry.nnz:
                 raise FormatError(f"{self._where()}: {entry.name}: nonzero count mismatch")
+            if entry.encoding == "codebook":
+                return self._decode_codebook(entry, mask, values, dtype)
             if entry.encoding == "quantized":
                 levels = entropy.decode_values(values, entry.nnz)
                 out = np.zeros(entry.shape, dtype=np.float32)
@@ -112,20 +126,43 @@ class Artifact:
         except (entropy.CodecError, zstandard.ZstdError) as exc:
             raise FormatError(f"{self._where()}: cannot decode {entry.name}: {exc}") from None
 
+    def _decode_codebook(self, entry: TensorEntry, mask: np.ndarray, values: bytes,
+                         dtype: np.dtype) -> np.ndarray:
+        """codebook[index - 1] at the kept positions, in float32, cast to the dtype."""
+        blob = self.section(entry.codebook, f"{entry.name} codebook")
+        if len(blob) % 4 or not min(entry.nnz, 1) <= len(blob) // 4 <= MAX_CODEBOOK:
+            raise FormatError(f"{self._where()}: {entry.name}: codebook of {len(blob)} bytes "
+                              f"is not 1..{MAX_CODEBOOK} float32 values")
+        codebook = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        if not np.all(np.isfinite(codebook)):
+            raise FormatError(f"{self._where()}: {entry.name}: codebook holds inf or NaN")
+        indices = entropy.decode_values(values, entry.nnz)
+        if indices.size and (int(indices.min()) < 1 or int(indices.max()) > codebook.size):
+            raise FormatError(f"{self._where()}: {entry.name}: index out of codebook range "
+                              f"1..{codebook.size}")
+        q = np.zeros(entry.shape, dtype=np.int32)
+        q[mask] = indices
+        return lookup(q, codebook, dtype)
+
     def decode_all(self) -> dict[str, np.ndarray]:
         return {e.name: self.decode(e) for e in self.tensors}
 
 
 def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarray | None,
-                  step: float | None, exact: np.ndarray | None
-                  ) -> tuple[TensorEntry, bytes, bytes]:
-    """Code one tensor: integer levels (`q`, `step`) or exact values; returns its entry and
-    the two streams (sections are placed by `write_artifact`)."""
+                  step: float | None, exact: np.ndarray | None,
+                  codebook: np.ndarray | None = None) -> tuple[TensorEntry, bytes, bytes]:
+    """Code one tensor: integer levels (`q`, `step`), codebook indices (`q`, `codebook`) or
+    exact values; returns its entry and the two streams (sections, the codebook's too, are
+    placed by `write_artifact`)."""
     if q is not None:
         pos, val = entropy.encode_integers(q)
         nnz, encoding = int(np.count_nonzero(q)), "quantized"
         values_blob = val.payload
         value_bits, value_iid, value_side = val.bits, val.iid_entropy_bits, val.side_bits
+        if codebook is not None:  # the centroids count as side information of the values
+            encoding, step = "codebook", None
+            table = 32 * int(np.asarray(codebook).size)
+            value_bits, value_side = value_bits + table, value_side + table
     else:
         mask = exact != 0
         pos = entropy.encode_positions(mask)
@@ -140,13 +177,19 @@ def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarr
                          "side": pos.side_bits + value_side,
                          "iid_entropy": pos.iid_entropy_bits + value_iid,
                          "positions_model": pos.model})
+    if codebook is not None:
+        entry.codebook_bytes = np.asarray(codebook, dtype="<f4").tobytes()
     return entry, pos.payload, values_blob
 
 
 def write_artifact(path: Path, graph: onnx.ModelProto,
                    coded: list[tuple[TensorEntry, bytes, bytes]],
-                   settings: dict[str, Any], metrics: dict[str, Any], version: str) -> int:
-    """Write the container atomically; returns its size in bytes."""
+                   settings: dict[str, Any], metrics: dict[str, Any], version: str,
+                   surp: tuple[bytes, dict[str, Any]] | None = None) -> int:
+    """Write the container atomically; returns its size in bytes.
+
+    `surp`: a SuRP stream and its manifest object (entries with encoding "surp" have empty
+    positions / values sections); the file then has format version 2."""
     from .model import _temp  # the same atomic temp-file helper as for ONNX outputs
 
     chunks: list[bytes] = []
@@ -163,14 +206,21 @@ def write_artifact(path: Path, graph: onnx.ModelProto,
         graph.SerializeToString(deterministic=True)))
     tensors = []
     for entry, positions, values in coded:
+        if entry.encoding == "surp":
+            tensors.append(_entry_json(entry))
+            continue
         entry.positions, entry.values = place(positions), place(values)
+        if entry.encoding == "codebook":
+            entry.codebook = place(entry.codebook_bytes)
         tensors.append(_entry_json(entry))
+    file_version = FORMAT_VERSION if surp is None else SURP_FORMAT_VERSION
+    extra = {} if surp is None else {"surp": {**surp[1], "stream": place(surp[0]).__dict__}}
     manifest = zstandard.ZstdCompressor(level=19).compress(json.dumps({
-        "format": "rdonnx", "format_version": FORMAT_VERSION, "rdonnx_version": version,
+        "format": "rdonnx", "format_version": file_version, "rdonnx_version": version,
         "graph": {**graph_section.__dict__, "codec": "zstd"}, "tensors": tensors,
-        "settings": settings, "metrics": metrics}, sort_keys=True,
+        "settings": settings, "metrics": metrics, **extra}, sort_keys=True,
         separators=(",", ":")).encode())
-    header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(manifest), zlib.crc32(manifest))
+    header = HEADER.pack(MAGIC, file_version, 0, len(manifest), zlib.crc32(manifest))
     tmp = _temp(path.parent, path.name)
     try:
         with open(tmp, "wb") as f:
@@ -186,6 +236,11 @@ def write_artifact(path: Path, graph: onnx.ModelProto,
 def _entry_json(entry: TensorEntry) -> dict[str, Any]:
     data = dict(entry.__dict__)
     data["positions"], data["values"] = entry.positions.__dict__, entry.values.__dict__
+    data.pop("codebook_bytes", None)
+    if entry.codebook is None:
+        del data["codebook"]  # other encodings: the manifest entry is unchanged
+    else:
+        data["codebook"] = entry.codebook.__dict__
     return data
 
 
@@ -210,9 +265,9 @@ def read_artifact(source: str | os.PathLike | bytes) -> Artifact:
     if len(blob) < HEADER.size or blob[:len(MAGIC)] != MAGIC:
         raise FormatError(f"{where} is not an .rdonnx file (wrong magic bytes)")
     _, version, flags, length, crc = HEADER.unpack_from(blob)
-    if version != FORMAT_VERSION:
-        raise FormatError(f"{where} has format version {version}; this rdonnx reads version "
-                          f"{FORMAT_VERSION}: upgrade rdonnx")
+    if version not in READ_VERSIONS:
+        raise FormatError(f"{where} has format version {version}; this rdonnx reads versions "
+                          f"{', '.join(map(str, READ_VERSIONS))}: upgrade rdonnx")
     if flags != 0:
         raise FormatError(f"{where} sets reserved header flags {flags:#x} (damaged file?)")
     if length > min(MAX_MANIFEST, len(blob) - HEADER.size):
@@ -226,6 +281,9 @@ def read_artifact(source: str | os.PathLike | bytes) -> Artifact:
         if manifest.get("format") != "rdonnx" or manifest.get("format_version") != version:
             raise ValueError("format fields do not match the header")
         tensors = [_entry(t) for t in manifest["tensors"]]
+        if (version == SURP_FORMAT_VERSION) != ("surp" in manifest) or \
+                any(t.encoding == "surp" for t in tensors) != ("surp" in manifest):
+            raise ValueError("SuRP stream and SuRP tensors do not match the format version")
         graph_section = Section(**{k: int(manifest["graph"][k])
                                    for k in ("offset", "length", "crc32")})
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
@@ -260,7 +318,7 @@ def _check_against_graph(artifact: Artifact, where: str) -> None:
 
 
 def _entry(data: dict[str, Any]) -> TensorEntry:
-    if data["encoding"] not in ("quantized", "exact"):
+    if data["encoding"] not in ("quantized", "exact", "codebook", "surp"):
         raise ValueError(f"unknown encoding {data['encoding']!r}")
     if data["dtype"] not in CODED_DTYPES:
         raise ValueError(f"{data['name']}: dtype {data['dtype']!r} is not a coded float type")
@@ -280,4 +338,6 @@ def _entry(data: dict[str, Any]) -> TensorEntry:
         positions=Section(*(int(data["positions"][k]) for k in ("offset", "length", "crc32"))),
         values=Section(*(int(data["values"][k]) for k in ("offset", "length", "crc32"))),
         step=None if data.get("step") is None else float(data["step"]),
-        bits=dict(data.get("bits", {})))
+        bits=dict(data.get("bits", {})),
+        codebook=Section(*(int(data["codebook"][k]) for k in ("offset", "length", "crc32")))
+        if data["encoding"] == "codebook" else None)

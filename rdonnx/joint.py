@@ -10,7 +10,7 @@ a step: the budget is never exceeded.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,9 @@ import numpy as np
 from .allocate import _hull
 from .errors import UsageError
 from .prune import Ranking
-from .quantize import quantize
+from .quantize import Quantized, quantize
+
+Quantizer = Callable[[np.ndarray, int], Quantized]  # (pruned weight, bits) -> quantized
 
 JOINT_VALUE_BITS = (3, 4, 5, 6, 7, 8)
 
@@ -39,26 +41,31 @@ def _entropy(counts: np.ndarray) -> float:
     return float(-(counts * np.log2(p)).sum())
 
 
-def estimate_bits(weight: np.ndarray, mask: np.ndarray, bits: int) -> float:
-    """i.i.d. entropy estimate of the coded tensor: positions plus quantized survivors."""
-    q = quantize(np.where(mask, weight, 0), bits).q
+def estimate_bits(weight: np.ndarray, mask: np.ndarray, bits: int,
+                  quantizer: Quantizer = quantize) -> float:
+    """i.i.d. entropy estimate of the coded tensor: positions plus quantized survivors (plus
+    32 bits per centroid of a k-means codebook)."""
+    quantized = quantizer(np.where(mask, weight, 0), bits)
+    q = quantized.q
     levels = q[q != 0]
     n, nnz = q.size, levels.size
     positions = _entropy(np.array([nnz, n - nnz]))
+    table = 0 if quantized.codebook is None else 32 * quantized.codebook.size
     if nnz == 0:
-        return positions
+        return positions + table
     signs = _entropy(np.array([(levels > 0).sum(), (levels < 0).sum()]))
-    return positions + signs + _entropy(np.bincount(np.abs(levels)))
+    return positions + table + signs + _entropy(np.bincount(np.abs(levels)))
 
 
 def options_for(weight: np.ndarray, ranking: Ranking, grid: Sequence[float],
-                curve: Sequence[float], quantization: Mapping[int, float]) -> list[Option]:
+                curve: Sequence[float], quantization: Mapping[int, float],
+                quantizer: Quantizer = quantize) -> list[Option]:
     """Every (grid density, value width) point of one weight."""
     options = []
     for density, pruned_distortion in zip(grid, curve):
         mask = ranking.mask(int(round(density * weight.size)))
         for bits, q in quantization.items():
-            options.append(Option(density, bits, estimate_bits(weight, mask, bits),
+            options.append(Option(density, bits, estimate_bits(weight, mask, bits, quantizer),
                                   pruned_distortion + density * q))
     return options
 

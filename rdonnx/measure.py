@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Batches, Feed, split_labels
-from .distortion import AccuracyMeter, Distortion, DistortionMeter
+from .distortion import AccuracyMeter, Distortion, DistortionMeter, energy_of
 from .progress import progress_bar
 
 Predict = Callable[[Feed], list[np.ndarray]]
@@ -61,8 +61,10 @@ class Replay:
         self._held: list[tuple[Feed, list[np.ndarray]] | Path] = []
         self._bytes = 0
         self._folder: tempfile.TemporaryDirectory | None = None
+        self._energy: list[list[float]] = []  # per batch: sum of squares of each float output
 
     def append(self, feed: Feed, outputs: list[np.ndarray]) -> None:
+        self._energy.append(energy_of(outputs))
         size = sum(a.nbytes for a in feed.values()) + sum(np.asarray(o).nbytes for o in outputs)
         if self._bytes + size <= self.budget:
             self._held.append((feed, [np.asarray(o) for o in outputs]))
@@ -92,6 +94,6 @@ class Replay:
                    only: str | None = None) -> Distortion:
         """Distortion of `run`'s outputs against the recorded ones (`only` one metric)."""
         meter = DistortionMeter(channel_axis, only)
-        for feed, expected in self:
-            meter.add(expected, run(feed))
+        for (feed, expected), energy in zip(self, self._energy):
+            meter.add(expected, run(feed), energy)
         return meter.result()

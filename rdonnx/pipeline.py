@@ -7,11 +7,12 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
-from . import __version__
+from . import __version__, hsic, pqi
 from .allocate import ALLOCATORS, SOLVERS, Allocation, predicted
 from .artifact import save_artifact
 from .calibrate import Curves, check_grid, measure_value_curves
@@ -47,6 +48,7 @@ class CompressResult:
     report: Report
     curves: Curves | None = None
     pruned: dict[str, np.ndarray] = field(default_factory=dict)  # exact values, for baselines
+    surp: Any = None  # --method surp: the coded pool (rdonnx.surp.Coded)
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -87,7 +89,7 @@ class CompressResult:
                    "top1_agreement": self.report.calibration.top1_agreement,
                    "rate": self.report.rate, "value_bits": self.report.value_bits}
         size, entries = save_artifact(self.source, path, self.quantized, exact,
-                                      self.report.settings, metrics)
+                                      self.report.settings, metrics, self.surp)
         self.report.coding = coding_report(self.source, self.pruned or self.weights, entries,
                                            prunable, size, self.report.input_bytes)
         bits = {e.name: (e.bits["positions"] + e.bits["values"]) / max(e.size, 1)
@@ -105,11 +107,16 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
 
     `frontier` lists other rates at which the same method is measured too (for plots).
     """
+    config = gao_settings(config)
     config.check()
     if labels and test is None:
         raise UsageError("labels need test data (--test DATA --labels KEY)")
     cal = calibrate_model(model, config, calib, quiet)
     test_data = make_data(cal.model, test, config.data, labels) if test is not None else None
+    if config.method == "surp":
+        from .surp import compress_surp
+
+        return compress_surp(cal, config, test_data, labels, quiet)
     need_curves = (config.method == "rd" or config.max_distortion is not None) and \
         config.pattern is None
     if curves is not None:
@@ -120,7 +127,10 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
     allocation = Allocation({n: s.values for n, s in cal.scores.items()},
                             {n: curves.curve(n) for n in curves.distortion} if curves else {},
                             config.normalize)
-    allocator = SOLVERS[config.solver] if config.method == "rd" else ALLOCATORS[config.method]
+    if config.method in ("pqi", "hsic"):  # weight-only bounds, or activation importances
+        allocation = (pqi if config.method == "pqi" else hsic).prepare(cal, config, allocation)
+    allocator = SOLVERS[config.solver] if config.method == "rd" else \
+        ALLOCATORS["uniform" if config.method == "gao" else config.method]
     chosen, steps, curves = _choose(cal, config, allocation, allocator, curves, quiet)
     lowest = min(check_grid(config.grid)) if curves is not None else 0.0
     points = []
@@ -172,7 +182,9 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
         curves = _with_value_curves(cal, config, curves, quiet)
         options = {w.name: options_for(cal.originals[w.name], cal.rankings[w.name],
                                        curves.grid, curves.distortion[w.name],
-                                       curves.values[w.name]) for w in cal.weights}
+                                       curves.values[w.name],
+                                       lambda a, b, n=w.name: cal.quantize(n, a, b, config))
+                   for w in cal.weights}
 
         def realize_budget(budget: float) -> Realized:
             choice = allocate_joint(options, budget)
@@ -229,6 +241,16 @@ def _report(cal: Calibration, config: CompressConfig, chosen: Realized, curves: 
         settings=config.as_dict(), rdonnx_version=__version__, notices=cal.notices)
 
 
+def gao_settings(config: CompressConfig) -> CompressConfig:
+    """Gao et al.'s setting for `--method gao`: one density in every layer (the uniform
+    allocator), entries scored by w^2 * E[x^2] (the activation criterion) and, when values
+    are quantized, the activation-weighted k-means quantizer. Other methods: unchanged."""
+    if config.method != "gao":
+        return config
+    return replace(config, criterion="activation",
+                   quantizer="kmeans" if config.quantized else config.quantizer)
+
+
 def _common(values) -> int | None:
     """The one value all items share, else None (None too when they are all None)."""
     unique = set(values)
@@ -241,7 +263,8 @@ def _with_value_curves(cal: Calibration, config: CompressConfig, curves: Curves,
     if all(set(JOINT_VALUE_BITS) <= set(curves.values.get(w.name, {})) for w in cal.weights):
         return curves
     measured = measure_value_curves(cal.runner, cal.replay, cal.weights, cal.originals,
-                                    JOINT_VALUE_BITS, config.metric, config.channel_axis, quiet)
+                                    JOINT_VALUE_BITS, config.metric, config.channel_axis, quiet,
+                                    lambda n, a, b: cal.quantize(n, a, b, config))
     return replace(curves, values=measured)
 
 

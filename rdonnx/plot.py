@@ -77,15 +77,15 @@ def plot_report(report: Report, path: str | os.PathLike) -> None:
 
 
 def plot_methods(series: Mapping[str, Sequence[tuple[float, float]]], path: str | os.PathLike,
-                 ylabel: str, title: str) -> None:
+                 ylabel: str, title: str,
+                 xlabel: str = "rate (fraction of weights kept)") -> None:
     """Measured distortion (or any metric) against rate, one line per method."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name, points in series.items():
         xs, ys = zip(*sorted(points))
         ax.plot(xs, ys, marker="o", label=name)
-    ax.set(xscale="log", yscale="log", xlabel="rate (fraction of weights kept)",
-           ylabel=ylabel, title=title)
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, Path(path))

@@ -1,8 +1,11 @@
-"""Uniform scalar quantization of surviving weight values, per tensor.
+"""Scalar quantization of surviving weight values, per tensor.
 
-A tensor is stored as integers q (0 = pruned) and one float32 step; its value is
+`uniform`: a tensor is stored as integers q (0 = pruned) and one float32 step; its value is
 q * step computed in float32 and cast to the tensor's dtype, on the encoder and the decoder alike,
 so decoding reproduces exactly the weights whose distortion was measured.
+
+`kmeans` (`rdonnx.kmeans`): q holds codebook indices 1..K (0 = pruned) and the value is
+codebook[q - 1], a float32 lookup cast to the tensor's dtype, again exactly what a decoder builds.
 """
 
 from __future__ import annotations
@@ -12,22 +15,32 @@ from dataclasses import dataclass
 import numpy as np
 
 VALUE_BITS = range(2, 17)  # what --value-bits accepts
+QUANTIZERS = ("uniform", "kmeans")  # what --quantizer accepts
 
 
 @dataclass(frozen=True)
 class Quantized:
-    """Integer levels and the float32 step of one tensor."""
+    """Integer levels and the float32 step of one tensor, or codebook indices and the codebook."""
 
-    q: np.ndarray  # int32, the tensor's shape
-    step: float  # a float32 value
+    q: np.ndarray  # int32, the tensor's shape: levels, or indices 1..K into `codebook` (0: pruned)
+    step: float  # a float32 value (1.0, unused, with a codebook)
+    codebook: np.ndarray | None = None  # float32 [K], ascending: the k-means centroids
 
     def values(self, dtype: np.dtype) -> np.ndarray:
         """The dequantized tensor in `dtype` (exactly what a decoder reconstructs)."""
+        if self.codebook is not None:
+            return lookup(self.q, self.codebook, dtype)
         return dequantize(self.q, self.step, dtype)
 
 
 def dequantize(q: np.ndarray, step: float, dtype: np.dtype) -> np.ndarray:
     return (q.astype(np.float32) * np.float32(step)).astype(dtype)
+
+
+def lookup(q: np.ndarray, codebook: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """codebook[q - 1] in float32 (0 where q = 0, +0.0), cast to `dtype`; q must be in 0..K."""
+    table = np.concatenate([np.zeros(1, np.float32), np.asarray(codebook, np.float32)])
+    return table[q].astype(dtype)
 
 
 def quantize(weight: np.ndarray, bits: int) -> Quantized:

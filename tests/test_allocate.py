@@ -48,7 +48,7 @@ def test_target_count_rounds():
 
 
 def test_registry_names():
-    assert {"uniform", "global", "lamp", "rd"} <= set(ALLOCATORS)
+    assert {"uniform", "global", "lamp", "rd", "pqi", "hsic"} <= set(ALLOCATORS)
     assert ALLOCATORS["uniform"] is uniform and ALLOCATORS["global"] is global_threshold
 
 

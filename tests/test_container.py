@@ -170,7 +170,7 @@ DAMAGED: dict[str, Callable[[Layout], bytes]] = {
     "onnx-file": lambda lay: onnx.helper.make_model(onnx.helper.make_graph(
         [], "g", [], [])).SerializeToString(),
     "zip-file": lambda lay: b"PK\x03\x04" + bytes(200),
-    "version-2": lambda lay: _patch(lay.blob, "<H", 8, 2),
+    "version-3": lambda lay: _patch(lay.blob, "<H", 8, 3),  # 2 is SuRP; 3 is unknown
     "version-0": lambda lay: _patch(lay.blob, "<H", 8, 0),
     "version-65535": lambda lay: _patch(lay.blob, "<H", 8, 0xFFFF),
     "manifest-length-huge": lambda lay: _patch(lay.blob, "<I", 12, 0xFFFFFFFF),
@@ -306,7 +306,7 @@ def test_damaged_file_on_the_command_line(small, tmp_path, cli, name):
 
 
 def test_format_errors_say_what_is_wrong(small, tmp_path):
-    cases = {"wrong-magic": "not an .rdonnx file", "version-2": "format version 2",
+    cases = {"wrong-magic": "not an .rdonnx file", "version-3": "format version 3",
              "manifest-length-huge": "manifest", "flip-manifest": "checksum",
              "flip-graph": "checksum", "flip-streams": "checksum",
              "shape-2^40": "shape", "truncated-streams": "truncated|outside"}

@@ -188,3 +188,19 @@ def test_choose_bits_honours_explicit_bits(tensors, bits):
         assert choice.bits == bits and len(calls) == 1
         assert all(int(np.abs(q.q).max()) == 2 ** (bits - 1) - 1
                    for q in choice.quantized.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# codebook values (k-means): the same `Quantized`, decoded by lookup
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_codebook_values_are_a_float32_lookup(dtype):
+    codebook = np.array([-1.5, 0.1, 2.0], np.float32)
+    q = np.array([[0, 1, 3], [2, 0, 1]], np.int32)
+    got = Quantized(q, 1.0, codebook).values(np.dtype(dtype))
+    expected = np.array([[0, -1.5, 2.0], [0.1, 0, -1.5]], np.float32).astype(dtype)
+    assert got.dtype == np.dtype(dtype) and got.tobytes() == expected.tobytes()
+    assert np.signbit(got[q == 0]).sum() == 0  # pruned entries are +0.0
+    # without a codebook the same levels mean q x step
+    assert Quantized(q, 0.5).values(np.float32).tolist() == [[0, 0.5, 1.5], [1.0, 0, 0.5]]

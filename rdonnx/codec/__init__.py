@@ -6,6 +6,7 @@ from .entropy import (
     CodecError,
     CodedStream,
     decode_integers,
+    decode_kept,
     decode_positions,
     decode_values,
     encode_integers,
@@ -14,6 +15,6 @@ from .entropy import (
 )
 
 __all__ = [
-    "CodecError", "CodedStream", "decode_integers", "decode_positions", "decode_values",
-    "encode_integers", "encode_positions", "encode_values",
+    "CodecError", "CodedStream", "decode_integers", "decode_kept", "decode_positions",
+    "decode_values", "encode_integers", "encode_positions", "encode_values",
 ]
