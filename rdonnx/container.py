@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 
 from .codec import entropy
 from .errors import UsageError
-from .quantize import dequantize, lookup
+from .quantize import dequantize
 
 MAGIC = b"RDONNX\r\n"
 FORMAT_VERSION = 1
@@ -106,29 +106,28 @@ class Artifact:
         positions = self.section(entry.positions, f"{entry.name} positions")
         values = self.section(entry.values, f"{entry.name} values")
         try:
-            mask = entropy.decode_positions(positions, tuple(entry.shape))
-            if int(mask.sum()) != entry.nnz:
+            kept = entropy.decode_kept(positions, tuple(entry.shape))
+            if kept.size != entry.nnz:
                 raise FormatError(f"{self._where()}: {entry.name}: nonzero count mismatch")
             if entry.encoding == "codebook":
-                return self._decode_codebook(entry, mask, values, dtype)
-            if entry.encoding == "quantized":
+                survivors = self._decode_codebook(entry, values)
+            elif entry.encoding == "quantized":
                 levels = entropy.decode_values(values, entry.nnz)
-                out = np.zeros(entry.shape, dtype=np.float32)
-                out[mask] = dequantize(levels, float(entry.step), np.float32)  # zeros stay +0
-                return out.astype(dtype, copy=False)
-            raw = zstandard.ZstdDecompressor().decompress(
-                values, max_output_size=entry.nnz * dtype.itemsize)
-            if len(raw) != entry.nnz * dtype.itemsize:
-                raise FormatError(f"{self._where()}: {entry.name}: value bytes mismatch")
-            out = np.zeros(entry.shape, dtype=dtype)
-            out[mask] = np.frombuffer(raw, dtype=dtype)
-            return out
+                survivors = dequantize(levels, float(entry.step), np.float32)
+            else:
+                raw = zstandard.ZstdDecompressor().decompress(
+                    values, max_output_size=entry.nnz * dtype.itemsize)
+                if len(raw) != entry.nnz * dtype.itemsize:
+                    raise FormatError(f"{self._where()}: {entry.name}: value bytes mismatch")
+                survivors = np.frombuffer(raw, dtype=dtype)
+            out = np.zeros(entry.size, dtype=survivors.dtype)  # pruned entries are +0
+            out[kept] = survivors
+            return out.reshape(entry.shape).astype(dtype, copy=False)
         except (entropy.CodecError, zstandard.ZstdError) as exc:
             raise FormatError(f"{self._where()}: cannot decode {entry.name}: {exc}") from None
 
-    def _decode_codebook(self, entry: TensorEntry, mask: np.ndarray, values: bytes,
-                         dtype: np.dtype) -> np.ndarray:
-        """codebook[index - 1] at the kept positions, in float32, cast to the dtype."""
+    def _decode_codebook(self, entry: TensorEntry, values: bytes) -> np.ndarray:
+        """codebook[index - 1] of the kept entries, in float32."""
         blob = self.section(entry.codebook, f"{entry.name} codebook")
         if len(blob) % 4 or not min(entry.nnz, 1) <= len(blob) // 4 <= MAX_CODEBOOK:
             raise FormatError(f"{self._where()}: {entry.name}: codebook of {len(blob)} bytes "
@@ -140,9 +139,7 @@ class Artifact:
         if indices.size and (int(indices.min()) < 1 or int(indices.max()) > codebook.size):
             raise FormatError(f"{self._where()}: {entry.name}: index out of codebook range "
                               f"1..{codebook.size}")
-        q = np.zeros(entry.shape, dtype=np.int32)
-        q[mask] = indices
-        return lookup(q, codebook, dtype)
+        return codebook[indices - 1]
 
     def decode_all(self) -> dict[str, np.ndarray]:
         return {e.name: self.decode(e) for e in self.tensors}

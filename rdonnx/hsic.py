@@ -139,21 +139,32 @@ def consumer_outputs(cal: Calibration) -> dict[str, tuple[str, str]]:
     return found
 
 
-def collect(cal: Calibration, tensors: Sequence[str], samples: int) -> dict[str, np.ndarray]:
-    """The named intermediate tensors on the first `samples` replayed calibration samples."""
+def collect(cal: Calibration, tensors: Sequence[str], samples: int
+            ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    """The named intermediate tensors on the first `samples` replayed calibration samples, one
+    row per sample ([samples, -1]), and each tensor's shape on the first batch. Tensors whose
+    first axis is not the batch (sequence-first layouts, batch x tokens folded into one axis:
+    the sample of a row is unknown) are left out."""
     given = {o.name for o in cal.model.proto.graph.output}
     runner = Runner(cal.model, cal.weights, cal.runner.device,
                     sorted(set(tensors) - given))
     parts: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    shapes: dict[str, tuple[int, ...]] = {}
     seen = 0
     for feed, _ in cal.replay:
+        batch = len(next(iter(feed.values())))
         values = dict(zip(tensors, runner.run(feed, outputs=list(tensors))))
         for t in tensors:
-            parts[t].append(np.asarray(values[t]))
-        seen += len(next(iter(values.values())))
+            value = np.asarray(values[t])
+            shapes.setdefault(t, value.shape)
+            if parts[t] is not None and value.ndim and value.shape[0] == batch:
+                parts[t].append(value.reshape(batch, -1))
+            else:
+                parts[t] = None
+        seen += batch
         if seen >= samples:
             break
-    return {t: np.concatenate(p)[:samples] for t, p in parts.items()}
+    return {t: np.concatenate(p)[:samples] for t, p in parts.items() if p}, shapes
 
 
 def macs(size: int, output_shape: Sequence[int], op: str) -> float:
@@ -167,8 +178,8 @@ def prepare(cal: Calibration, config: CompressConfig, allocation: Allocation) ->
     """`allocation` with each weight's importance alpha and budget cost (params or MACs)."""
     found = consumer_outputs(cal)
     tensors = sorted({t for t, _ in found.values()})
-    acts = collect(cal, tensors, config.hsic_samples) if tensors else {}
-    seen = [w for w in cal.weights if w.name in found]
+    acts, shapes = collect(cal, tensors, config.hsic_samples) if tensors else ({}, {})
+    seen = [w for w in cal.weights if w.name in found and found[w.name][0] in acts]
     if len(seen) < 2:
         raise UsageError("--method hsic needs the outputs of at least two prunable layers; "
                          "use another --method")
@@ -179,7 +190,7 @@ def prepare(cal: Calibration, config: CompressConfig, allocation: Allocation) ->
     for w in cal.weights:
         if config.budget == "flops" and w.name in found:
             tensor, op = found[w.name]
-            costs[w.name] = macs(w.size, acts[tensor].shape, op)
+            costs[w.name] = macs(w.size, shapes[tensor], op)
         else:
             costs[w.name] = float(w.size)
     if config.budget == "flops":

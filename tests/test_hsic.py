@@ -175,3 +175,37 @@ def test_cli_refuses_hsic_options_elsewhere(cli, tmp_path):
     assert_usage_error(cli("compress", MLP, "--rate", "0.2", "--method", "hsic",
                            "--hsic-beta", "-1", "-o", tmp_path / "x.onnx"), "--hsic-beta")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def _folded_model() -> bytes:
+    """x [N, 4, 32] -> MatMul w1 -> Reshape [N*4, 32] -> MatMul w2 -> Reshape [N, 128] ->
+    MatMul w3: w2's output folds batch and tokens into one axis."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n)
+             for n, s in (("w1", (32, 32)), ("w2", (32, 32)), ("w3", (128, 10)))]
+    inits += [numpy_helper.from_array(np.array(s, dtype=np.int64), n)
+              for n, s in (("fold", (-1, 32)), ("unfold", (-1, 128)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Reshape", ["b", "fold"], ["c"]),
+             helper.make_node("MatMul", ["c", "w2"], ["d"]),
+             helper.make_node("Reshape", ["d", "unfold"], ["e"]),
+             helper.make_node("MatMul", ["e", "w3"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "folded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_outputs_without_a_batch_axis_get_the_median_importance():
+    x = np.random.default_rng(4).standard_normal((64, 4, 32)).astype(np.float32)
+    result = rdonnx.compress(_folded_model(), rate=0.3, method="hsic", calib={"x": x},
+                             config=CompressConfig(layer_distortion=False, format="dense",
+                                                   simplify=False))
+    assert any("1 weight(s) without an observable output" in n for n in result.report.notices)
+    assert result.report.rate == pytest.approx(0.3, abs=0.005)

@@ -38,6 +38,7 @@ _MUL = np.uint64(0x9E3779B97F4A7C15)
 _ROUNDS = 4
 _INVERSE_FACTOR = 2  # |E|^2 <= this * n: invert the permutation on E, else scan positions
 _BATCH_CELLS = 1 << 21  # candidate positions computed at once by the forward scan
+_BLOCK = 1 << 15  # elements per numpy pass of the Feistel rounds (stays in cache)
 
 
 # ----------------------------------------------------------------------- shared randomness
@@ -71,34 +72,72 @@ class _Domain:
         return _Domain(n, b // 2, b - b // 2)
 
 
-def _feistel(x: np.ndarray, keys: np.ndarray, d: _Domain, inverse: bool) -> np.ndarray:
-    left, right = x >> np.uint64(d.low), x & np.uint64((1 << d.low) - 1)
-    order = range(_ROUNDS - 1, -1, -1) if inverse else range(_ROUNDS)
-    for r in order:
-        if r % 2 == 0:
-            left = left ^ (((right ^ keys[..., r]) * _MUL) >> np.uint64(64 - d.high))
-        else:
-            right = right ^ (((left ^ keys[..., r]) * _MUL) >> np.uint64(64 - d.low))
-    return (left << np.uint64(d.low)) | right
 
+def _rounds(x: np.ndarray, keys, lo: int, hi: int, inverse: bool) -> np.ndarray:
+    """The four Feistel rounds on x (uint64, any shape); `keys[r]` broadcasts against x."""
+    left = x >> np.uint64(lo)
+    right = x & np.uint64((1 << lo) - 1)
+    tmp = np.empty_like(left)
+    shl, shr = np.uint64(64 - hi), np.uint64(64 - lo)
+    for r in ((3, 2, 1, 0) if inverse else (0, 1, 2, 3)):
+        if r % 2 == 0:
+            np.bitwise_xor(right, keys[r], out=tmp)
+            np.multiply(tmp, _MUL, out=tmp)
+            np.right_shift(tmp, shl, out=tmp)
+            np.bitwise_xor(left, tmp, out=left)
+        else:
+            np.bitwise_xor(left, keys[r], out=tmp)
+            np.multiply(tmp, _MUL, out=tmp)
+            np.right_shift(tmp, shr, out=tmp)
+            np.bitwise_xor(right, tmp, out=right)
+    np.left_shift(left, np.uint64(lo), out=left)
+    np.bitwise_or(left, right, out=left)
+    return left
+
+def _apply(x: np.ndarray, kt: np.ndarray, lo: int, hi: int, inverse: bool) -> np.ndarray:
+    """One Feistel pass over x [R, C] with round keys kt [4, R] (one permutation per row), in
+    cache-sized blocks."""
+    R, C = x.shape
+    if R == 1:
+        k = [np.uint64(v) for v in kt[:, 0].tolist()]
+        if C <= _BLOCK:
+            return _rounds(x, k, lo, hi, inverse)
+        out = np.empty_like(x)
+        for a in range(0, C, _BLOCK):
+            out[0, a:a + _BLOCK] = _rounds(x[0, a:a + _BLOCK], k, lo, hi, inverse)
+        return out
+    step = max(1, _BLOCK // C)
+    if step >= R:
+        return _rounds(x, kt[:, :, None], lo, hi, inverse)
+    out = np.empty_like(x)
+    for a in range(0, R, step):
+        out[a:a + step] = _rounds(x[a:a + step], kt[:, a:a + step, None], lo, hi, inverse)
+    return out
 
 def permute(x: np.ndarray, keys: np.ndarray, d: _Domain, inverse: bool = False) -> np.ndarray:
     """pi(x) (or pi^-1(x)) on [0, n), elementwise.
 
     `x` is 1-D with `keys` [4] (one permutation) or [len(x), 4] (one per entry), or 2-D
     [rows, cols] with `keys` [rows, 4] (one permutation per row)."""
-    x = np.asarray(x, dtype=np.uint64)
+    x = np.asarray(x)
     keys = np.asarray(keys, dtype=np.uint64)
     if keys.ndim == 1:
         keys = keys[None, :]
-    x2 = x.reshape(keys.shape[0] if x.ndim == 2 or keys.shape[0] > 1 else 1, -1)
+    rows = keys.shape[0]
+    x2 = x.astype(np.uint64).reshape(rows if (x.ndim == 2 or rows > 1) else 1, -1)
     cols = x2.shape[1]
-    with np.errstate(over="ignore"):
-        out = _feistel(x2, keys[:, None, :], d, inverse).reshape(-1)
-        walk = np.flatnonzero(out >= np.uint64(d.n))
-        while walk.size:  # cycle-walking: the domain 2^b holds [0, n)
-            out[walk] = _feistel(out[walk], keys[walk // cols], d, inverse)
-            walk = walk[out[walk] >= np.uint64(d.n)]
+    kt = np.ascontiguousarray(keys.T)
+    out = _apply(x2, kt, d.low, d.high, inverse).reshape(-1)
+    n = np.uint64(d.n)
+    walk = np.flatnonzero(out >= n)
+    while walk.size:  # cycle-walking: the domain 2^b holds [0, n)
+        if rows == 1:
+            sub = _apply(out[walk][None, :], kt, d.low, d.high, inverse).reshape(-1)
+        else:
+            sub = _apply(out[walk][:, None], kt.take(walk // cols, axis=1), d.low, d.high,
+                         inverse).reshape(-1)
+        out[walk] = sub
+        walk = walk[sub >= n]
     return out.astype(np.int64).reshape(x.shape)
 
 
