@@ -74,6 +74,7 @@ def main() -> None:
         torch.set_num_threads(1)
     except ImportError:
         pass
+    print(f"load average before: {os.getloadavg()}", flush=True)
     model = synthetic(args.weights)
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     names = list(arrays)
@@ -93,6 +94,7 @@ def main() -> None:
         rows.append(f"| {n:,} | {rate:g} | {coded.stream.steps:,} | {encode_s:.1f} | "
                     f"{decode_s:.1f} | {bits / n:.4f} | {err:.4f} | {base:.4f} |")
         print(rows[-1], flush=True)
+    print(f"load average after: {os.getloadavg()}")
     print("\n| weights | rate | steps | encode s | decode s | bits/weight | rel. L2 error "
           "SuRP | rel. L2 error magnitude (exact values) |")
     print("|---|---|---|---|---|---|---|---|")

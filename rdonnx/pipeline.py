@@ -137,22 +137,32 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
     for rate in (r for r in frontier if r >= lowest):
         d = cal.realize(rate, allocator(allocation, rate), config).distortion
         points.append(RatePoint(rate, d.value(config.metric), d.top1_agreement))
+    report = finish_report(cal, config, chosen, curves, allocation, test_data, labels, quiet)
+    report.search, report.frontier = steps, points
+    return CompressResult(cal.model, chosen.values, chosen.quantized, report, curves,
+                          chosen.pruned)
+
+
+def finish_report(cal: Calibration, config: CompressConfig, chosen: Realized,
+                  curves: Curves | None, allocation: Allocation,
+                  test_data: tuple[object, str] | None, labels: str | None,
+                  quiet: bool) -> Report:
+    """The report of the chosen candidate: each weight's distortion alone (when configured)
+    and the test evaluation (with test data) measured now; search and frontier are the
+    caller's."""
     layer = [None] * len(cal.weights)
     if config.layer_distortion:
         layer = [cal.distortion({w.name: chosen.pruned[w.name]}, config, config.metric)
                  .value(config.metric) for w in cal.weights]
-    test_eval = None
+    report = _report(cal, config, chosen, curves, allocation, layer)
     if test_data is not None:
         data, name = test_data
         result = measure(cal.runner.run, [cal.run_with(chosen.values)], data, labels, "test",
                          quiet, config.channel_axis)
-        test_eval = Evaluation.from_distortion(f"test ({name})", config.metric,
-                                               result.distortions[0], result.reference_accuracy,
-                                               result.accuracies[0])
-    report = _report(cal, config, chosen, curves, allocation, layer)
-    report.search, report.frontier, report.test = steps, points, test_eval
-    return CompressResult(cal.model, chosen.values, chosen.quantized, report, curves,
-                          chosen.pruned)
+        report.test = Evaluation.from_distortion(f"test ({name})", config.metric,
+                                                 result.distortions[0],
+                                                 result.reference_accuracy, result.accuracies[0])
+    return report
 
 
 def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,

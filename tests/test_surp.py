@@ -31,6 +31,26 @@ def test_permutation_is_a_bijection_and_inverts():
     assert not np.array_equal(p, other)
 
 
+def test_batched_picks_equal_the_step_by_step_rule():
+    """The encoder's batched picks are exactly: E = {i: R[i] > thr}, k = min over E of
+    pi_t^-1 (both the inverse and the forward-scan paths, and the recomputed steps)."""
+    enc, _ = _encoder(4000)
+    enc.run(nnz=1500)
+    assert enc.fallbacks > 0 and enc.steps > 1500
+    sched, res, d = codec.Schedule(enc.side), enc.u.copy(), codec._Domain.of(enc.u.size)
+    for t in range(enc.steps):
+        refreshes = 0
+        while not (res > sched.thr).any():
+            sched.refresh()
+            refreshes += 1
+        e = np.flatnonzero(res > sched.thr)
+        inv = codec.permute(e, codec.step_keys(enc.seed, np.array([t]))[0], d, inverse=True)
+        j = int(np.argmin(inv))
+        assert (enc.k[t], enc.r[t]) == (inv[j], refreshes), t
+        res[e[j]] -= sched.advance()
+    assert np.array_equal(res, enc.res)
+
+
 def test_prefix_decodes_to_the_encoder_state_and_bits_grow():
     enc, w = _encoder()
     snaps = []

@@ -37,7 +37,10 @@ _M64 = (1 << 64) - 1
 _MUL = np.uint64(0x9E3779B97F4A7C15)
 _ROUNDS = 4
 _INVERSE_FACTOR = 2  # |E|^2 <= this * n: invert the permutation on E, else scan positions
-_BATCH_CELLS = 1 << 21  # candidate positions computed at once by the forward scan
+_BATCH_CELLS = 1 << 20  # permutation evaluations per batch of picks
+_BATCH_STEPS = 256  # steps per batch of picks at most
+_BATCH_SHARE = 8  # and at most |E| / 8 (each step may take its pick out of E)
+_SCAN_WIDTH = 1.0  # forward scan rounds of width _SCAN_WIDTH * n / |E| positions
 _BLOCK = 1 << 15  # elements per numpy pass of the Feistel rounds (stays in cache)
 
 
@@ -390,7 +393,14 @@ class Snapshot:
 
 @dataclass
 class Encoder:
-    """Runs SuRP on magnitudes `u` (float64) with signs `negative`; step by step, resumable."""
+    """Runs SuRP on magnitudes `u` (float64) with signs `negative`; step by step, resumable.
+
+    Picks are computed in batches: for the next B steps (no refresh in between) every set
+    `E_t` lies in `E'' = E now + {i outside E: R[i] > thr * decay^(B+1)}` (residuals outside E
+    do not change), so one vectorised pass gives each step's `min over E'' of pi_t^-1`. That
+    is step t's pick whenever the element it names is still in `E_t` (checked per step);
+    otherwise the step is recomputed on `E_t` alone. The result is exactly the step-by-step
+    rule."""
 
     u: np.ndarray
     negative: np.ndarray
@@ -413,19 +423,34 @@ class Encoder:
                          float(np.sum(self.u)), int(self.seed))
         self.sched = Schedule(self.side)
         self.domain = _Domain.of(n)
+        index = np.int32 if n < 2**31 else np.int64
+        # numpy arrays, each with a memoryview for fast scalar access in the step loop
         self.res = self.u.copy()
         self.uhat = np.zeros(n)
+        self.member = np.zeros(n, dtype=bool)  # in E
+        self.cand = np.zeros(n, dtype=bool)  # in E or staged (in the current batch's E'')
+        self.where = np.zeros(n, dtype=index)  # position in `e` of a member
+        self.e = np.zeros(n, dtype=index)  # E = e[:size], in no particular order
+        self.size = 0
+        self._res, self._uhat, self._member, self._cand, self._where, self._e = (
+            memoryview(a) for a in (self.res, self.uhat, self.member, self.cand, self.where,
+                                    self.e))
+        self._negative = memoryview(np.ascontiguousarray(self.negative, dtype=bool))
         self.order = np.argsort(-self.u, kind="stable")
-        self.sorted_u = self.u[self.order]
-        self.neg_sorted = -self.sorted_u
-        self.ptr = 0
-        self.heap: list[tuple[float, int]] = []
-        self.member = np.zeros(n, dtype=bool)
-        self.where = np.full(n, -1, dtype=np.int64)
-        self.e: list[int] = []
+        self.neg_sorted = -self.u[self.order]
+        self._neg_sorted = memoryview(self.neg_sorted)
+        self.ptr = 0  # order[:ptr] has been admitted once (later: through the heap)
+        self.stage_ptr = 0  # order[ptr:stage_ptr] is staged
+        self.heap: list[tuple[float, int]] = []  # (-R[i], i) of former members
+        self.staged: list[tuple[float, int]] = []  # former members popped for the batch
+        self.staged_at = 0
         self.batch_start = self.batch_end = 0
-        self.batch: np.ndarray | None = None
-        self._admit()
+        self.batch_k: list[int] = []
+        self.batch_m: list[int] = []
+        self.fallbacks = 0  # steps whose batched pick had left E (recomputed)
+        self.inv: np.ndarray | None = None  # the inverse path's batch [steps, |E''|]
+        self.inv_elems = self.e[:0]
+        self._admit(self.sched.thr)
 
     @property
     def steps(self) -> int:
@@ -436,89 +461,170 @@ class Encoder:
         return self.nnz_at[-1] if self.nnz_at else 0
 
     def _add(self, i: int) -> None:
-        self.where[i] = len(self.e)
-        self.e.append(i)
-        self.member[i] = True
+        if not self._cand[i]:
+            self.batch_end = 0  # outside the batch's E'': recompute it
+            self._cand[i] = True
+        self._where[i] = self.size
+        self._e[self.size] = i
+        self._member[i] = True
+        self.size += 1
 
     def _remove(self, i: int) -> None:
-        j = int(self.where[i])
-        last = self.e.pop()
-        if last != i:
-            self.e[j] = last
-            self.where[last] = j
-        self.where[i] = -1
-        self.member[i] = False
+        j = self._where[i]
+        self.size -= 1
+        last = self._e[self.size]
+        self._e[j] = last
+        self._where[last] = j
+        self._member[i] = False
+        self._cand[i] = False
 
-    def _admit(self) -> None:
-        thr = self.sched.thr
-        if self.ptr < self.u.size and self.sorted_u[self.ptr] > thr:
+    def _admit(self, thr: float) -> None:
+        if self.ptr < self.u.size and self._neg_sorted[self.ptr] < -thr:
             end = int(np.searchsorted(self.neg_sorted, -thr, side="left"))
-            for i in self.order[self.ptr:end].tolist():
-                self._add(i)
+            block = self.order[self.ptr:end]
+            if end > self.stage_ptr:
+                self.batch_end = 0
+                self.stage_ptr = end
+            self.e[self.size:self.size + block.size] = block
+            self.where[block] = np.arange(self.size, self.size + block.size)
+            self.member[block] = True
+            self.cand[block] = True
+            self.size += block.size
             self.ptr = end
-        while self.heap and -self.heap[0][0] > thr:
-            self._add(heapq.heappop(self.heap)[1])
+        staged = self.staged
+        while self.staged_at < len(staged) and -staged[self.staged_at][0] > thr:
+            self._add(staged[self.staged_at][1])
+            self.staged_at += 1
+        heap = self.heap
+        while heap and -heap[0][0] > thr:
+            self._add(heapq.heappop(heap)[1])
+
+    def _stage(self, bound: float) -> np.ndarray:
+        """Mark every non-member with R > bound as a candidate; returns E'' (members first)."""
+        n = self.u.size
+        end = max(self.ptr, int(np.searchsorted(self.neg_sorted, -bound, side="left")))
+        if end > self.stage_ptr:
+            self.cand[self.order[self.stage_ptr:end]] = True
+        elif end < self.stage_ptr:
+            self.cand[self.order[end:self.stage_ptr]] = False
+        self.stage_ptr = min(end, n)
+        keep = [e for e in self.staged[self.staged_at:] if -e[0] > bound]
+        for e in self.staged[self.staged_at:]:
+            if -e[0] <= bound:
+                self._cand[e[1]] = False
+                heapq.heappush(self.heap, e)
+        while self.heap and -self.heap[0][0] > bound:
+            e = heapq.heappop(self.heap)
+            self._cand[e[1]] = True
+            keep.append(e)
+        keep.sort()
+        self.staged, self.staged_at = keep, 0
+        parts = [self.e[:self.size], self.order[self.ptr:self.stage_ptr]]
+        if keep:
+            parts.append(np.array([i for _, i in keep], dtype=self.e.dtype))
+        return np.concatenate(parts)
+
+    def _candidates(self, t: int, count: int, elems: np.ndarray, mask: np.ndarray,
+                    start: int = 0) -> tuple[list[int], list[int]]:
+        """For steps t..t+count-1: k = min over `elems` of pi^-1 (at least `start`) and the
+        element it names. `mask` marks exactly `elems`. The inverse path keeps its matrix
+        (`self.inv`) for `_repick`."""
+        n, size = self.u.size, elems.size
+        keys = step_keys(self.side.seed, np.arange(t, t + count))
+        if start == 0 and size * size <= _INVERSE_FACTOR * n:
+            inv = permute(np.broadcast_to(elems, (count, size)), keys, self.domain, True)
+            j = inv.argmin(axis=1)
+            self.inv, self.inv_elems = inv, elems
+            return inv[np.arange(count), j].tolist(), elems[j].tolist()
+        self.inv = None
+        width = min(n, max(32, int(_SCAN_WIDTH * n / size) + 1))
+        k = np.zeros(count, dtype=np.int64)
+        m = np.zeros(count, dtype=np.int64)
+        rows = np.arange(count)
+        while rows.size:
+            if start >= n:
+                raise AssertionError("E is not empty but no candidate hit it")
+            w = min(width, n - start)
+            vals = permute(np.broadcast_to(np.arange(start, start + w), (rows.size, w)),
+                           keys[rows], self.domain)
+            hits = mask[vals]
+            found = hits.any(axis=1)
+            j = hits.argmax(axis=1)[found]
+            k[rows[found]] = start + j
+            m[rows[found]] = vals[found, j]
+            rows = rows[~found]
+            start += w
+            if rows.size < 16:
+                width *= 2
+        return k.tolist(), m.tolist()
+
+    def _plan(self, t: int) -> None:
+        """Batched picks for the steps from t on (until the next refresh at most)."""
+        n, size = self.u.size, self.size
+        count = min(_BATCH_STEPS, max(1, size // _BATCH_SHARE))
+        bound = self.sched.thr * self.side.decay ** (count + 1) * (1 - 1e-9)
+        elems = self._stage(bound)
+        big = elems.size
+        cells = big if big * big <= _INVERSE_FACTOR * n else int(_SCAN_WIDTH * n / big) + 1
+        count = max(1, min(count, _BATCH_CELLS // max(cells, 1)))
+        self.batch_k, self.batch_m = self._candidates(t, count, elems, self.cand)
+        self.batch_start, self.batch_end = t, t + count
 
     def _pick(self, t: int) -> tuple[int, int]:
-        n, size = self.u.size, len(self.e)
-        if size * size <= _INVERSE_FACTOR * n:
-            e = np.array(self.e, dtype=np.int64)
-            inv = permute(e, step_keys(self.side.seed, np.array([t]))[0], self.domain, True)
-            j = int(np.argmin(inv))
-            return int(inv[j]), int(e[j])
         if not self.batch_start <= t < self.batch_end:
-            width = min(n, max(32, 2 * n // size))
-            count = max(1, min(256, _BATCH_CELLS // width))
-            steps = np.arange(t, t + count)
-            self.batch = permute(np.broadcast_to(np.arange(width), (count, width)),
-                                 step_keys(self.side.seed, steps), self.domain)
-            self.batch_start, self.batch_end = t, t + count
-        row = self.batch[t - self.batch_start]
-        hits = self.member[row]
-        if hits.any():
-            k = int(np.argmax(hits))
-            return k, int(row[k])
-        keys = step_keys(self.side.seed, np.array([t]))[0]
-        start, width = row.size, row.size
-        while start < n:  # rare: extend the scan of this step
-            pos = np.arange(start, min(n, start + width))
-            cand = permute(pos, keys, self.domain)
-            hits = self.member[cand]
-            if hits.any():
-                j = int(np.argmax(hits))
-                return int(pos[j]), int(cand[j])
-            start, width = start + width, 2 * width
-        raise AssertionError("E is not empty but no candidate hit it")
+            self._plan(t)
+        j = t - self.batch_start
+        m = self.batch_m[j]
+        if self._member[m]:
+            return self.batch_k[j], m
+        self.fallbacks += 1  # the batched pick left E: the next member in this permutation
+        if self.inv is not None:
+            row = np.where(self.member[self.inv_elems], self.inv[j], n := self.u.size)
+            i = int(row.argmin())
+            if row[i] < n:
+                return int(row[i]), int(self.inv_elems[i])
+        k, m = self._candidates(t, 1, self.e[:self.size], self.member, self.batch_k[j] + 1)
+        return k[0], m[0]
 
     def run(self, steps: int | None = None, nnz: int | None = None) -> None:
         """Advance until `steps` steps or `nnz` nonzeros (whichever comes first), or until
         nothing is left to send (`exhausted`)."""
-        sched = self.sched
-        while not self.exhausted and (steps is None or self.steps < steps) and \
-                (nnz is None or self.nnz < nnz):
+        sched, side = self.sched, self.side
+        s, decay = side.s, side.decay
+        res, uhat, negative = self._res, self._uhat, self._negative
+        ks, rs, signs, nnz_at = self.k, self.r, self.signs, self.nnz_at
+        heap, pick, admit = self.heap, self._pick, self._admit
+        t, nz = self.steps, self.nnz
+        max_steps = math.inf if steps is None else steps
+        max_nnz = math.inf if nnz is None else nnz
+        while not self.exhausted and t < max_steps and nz < max_nnz:
             refreshes = 0
-            while not self.e:
-                if refreshes >= MAX_REFRESHES or self.side.sum_u - sched.sum_uhat <= 0:
+            while not self.size:
+                if refreshes >= MAX_REFRESHES or side.sum_u - sched.sum_uhat <= 0:
                     self.exhausted = True
                     return
                 sched.refresh()
                 refreshes += 1
-                self._admit()
-            t = self.steps
-            k, m = self._pick(t)
-            fresh = self.uhat[m] == 0
-            thr = sched.advance()
-            self.uhat[m] += thr
-            self.res[m] -= thr
-            self.k.append(k)
-            self.r.append(refreshes)
-            if fresh:
-                self.signs.append(int(self.negative[m]))
-            self.nnz_at.append(self.nnz + int(fresh))
-            if not self.res[m] > sched.thr:
+                self.batch_end = 0
+                admit(sched.mu * s)
+            k, m = pick(t)
+            thr = sched.mu * s  # Schedule.advance, inlined
+            sched.sum_uhat += thr
+            sched.mu *= decay
+            if uhat[m] == 0:
+                signs.append(int(negative[m]))
+                nz += 1
+            uhat[m] += thr
+            res[m] -= thr
+            ks.append(k)
+            rs.append(refreshes)
+            nnz_at.append(nz)
+            t += 1
+            thr = sched.mu * s
+            if not res[m] > thr:
                 self._remove(m)
-                heapq.heappush(self.heap, (-float(self.res[m]), m))
-            self._admit()
+                heapq.heappush(heap, (-res[m], m))
+            admit(thr)
 
     def snapshot(self) -> Snapshot:
         s = self.sched
