@@ -8,6 +8,11 @@ keyed pseudo-random permutation `pi_t` of [0, n) (a 4-round Feistel network with
 cycle-walking), `k = min over i in E of pi_t^-1(i)` and the decoder reads `m = pi_t(k)`, so
 `k` is (almost) geometric with p = |E| / n and costs about log2(n / |E|) bits.
 
+The encoder finds k in batches of steps (one vectorised permutation pass for up to 256 steps,
+see `Encoder`): by inverting pi_t on E when |E|^2 <= 2n, else by scanning pi_t(0), pi_t(1), ...
+for the first member, so a step costs about min(|E|, n / |E|) permutation evaluations and no
+O(n) pass. The picks are exactly those of the step-by-step rule.
+
 The step sequence is cut into chunks coded independently (ANS, constriction), so any prefix
 of whole chunks is a valid stream and truncating inside a chunk re-encodes only its head.
 Chunk payload (docs/FORMAT.md): varints steps, signs, then the k and r bucket histograms, then
