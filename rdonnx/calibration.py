@@ -42,6 +42,7 @@ from .target import Realized
 from .weights import Weight, find_codable, find_weights, read_weights
 
 ModelSource = str | os.PathLike | onnx.ModelProto | bytes
+CLIP_SCALES = (1.0, 0.9, 0.8, 0.7)  # error-compensated quantization: grid spans tried
 DataSource = str | os.PathLike | Mapping[str, np.ndarray] | None
 
 
@@ -149,10 +150,18 @@ class Calibration:
                 self._reconstructed[key] = exact
         if bits is None:
             return exact, None
-        # the grid spans the reconstructed survivors (updates can outgrow the original range)
-        step = quantize(exact, bits).step
-        new = obs.reconstruct_weight(original, self.inputs[w.name], hessian, step=step,
-                                     levels=2 ** (bits - 1) - 1, **options)
+        # the grid spans the reconstructed survivors (updates can outgrow the original range),
+        # or clips them where that reconstructs the layer's output better (GPTQ's scale search)
+        full = quantize(exact, bits).step
+        best = None
+        for clip in CLIP_SCALES:
+            step = float(np.float32(full * clip))
+            new = obs.reconstruct_weight(original, self.inputs[w.name], hessian, step=step,
+                                         levels=2 ** (bits - 1) - 1, **options)
+            error = obs.weight_error(original, new, self.inputs[w.name], hessian)
+            if best is None or error < best[0]:
+                best = (error, step, new)
+        _, step, new = best
         q = Quantized(np.rint(new.astype(np.float32) / np.float32(step)).astype(np.int32), step)
         return q.values(original.dtype), q
 

@@ -278,7 +278,10 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
     - the block selection prunes exactly round(sparsity * numel) entries (SparseGPT's threshold
       `<=` takes one more, and ties);
     - an N:M group that would straddle a block boundary cannot occur (the block size is rounded
-      down to a multiple of M); a last, partial group of r < M columns keeps min(N, r).
+      down to a multiple of M); a last, partial group of r < M columns keeps min(N, r);
+    - when quantizing without N:M, columns are swept in descending H_jj (GPTQ's act-order):
+      the inputs that matter most are rounded first, while every later column can still
+      absorb their error.
 
     Guarantee: layer_error(W, result, H) <= layer_error(W, plain, H), where `plain` applies the
     same final mask and the same rounding to W without any update. The sequential sweep alone
@@ -322,8 +325,17 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
         return W0.clone()
     select = n_m if keep is None else None
     nonzero = n_m is not None
-    Wc = _sweep(W0, H.to(device), pruned, sparsity, select, step, levels, blocksize, percdamp,
-                nonzero)
+    H = H.to(device)
+    if step is not None and n_m is None:  # GPTQ's act-order: largest H_jj first
+        order = torch.argsort(-torch.diagonal(H), stable=True)
+        back = torch.argsort(order)
+        permuted = pruned[:, order]  # filled in by the sparsity selection
+        Wc = _sweep(W0[:, order], H[order][:, order], permuted, sparsity, None, step, levels,
+                    blocksize, percdamp)[:, back]
+        pruned = permuted[:, back]
+    else:
+        Wc = _sweep(W0, H, pruned, sparsity, select, step, levels, blocksize, percdamp,
+                    nonzero)
     plain = torch.where(pruned, torch.zeros_like(W0), _round(W0, step, levels, nonzero))
     worse = _row_errors(W0, Wc, H) > _row_errors(W0, plain, H)
     return torch.where(worse[:, None], plain, Wc)

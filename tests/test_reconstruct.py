@@ -219,6 +219,31 @@ def test_gptq_never_increases_layer_error_over_plain_rounding(case, tmp_path):
         assert e_new <= e_plain * (1 + 1e-6) + 1e-12, (w.name, e_new, e_plain)
 
 
+def test_gptq_grid_is_the_best_of_the_clipped_spans(bundled_cnn):
+    """The stored step is the one of CLIP_SCALES whose reconstruction has the least layer error
+    (the full span is always a candidate, so clipping never makes a layer worse)."""
+    from rdonnx.calibration import CLIP_SCALES
+    from rdonnx.obs import reconstruct_weight
+    from rdonnx.quantize import quantize
+
+    cfg = mode_config("gptq")
+    cal = calibration(bundled_cnn, cfg)
+    assert CLIP_SCALES[0] == 1.0
+    for w in cal.weights:
+        keep = int(0.5 * w.size)
+        new, q = cal.compress_weight(w, keep, cfg, 4)
+        entry, hessian = cal.inputs[w.name], cal.hessian(w.name)
+        chosen = weight_error(cal.originals[w.name], new, entry, hessian)
+        exact, _ = cal.compress_weight(w, keep, cfg)
+        full = quantize(exact, 4).step
+        spans = [weight_error(cal.originals[w.name], reconstruct_weight(
+            cal.originals[w.name], entry, hessian, keep=cal.rankings[w.name].mask(keep),
+            step=float(np.float32(full * c)), levels=7, percdamp=cfg.damp), entry, hessian)
+            for c in CLIP_SCALES]
+        assert chosen == pytest.approx(min(spans), rel=1e-6), w.name
+        assert any(q.step == pytest.approx(float(np.float32(full * c))) for c in CLIP_SCALES)
+
+
 @pytest.mark.parametrize("case", ["bundled_mlp", "bundled_cnn"], indirect=True)
 def test_reconstruction_lowers_measured_distortion_rd(case):
     plain = compressed(case, config(method="rd", rate=0.5))
