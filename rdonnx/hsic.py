@@ -180,10 +180,13 @@ def prepare(cal: Calibration, config: CompressConfig, allocation: Allocation) ->
     tensors = sorted({t for t, _ in found.values()})
     acts, shapes = collect(cal, tensors, config.hsic_samples) if tensors else ({}, {})
     seen = [w for w in cal.weights if w.name in found and found[w.name][0] in acts]
-    if len(seen) < 2:
-        raise UsageError("--method hsic needs the outputs of at least two prunable layers; "
-                         "use another --method")
-    alpha = importance(similarity([acts[found[w.name][0]] for w in seen]), config.hsic_beta)
+    if len(seen) >= 2:
+        alpha = importance(similarity([acts[found[w.name][0]] for w in seen]),
+                           config.hsic_beta)
+    else:  # no pair to compare: every layer equally important, the budget still shapes widths
+        cal.notices.append("hsic: fewer than two layer outputs are observable, so every layer "
+                           "gets the same importance")
+        alpha, seen = np.ones(1), []
     alphas = dict(zip((w.name for w in seen), alpha.tolist()))
     neutral = float(np.median(alpha))
     costs: dict[str, float] = {}
@@ -196,7 +199,7 @@ def prepare(cal: Calibration, config: CompressConfig, allocation: Allocation) ->
     if config.budget == "flops":
         cal.notices.append(f"hsic: --rate counts multiply-accumulates per sample "
                            f"({sum(costs.values()):,.0f} in the prunable layers)")
-    if len(seen) < len(cal.weights):
+    if seen and len(seen) < len(cal.weights):
         cal.notices.append(f"hsic: {len(cal.weights) - len(seen)} weight(s) without an "
                            "observable output get the median importance")
     return replace(allocation, importance={w.name: alphas.get(w.name, neutral)

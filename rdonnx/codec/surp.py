@@ -47,7 +47,6 @@ _BATCH_STEPS = 256  # steps per batch of picks at most
 _BATCH_SHARE = 8  # and at most |E| / 8 (each step may take its pick out of E)
 _SCAN_WIDTH = 1.0  # forward scan rounds of width _SCAN_WIDTH * n / |E| positions
 _BLOCK = 1 << 15  # elements per numpy pass of the Feistel rounds (stays in cache)
-_SCALAR_WALK = 16  # cycle-walk tails this short run in Python
 
 
 # ----------------------------------------------------------------------- shared randomness
@@ -81,7 +80,6 @@ class _Domain:
         return _Domain(n, b // 2, b - b // 2)
 
 
-
 def _rounds(x: np.ndarray, keys, lo: int, hi: int, inverse: bool) -> np.ndarray:
     """The four Feistel rounds on x (uint64, any shape); `keys[r]` broadcasts against x."""
     left = x >> np.uint64(lo)
@@ -103,6 +101,7 @@ def _rounds(x: np.ndarray, keys, lo: int, hi: int, inverse: bool) -> np.ndarray:
     np.bitwise_or(left, right, out=left)
     return left
 
+
 def _apply(x: np.ndarray, kt: np.ndarray, lo: int, hi: int, inverse: bool) -> np.ndarray:
     """One Feistel pass over x [R, C] with round keys kt [4, R] (one permutation per row), in
     cache-sized blocks."""
@@ -123,21 +122,6 @@ def _apply(x: np.ndarray, kt: np.ndarray, lo: int, hi: int, inverse: bool) -> np
         out[a:a + step] = _rounds(x[a:a + step], kt[:, a:a + step, None], lo, hi, inverse)
     return out
 
-def _walk_scalar(x: int, keys: list[int], d: _Domain, inverse: bool) -> int:
-    """Feistel passes on one value until it lands in [0, n) (pure Python)."""
-    lo, mask, shl, shr = d.low, (1 << d.low) - 1, 64 - d.high, 64 - d.low
-    mul = int(_MUL)
-    while True:
-        left, right = x >> lo, x & mask
-        for r in ((3, 2, 1, 0) if inverse else (0, 1, 2, 3)):
-            if r % 2 == 0:
-                left ^= (((right ^ keys[r]) * mul) & _M64) >> shl
-            else:
-                right ^= (((left ^ keys[r]) * mul) & _M64) >> shr
-        x = (left << lo) | right
-        if x < d.n:
-            return x
-
 
 def permute(x: np.ndarray, keys: np.ndarray, d: _Domain, inverse: bool = False) -> np.ndarray:
     """pi(x) (or pi^-1(x)) on [0, n), elementwise.
@@ -156,11 +140,6 @@ def permute(x: np.ndarray, keys: np.ndarray, d: _Domain, inverse: bool = False) 
     n = np.uint64(d.n)
     walk = np.flatnonzero(out >= n)
     while walk.size:  # cycle-walking: the domain 2^b holds [0, n)
-        if walk.size <= _SCALAR_WALK:  # a short tail: cheaper in Python than in numpy
-            for i, v in zip(walk.tolist(), out[walk].tolist()):
-                out[i] = _walk_scalar(v, kt[:, i // cols if rows > 1 else 0].tolist(), d,
-                                      inverse)
-            break
         if rows == 1:
             sub = _apply(out[walk][None, :], kt, d.low, d.high, inverse).reshape(-1)
         else:
