@@ -263,10 +263,9 @@ def compress_surp(cal, config, test_data, labels: str | None, quiet: bool):
     """The SuRP flow of `pipeline.compress`: encode to the target, measure the decoded model
     (exactly what the artifact holds), report."""
     from .allocate import Allocation
-    from .measure import measure
-    from .pipeline import CompressResult, _report
+    from .pipeline import CompressResult, finish_report
     from .quantize import quantize
-    from .report import Evaluation, RatePoint
+    from .report import RatePoint
     from .target import Realized, meets
 
     names = [w.name for w in cal.weights]
@@ -312,21 +311,9 @@ def compress_surp(cal, config, test_data, labels: str | None, quiet: bool):
     keep = coded.nnz(decoded.uhat)
     chosen = Realized(decoded.nnz / total, keep, values, {**values, **extra_values}, quantized,
                       {n: 8 for n in quantized}, distortion, float(coded.stream.bits))
-    layer = [None] * len(cal.weights)
-    if config.layer_distortion:
-        layer = [cal.distortion({w.name: values[w.name]}, config, config.metric)
-                 .value(config.metric) for w in cal.weights]
-    test_eval = None
-    if test_data is not None:
-        data, name = test_data
-        result = measure(cal.runner.run, [cal.run_with(chosen.values)], data, labels, "test",
-                         quiet, config.channel_axis)
-        test_eval = Evaluation.from_distortion(f"test ({name})", config.metric,
-                                               result.distortions[0], result.reference_accuracy,
-                                               result.accuracies[0])
     allocation = Allocation({n: s.values for n, s in cal.scores.items()}, {}, config.normalize)
-    report = _report(cal, config, chosen, None, allocation, layer)
-    report.search, report.test = points, test_eval
+    report = finish_report(cal, config, chosen, None, allocation, test_data, labels, quiet)
+    report.search = points
     return CompressResult(cal.model, chosen.values, quantized, report, None, values,
                           surp=coded)
 

@@ -180,7 +180,6 @@ def test_cli_refuses_hsic_options_elsewhere(cli, tmp_path):
 def _folded_model() -> bytes:
     """x [N, 4, 32] -> MatMul w1 -> Reshape [N*4, 32] -> MatMul w2 -> Reshape [N, 128] ->
     MatMul w3: w2's output folds batch and tokens into one axis."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(3)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import constriction
 import numpy as np
 
-from .entropy import CodecError
+from .entropy import CodecError, _Reader, _varint
 
 _AnsCoder = constriction.stream.stack.AnsCoder
 _models = constriction.stream.model
@@ -214,34 +214,6 @@ class Symbols:
 # ----------------------------------------------------------------------- chunk coding
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _read_varint(buf: bytes, pos: int, limit: int, what: str) -> tuple[int, int]:
-    value = 0
-    for i in range(10):
-        if pos >= len(buf):
-            raise CodecError(f"truncated SuRP chunk: missing {what}")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << (7 * i)
-        if b < 0x80:
-            if b == 0 and i > 0:
-                raise CodecError(f"non-canonical varint in {what}")
-            break
-    else:
-        raise CodecError(f"varint too long in {what}")
-    if value > limit:
-        raise CodecError(f"SuRP {what} out of range ({value} > {limit})")
-    return value, pos
-
-
 def _buckets(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """v + 1 = 2^b + offset: bucket b (its bit length - 1) and the b-bit offset."""
     v1 = v.astype(np.int64) + 1
@@ -294,23 +266,17 @@ def encode_chunk(k: np.ndarray, r: np.ndarray, signs: np.ndarray) -> bytes:
 def decode_chunk(buf: bytes, max_steps: int, n: int) -> tuple[np.ndarray, np.ndarray,
                                                                np.ndarray]:
     """(k, r, signs) of one chunk; raises CodecError on any inconsistency."""
-    steps, pos = _read_varint(buf, 0, max_steps, "step count")
-    nsigns, pos = _read_varint(buf, pos, steps, "sign count")
+    rd = _Reader(buf)
+    steps = rd.varint(max_steps, "SuRP step count")
+    nsigns = rd.varint(steps, "SuRP sign count")
     hists = []
     for what, limit_b in (("index", n.bit_length() + 1), ("refresh", 13)):
-        nb, pos = _read_varint(buf, pos, limit_b, f"{what} buckets")
-        counts = []
-        for _ in range(nb):
-            c, pos = _read_varint(buf, pos, steps, f"{what} bucket count")
-            counts.append(c)
-        counts = np.array(counts, dtype=np.int64)
+        nb = rd.varint(limit_b, f"SuRP {what} buckets")
+        counts = rd.varints(nb, steps, f"SuRP {what} bucket counts")
         if nb == 0 or counts.sum() != steps or (steps and counts[-1] == 0):
             raise CodecError(f"SuRP {what} histogram does not match the step count")
         hists.append(counts)
-    rest = len(buf) - pos
-    if rest % 4:
-        raise CodecError("SuRP ANS data is not a whole number of 32-bit words")
-    words = np.frombuffer(buf, dtype="<u4", count=rest // 4, offset=pos).astype(np.uint32)
+    words = rd.words()
     if words.size and words[-1] == 0:
         raise CodecError("invalid SuRP ANS data (ends in a zero word)")
     coder = _AnsCoder(words)
