@@ -166,6 +166,9 @@ class ArtifactInspection:
                      f"{self.manifest['rdonnx_version']}")
         lines.append(f"coded tensors: {len(tensors)}, {params:,} values, "
                      f"{coded / max(params, 1):.3f} bits per value in coded streams")
+        if any(t["encoding"] == "surp" for t in tensors):
+            lines.append("surp: one shared stream; its bits are split over the pool's tensors "
+                         "by kept count (positions = indices and refreshes, values = signs)")
         metrics = self.manifest.get("metrics", {})
         if metrics:
             lines.append("measured: " + ", ".join(f"{k} {v}" for k, v in sorted(metrics.items())

@@ -180,6 +180,8 @@ def render(report: Report) -> str:
     widths = sorted({w.value_bits for w in report.weights if w.value_bits is not None})
     values = "exact" if not widths else f"{widths[0]}-bit" if len(widths) == 1 else \
         "per weight: " + ", ".join(f"{w.name} {w.value_bits}-bit" for w in report.weights)
+    if report.method == "surp":
+        values = "SuRP threshold staircase (sums of quanta; positions = indices, values = signs)"
     parts.append(f"values        {values}")
     c = report.coding
     if c is not None:

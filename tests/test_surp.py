@@ -150,6 +150,8 @@ def test_cli_compress_truncate(cli, mlp_path, tmp_path):
     run = cli("compress", path, "--method", "surp", "--rate", "0.4", "--calib", calib, "-o",
               art, "-q")
     assert run.code == 0, run.err
+    assert "values        SuRP threshold staircase" in run.err  # not "exact"
+    assert "one shared stream" in cli("inspect", art).out
     small = tmp_path / "b.rdonnx"
     assert cli("truncate", art, "--rate", "0.2", "-o", small).code == 0
     a, b = read_artifact(art), read_artifact(small)
