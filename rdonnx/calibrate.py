@@ -55,6 +55,7 @@ class Curves:
     settings: dict
     fingerprint: Fingerprint
     values: dict[str, dict[int, float]] = field(default_factory=dict)  # Q(b): whole weight
+    values_quantizer: str = "uniform"  # the quantizer `values` were measured with
 
     def curve(self, name: str) -> Curve:
         return Curve(self.grid, self.distortion[name])
@@ -63,7 +64,7 @@ class Curves:
         return json.dumps({
             "format": CURVES_FORMAT, "version": CURVES_VERSION,
             "fingerprint": self.fingerprint.__dict__, "settings": self.settings,
-            "grid": list(self.grid),
+            "grid": list(self.grid), "values_quantizer": self.values_quantizer,
             "weights": {n: {"params": self.params[n], "distortion": list(d),
                             "quantized": {str(b): v for b, v in self.values.get(n, {}).items()}}
                         for n, d in self.distortion.items()}}, indent=1, sort_keys=True) + "\n"
@@ -82,7 +83,8 @@ class Curves:
                        {n: int(w["params"]) for n, w in weights.items()},
                        data["settings"], Fingerprint(**data["fingerprint"]),
                        {n: {int(b): float(v) for b, v in w.get("quantized", {}).items()}
-                        for n, w in weights.items() if w.get("quantized")})
+                        for n, w in weights.items() if w.get("quantized")},
+                       str(data.get("values_quantizer", "uniform")))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UsageError(f"cannot read curves {path}: {exc}; run rdonnx calibrate") from None
 

@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -35,6 +35,9 @@ from .quantize import Quantized
 from .report import Evaluation, RatePoint, Report, WeightReport
 from .target import Realized, meet_budget, meet_target
 
+if TYPE_CHECKING:
+    from .surp import Coded
+
 JOINT_BITS = (4, 5, 6, 8)  # value widths tried when a bound picks the smallest artifact
 
 
@@ -48,7 +51,7 @@ class CompressResult:
     report: Report
     curves: Curves | None = None
     pruned: dict[str, np.ndarray] = field(default_factory=dict)  # exact values, for baselines
-    surp: Any = None  # --method surp: the coded pool (rdonnx.surp.Coded)
+    surp: Coded | None = None  # --method surp: the coded pool and stream
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -270,12 +273,13 @@ def _common(values) -> int | None:
 def _with_value_curves(cal: Calibration, config: CompressConfig, curves: Curves,
                        quiet: bool) -> Curves:
     """`curves` with Q_l(b) for every joint value width (measured now if missing)."""
-    if all(set(JOINT_VALUE_BITS) <= set(curves.values.get(w.name, {})) for w in cal.weights):
+    if curves.values_quantizer == config.quantizer and \
+            all(set(JOINT_VALUE_BITS) <= set(curves.values.get(w.name, {})) for w in cal.weights):
         return curves
     measured = measure_value_curves(cal.runner, cal.replay, cal.weights, cal.originals,
                                     JOINT_VALUE_BITS, config.metric, config.channel_axis, quiet,
                                     lambda n, a, b: cal.quantize(n, a, b, config))
-    return replace(curves, values=measured)
+    return replace(curves, values=measured, values_quantizer=config.quantizer)
 
 
 def _source_bytes(model: Model) -> int:

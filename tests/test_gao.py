@@ -138,6 +138,22 @@ def test_kmeans_joint_bits_budget(mlp):
     assert bits / result.report.params_total <= 2.5
 
 
+def test_value_curves_are_not_reused_across_quantizers(mlp, tmp_path):
+    """Curves carrying uniform value curves are remeasured for a k-means run, and back."""
+    uniform = rdonnx.compress(mlp.path, bits_per_weight=2.5, calib=mlp.calib, config=CONFIG)
+    assert uniform.curves.values_quantizer == "uniform" and uniform.curves.values
+    kmeans = rdonnx.compress(mlp.path, bits_per_weight=2.5, calib=mlp.calib,
+                             curves=uniform.curves, config=replace(CONFIG, quantizer="kmeans"))
+    assert kmeans.curves.values_quantizer == "kmeans"
+    assert kmeans.curves.values != uniform.curves.values
+    again = rdonnx.compress(mlp.path, bits_per_weight=2.5, calib=mlp.calib,
+                            curves=kmeans.curves, config=replace(CONFIG, quantizer="kmeans"))
+    assert again.curves is kmeans.curves  # same quantizer: reused as they are
+    saved = tmp_path / "curves.json"
+    saved.write_text(kmeans.curves.to_json())
+    assert rdonnx.Curves.load(saved).values_quantizer == "kmeans"
+
+
 def test_kmeans_not_worse_than_uniform_on_a_layer(mlp):
     """Same model, rate and bits: each k-means layer has no larger weighted error."""
     runs = {q: rdonnx.compress(mlp.path, rate=0.3, calib=mlp.calib, criterion="activation",
