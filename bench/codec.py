@@ -7,8 +7,11 @@ Part 2, a synthetic 50M-parameter MatMul model (Laplacian weights, magnitude-pru
 the codec alone, encode / decode throughput in MB of original fp32 weights per second on one
 thread, and `open_session` against `InferenceSession` on the decompressed ONNX.
 Part 3, the smallest artifact at unchanged test accuracy (within 0.2 points).
+Part 4, the value quantizers: the uniform grid against activation-weighted k-means (rd, rate
+0.3, 4 and 3 bits, magnitude and activation criteria).
 
-Run: .venv/bin/python bench/codec.py    (about 10 minutes on 2 cores; --quick skips part 2)
+Run: .venv/bin/python bench/codec.py    (about 10 minutes on 2 cores; --quick skips part 2;
+--quantizers runs part 4 alone)
 """
 
 from __future__ import annotations
@@ -156,9 +159,34 @@ def _widths(report) -> str:
     return f"{widths[0]}-bit" if len(set(widths)) == 1 else "/".join(map(str, widths)) + " bits"
 
 
+def quantizers() -> None:
+    """Uniform grid against activation-weighted k-means at the same width and mask."""
+    print("\n| model | criterion | value bits | quantizer | nmse (calib) | test accuracy | "
+          "coded bits/weight |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("digits_mlp", "digits_cnn"):
+        for criterion in ("magnitude", "activation"):
+            for bits in (4, 3):
+                for quantizer in ("uniform", "kmeans"):
+                    config = CompressConfig(rate=0.3, criterion=criterion, value_bits=bits,
+                                            quantizer=quantizer, layer_distortion=False)
+                    result = rdonnx.compress(ROOT / "models" / f"{name}.onnx", calib=CALIB,
+                                             test=TEST, labels="label", config=config)
+                    with tempfile.TemporaryDirectory() as tmp:
+                        result.save(Path(tmp) / "q.rdonnx")
+                    r = result.report
+                    print(f"| {name} | {criterion} | {bits} | {quantizer} | "
+                          f"{r.calibration.nmse:.4g} | {r.test.accuracy_compressed:.2%} | "
+                          f"{r.coding.bits_per_weight:.3f} |")
+
+
 if __name__ == "__main__":
+    if "--quantizers" in sys.argv:
+        quantizers()
+        sys.exit()
     bundled()
     if "--quick" not in sys.argv:
         synthetic()
     smallest({n: ROOT / "models" / f"{n}.onnx" for n in ("digits_mlp", "digits_cnn")},
              (0.002, 0.005, 0.01, 0.02, 0.05), {"default": {}})
+    quantizers()

@@ -30,7 +30,7 @@ class Curve:
 @dataclass(frozen=True)
 class Allocation:
     """What allocators may use: in-layer scores and, for `rd`, measured curves; `pqi` and
-    `hsic` read their own fields (filled by `pqi.bounds_for` and `hsic.layer_inputs_for`)."""
+    `hsic` read their own fields (filled by `pqi.prepare` and `hsic.prepare`)."""
 
     scores: Mapping[str, np.ndarray]  # per weight, the criterion's scores (weight's shape)
     curves: Mapping[str, Curve] = field(default_factory=dict)
