@@ -35,7 +35,7 @@ from .kmeans import kmeans_quantize
 from .measure import Replay
 from .model import Model, load_model, simplify
 from .prune import Ranking, Scores
-from .quantize import Quantized, choose_bits, quantize
+from .quantize import Quantized, choose_bits, quantize, row_view
 from .runtime import Runner
 from .stats import LayerInput, layer_inputs
 from .target import Realized
@@ -150,20 +150,35 @@ class Calibration:
                 self._reconstructed[key] = exact
         if bits is None:
             return exact, None
-        # the grid spans the reconstructed survivors (updates can outgrow the original range),
-        # or clips them where that reconstructs the layer's output better (GPTQ's scale search)
-        full = quantize(exact, bits).step
+        # the grid spans the reconstructed survivors (updates can outgrow the original range)
+        # of each output row (GPTQ's per-channel grid) or of the whole tensor, or clips them
+        # (GPTQ's scale search): the grid whose update reconstructs the layer best wins
+        entry, levels = self.inputs[w.name], 2 ** (bits - 1) - 1
         best = None
-        for clip in CLIP_SCALES:
-            step = float(np.float32(full * clip))
-            new = obs.reconstruct_weight(original, self.inputs[w.name], hessian, step=step,
-                                         levels=2 ** (bits - 1) - 1, **options)
-            error = obs.weight_error(original, new, self.inputs[w.name], hessian)
+        for steps, axis in self._grids(exact, entry.row_axis, levels):
+            step = steps if axis is None else row_view(steps, exact.ndim, axis)
+            new = obs.reconstruct_weight(original, entry, hessian, step=step, levels=levels,
+                                         **options)
+            error = obs.weight_error(original, new, entry, hessian)
             if best is None or error < best[0]:
-                best = (error, step, new)
-        _, step, new = best
-        q = Quantized(np.rint(new.astype(np.float32) / np.float32(step)).astype(np.int32), step)
+                best = (error, steps, axis, step, new)
+        _, steps, axis, step, new = best
+        q = Quantized(np.rint(new.astype(np.float32) / step).astype(np.int32), steps, axis=axis)
         return q.values(original.dtype), q
+
+    @staticmethod
+    def _grids(exact: np.ndarray, row_axis: int, levels: int):
+        """Candidate grids (steps, axis): one step per row along `row_axis`, then one for the
+        tensor (axis None), each spanning the largest magnitude times every CLIP_SCALES."""
+        rows = np.moveaxis(np.abs(exact.astype(np.float32)), row_axis, 0)
+        rows = rows.reshape(exact.shape[row_axis], -1)
+        span = rows.max(axis=1) if rows.size else np.zeros(rows.shape[0], np.float32)
+        per_row = np.where(span > 0, span / np.float32(levels), 1.0).astype(np.float32)
+        tensor = np.float32(quantize(exact, levels.bit_length() + 1).step)
+        for clip in CLIP_SCALES:
+            yield (per_row * np.float32(clip)).astype(np.float32), row_axis
+        for clip in CLIP_SCALES:
+            yield float(np.float32(tensor * np.float32(clip))), None
 
     def pattern_mask(self, name: str, n_m: tuple[int, int]) -> np.ndarray:
         """N of every M consecutive inputs kept per output row, by the in-layer scores."""

@@ -65,6 +65,9 @@ class TensorEntry:
     bits: dict[str, float] = field(default_factory=dict)  # positions, values, side, iid
     codebook: Section | None = None  # "codebook" encoding: K float32 centroids
     codebook_bytes: bytes = field(default=b"", repr=False)  # the centroids until placed
+    step_axis: int | None = None  # "quantized-rows": one float32 step per index on this axis
+    steps: Section | None = None  # "quantized-rows": the steps
+    steps_bytes: bytes = field(default=b"", repr=False)  # the steps until placed
 
     @property
     def size(self) -> int:
@@ -111,6 +114,8 @@ class Artifact:
                 raise FormatError(f"{self._where()}: {entry.name}: nonzero count mismatch")
             if entry.encoding == "codebook":
                 survivors = self._decode_codebook(entry, values)
+            elif entry.encoding == "quantized-rows":
+                survivors = self._decode_rows(entry, values, kept)
             elif entry.encoding == "quantized":
                 levels = entropy.decode_values(values, entry.nnz)
                 survivors = dequantize(levels, float(entry.step), np.float32)
@@ -125,6 +130,20 @@ class Artifact:
             return out.reshape(entry.shape).astype(dtype, copy=False)
         except (entropy.CodecError, zstandard.ZstdError) as exc:
             raise FormatError(f"{self._where()}: cannot decode {entry.name}: {exc}") from None
+
+    def _decode_rows(self, entry: TensorEntry, values: bytes, kept: np.ndarray) -> np.ndarray:
+        """levels x the step of each kept entry's row (index along `step_axis`), in float32."""
+        rows = entry.shape[entry.step_axis]
+        blob = self.section(entry.steps, f"{entry.name} steps")
+        if len(blob) != 4 * rows:
+            raise FormatError(f"{self._where()}: {entry.name}: {len(blob)} bytes of steps for "
+                              f"{rows} rows")
+        steps = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        if not np.all(np.isfinite(steps) & (steps > 0)):
+            raise FormatError(f"{self._where()}: {entry.name}: steps must be positive numbers")
+        inner = math.prod(entry.shape[entry.step_axis + 1:])
+        levels = entropy.decode_values(values, entry.nnz)
+        return levels.astype(np.float32) * steps[(kept // inner) % rows]
 
     def _decode_codebook(self, entry: TensorEntry, values: bytes) -> np.ndarray:
         """codebook[index - 1] of the kept entries, in float32."""
@@ -146,11 +165,12 @@ class Artifact:
 
 
 def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarray | None,
-                  step: float | None, exact: np.ndarray | None,
-                  codebook: np.ndarray | None = None) -> tuple[TensorEntry, bytes, bytes]:
-    """Code one tensor: integer levels (`q`, `step`), codebook indices (`q`, `codebook`) or
-    exact values; returns its entry and the two streams (sections, the codebook's too, are
-    placed by `write_artifact`)."""
+                  step: float | np.ndarray | None, exact: np.ndarray | None,
+                  codebook: np.ndarray | None = None,
+                  step_axis: int | None = None) -> tuple[TensorEntry, bytes, bytes]:
+    """Code one tensor: integer levels (`q`, `step`; with `step_axis`, one step per index along
+    that axis), codebook indices (`q`, `codebook`) or exact values; returns its entry and the
+    two streams (sections, the codebook's or steps' too, are placed by `write_artifact`)."""
     if q is not None:
         pos, val = entropy.encode_integers(q)
         nnz, encoding = int(np.count_nonzero(q)), "quantized"
@@ -159,6 +179,9 @@ def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarr
         if codebook is not None:  # the centroids count as side information of the values
             encoding, step = "codebook", None
             table = 32 * int(np.asarray(codebook).size)
+            value_bits, value_side = value_bits + table, value_side + table
+        elif step_axis is not None:  # per-row steps, side information of the values too
+            encoding, table = "quantized-rows", 32 * int(shape[step_axis])
             value_bits, value_side = value_bits + table, value_side + table
     else:
         mask = exact != 0
@@ -170,12 +193,15 @@ def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarr
     entry = TensorEntry(
         name=name, dtype=onnx.TensorProto.DataType.Name(data_type), shape=list(shape),
         encoding=encoding, nnz=nnz, positions=Section(0, 0, 0), values=Section(0, 0, 0),
-        step=step, bits={"positions": pos.bits, "values": value_bits,
+        step=None if step_axis is not None else step, step_axis=step_axis,
+        bits={"positions": pos.bits, "values": value_bits,
                          "side": pos.side_bits + value_side,
                          "iid_entropy": pos.iid_entropy_bits + value_iid,
                          "positions_model": pos.model})
     if codebook is not None:
         entry.codebook_bytes = np.asarray(codebook, dtype="<f4").tobytes()
+    if step_axis is not None:
+        entry.steps_bytes = np.asarray(step, dtype="<f4").reshape(-1).tobytes()
     return entry, pos.payload, values_blob
 
 
@@ -209,6 +235,8 @@ def write_artifact(path: Path, graph: onnx.ModelProto,
         entry.positions, entry.values = place(positions), place(values)
         if entry.encoding == "codebook":
             entry.codebook = place(entry.codebook_bytes)
+        if entry.encoding == "quantized-rows":
+            entry.steps = place(entry.steps_bytes)
         tensors.append(_entry_json(entry))
     file_version = FORMAT_VERSION if surp is None else SURP_FORMAT_VERSION
     extra = {} if surp is None else {"surp": {**surp[1], "stream": place(surp[0]).__dict__}}
@@ -234,10 +262,12 @@ def _entry_json(entry: TensorEntry) -> dict[str, Any]:
     data = dict(entry.__dict__)
     data["positions"], data["values"] = entry.positions.__dict__, entry.values.__dict__
     data.pop("codebook_bytes", None)
-    if entry.codebook is None:
-        del data["codebook"]  # other encodings: the manifest entry is unchanged
-    else:
-        data["codebook"] = entry.codebook.__dict__
+    data.pop("steps_bytes", None)
+    for key in ("codebook", "steps", "step_axis"):  # other encodings: the entry is unchanged
+        if data[key] is None:
+            del data[key]
+        elif isinstance(data[key], Section):
+            data[key] = data[key].__dict__
     return data
 
 
@@ -315,7 +345,7 @@ def _check_against_graph(artifact: Artifact, where: str) -> None:
 
 
 def _entry(data: dict[str, Any]) -> TensorEntry:
-    if data["encoding"] not in ("quantized", "exact", "codebook", "surp"):
+    if data["encoding"] not in ("quantized", "quantized-rows", "exact", "codebook", "surp"):
         raise ValueError(f"unknown encoding {data['encoding']!r}")
     if data["dtype"] not in CODED_DTYPES:
         raise ValueError(f"{data['name']}: dtype {data['dtype']!r} is not a coded float type")
@@ -329,6 +359,11 @@ def _entry(data: dict[str, Any]) -> TensorEntry:
         step = float(data["step"])
         if not (math.isfinite(step) and step > 0):
             raise ValueError(f"{data['name']}: step {step} is not a positive number")
+    step_axis = None
+    if data["encoding"] == "quantized-rows":
+        step_axis = int(data["step_axis"])
+        if not 0 <= step_axis < len(shape):
+            raise ValueError(f"{data['name']}: step axis {step_axis} is not an axis of {shape}")
     return TensorEntry(
         name=str(data["name"]), dtype=str(data["dtype"]), shape=shape,
         encoding=data["encoding"], nnz=nnz,
@@ -337,4 +372,6 @@ def _entry(data: dict[str, Any]) -> TensorEntry:
         step=None if data.get("step") is None else float(data["step"]),
         bits=dict(data.get("bits", {})),
         codebook=Section(*(int(data["codebook"][k]) for k in ("offset", "length", "crc32")))
-        if data["encoding"] == "codebook" else None)
+        if data["encoding"] == "codebook" else None, step_axis=step_axis,
+        steps=Section(*(int(data["steps"][k]) for k in ("offset", "length", "crc32")))
+        if step_axis is not None else None)

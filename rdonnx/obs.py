@@ -207,15 +207,18 @@ def layer_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:
     return float(_row_errors(W, W_new, H).sum())
 
 
-def _round(w: torch.Tensor, step: float | None, levels: int | None,
+def _round(w: torch.Tensor, step: float | np.ndarray | None, levels: int | None,
            nonzero: bool = False) -> torch.Tensor:
-    """Nearest multiple of `step` (float32, as quantize.quantize), clipped to +-levels*step.
+    """Nearest multiple of `step` (float32, as quantize.quantize), clipped to +-levels*step;
+    `step` is one number or one per row (w is a column [rows] or a matrix [rows, d]).
 
     With `nonzero`, a nonzero value never rounds to 0 (it takes the first level of its sign), so
     a structured N:M mask survives quantization."""
     if step is None:
         return w
-    s = torch.tensor(step, dtype=torch.float32, device=w.device)
+    s = torch.as_tensor(np.asarray(step, dtype=np.float32), device=w.device)
+    if s.dim() == 1 and w.dim() == 2:
+        s = s[:, None]
     q = torch.round(w / s)
     if nonzero:
         q = torch.where((q == 0) & (w != 0), torch.sign(w), q)
@@ -265,9 +268,10 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
     round(sparsity * rows * width) entries of each column block (SparseGPT's adaptive
     selection, compared across the block's rows), `n_m = (N, M)` keeps N of every M consecutive
     columns of each row (with `keep` given too, `keep` is the N:M mask and is only checked).
-    With `step`, survivors are rounded to multiples of step (clipped to +-levels*step) with
-    GPTQ's error feedback. Pruned entries are exactly 0 and survivors are exact multiples of
-    step (float32 q * step, as quantize.dequantize; a survivor that rounds to 0 is 0).
+    With `step` (one number, or one per row), survivors are rounded to multiples of step
+    (clipped to +-levels*step) with GPTQ's error feedback. Pruned entries are exactly 0 and
+    survivors are exact multiples of step (float32 q * step, as quantize.dequantize; a survivor
+    that rounds to 0 is 0).
     Dampening adds percdamp * mean(diag(H)) to H's diagonal before the inversion (grown tenfold
     per retry if H + damp I is still not positive definite).
 
@@ -306,8 +310,11 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
         n, m = (int(v) for v in n_m)
         if not 0 <= n <= m or m < 1:
             raise ValueError(f"n_m must satisfy 0 <= N <= M, M >= 1, got {n_m}")
-    if step is not None and not (np.isfinite(step) and step > 0):
-        raise ValueError(f"step must be positive and finite, got {step}")
+    if step is not None:
+        step_array = np.asarray(step, dtype=np.float64)
+        if step_array.ndim > 1 or step_array.ndim == 1 and step_array.shape != (rows,) or \
+                not np.all(np.isfinite(step_array) & (step_array > 0)):
+            raise ValueError(f"step must be one positive number or one per row, got {step}")
     if levels is not None and (step is None or int(levels) < 1):
         raise ValueError("levels needs a step and must be >= 1")
     if blocksize < 1:
@@ -415,15 +422,22 @@ def reconstruct_weight(weight: np.ndarray, entry: LayerInput, hessian: Hessian, 
                        **options) -> np.ndarray:
     """`reconstruct` applied to each matrix of a weight tensor (options as `reconstruct`).
 
-    `keep` has the weight's shape. Returns the new weight in the weight's dtype.
+    `keep` has the weight's shape; a per-row `step` is given broadcastable to it (one value per
+    index along the weight's output-row axis). Returns the new weight in the weight's dtype.
     """
     w = np.asarray(weight)
     dev = torch.device(device) if device is not None else hessian.device
     mats = to_matrices(w.astype(np.float32, copy=False), entry)
     keeps = to_matrices(np.asarray(keep, dtype=bool), entry) if keep is not None else None
+    steps = None
+    if np.ndim(options.get("step")) > 0:  # per row: given broadcastable to the weight
+        steps = [m[:, 0] for m in to_matrices(np.broadcast_to(
+            np.asarray(options.pop("step"), dtype=np.float32), w.shape), entry)]
     out = []
     for i, (m, h) in enumerate(zip(mats, _pair(hessian.matrices, len(mats)))):
         k = torch.from_numpy(keeps[i]).to(dev) if keeps is not None else None
+        if steps is not None:
+            options["step"] = steps[i]
         out.append(reconstruct(torch.tensor(m, device=dev), h.to(dev), keep=k, **options))
     return from_matrices(out, entry, w.shape).astype(w.dtype, copy=False)
 

@@ -23,18 +23,28 @@ class Quantized:
     """Integer levels and the float32 step of one tensor, or codebook indices and the codebook."""
 
     q: np.ndarray  # int32, the tensor's shape: levels, or indices 1..K into `codebook` (0: pruned)
-    step: float  # a float32 value (1.0, unused, with a codebook)
+    step: float | np.ndarray  # float32; per index along `axis` when `axis` is set
     codebook: np.ndarray | None = None  # float32 [K], ascending: the k-means centroids
+    axis: int | None = None  # the output-row axis of per-row steps (GPTQ's per-channel grid)
 
     def values(self, dtype: np.dtype) -> np.ndarray:
         """The dequantized tensor in `dtype` (exactly what a decoder reconstructs)."""
         if self.codebook is not None:
             return lookup(self.q, self.codebook, dtype)
-        return dequantize(self.q, self.step, dtype)
+        return dequantize(self.q, self.step, dtype, self.axis)
 
 
-def dequantize(q: np.ndarray, step: float, dtype: np.dtype) -> np.ndarray:
-    return (q.astype(np.float32) * np.float32(step)).astype(dtype)
+def row_view(steps: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """Per-row float32 steps shaped to broadcast against a tensor of `ndim` along `axis`."""
+    return np.asarray(steps, dtype=np.float32).reshape(
+        [-1 if i == axis else 1 for i in range(ndim)])
+
+
+def dequantize(q: np.ndarray, step: float | np.ndarray, dtype: np.dtype,
+               axis: int | None = None) -> np.ndarray:
+    """q * step in float32 (step per index along `axis` when given), cast to `dtype`."""
+    s = np.float32(step) if axis is None else row_view(step, q.ndim, axis)
+    return (q.astype(np.float32) * s).astype(dtype)
 
 
 def lookup(q: np.ndarray, codebook: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -357,3 +357,26 @@ def assert_usage_error(run: Run, *patterns: str) -> None:
     for pattern in patterns:
         assert re.search(pattern, lines[0], re.IGNORECASE), f"{pattern!r} not in {lines[0]!r}"
     assert run.out == ""
+
+
+def write_coded(tmp_path: Path, q: np.ndarray, step, codebook: np.ndarray | None = None,
+                step_axis: int | None = None) -> Path:
+    """An .rdonnx file holding one coded float tensor "w" (levels `q`) and an Identity graph."""
+    from onnx import TensorProto, helper
+
+    from rdonnx.container import encode_tensor, write_artifact
+
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["out"])], "g", [],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, q.shape)])
+    tensor = graph.initializer.add()
+    tensor.name, tensor.data_type = "w", TensorProto.FLOAT
+    tensor.dims.extend(q.shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "rdonnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "c.rdonnx"
+    coded = [encode_tensor("w", TensorProto.FLOAT, q.shape, q, step, None, codebook, step_axis)]
+    write_artifact(path, model, coded, {}, {}, "test")
+    return path

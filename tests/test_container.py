@@ -470,3 +470,33 @@ def test_mutation_helpers_change_the_file(small):
     rng = random.Random(1)
     changed = sum(_mutate(rng, small.blob) != small.blob for _ in range(200))
     assert changed >= 195
+
+
+def test_per_row_steps_round_trip_and_refuse_bad_steps(tmp_path):
+    """"quantized-rows": one float32 step per index along step_axis, in its own section."""
+    from conftest import write_coded
+
+    from rdonnx.quantize import dequantize
+
+    rng = np.random.default_rng(5)
+    q = rng.integers(-7, 8, size=(6, 5, 3)).astype(np.int32)
+    for axis in range(3):
+        steps = rng.uniform(0.01, 1.0, q.shape[axis]).astype(np.float32)
+        path = write_coded(tmp_path, q, steps, step_axis=axis)
+        artifact = read_artifact(path)
+        entry = artifact.tensors[0]
+        assert (entry.encoding, entry.step_axis, entry.step) == ("quantized-rows", axis, None)
+        assert entry.bits["side"] >= 32 * q.shape[axis]
+        assert artifact.decode(entry).tobytes() == dequantize(q, steps, np.float32, axis).tobytes()
+    bad = write_coded(tmp_path, q, np.array([0.5, -1.0, 0.5, 0.5, 0.5], np.float32), step_axis=1)
+    with pytest.raises(FormatError, match="steps must be positive"):
+        read_artifact(bad).decode_all()
+    blob = write_coded(tmp_path, q, np.ones(3, np.float32), step_axis=2).read_bytes()
+    length = HEADER.unpack_from(blob)[3]
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(
+        blob[HEADER.size:HEADER.size + length]))
+    manifest["tensors"][0]["step_axis"] = 3
+    path = tmp_path / "axis.rdonnx"
+    path.write_bytes(_rebuild(manifest, blob[HEADER.size + length:]))
+    with pytest.raises(FormatError, match="step axis 3"):
+        read_artifact(path)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import BUNDLED, assert_usage_error, calib_feed
+from conftest import BUNDLED, assert_usage_error, calib_feed, write_coded
 
 import rdonnx
-from rdonnx.container import FormatError, encode_tensor, read_artifact, write_artifact
+from rdonnx.container import FormatError, read_artifact
 from rdonnx.kmeans import kmeans_quantize, weighted_error
 from rdonnx.quantize import quantize
 
@@ -180,31 +180,12 @@ def test_identical_runs_write_identical_files(mlp, tmp_path):
 # the codebook encoding
 
 
-def _write(tmp_path: Path, q: np.ndarray, codebook: np.ndarray) -> Path:
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["out"])], "g", [],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, q.shape)])
-    tensor = graph.initializer.add()
-    tensor.name, tensor.data_type = "w", TensorProto.FLOAT
-    tensor.dims.extend(q.shape)
-    tensor.data_location = TensorProto.EXTERNAL
-    entry = tensor.external_data.add()
-    entry.key, entry.value = "location", "rdonnx"
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp_path / "c.rdonnx"
-    coded = [encode_tensor("w", TensorProto.FLOAT, q.shape, q, 1.0, None, codebook)]
-    write_artifact(path, model, coded, {}, {}, "test")
-    return path
-
-
 def test_codebook_round_trip_and_index_out_of_range(tmp_path):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 24)).astype(np.float32)
     w[rng.random(w.shape) > 0.4] = 0
     k = kmeans_quantize(w, 3)
-    path = _write(tmp_path, k.q, k.codebook)
+    path = write_coded(tmp_path, k.q, 1.0, codebook=k.codebook)
     entry = read_artifact(path).manifest["tensors"][0]
     assert entry["encoding"] == "codebook" and entry["step"] is None
     assert entry["codebook"]["length"] == 4 * k.codebook.size
@@ -213,13 +194,13 @@ def test_codebook_round_trip_and_index_out_of_range(tmp_path):
 
     bad = k.q.copy()
     bad[bad == bad.max()] = k.codebook.size + 1  # an index past the codebook
-    path = _write(tmp_path, bad, k.codebook)
+    path = write_coded(tmp_path, bad, 1.0, codebook=k.codebook)
     with pytest.raises(FormatError, match="index out of codebook range"):
         read_artifact(path).decode_all()
-    path = _write(tmp_path, k.q, np.array([1.0, np.inf] + [0.5] * 5, np.float32))
+    path = write_coded(tmp_path, k.q, 1.0, codebook=np.array([1.0, np.inf] + [0.5] * 5, np.float32))
     with pytest.raises(FormatError, match="inf or NaN"):
         read_artifact(path).decode_all()
-    path = _write(tmp_path, k.q, np.zeros(0, np.float32))
+    path = write_coded(tmp_path, k.q, 1.0, codebook=np.zeros(0, np.float32))
     with pytest.raises(FormatError, match="codebook of 0 bytes"):
         read_artifact(path).decode_all()
 

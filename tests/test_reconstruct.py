@@ -27,6 +27,7 @@ from rdonnx import CompressConfig, DataOptions, UsageError
 from rdonnx.calibration import Calibration, calibrate_model
 from rdonnx.container import read_artifact
 from rdonnx.obs import Hessian, supports, to_matrices, weight_error
+from rdonnx.quantize import row_view
 from rdonnx.stats import LayerInput
 
 GRID = (1.0, 0.5, 0.2, 0.1)
@@ -199,19 +200,23 @@ def test_reconstruction_keeps_the_mask_and_never_increases_layer_error(case, cri
 
 @pytest.mark.parametrize("case", ["bundled_mlp", "bundled_cnn"], indirect=True)
 def test_gptq_never_increases_layer_error_over_plain_rounding(case, tmp_path):
-    """Same mask, same grid (the stored step, +-7 levels at 4 bits): error feedback wins."""
+    """Same mask, same grid (the stored per-row steps, +-7 levels at 4 bits): error feedback
+    wins."""
     cfg = mode_config("gptq")
     result = compressed(case, cfg)
     cal = calibration(case, cfg)
     path = tmp_path / "q.rdonnx"
     result.save(path)
-    steps = {e.name: e.step for e in read_artifact(path).tensors}
+    stored = {e.name: e for e in read_artifact(path).tensors}
     for w, report in zip(cal.weights, result.report.weights):
         original, new = cal.originals[w.name], result.weights[w.name]
         mask = cal.rankings[w.name].mask(report.kept)
         assert not (kept(new) & ~mask).any(), w.name
         assert int(np.count_nonzero(new)) <= report.kept  # survivors may round to 0
-        step = np.float32(steps[w.name])
+        q = result.quantized[w.name]
+        assert stored[w.name].encoding == ("quantized" if q.axis is None else "quantized-rows")
+        assert stored[w.name].step_axis == q.axis in (None, cal.inputs[w.name].row_axis)
+        step = np.float32(q.step) if q.axis is None else row_view(q.step, original.ndim, q.axis)
         plain = np.where(mask, np.clip(np.rint(original / step), -7, 7) * step, 0)
         entry, hessian = cal.inputs[w.name], cal.hessian(w.name)
         e_new = weight_error(original, new, entry, hessian)
@@ -219,29 +224,31 @@ def test_gptq_never_increases_layer_error_over_plain_rounding(case, tmp_path):
         assert e_new <= e_plain * (1 + 1e-6) + 1e-12, (w.name, e_new, e_plain)
 
 
-def test_gptq_grid_is_the_best_of_the_clipped_spans(bundled_cnn):
-    """The stored step is the one of CLIP_SCALES whose reconstruction has the least layer error
-    (the full span is always a candidate, so clipping never makes a layer worse)."""
+def test_gptq_grid_is_the_best_of_the_candidate_grids(bundled_cnn, bundled_mlp):
+    """The stored grid is the candidate (per-row or per-tensor span, times each CLIP_SCALES)
+    whose reconstruction has the least layer error; the per-tensor full span is a candidate,
+    so the choice is never worse than the single grid of a plain GPTQ pass."""
     from rdonnx.calibration import CLIP_SCALES
     from rdonnx.obs import reconstruct_weight
-    from rdonnx.quantize import quantize
 
     cfg = mode_config("gptq")
-    cal = calibration(bundled_cnn, cfg)
-    assert CLIP_SCALES[0] == 1.0
-    for w in cal.weights:
-        keep = int(0.5 * w.size)
-        new, q = cal.compress_weight(w, keep, cfg, 4)
-        entry, hessian = cal.inputs[w.name], cal.hessian(w.name)
-        chosen = weight_error(cal.originals[w.name], new, entry, hessian)
-        exact, _ = cal.compress_weight(w, keep, cfg)
-        full = quantize(exact, 4).step
-        spans = [weight_error(cal.originals[w.name], reconstruct_weight(
-            cal.originals[w.name], entry, hessian, keep=cal.rankings[w.name].mask(keep),
-            step=float(np.float32(full * c)), levels=7, percdamp=cfg.damp), entry, hessian)
-            for c in CLIP_SCALES]
-        assert chosen == pytest.approx(min(spans), rel=1e-6), w.name
-        assert any(q.step == pytest.approx(float(np.float32(full * c))) for c in CLIP_SCALES)
+    for case in (bundled_cnn, bundled_mlp):
+        cal = calibration(case, cfg)
+        for w in cal.weights:
+            keep, entry = int(0.5 * w.size), cal.inputs[w.name]
+            original, hessian = cal.originals[w.name], cal.hessian(w.name)
+            new, q = cal.compress_weight(w, keep, cfg, 4)
+            exact, _ = cal.compress_weight(w, keep, cfg)
+            grids = list(cal._grids(exact, entry.row_axis, 7))
+            assert len(grids) == 2 * len(CLIP_SCALES) and grids[-len(CLIP_SCALES)][1] is None
+            errors = [weight_error(original, reconstruct_weight(
+                original, entry, hessian, keep=cal.rankings[w.name].mask(keep),
+                step=steps if axis is None else row_view(steps, exact.ndim, axis), levels=7,
+                percdamp=cfg.damp), entry, hessian) for steps, axis in grids]
+            chosen = weight_error(original, new, entry, hessian)
+            assert chosen == pytest.approx(min(errors), rel=1e-6), w.name
+            assert q.axis in (None, entry.row_axis)
+            assert np.array_equal(q.values(np.float32), new)
 
 
 @pytest.mark.parametrize("case", ["bundled_mlp", "bundled_cnn"], indirect=True)
@@ -582,17 +589,23 @@ def test_gptq_survivors_are_multiples_of_the_stored_step(bundled_mlp, bundled_cn
         artifact = read_artifact(path)
         entries = {e.name: e for e in artifact.tensors}
         assert result.report.value_bits == 4
+        per_row = 0
         for w in result.report.weights:
-            entry = entries[w.name]
-            assert entry.encoding == "quantized"
+            entry, q = entries[w.name], result.quantized[w.name]
             values = artifact.decode(entry)
             np.testing.assert_array_equal(values, result.weights[w.name], err_msg=w.name)
-            step = np.float32(entry.step)
+            if entry.encoding == "quantized":
+                step = np.float32(entry.step)
+                assert q.axis is None and q.step == entry.step
+            else:  # one step per output row, stored in its own section
+                assert entry.encoding == "quantized-rows" and entry.step_axis == q.axis
+                step = row_view(q.step, values.ndim, q.axis)
+                per_row += 1
             levels = np.rint(values.astype(np.float32) / step)
             np.testing.assert_array_equal(levels * step, values, err_msg=w.name)  # q * step
             assert np.abs(levels).max() <= 7, w.name  # 4 bits: +-7 levels
-            np.testing.assert_array_equal(result.quantized[w.name].q, levels, err_msg=w.name)
-            assert result.quantized[w.name].step == entry.step
+            np.testing.assert_array_equal(q.q, levels, err_msg=w.name)
+        assert per_row > 0  # per-row grids win somewhere on every bundled model
 
 
 @pytest.mark.parametrize("case", ["bundled_mlp", "bundled_cnn"], indirect=True)
