@@ -671,3 +671,26 @@ def test_nm_crafted_headers_raise_codec_error():
     # a tiny payload claiming 10**9 uniform 2:4 groups fails before decoding
     with pytest.raises(CodecError, match="shorter"):
         E.decode_positions(_nm_payload(4 * 10**9, 4, 2, 0, words=[1]), (4 * 10**9,))
+
+
+def test_balanced_signs_go_as_raw_bits_and_skewed_signs_as_ans(monkeypatch):
+    rng = np.random.default_rng(23)
+    mag = rng.integers(1, 20, size=100_001)
+    balanced = np.where(rng.random(mag.size) < 0.5, mag, -mag)
+    cs = roundtrip_values(balanced)
+    assert cs.payload[1] & 0x40  # raw sign bits
+    with monkeypatch.context() as m:
+        m.setattr(E, "_RAW_SIGN_SLACK", -1.0)  # never raw: the same values, ANS-coded signs
+        coded = E.encode_values(balanced)
+    assert not coded.payload[1] & 0x40
+    assert cs.bits <= coded.bits + 64 + 32  # raw costs at most 64 bits (+ one ANS word)
+    skewed = np.where(rng.random(mag.size) < 0.9, mag, -mag)
+    assert not roundtrip_values(skewed).payload[1] & 0x40
+    # a damaged raw sign byte changes the positive count: refused
+    body = bytearray(cs.payload)
+    at = body.index(np.packbits(balanced > 0).tobytes()[:8])
+    body[at] ^= 0x01
+    with pytest.raises(E.CodecError, match="sign count"):
+        E.decode_values(bytes(body), balanced.size)
+    with pytest.raises(E.CodecError):
+        E.decode_values(cs.payload[:at + 10], balanced.size)  # truncated in the sign bits

@@ -43,11 +43,13 @@ positions: u8 0x11 | u8 model (0 iid, 1 rows, 2 columns, 3 rows+columns, 4 n:m) 
     first), all positive. Chosen for tensors over 65536 elements at density <= 0.25 when it
     is within 0.1% + 128 bytes of the smallest model: k symbols instead of n decode several
     times faster.
-values: u8 0x21 | u8 mode (bits 0-4 precision s, bit 5 zstd table) | varint count |
-    varint positives | varint alphabet A | token counts: A varints, or varint L + a zstd
-    frame of L bytes holding them | ANS: tokens (Categorical(counts), if > 1 token used),
-    low bits grouped by width nb = 1..23 (Uniform(2**nb)), signs (Bernoulli(positives /
-    count), 1 = positive, if mixed). See `_tokens` for the token mapping.
+values: u8 0x21 | u8 mode (bits 0-4 precision s, bit 5 zstd table, bit 6 raw signs) |
+    varint count | varint positives | varint alphabet A | token counts: A varints, or varint
+    L + a zstd frame of L bytes holding them | [raw signs: ceil(count / 8) bytes, the signs as
+    bits (1 = positive, numpy packbits order), when mixed signs cost at most 64 bits more this
+    way than coded] | ANS: tokens (Categorical(counts), if > 1 token used), low bits grouped
+    by width nb = 1..23 (Uniform(2**nb)), signs (Bernoulli(positives / count), 1 = positive,
+    if mixed and not raw). See `_tokens` for the token mapping.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ _NM_GROUPS = (4, 8, 16)  # group sizes M the encoder tries for the "n:m" model
 _NM_LUT_MAX = 16  # "n:m" pattern index by lookup tables up to this M, by arithmetic above
 _UNIFORM_MAX = 1 << 24  # largest constriction Uniform (default 24-bit precision)
 _ANS_FLUSH_BITS = 32.0  # estimated ANS overhead (final state words)
+_RAW_SIGN_SLACK = 64.0  # signs go raw when that costs at most this many bits more than ANS
 _GAPS_MAX_DENSITY = 0.25  # "gaps" is tried up to this density (above, it saves no time)
 _GAPS_SLACK = (1.001, 128)  # "gaps" is taken when at most 0.1% + 128 bytes over the smallest
 _DECODE_ERRORS = (ValueError, KeyError, IndexError, OverflowError, TypeError,
@@ -1153,10 +1156,15 @@ def encode_values(values: np.ndarray) -> CodedStream:
     table = np.bincount(tok, minlength=a).astype(np.int64)
     zstd_table, table_bytes = _table_payload(table)
 
-    head = bytearray([VALUES_TAG, s | (0x20 if zstd_table else 0)])
+    # balanced signs go as raw bits (numpy unpacks them far faster than ANS decodes them)
+    raw_signs = 0 < npos < count and count - float(_nh(count, npos)) <= _RAW_SIGN_SLACK
+    head = bytearray([VALUES_TAG, s | (0x20 if zstd_table else 0) | (0x40 if raw_signs else 0)])
     head += _varint(count) + _varint(npos) + _varint(a) + table_bytes
+    side = len(head)
     coder = _AnsCoder()
-    if 0 < npos < count:
+    if raw_signs:
+        head += np.packbits(v64 > 0).tobytes()
+    elif 0 < npos < count:
         coder.encode_reverse((v64 > 0).astype(np.int32), _bernoulli(npos, count))
     esc = np.flatnonzero(nbits)
     if esc.size:
@@ -1173,7 +1181,7 @@ def encode_values(values: np.ndarray) -> CodedStream:
         coder.encode_reverse(tok.astype(np.int32), _categorical(table))
     payload = bytes(head) + _words_bytes(coder)
     model = "categorical+escape" if esc.size else "categorical"
-    return CodedStream(payload, 8 * len(payload), 8 * len(head), iid_bits, model)
+    return CodedStream(payload, 8 * len(payload), 8 * side, iid_bits, model)
 
 
 def decode_values(payload: bytes, count: int) -> np.ndarray:
@@ -1210,7 +1218,8 @@ def _decode_values(buf: bytes, count: int) -> np.ndarray:
         raise CodecError("not a values payload (bad tag byte)")
     mode = rd.byte("mode")
     s, zstd_table = mode & 0x1F, bool(mode & 0x20)
-    if mode & 0xC0 or s > 23:
+    raw_signs = bool(mode & 0x40)
+    if mode & 0x80 or s > 23:
         raise CodecError(f"invalid values mode byte {mode:#x}")
     stored = rd.varint(1 << 62, "value count")
     if stored != count:
@@ -1218,7 +1227,7 @@ def _decode_values(buf: bytes, count: int) -> np.ndarray:
     npos = rd.varint(count, "positive count")
     a = rd.varint(_alphabet_limit(s, count), "alphabet size")
     if count == 0:
-        if a != 0 or zstd_table or rd.remaining():
+        if a != 0 or zstd_table or raw_signs or rd.remaining():
             raise CodecError("inconsistent empty values payload")
         return np.zeros(0, dtype=np.int32)
     if a == 0:
@@ -1232,7 +1241,10 @@ def _decode_values(buf: bytes, count: int) -> np.ndarray:
         nbits_of[direct:] = ((np.arange(direct, a) - direct) >> s) + 1
     used_syms = np.flatnonzero(table)
     need_tokens = used_syms.size > 1
-    need_signs = 0 < npos < count
+    if raw_signs and not 0 < npos < count:
+        raise CodecError("raw sign bits without mixed signs")
+    packed = rd.take((count + 7) // 8, "sign bits") if raw_signs else b""
+    need_signs = 0 < npos < count and not raw_signs
     need_low = bool(np.any(nbits_of[used_syms] > 0))
     min_bits = _info_bits(table) * need_tokens
     if need_signs:  # else the low bits may end the stream (free zeros)
@@ -1261,8 +1273,9 @@ def _decode_values(buf: bytes, count: int) -> np.ndarray:
         mag = mag.astype(np.int32)
     else:
         mag = tok.astype(np.int32) + 1
-    if need_signs:
-        sign = coder.decode(_bernoulli(npos, count), count)
+    if need_signs or raw_signs:
+        sign = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=count) if raw_signs \
+            else coder.decode(_bernoulli(npos, count), count)
         if int(np.count_nonzero(sign)) != npos:
             raise CodecError("decoded sign count does not match the header")
         out = np.where(sign != 0, mag, -mag)
