@@ -152,14 +152,16 @@ class Calibration:
             return exact, None
         # the grid spans the reconstructed survivors (updates can outgrow the original range)
         # of each output row (GPTQ's per-channel grid) or of the whole tensor, or clips them
-        # (GPTQ's scale search): the grid whose update reconstructs the layer best wins
+        # (GPTQ's scale search). The grid with the least layer error wins, the per-row steps'
+        # 32 bits each charged at the high-rate slope: one bit per weight buys 4x less error
         entry, levels = self.inputs[w.name], 2 ** (bits - 1) - 1
         best = None
         for steps, axis in self._grids(exact, entry.row_axis, levels):
             step = steps if axis is None else row_view(steps, exact.ndim, axis)
             new = obs.reconstruct_weight(original, entry, hessian, step=step, levels=levels,
                                          **options)
-            error = obs.weight_error(original, new, entry, hessian)
+            side = 0.0 if axis is None else 32.0 * np.size(steps) / max(original.size, 1)
+            error = obs.weight_error(original, new, entry, hessian) * 4.0 ** side
             if best is None or error < best[0]:
                 best = (error, steps, axis, step, new)
         _, steps, axis, step, new = best
