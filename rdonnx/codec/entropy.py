@@ -1278,7 +1278,7 @@ def _decode_values(buf: bytes, count: int) -> np.ndarray:
             else coder.decode(_bernoulli(npos, count), count)
         if int(np.count_nonzero(sign)) != npos:
             raise CodecError("decoded sign count does not match the header")
-        out = np.where(sign != 0, mag, -mag)
+        out = np.negative(mag, out=mag, where=sign == 0)
     elif npos == count:
         out = mag
     else:
