@@ -110,7 +110,7 @@ class Artifact:
         values = self.section(entry.values, f"{entry.name} values")
         try:
             kept = entropy.decode_kept(positions, tuple(entry.shape))
-            if kept.size != entry.nnz:
+            if entropy.kept_count(kept) != entry.nnz:
                 raise FormatError(f"{self._where()}: {entry.name}: nonzero count mismatch")
             if entry.encoding == "codebook":
                 survivors = self._decode_codebook(entry, values)
@@ -143,7 +143,8 @@ class Artifact:
             raise FormatError(f"{self._where()}: {entry.name}: steps must be positive numbers")
         inner = math.prod(entry.shape[entry.step_axis + 1:])
         levels = entropy.decode_values(values, entry.nnz)
-        return levels.astype(np.float32) * steps[(kept // inner) % rows]
+        rows_of = (entropy.kept_indices(kept) // inner) % rows
+        return levels.astype(np.float32) * steps[rows_of]
 
     def _decode_codebook(self, entry: TensorEntry, values: bytes) -> np.ndarray:
         """codebook[index - 1] of the kept entries, in float32."""

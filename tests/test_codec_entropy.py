@@ -203,11 +203,15 @@ def test_gaps_model_decodes_to_the_kept_indices():
         cs = E.encode_positions(m)
         assert cs.model == "gaps"
         assert np.array_equal(E.decode_positions(cs.payload, m.shape), m)
-        assert np.array_equal(E.decode_kept(cs.payload, m.shape), np.flatnonzero(m))
-    dense = rng.random((300, 400)) < 0.4  # above the gaps density limit
+        kept = E.decode_kept(cs.payload, m.shape)
+        assert kept.dtype == np.int64 and np.array_equal(kept, np.flatnonzero(m))
+        assert E.kept_count(kept) == m.sum()
+    dense = rng.random((300, 400)) < 0.4  # above the gaps density limit: a flat bool mask
     assert E.encode_positions(dense).model == "iid"
-    assert np.array_equal(E.decode_kept(E.encode_positions(dense).payload, dense.shape),
-                          np.flatnonzero(dense))
+    kept = E.decode_kept(E.encode_positions(dense).payload, dense.shape)
+    assert kept.dtype == np.bool_ and np.array_equal(kept, dense.reshape(-1))
+    assert np.array_equal(E.kept_indices(kept), np.flatnonzero(dense))
+    assert E.kept_count(kept) == dense.sum()
 
 
 def test_gaps_payload_that_overruns_the_tensor_is_rejected():

@@ -64,7 +64,8 @@ import zstandard
 
 __all__ = [
     "CodecError", "CodedStream", "decode_integers", "decode_kept", "decode_positions",
-    "decode_values", "encode_integers", "encode_positions", "encode_values",
+    "decode_values", "encode_integers", "encode_positions", "encode_values", "kept_count",
+    "kept_indices",
 ]
 
 _AnsCoder = constriction.stream.stack.AnsCoder
@@ -818,8 +819,9 @@ def decode_positions(payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def decode_kept(payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    """The flat C-order indices (int64, ascending) of the kept entries of a positions payload;
-    faster than `decode_positions` for sparse "gaps" payloads.
+    """The kept entries of a positions payload as a selector of the flattened tensor: the
+    ascending int64 indices for "gaps" payloads (no mask is built), else the flat bool mask
+    (faster to assign through than indices when many entries are kept).
 
     Raises:
         CodecError: Corrupted/truncated payload or a shape that does not match it.
@@ -832,7 +834,17 @@ def decode_kept(payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
         raise
     except _DECODE_ERRORS as exc:
         raise CodecError(f"corrupted positions payload: {exc}") from None
-    return kept if kept.dtype == np.int64 else np.flatnonzero(kept)
+    return kept if kept.dtype == np.int64 else kept.reshape(-1)
+
+
+def kept_indices(selector: np.ndarray) -> np.ndarray:
+    """The flat indices (int64, ascending) of a `decode_kept` selector."""
+    return np.flatnonzero(selector) if selector.dtype == np.bool_ else selector
+
+
+def kept_count(selector: np.ndarray) -> int:
+    """The number of kept entries of a `decode_kept` selector."""
+    return int(np.count_nonzero(selector)) if selector.dtype == np.bool_ else selector.size
 
 
 def _decode_positions(buf: bytes, dims: tuple[int, ...], as_index: bool = False) -> np.ndarray:
@@ -1313,7 +1325,7 @@ def decode_integers(positions: bytes, values: bytes, shape: tuple[int, ...]) -> 
         CodecError: Either payload is corrupted or inconsistent with `shape`.
     """
     kept = decode_kept(positions, shape)
-    vals = decode_values(values, kept.size)
+    vals = decode_values(values, kept_count(kept))
     out = np.zeros(math.prod(_check_shape(shape)), dtype=np.int32)
     out[kept] = vals
     return out.reshape(shape)
