@@ -808,10 +808,15 @@ def decode_positions(payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
     Raises:
         CodecError: Corrupted/truncated payload or a shape that does not match it.
     """
+    return _positions(payload, shape, as_index=False)
+
+
+def _positions(payload: bytes, shape: tuple[int, ...], as_index: bool) -> np.ndarray:
+    """`_decode_positions` with every decoding failure raised as CodecError."""
     dims = _check_shape(shape)
     buf = _as_bytes(payload)
     try:
-        return _decode_positions(buf, dims)
+        return _decode_positions(buf, dims, as_index)
     except CodecError:
         raise
     except _DECODE_ERRORS as exc:
@@ -826,14 +831,7 @@ def decode_kept(payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
     Raises:
         CodecError: Corrupted/truncated payload or a shape that does not match it.
     """
-    dims = _check_shape(shape)
-    buf = _as_bytes(payload)
-    try:
-        kept = _decode_positions(buf, dims, as_index=True)
-    except CodecError:
-        raise
-    except _DECODE_ERRORS as exc:
-        raise CodecError(f"corrupted positions payload: {exc}") from None
+    kept = _positions(payload, shape, as_index=True)
     return kept if kept.dtype == np.int64 else kept.reshape(-1)
 
 
