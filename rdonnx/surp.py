@@ -19,7 +19,8 @@ import onnx
 from .codec import surp as codec
 from .errors import UsageError
 
-BOUND_MAX_RATE = 0.5  # a distortion / agreement bound: encode up to this density, then search
+BOUND_RATES = (0.5, 0.8, 1.0)  # a distortion / agreement bound: encode up to these densities
+# in turn (the stream is embedded, so a denser cap only extends it), bisecting the prefix
 BOUND_SEARCH_STEPS = 24
 
 
@@ -288,18 +289,23 @@ def compress_surp(cal, config, test_data, labels: str | None, quiet: bool):
         coded = encode(cal.originals, names, seed, nnz=max(1, round(config.rate * total)))
     elif config.bits_per_weight is not None:
         coded = encode(cal.originals, names, seed, bits=config.bits_per_weight * total)
-    else:
-        full = encode(cal.originals, names, seed,
-                      nnz=max(1, round(BOUND_MAX_RATE * total)))
-        prefixes = Prefixes.of(full)
+    else:  # encode to a cap, bisect the prefix; a denser cap only if the bound needs it
+        for cap in BOUND_RATES:
+            prefixes = Prefixes.of(encode(cal.originals, names, seed,
+                                          nnz=max(1, round(cap * total))))
 
-        def ok(steps: int):
-            d = measured(prefixes.values(steps))
-            r = Realized(prefixes.nnz(steps) / total, {}, {}, {}, {}, {}, d)
-            passed = meets(config, r, total)
-            return passed, (d, prefixes.bits(steps), prefixes.nnz(steps), passed)
+            def ok(steps: int, prefixes: Prefixes = prefixes):
+                d = measured(prefixes.values(steps))
+                r = Realized(prefixes.nnz(steps) / total, {}, {}, {}, {}, {}, d)
+                passed = meets(config, r, total)
+                return passed, (d, prefixes.bits(steps), prefixes.nnz(steps), passed)
 
-        steps, probes = shortest_meeting(prefixes, ok)
+            try:
+                steps, probes = shortest_meeting(prefixes, ok)
+                break
+            except UsageError:
+                if cap == BOUND_RATES[-1]:
+                    raise
         for _, (d, bits, nnz, passed) in sorted(probes, key=lambda p: p[0]):
             points.append(RatePoint(nnz / total, d.value(config.metric), d.top1_agreement,
                                     passed, bits / total))

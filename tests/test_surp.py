@@ -144,6 +144,18 @@ def test_compress_surp_bits_target_and_refusals(mlp_path):
             bad.check()
 
 
+def test_distortion_bound_beyond_half_density_extends_the_stream(mlp_path):
+    """A bound that rate 0.5 misses is met by a denser prefix (the next cap), measured."""
+    path, calib = mlp_path
+    half = compress(path, CompressConfig(rate=0.5, method="surp"), calib=calib)
+    bound = 0.5 * half.report.calibration.nmse
+    result = compress(path, CompressConfig(max_distortion=bound, method="surp"), calib=calib)
+    assert result.report.calibration.nmse <= bound
+    assert result.report.rate > 0.5
+    with pytest.raises(UsageError, match="longest prefix"):
+        compress(path, CompressConfig(max_distortion=0.0, method="surp"), calib=calib)
+
+
 def test_cli_compress_truncate(cli, mlp_path, tmp_path):
     path, calib = mlp_path
     art = tmp_path / "a.rdonnx"
