@@ -31,6 +31,7 @@ from .config import CompressConfig
 from .data import Batches, DataOptions, input_specs, make_batches, open_npz
 from .distortion import Distortion, is_class_scores
 from .errors import UsageError
+from .hsic import consumer_outputs
 from .kmeans import kmeans_quantize
 from .measure import Replay
 from .model import Model, load_model, simplify
@@ -327,7 +328,12 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
         config.reconstructs or config.pattern or kmeans else {}
     extra = find_codable(loaded, weights, config.min_params) \
         if config.quantized and not config.lossless_unpruned else []
-    runner = Runner(loaded, weights + extra, config.device, exposed_tensors(loaded, inputs))
+    exposed = exposed_tensors(loaded, inputs)
+    if config.method == "hsic":  # ITPruner compares the layers' outputs
+        given = {v.name for v in loaded.proto.graph.output}
+        exposed = sorted(set(exposed) | {t for t, _ in consumer_outputs(loaded, weights)
+                                         .values()} - given)
+    runner = Runner(loaded, weights + extra, config.device, exposed)
     if runner.device.notice:
         notices.append(runner.device.notice)
     replay, moments, data_digest = record(runner, batches, inputs, quiet,

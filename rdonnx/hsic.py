@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import UsageError
-from .runtime import Runner
-from .weights import LAYOUT_OPS, WEIGHT_INPUTS
+from .weights import LAYOUT_OPS, WEIGHT_INPUTS, Weight
 
 if TYPE_CHECKING:
     from .allocate import Allocation
     from .calibration import Calibration
     from .config import CompressConfig
+    from .model import Model
 
 BUDGETS = ("params", "flops")
 DEFAULT_SAMPLES = 64
@@ -117,16 +117,16 @@ def solve_widths(alpha: np.ndarray, costs: np.ndarray, rate: float,
     return np.clip(result.x, low, 1.0)
 
 
-def consumer_outputs(cal: Calibration) -> dict[str, tuple[str, str]]:
+def consumer_outputs(model: Model, weights: Sequence[Weight]) -> dict[str, tuple[str, str]]:
     """(output tensor, op) of the main-graph consumer of each weight, followed through
     layout-only operators; weights used only in subgraphs have no entry."""
-    nodes = list(cal.model.proto.graph.node)
+    nodes = list(model.proto.graph.node)
     users: dict[str, list] = {}
     for node in nodes:
         for name in node.input:
             users.setdefault(name, []).append(node)
     found = {}
-    for w in cal.weights:
+    for w in weights:
         tensor, hops = w.name, 0
         while hops < 8 and tensor in users:
             node = users[tensor][0]
@@ -144,16 +144,14 @@ def collect(cal: Calibration, tensors: Sequence[str], samples: int
     """The named intermediate tensors on the first `samples` replayed calibration samples, one
     row per sample ([samples, -1]), and each tensor's shape on the first batch. Tensors whose
     first axis is not the batch (sequence-first layouts, batch x tokens folded into one axis:
-    the sample of a row is unknown) are left out."""
-    given = {o.name for o in cal.model.proto.graph.output}
-    runner = Runner(cal.model, cal.weights, cal.runner.device,
-                    sorted(set(tensors) - given))
+    the sample of a row is unknown) are left out. The calibration session exposes them
+    (`calibrate_model` asks for `consumer_outputs` with --method hsic)."""
     parts: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     shapes: dict[str, tuple[int, ...]] = {}
     seen = 0
     for feed, _ in cal.replay:
         batch = len(next(iter(feed.values())))
-        values = dict(zip(tensors, runner.run(feed, outputs=list(tensors))))
+        values = dict(zip(tensors, cal.runner.run(feed, outputs=list(tensors))))
         for t in tensors:
             value = np.asarray(values[t])
             shapes.setdefault(t, value.shape)
@@ -176,7 +174,7 @@ def macs(size: int, output_shape: Sequence[int], op: str) -> float:
 
 def prepare(cal: Calibration, config: CompressConfig, allocation: Allocation) -> Allocation:
     """`allocation` with each weight's importance alpha and budget cost (params or MACs)."""
-    found = consumer_outputs(cal)
+    found = consumer_outputs(cal.model, cal.weights)
     tensors = sorted({t for t, _ in found.values()})
     acts, shapes = collect(cal, tensors, config.hsic_samples) if tensors else ({}, {})
     seen = [w for w in cal.weights if w.name in found and found[w.name][0] in acts]
