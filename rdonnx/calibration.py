@@ -157,7 +157,7 @@ class Calibration:
         # 32 bits each charged at the high-rate slope: one bit per weight buys 4x less error
         entry, levels = self.inputs[w.name], 2 ** (bits - 1) - 1
         best = None
-        for steps, axis in self._grids(exact, entry.row_axis, levels):
+        for steps, axis in self._grids(exact, entry.row_axis, bits):
             step = steps if axis is None else row_view(steps, exact.ndim, axis)
             new = obs.reconstruct_weight(original, entry, hessian, step=step, levels=levels,
                                          **options)
@@ -170,14 +170,16 @@ class Calibration:
         return q.values(original.dtype), q
 
     @staticmethod
-    def _grids(exact: np.ndarray, row_axis: int, levels: int):
-        """Candidate grids (steps, axis): one step per row along `row_axis`, then one for the
-        tensor (axis None), each spanning the largest magnitude times every CLIP_SCALES."""
+    def _grids(exact: np.ndarray, row_axis: int, bits: int):
+        """Candidate grids (steps, axis) for `bits`: one step per row along `row_axis`, then one
+        for the tensor (axis None), each spanning the largest magnitude times every
+        CLIP_SCALES."""
         rows = np.moveaxis(np.abs(exact.astype(np.float32)), row_axis, 0)
         rows = rows.reshape(exact.shape[row_axis], -1)
         span = rows.max(axis=1) if rows.size else np.zeros(rows.shape[0], np.float32)
-        per_row = np.where(span > 0, span / np.float32(levels), 1.0).astype(np.float32)
-        tensor = np.float32(quantize(exact, levels.bit_length() + 1).step)
+        per_row = np.where(span > 0, span / np.float32(2 ** (bits - 1) - 1), 1.0)
+        per_row = per_row.astype(np.float32)
+        tensor = np.float32(quantize(exact, bits).step)
         for clip in CLIP_SCALES:
             yield (per_row * np.float32(clip)).astype(np.float32), row_axis
         for clip in CLIP_SCALES:

@@ -239,7 +239,7 @@ def test_gptq_grid_is_the_best_of_the_candidate_grids(bundled_cnn, bundled_mlp):
             original, hessian = cal.originals[w.name], cal.hessian(w.name)
             new, q = cal.compress_weight(w, keep, cfg, 4)
             exact, _ = cal.compress_weight(w, keep, cfg)
-            grids = list(cal._grids(exact, entry.row_axis, 7))
+            grids = list(cal._grids(exact, entry.row_axis, 4))
             assert len(grids) == 2 * len(CLIP_SCALES) and grids[-len(CLIP_SCALES)][1] is None
             errors = [weight_error(original, reconstruct_weight(
                 original, entry, hessian, keep=cal.rankings[w.name].mask(keep),

@@ -878,19 +878,9 @@ def _decode_positions(buf: bytes, dims: tuple[int, ...], as_index: bool = False)
     rcnt = np.array([r], dtype=np.int64)
     ccnt = np.array([c], dtype=np.int64)
     if model in (1, 3):
-        kr = rd.varint(min(MAX_CLASSES, r), "row class count")
-        if kr < 2:
-            raise CodecError("row class count < 2")
-        rcnt = rd.varints(kr, r, "rows per class")
-        if np.any(rcnt == 0) or int(rcnt.sum()) != r:
-            raise CodecError("rows per class do not add up to shape[0]")
+        rcnt = _read_classes(rd, r, "row", "rows", "shape[0]")
     if model in (2, 3):
-        kc = rd.varint(min(MAX_CLASSES, c), "column class count")
-        if kc < 2:
-            raise CodecError("column class count < 2")
-        ccnt = rd.varints(kc, c, "columns per class")
-        if np.any(ccnt == 0) or int(ccnt.sum()) != c:
-            raise CodecError("columns per class do not add up to prod(shape[1:])")
+        ccnt = _read_classes(rd, c, "column", "columns", "prod(shape[1:])")
     ones = rd.varints(rcnt.size * ccnt.size, n, "ones per block")
     sizes = (rcnt[:, None] * ccnt[None, :]).ravel()
     if np.any(ones > sizes):
@@ -953,6 +943,18 @@ def _decode_positions(buf: bytes, dims: tuple[int, ...], as_index: bool = False)
         inv[cperm] = np.arange(c)
         p = np.take(p, inv, axis=1)
     return p.reshape(dims)
+
+
+def _read_classes(rd: _Reader, units: int, unit: str, plural: str, total: str) -> np.ndarray:
+    """A class header: varint K in [2, min(64, units)], then K nonzero unit counts summing to
+    `units`."""
+    k = rd.varint(min(MAX_CLASSES, units), f"{unit} class count")
+    if k < 2:
+        raise CodecError(f"{unit} class count < 2")
+    counts = rd.varints(k, units, f"{plural} per class")
+    if np.any(counts == 0) or int(counts.sum()) != units:
+        raise CodecError(f"{plural} per class do not add up to {total}")
+    return counts
 
 
 def _decode_nm(rd: _Reader, dims: tuple[int, ...], n: int) -> np.ndarray:
