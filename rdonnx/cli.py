@@ -22,7 +22,7 @@ from .allocate import SOLVERS
 from .api import CompressConfig, calibrate, compress, evaluate, inspect
 from .artifact import decompress, inspect_artifact
 from .calibrate import DEFAULT_GRID, Curves, check_grid
-from .config import FORMATS, METHODS, VALUES
+from .config import FORMATS, HSIC_SAMPLES, METHODS, VALUES
 from .container import is_artifact
 from .data import DataOptions
 from .distortion import METRICS
@@ -246,7 +246,7 @@ def _config(**kw) -> CompressConfig:
 @click.option("--budget", type=click.Choice(BUDGETS), default="params", show_default=True,
               help="hsic: what --rate counts: parameters, or multiply-accumulates per sample "
               "(flops).")
-@click.option("--hsic-samples", type=int, default=64, show_default=True,
+@click.option("--hsic-samples", type=int, default=HSIC_SAMPLES, show_default=True,
               help="hsic: calibration samples whose layer outputs are compared.")
 @click.option("--hsic-beta", type=float, default=None,
               help="hsic: importance exp(-beta * s_i) [default: 10 * number of layers].")

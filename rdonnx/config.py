@@ -11,6 +11,7 @@ from .data import DataOptions
 from .distortion import METRICS
 from .errors import UsageError
 from .hsic import BUDGETS
+from .hsic import DEFAULT_SAMPLES as HSIC_SAMPLES
 from .pqi import GRANULARITIES, PQI_MODES, PQIOptions
 from .prune import CRITERIA
 from .quantize import QUANTIZERS, VALUE_BITS
@@ -69,7 +70,7 @@ class CompressConfig:
     pqi_mode: str = "fixed"  # pqi: "fixed" point of the iterated SAP step, or "single" bound
     granularity: str = "layer"  # pqi: one density per "layer" (weight) or per "neuron" (row)
     budget: str = "params"  # hsic: the rate counts "params" or "flops" (MACs per sample)
-    hsic_samples: int = 64  # hsic: calibration samples whose activations are compared
+    hsic_samples: int = HSIC_SAMPLES  # hsic: calibration samples whose activations are compared
     hsic_beta: float | None = None  # hsic: importance exp(-beta s_i); None: 10 * layers
     data: DataOptions = field(default_factory=DataOptions)
     version: int = CONFIG_VERSION
