@@ -1,11 +1,13 @@
 """Survivor reconstruction (OBS / SparseGPT, GPTQ) against plain pruning and rounding.
 
 Part 1: bundled models and the benchmark transformer, rates 0.7 / 0.5 / 0.3, uniform and rd
-allocation, without / with reconstruction (same masks) and SparseGPT's own selection
-(criterion obs): output distortion on the calibration data, test accuracy, time.
-Part 2: values at 8 / 6 / 4 bits (rd, rate 0.5): plain rounding against error-compensated.
-Part 3: the smallest .rdonnx keeping test accuracy within 0.2 points (without and with
-reconstruction).
+allocation, without / with reconstruction (same masks; per layer, and sequential: aimed at the
+original outputs) and SparseGPT's own selection (criterion obs, per layer and sequential):
+output distortion on the calibration data, test accuracy, time.
+Part 2: values at 8 / 6 / 4 bits (rd, rate 0.5): plain rounding against error-compensated
+(per layer and sequential).
+Part 3: the smallest .rdonnx keeping test accuracy within 0.2 points (plain, --reconstruct,
+--sequential).
 Part 4: streaming: peak memory of reconstruction with 256 and 8192 calibration samples.
 Part 5: a 25M-parameter model: reconstruction time against the R-D calibration alone.
 
@@ -40,35 +42,40 @@ def _run(path: Path, **settings) -> tuple[rdonnx.CompressResult, float]:
 
 
 def masks(models: dict[str, Path]) -> None:
-    print("| model | rate | allocation | nmse plain | nmse reconstructed | x less | nmse obs | "
-          "accuracy plain / reconstructed / obs | s plain / reconstructed / obs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | rate | allocation | nmse plain | nmse reconstructed (x less) | "
+          "nmse sequential (x less) | nmse obs | nmse obs sequential | "
+          "accuracy plain / reconstructed / sequential / obs / obs sequential | "
+          "s plain / reconstructed / sequential / obs / obs sequential |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, path in models.items():
         for rate in (0.7, 0.5, 0.3):
             for method in ("uniform", "rd"):
                 runs = [_run(path, rate=rate, method=method, format="dense", **extra)
-                        for extra in ({}, {"reconstruct": True}, {"criterion": "obs"})]
+                        for extra in ({}, {"reconstruct": True}, {"sequential": True},
+                                      {"criterion": "obs"},
+                                      {"criterion": "obs", "sequential": True})]
                 nmse = [r.report.calibration.nmse for r, _ in runs]
-                acc = [r.report.test.accuracy_compressed for r, _ in runs]
-                secs = [s for _, s in runs]
-                print(f"| {name} | {rate} | {method} | {nmse[0]:.4g} | {nmse[1]:.4g} | "
-                      f"{nmse[0] / max(nmse[1], 1e-12):.1f} | {nmse[2]:.4g} | "
-                      f"{acc[0]:.2%} / {acc[1]:.2%} / {acc[2]:.2%} | "
-                      f"{secs[0]:.1f} / {secs[1]:.1f} / {secs[2]:.1f} |")
+                acc = " / ".join(f"{r.report.test.accuracy_compressed:.2%}" for r, _ in runs)
+                secs = " / ".join(f"{s:.1f}" for _, s in runs)
+                cut = [nmse[0] / max(v, 1e-12) for v in nmse]
+                print(f"| {name} | {rate} | {method} | {nmse[0]:.4g} | {nmse[1]:.4g} "
+                      f"({cut[1]:.1f}) | {nmse[2]:.4g} ({cut[2]:.1f}) | {nmse[3]:.4g} | "
+                      f"{nmse[4]:.4g} | {acc} | {secs} |")
 
 
 def values(models: dict[str, Path]) -> None:
-    print("\n| model | value bits | nmse rounded | nmse error-compensated | accuracy rounded | "
-          "accuracy error-compensated |")
-    print("|---|---|---|---|---|---|")
+    print("\n| model | value bits | nmse rounded | nmse error-compensated | nmse error-compensated "
+          "sequential | accuracy rounded / error-compensated / sequential | "
+          "top-1 agreement rounded / error-compensated / sequential |")
+    print("|---|---|---|---|---|---|---|")
     for name, path in models.items():
         for bits in (8, 6, 4):
-            plain, _ = _run(path, rate=0.5, value_bits=bits)
-            comp, _ = _run(path, rate=0.5, value_bits=bits, reconstruct=True)
-            print(f"| {name} | {bits} | {plain.report.calibration.nmse:.4g} | "
-                  f"{comp.report.calibration.nmse:.4g} | "
-                  f"{plain.report.test.accuracy_compressed:.2%} | "
-                  f"{comp.report.test.accuracy_compressed:.2%} |")
+            runs = [_run(path, rate=0.5, value_bits=bits, **extra)[0]
+                    for extra in ({}, {"reconstruct": True}, {"sequential": True})]
+            nmse = " | ".join(f"{r.report.calibration.nmse:.4g}" for r in runs)
+            acc = " / ".join(f"{r.report.test.accuracy_compressed:.2%}" for r in runs)
+            agree = " / ".join(f"{r.report.test.top1_agreement:.2%}" for r in runs)
+            print(f"| {name} | {bits} | {nmse} | {acc} | {agree} |")
 
 
 def streaming() -> None:
@@ -105,15 +112,16 @@ def large() -> None:
         start = time.perf_counter()
         rdonnx.calibrate(path, config=CompressConfig(data=data, grid=GRID))
         curves = time.perf_counter() - start
-        start = time.perf_counter()
-        rdonnx.compress(path, rate=0.5, config=CompressConfig(
-            method="uniform", reconstruct=True, format="dense", layer_distortion=False,
-            data=data))
-        rebuilt = time.perf_counter() - start
         print(f"| synthetic 25M (5 MatMul) | R-D calibration, {len(GRID)}-point grid | "
               f"{curves:.1f} |")
-        print(f"| synthetic 25M (5 MatMul) | compress --reconstruct (uniform 0.5) | "
-              f"{rebuilt:.1f} ({rebuilt / curves:.2f}x) |")
+        for flag in ("reconstruct", "sequential"):
+            start = time.perf_counter()
+            rdonnx.compress(path, rate=0.5, config=CompressConfig(
+                method="uniform", format="dense", layer_distortion=False, data=data,
+                **{flag: True}))
+            rebuilt = time.perf_counter() - start
+            print(f"| synthetic 25M (5 MatMul) | compress --{flag} (uniform 0.5) | "
+                  f"{rebuilt:.1f} ({rebuilt / curves:.2f}x) |")
 
 
 if __name__ == "__main__":
@@ -123,6 +131,7 @@ if __name__ == "__main__":
     masks(model_paths)
     values(model_paths)
     codec.smallest(model_paths, (0.002, 0.005, 0.01, 0.02),
-                   {"plain": {}, "--reconstruct": {"reconstruct": True}}, grid=GRID)
+                   {"plain": {}, "--reconstruct": {"reconstruct": True},
+                    "--sequential": {"sequential": True}}, grid=GRID)
     streaming()
     large()

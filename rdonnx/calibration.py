@@ -86,7 +86,8 @@ class Calibration:
 
     def hessian(self, name: str, earlier: Mapping[str, np.ndarray] | None = None) -> obs.Hessian:
         """E[x x^T] of the weight's layer input: from the original model (cached), or with
-        the `earlier` weights already compressed (sequential mode)."""
+        the `earlier` weights already compressed (sequential mode), paired with the original
+        input so that reconstruction aims at the original output (`obs.Target`)."""
         if earlier is None and name in self._hessians:
             return self._hessians[name]
         entry = self.inputs[name]
@@ -96,8 +97,14 @@ class Calibration:
             missing = [t for t in entry.tensors if t not in feed]
             computed = dict(zip(missing, self.runner.run(feed, prepared, outputs=missing))) \
                 if missing else {}
+            original = dict(zip(missing, self.runner.run(feed, {}, outputs=missing))) \
+                if missing and earlier else computed
             for tensor in entry.tensors:  # every consumer of a shared weight
-                h.add_batch(feed[tensor] if tensor in feed else computed[tensor])
+                if not earlier:
+                    h.add_batch(feed[tensor] if tensor in feed else computed[tensor])
+                else:
+                    h.add_pair(feed[tensor] if tensor in feed else original[tensor],
+                               feed[tensor] if tensor in feed else computed[tensor])
         if earlier is None:
             self._hessians[name] = h
         return h

@@ -147,7 +147,9 @@ def rd_options(func: Callable) -> Callable:
                      "calibration data (OBS / SparseGPT; GPTQ error feedback when quantizing)."),
         click.option("--sequential", is_flag=True,
                      help="Reconstruct layers in graph order, each from the inputs the already-"
-                     "compressed earlier layers produce (implies --reconstruct)."),
+                     "compressed earlier layers produce, aimed at the original model's layer "
+                     "output, so later layers undo earlier layers' error (implies "
+                     "--reconstruct)."),
         click.option("--damp", type=float, default=0.01, show_default=True,
                      help="Reconstruction dampening: share of the mean diagonal of X X^T."),
         click.option("--channel-axis", type=int, default=1, show_default=True,

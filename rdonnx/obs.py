@@ -19,6 +19,7 @@ runs on the device of the tensors handed in (`device` for `Hessian`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +27,15 @@ import torch
 from .stats import LayerInput, _unfold
 
 RECURRENT = ("LSTM", "GRU", "RNN")
+_T = TypeVar("_T")
+
+
+class Target(NamedTuple):
+    """Statistics that aim a layer fed compressed inputs x at the original output W x_original:
+    cross = E[x_original x^T], original = E[x_original x_original^T] (H is E[x x^T])."""
+
+    cross: torch.Tensor
+    original: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,6 +69,10 @@ class Hessian:
     A grouped convolution keeps one [C/g * K, C/g * K] matrix per group (never the full one).
     Memory is independent of the number of samples: each batch is folded into the mean as
     H <- H * n / (n + k) + X X^T / (n + k), as SparseGPT's add_batch does.
+
+    `add_pair` folds in the input the layer sees in a compressed model (H of it) together with
+    the original model's input of the same samples: G = E[x_original x^T], with which
+    `reconstruct` aims the compressed layer at the original layer's output (`cross`).
     """
 
     def __init__(self, entry: LayerInput, device: str | torch.device | None = None,
@@ -70,6 +84,8 @@ class Hessian:
         self.groups = entry.groups if entry.op == "Conv" else 1
         self.count = 0  # samples (columns) seen
         self._h: torch.Tensor | None = None  # [groups, d, d]
+        self._g: torch.Tensor | None = None  # [groups, d, d], E[x_original x^T]
+        self._ho: torch.Tensor | None = None  # [groups, d, d], E[x_original x_original^T]
 
     def columns(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         """The batch as feature columns [groups, d, samples] (float32, on `device`)."""
@@ -91,7 +107,24 @@ class Hessian:
 
     def add_batch(self, x: np.ndarray | torch.Tensor) -> None:
         """Fold one batch of the consumer's input tensor (as ONNX Runtime returns it) in."""
-        cols = self.columns(x).to(self.dtype)
+        if self._g is not None:
+            raise ValueError(f"{self.entry.weight}: this Hessian takes input pairs (add_pair)")
+        self._fold(self.columns(x).to(self.dtype), None)
+
+    def add_pair(self, original: np.ndarray | torch.Tensor,
+                 compressed: np.ndarray | torch.Tensor) -> None:
+        """Fold in one batch of the layer's input in a compressed model and in the original."""
+        if self._h is not None and self._g is None:
+            raise ValueError(f"{self.entry.weight}: this Hessian takes single inputs "
+                             "(add_batch)")
+        cols = self.columns(compressed).to(self.dtype)
+        orig = self.columns(original).to(self.dtype)
+        if orig.shape != cols.shape:
+            raise ValueError(f"{self.entry.weight}: original and compressed inputs differ in "
+                             f"shape ({tuple(orig.shape)} vs {tuple(cols.shape)})")
+        self._fold(cols, orig)
+
+    def _fold(self, cols: torch.Tensor, orig: torch.Tensor | None) -> None:
         k = cols.shape[2]
         if self._h is not None and cols.shape[1] != self._h.shape[1]:
             raise ValueError(f"{self.entry.weight}: batch has {cols.shape[1]} features per "
@@ -101,10 +134,17 @@ class Hessian:
         if self._h is None:
             self._h = torch.zeros(cols.shape[0], cols.shape[1], cols.shape[1],
                                   device=self.device, dtype=self.dtype)
+            if orig is not None:
+                self._g, self._ho = torch.zeros_like(self._h), torch.zeros_like(self._h)
         total = self.count + k
         # H <- H * n/(n+k) + X X^T / (n+k), all groups in one batched product
         self._h = torch.baddbmm(self._h, cols, cols.transpose(1, 2),
                                 beta=self.count / total, alpha=1.0 / total)
+        if orig is not None:
+            self._g = torch.baddbmm(self._g, orig, cols.transpose(1, 2),
+                                    beta=self.count / total, alpha=1.0 / total)
+            self._ho = torch.baddbmm(self._ho, orig, orig.transpose(1, 2),
+                                     beta=self.count / total, alpha=1.0 / total)
         self.count = total
 
     @property
@@ -113,6 +153,14 @@ class Hessian:
         if self._h is None:
             raise ValueError(f"{self.entry.weight}: no batch was added")
         return list(self._h.unbind(0))
+
+    @property
+    def targets(self) -> list[Target] | None:
+        """(E[x_original x^T], E[x_original x_original^T]) of each group (None unless filled by
+        `add_pair`)."""
+        if self._g is None:
+            return None
+        return [Target(g, ho) for g, ho in zip(self._g.unbind(0), self._ho.unbind(0))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +236,9 @@ def _check_layout(entry: LayerInput, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name}: {op} weight of shape {shape} is not a plain matrix")
 
 
-def _pair(hs: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
-    """The H of each of `count` matrices (per group, or one H shared by every direction)."""
+def _pair(hs: Sequence[_T], count: int) -> list[_T]:
+    """The H (or Target) of each of `count` matrices (per group, or one shared by every
+    direction)."""
     if len(hs) == count:
         return list(hs)
     if len(hs) == 1:
@@ -201,10 +250,13 @@ def _pair(hs: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
 # SparseGPT / GPTQ
 
 
-def layer_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:
+def layer_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor,
+                target: Target | None = None) -> float:
     """trace((W - W_new) H (W - W_new)^T) in float64: the mean squared change of the layer's
-    output on the calibration data (H is a mean over samples)."""
-    return float(_row_errors(W, W_new, H).sum())
+    output on the calibration data (H is a mean over samples). With `target`, W_new is fed the
+    compressed inputs (H) and compared with W on the original ones: E||W x_original - W_new x||^2.
+    """
+    return float(_row_errors(W, W_new, H, target).sum())
 
 
 def _round(w: torch.Tensor, step: float | np.ndarray | None, levels: int | None,
@@ -260,7 +312,7 @@ def _inverse_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, tor
 def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None = None,
                 sparsity: float | None = None, n_m: tuple[int, int] | None = None,
                 step: float | None = None, levels: int | None = None, blocksize: int = 128,
-                percdamp: float = 0.01) -> torch.Tensor:
+                percdamp: float = 0.01, target: Target | None = None) -> torch.Tensor:
     """Prune and/or quantize W [rows, d] with SparseGPT's OBS updates (H [d, d] = E[x x^T]).
 
     The mask is `keep` (bool, True = kept), or chosen during the sweep from the OBS saliency
@@ -275,6 +327,11 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
     Dampening adds percdamp * mean(diag(H)) to H's diagonal before the inversion (grown tenfold
     per retry if H + damp I is still not positive definite).
 
+    With `target` (sequential mode: H is the input the layer sees once earlier layers are
+    compressed), the error to minimise is E||W x_original - W' x||^2: the sweep starts from its
+    unconstrained optimum W G (H + damp I)^-1 instead of W, so the layer also undoes what the
+    earlier layers' compression changed in its input.
+
     The algorithm is IST-DASLab/sparsegpt `fasterprune` with these deviations:
     - a kept weight of a dead input (H_jj = 0) keeps its (rounded) value (SparseGPT zeroes it:
       free on the calibration data, not on unseen data); the OBS selection scores dead inputs
@@ -287,7 +344,8 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
       the inputs that matter most are rounded first, while every later column can still
       absorb their error.
 
-    Guarantee: layer_error(W, result, H) <= layer_error(W, plain, H), where `plain` applies the
+    Guarantee: layer_error(W, result, H, target) <= layer_error(W, plain, H, target), where
+    `plain` applies the
     same final mask and the same rounding to W without any update. The sequential sweep alone
     can violate this: dampening biases the updates, and each update also flows into columns
     that are pruned later (where it is lost) or clipped, so on ill-conditioned H a row can end
@@ -328,23 +386,24 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
         pruned = ~keep.to(device, torch.bool)
         if n_m is not None:
             _check_n_m(~pruned, n, m)
-    if keep is None and sparsity is None and n_m is None and step is None:
+    if keep is None and sparsity is None and n_m is None and step is None and target is None:
         return W0.clone()
     select = n_m if keep is None else None
     nonzero = n_m is not None
     H = H.to(device)
+    start = W0 if target is None else _aimed(W0, H, target, percdamp)
     if step is not None and n_m is None:  # GPTQ's act-order: largest H_jj first
         order = torch.argsort(-torch.diagonal(H), stable=True)
         back = torch.argsort(order)
         permuted = pruned[:, order]  # filled in by the sparsity selection
-        Wc = _sweep(W0[:, order], H[order][:, order], permuted, sparsity, None, step, levels,
-                    blocksize, percdamp)[:, back]
+        Wc = _sweep(start[:, order], H[order][:, order], permuted, sparsity, None, step,
+                    levels, blocksize, percdamp)[:, back]
         pruned = permuted[:, back]
     else:
-        Wc = _sweep(W0, H, pruned, sparsity, select, step, levels, blocksize, percdamp,
+        Wc = _sweep(start, H, pruned, sparsity, select, step, levels, blocksize, percdamp,
                     nonzero)
     plain = torch.where(pruned, torch.zeros_like(W0), _round(W0, step, levels, nonzero))
-    worse = _row_errors(W0, Wc, H) > _row_errors(W0, plain, H)
+    worse = _row_errors(W0, Wc, H, target) > _row_errors(W0, plain, H, target)
     return torch.where(worse[:, None], plain, Wc)
 
 
@@ -401,9 +460,37 @@ def _sweep(W0: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, sparsity: fl
     return Wc
 
 
-def _row_errors(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    D = W.to(torch.float64) - W_new.to(W.device, torch.float64)
-    return ((D @ H.to(W.device, torch.float64)) * D).sum(1)
+def _row_errors(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor,
+                target: Target | None = None) -> torch.Tensor:
+    W64, N64 = W.to(torch.float64), W_new.to(W.device, torch.float64)
+    H64 = H.to(W.device, torch.float64)
+    if target is None:
+        D = W64 - N64
+        return ((D @ H64) * D).sum(1)
+    G, Ho = (t.to(W.device, torch.float64) for t in target)
+    return ((W64 @ Ho) * W64).sum(1) - 2 * ((W64 @ G) * N64).sum(1) + ((N64 @ H64) * N64).sum(1)
+
+
+def _aimed(W: torch.Tensor, H: torch.Tensor, target: Target, percdamp: float) -> torch.Tensor:
+    """argmin_W' E||W x_original - W' x||^2 + damp ||W' - W||^2 = (W G + damp W)(H + damp I)^-1
+    (float32): the dampening pulls towards W, so unchanged inputs (G = H) give W back and an
+    input never seen keeps its weight. Dampening grows tenfold while H + damp I is singular."""
+    W64 = W.to(torch.float64)
+    H64 = H.to(W.device, torch.float64)
+    G64 = target.cross.to(W.device, torch.float64)
+    if not (torch.isfinite(H64).all() and torch.isfinite(G64).all()):
+        raise ValueError("the Hessian holds inf or NaN values")
+    eye = torch.eye(H64.shape[0], dtype=torch.float64, device=W.device)
+    mean = float(torch.diagonal(H64).mean()) if H64.numel() else 0.0
+    damp = max(percdamp * mean, 1e-10 * mean, 1e-30)
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(H64 + damp * eye)
+        if int(info) == 0:
+            aimed = torch.cholesky_solve((W64 @ G64 + damp * W64).T, L).T
+            if torch.isfinite(aimed).all():
+                return aimed.to(torch.float32)
+        damp *= 10
+    raise ValueError("the Hessian could not be inverted, even with dampening")
 
 
 def _check_n_m(kept: torch.Tensor, n: int, m: int) -> None:
@@ -433,13 +520,20 @@ def reconstruct_weight(weight: np.ndarray, entry: LayerInput, hessian: Hessian, 
     if np.ndim(options.get("step")) > 0:  # per row: given broadcastable to the weight
         steps = [m[:, 0] for m in to_matrices(np.broadcast_to(
             np.asarray(options.pop("step"), dtype=np.float32), w.shape), entry)]
+    targets = _targets(hessian, len(mats))
     out = []
     for i, (m, h) in enumerate(zip(mats, _pair(hessian.matrices, len(mats)))):
         k = torch.from_numpy(keeps[i]).to(dev) if keeps is not None else None
         if steps is not None:
             options["step"] = steps[i]
-        out.append(reconstruct(torch.tensor(m, device=dev), h.to(dev), keep=k, **options))
+        out.append(reconstruct(torch.tensor(m, device=dev), h.to(dev), keep=k,
+                               target=targets[i], **options))
     return from_matrices(out, entry, w.shape).astype(w.dtype, copy=False)
+
+
+def _targets(hessian: Hessian, count: int) -> list[Target | None]:
+    targets = hessian.targets
+    return [None] * count if targets is None else _pair(targets, count)
 
 
 def weight_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput,
@@ -448,5 +542,5 @@ def weight_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput,
     a = to_matrices(np.array(weight, dtype=np.float32), entry)
     b = to_matrices(np.array(new, dtype=np.float32), entry)
     hs = _pair(hessian.matrices, len(a))
-    return sum(layer_error(torch.from_numpy(x).to(h.device), torch.from_numpy(y), h)
-               for x, y, h in zip(a, b, hs))
+    return sum(layer_error(torch.from_numpy(x).to(h.device), torch.from_numpy(y), h, t)
+               for x, y, h, t in zip(a, b, hs, _targets(hessian, len(a))))

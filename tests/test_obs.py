@@ -317,6 +317,85 @@ def test_a_row_whose_sweep_is_worse_falls_back_to_the_plain_mask():
     assert layer_error(W, R, H) <= layer_error(W, W * keep, H)
 
 
+# ---------------------------------------------------------------------------------------------
+# aimed at the original output: inputs changed by compressed earlier layers (sequential mode)
+
+
+def _paired(X_original: torch.Tensor, X: torch.Tensor) -> Hessian:
+    """Hessian of the pairs fed as a [samples, d] MatMul input (Target from add_pair)."""
+    proto = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])],
+                       [vi("x", F, ["N", X.shape[1]])], [_y()],
+                       {"W": np.zeros((X.shape[1], 3), np.float32)})
+    h = Hessian(_entry(proto))
+    h.add_pair(X_original[:100].numpy(), X[:100].numpy())
+    h.add_pair(X_original[100:].numpy(), X[100:].numpy())
+    return h
+
+
+def test_paired_hessian_and_target_error_equal_brute_force():
+    X0, _ = _correlated(256, 12, seed=5)
+    X = X0 + 0.3 * torch.randn(256, 12, generator=torch.Generator().manual_seed(6))
+    h = _paired(X0, X)
+    (H,), (target,) = h.matrices, h.targets
+    X0d, Xd = X0.double(), X.double()
+    np.testing.assert_allclose(H.double(), Xd.T @ Xd / 256, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(target.cross.double(), X0d.T @ Xd / 256, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(target.original.double(), X0d.T @ X0d / 256, rtol=1e-4,
+                               atol=1e-5)
+    W, W_new = _weights(5, 12, seed=7), _weights(5, 12, seed=8)
+    brute = float(((X0d @ W.double().T - Xd @ W_new.double().T) ** 2).sum(1).mean())
+    assert layer_error(W, W_new, H, target) == pytest.approx(brute, rel=1e-4)
+    with pytest.raises(ValueError, match="input pairs"):
+        h.add_batch(X.numpy())
+
+
+def test_aimed_reconstruction_undoes_an_invertible_change_of_the_input():
+    """x = A x_original with A invertible: W' = W A^-1 reproduces the original output exactly,
+    which plain reconstruction (aimed at W x) never attempts."""
+    X0, _ = _iid(400, 10, seed=9)
+    A = torch.eye(10) + 0.4 * torch.randn(10, 10, generator=torch.Generator().manual_seed(10))
+    X = X0 @ A.T
+    h = _paired(X0, X)
+    (H,), (target,) = h.matrices, h.targets
+    W = _weights(6, 10, seed=11)
+    keep = torch.ones(6, 10, dtype=torch.bool)
+    aimed = reconstruct(W, H, keep=keep, percdamp=1e-9, target=target)
+    assert layer_error(W, aimed, H, target) < 1e-6 * layer_error(W, W, H, target)
+    np.testing.assert_allclose(aimed, W @ torch.linalg.inv(A), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_aimed_reconstruction_never_worse_than_the_plain_mask(seed):
+    X0, _ = _correlated(300, 32, seed=seed)
+    X = torch.where(torch.rand(300, 32, generator=torch.Generator().manual_seed(seed)) < 0.3,
+                    0.0, X0)  # an earlier layer's pruning zeroed some inputs
+    h = _paired(X0, X)
+    (H,), (target,) = h.matrices, h.targets
+    W = _weights(16, 32, seed)
+    keep = torch.rand(16, 32, generator=torch.Generator().manual_seed(seed + 20)) > 0.5
+    for step in (None, 0.2):
+        R = reconstruct(W, H, keep=keep, blocksize=8, step=step, levels=7 if step else None,
+                        target=target)
+        assert torch.all(R[~keep] == 0)
+        plain = torch.where(keep, W if step is None else _grid(W, step, 7), torch.zeros(()))
+        aimed_error, plain_error = (layer_error(W, M, H, target) for M in (R, plain))
+        assert aimed_error <= plain_error * (1 + 1e-9)
+        # it also beats updating as if the inputs were unchanged (the SparseGPT target W x)
+        assert aimed_error < layer_error(W, reconstruct(W, H, keep=keep, blocksize=8, step=step,
+                                                        levels=7 if step else None), H, target)
+
+
+def test_unchanged_inputs_aim_where_plain_reconstruction_does():
+    X0, _ = _correlated(300, 24, seed=4)
+    h = _paired(X0, X0)
+    (H,), (target,) = h.matrices, h.targets
+    W = _weights(8, 24, seed=4)
+    keep = torch.rand(8, 24, generator=torch.Generator().manual_seed(5)) > 0.5
+    aimed = reconstruct(W, H, keep=keep, percdamp=1e-7, target=target)
+    plain = reconstruct(W, H, keep=keep, percdamp=1e-7)
+    np.testing.assert_allclose(aimed, plain, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("blocksize", [4, 128])
 def test_a_pruned_copy_of_a_kept_input_costs_nothing(blocksize):
     X, _ = _iid(200, 16, seed=3)

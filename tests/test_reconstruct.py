@@ -565,6 +565,17 @@ def test_sequential_differs_from_parallel_and_both_are_valid(case):
             assert np.isfinite(out).all()
 
 
+@pytest.mark.parametrize("case, factor", [("bundled_cnn", 0.1), ("bundled_mlp", 0.75)],
+                         indirect=["case"])
+def test_sequential_layers_undo_the_earlier_layers_error(case, factor):
+    """Uniform 50% halves the CNN's 9-input first convolution, which no update of that layer
+    can repair; aimed at the original outputs, the later layers undo most of the damage."""
+    parallel = compressed(case, mode_config("reconstruct"))
+    sequential = compressed(case, mode_config("sequential"))
+    assert sequential.report.calibration.distortion < \
+        factor * parallel.report.calibration.distortion
+
+
 def test_sequential_layer_error_not_worse_on_compressed_inputs(bundled_mlp):
     """Each layer's guarantee holds for the Hessian of the inputs it really sees."""
     cfg = mode_config("sequential")
