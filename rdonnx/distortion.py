@@ -65,6 +65,9 @@ def energy_of(outputs) -> list[float]:
     return energies
 
 
+_BULK_ELEMENTS = 1 << 20  # output elements of pending batches summed at once (nmse alone)
+
+
 class DistortionMeter:
     """Streams reference / candidate outputs and returns one `Distortion` for all of them."""
 
@@ -82,28 +85,56 @@ class DistortionMeter:
         self._agree = 0
         self._top1_rows = 0
         self._samples = 0
+        self._pending: list[tuple] = []  # nmse alone: batches whose errors are summed together
+        self._pending_size = 0  # output elements of one pending batch (the first one's)
 
     def add(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
             reference_energy: Sequence[float] | None = None) -> None:
         """Add one batch of outputs (same order and shapes in both lists); `reference_energy`
         (sum of squares of each float reference output, from `energy`) saves recomputing it."""
-        float_pairs = [(np.asarray(r), np.asarray(c)) for r, c in zip(reference, candidate)
-                       if np.asarray(r).dtype.kind == "f"]
-        if not self._err:
-            self._err = [0.0] * len(float_pairs)
-            self._ref = [0.0] * len(float_pairs)
-            self._cos = [0.0] * len(float_pairs)
-            self._chan_err = [0.0] * len(float_pairs)
-            self._chan_ref = [0.0] * len(float_pairs)
-        if self.wants == {"nmse"}:  # the probes' hot path: two dot products per output
-            energy = reference_energy or energy_of(r for r, _ in float_pairs)
-            for i, (r, c) in enumerate(float_pairs):
-                d = np.subtract(c, r, dtype=np.float64).ravel()
-                self._err[i] += float(d @ d)
-                self._ref[i] += energy[i]
-            self._samples += float_pairs[0][0].shape[0] if float_pairs and \
-                float_pairs[0][0].ndim else 1
+        if self.wants == {"nmse"}:  # the probes' hot path: batches are summed in bulk
+            self._pending.append((reference, candidate, reference_energy))
+            if not self._pending_size:  # batches are about the size of the first one
+                self._pending_size = max(sum(np.size(c) for c in candidate), 1)
+            if len(self._pending) * self._pending_size >= _BULK_ELEMENTS:
+                self._flush()
             return
+        self._add_float_pairs(self._float_pairs(reference, candidate))
+
+    def _float_pairs(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(reference, candidate) of each float output; the accumulators sized on first use."""
+        pairs = [(np.asarray(r), np.asarray(c)) for r, c in zip(reference, candidate)
+                 if np.asarray(r).dtype.kind == "f"]
+        if not self._err:
+            self._err, self._ref, self._cos = ([0.0] * len(pairs) for _ in range(3))
+            self._chan_err, self._chan_ref = ([0.0] * len(pairs) for _ in range(2))
+        return pairs
+
+    def _flush(self) -> None:
+        """Squared errors of the pending batches: one subtraction and dot product per output
+        over all of them (per-batch numpy calls dominate on small models)."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        floats = [i for i, r in enumerate(pending[0][0]) if np.asarray(r).dtype.kind == "f"]
+        self._float_pairs(pending[0][0], pending[0][1])  # sizes the accumulators
+        for k, i in enumerate(floats):
+            refs = [np.asarray(r[i]) for r, _, _ in pending]
+            r = np.concatenate([a.ravel() for a in refs])
+            c = np.concatenate([np.asarray(c[i]).ravel() for _, c, _ in pending])
+            d = np.subtract(c, r, dtype=np.float64)
+            self._err[k] += float(d @ d)
+            if all(e is not None for _, _, e in pending):
+                self._ref[k] += sum(e[k] for _, _, e in pending)
+            else:
+                self._ref[k] += energy_of([r])[0]
+            if k == 0:
+                self._samples += sum(a.shape[0] if a.ndim else 1 for a in refs)
+        if not floats:
+            self._samples += len(pending)
+
+    def _add_float_pairs(self, float_pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
         batch = 1
         class_output_seen = False
         for i, (r, c) in enumerate(float_pairs):
@@ -144,13 +175,15 @@ class DistortionMeter:
             squares.shape[self.channel_axis], -1).sum(axis=1)
 
     def result(self) -> Distortion:
+        self._flush()
         if not self._err:
             raise UsageError("the model has no float output to measure distortion on")
         nmse = sum(e / r if r > 0 else (0.0 if e == 0 else float("inf"))
                    for e, r in zip(self._err, self._ref)) if "nmse" in self.wants else None
         samples = max(self._samples, 1)
         per_channel = 0.0
-        for err, ref in zip(self._chan_err, self._chan_ref):
+        for err, ref in zip(self._chan_err, self._chan_ref) if "nmse-channel" in self.wants \
+                else ():
             err, ref = np.atleast_1d(err), np.atleast_1d(ref)
             floor = max(float(ref.mean()), 1e-30) * 1e-6  # silent channels: relative to the rest
             per_channel += float(np.mean(err / np.maximum(ref, floor)))

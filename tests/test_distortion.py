@@ -174,3 +174,23 @@ def test_accuracy_meter():
         meter.add([scores], np.array([0, 1]))
     with pytest.raises(ValueError, match="class scores"):
         meter.add([np.ones((3, 1), np.float32)], np.array([0, 0, 0]))
+
+
+@pytest.mark.parametrize("bulk", [1 << 20, 50])
+def test_nmse_alone_sums_batches_in_bulk_as_the_full_meter_does(monkeypatch, bulk):
+    """The probes' path (only nmse) holds batches and sums them at once, flushing whenever
+    `bulk` output elements are pending: the figure equals the batch-by-batch one."""
+    monkeypatch.setattr("rdonnx.distortion._BULK_ELEMENTS", bulk)
+    rng = np.random.default_rng(3)
+    fast, full = DistortionMeter(only="nmse"), DistortionMeter()
+    for rows in (4, 7, 1, 9, 3):
+        ref = [rng.standard_normal((rows, 5)).astype(np.float32), np.arange(rows),
+               rng.standard_normal((rows, 2, 3)).astype(np.float32)]
+        cand = [ref[0] + 0.1 * rng.standard_normal((rows, 5)).astype(np.float32), ref[1],
+                ref[2] * 0.5]
+        fast.add(ref, cand)
+        full.add(ref, cand)
+    a, b = fast.result(), full.result()
+    assert a.nmse == pytest.approx(b.nmse, rel=1e-12)
+    assert a.nmse > 0.25  # the second output alone contributes 0.25
+    assert a.samples == b.samples == 24
