@@ -46,6 +46,8 @@ MODES: dict[str, tuple[list[str], dict]] = {
                             {"pattern": "2:4", "reconstruct": True}),
     "gptq": (["--reconstruct", "--value-bits", "4", "--rate", "0.5"],
              {"reconstruct": True, "value_bits": 4, "rate": 0.5}),
+    "sequential-gptq": (["--sequential", "--value-bits", "4", "--rate", "0.5"],
+                        {"sequential": True, "value_bits": 4, "rate": 0.5}),
 }
 
 
