@@ -3,9 +3,11 @@
 For each model and in-layer criterion, curves are calibrated once and reused at every rate;
 every method is measured on the calibration data (output distortion) and the test data
 (accuracy). Also: calibration time, probes per second against plain forward passes, and peak
-memory for two calibration-set sizes. Prints Markdown tables, writes docs/rd_<model>.png.
+memory for two calibration-set sizes; and, on the three-weight MLP, the best distortion any
+per-layer allocation reaches (exhaustive search). Prints Markdown tables, writes
+docs/rd_<model>.png.
 
-Run: .venv/bin/python bench/rd.py     (a few minutes on 2 cores)
+Run: .venv/bin/python bench/rd.py     (a few minutes on 2 cores; --optimum: the search alone)
 """
 
 from __future__ import annotations
@@ -188,7 +190,42 @@ def main() -> None:
     for samples, seconds, peak in memory():
         print(f"| conv32 (3x32x32 inputs, --replay-mb 16) | {samples} | {seconds:.1f} | "
               f"{peak:.0f} |")
+    optimum(ROOT / "models" / "digits_mlp.onnx")
     print(f"\nbench peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def optimum(path: Path, rates=(0.5, 0.3, 0.2)) -> None:
+    """Exhaustive search over the per-weight densities of a three-weight model (first weight in
+    steps of 64 kept entries, last in steps of 16, the middle one taking the rest of the rate):
+    the lowest measured distortion any per-layer allocation reaches, against rd and LAMP."""
+    print("\n| model | criterion | rate | best measured allocation: nmse (densities) | rd | lamp "
+          "| rd / optimum | optimum / lamp |")
+    print("|---|---|---|---|---|---|---|---|")
+    for criterion in CRITERIA:
+        config = CompressConfig(criterion=criterion, layer_distortion=False, format="dense")
+        cal = calibrate_model(path, config, CALIB)
+        curves = measure_all_curves(cal, config)
+        first, middle, last = cal.weights
+        total = first.size + middle.size + last.size
+        for rate in rates:
+            kept, best = int(round(rate * total)), None
+            for k3 in range(0, last.size + 1, 16):
+                for k1 in range(0, first.size + 1, 64):
+                    k2 = kept - k1 - k3
+                    if not 0 <= k2 <= middle.size:
+                        continue
+                    keep = {first.name: k1, middle.name: k2, last.name: k3}
+                    values = {w.name: cal.compress_weight(w, keep[w.name], config)[0]
+                              for w in cal.weights}
+                    nmse = cal.distortion(values, config).nmse
+                    if best is None or nmse < best[0]:
+                        best = (nmse, k1 / first.size, k2 / middle.size, k3 / last.size)
+            rd_, lamp = (rdonnx.compress(path, rate=rate, method=m, calib=CALIB, curves=curves,
+                                         config=config).report.calibration.nmse
+                         for m in ("rd", "lamp"))
+            print(f"| {path.stem} | {criterion} | {rate} | {best[0]:.4g} ({best[1]:.3f} / "
+                  f"{best[2]:.3f} / {best[3]:.3f}) | {rd_:.4g} | {lamp:.4g} | "
+                  f"{rd_ / best[0]:.2f} | {best[0] / lamp:.2f} |")
 
 
 def _summary(name: str, rows) -> None:
@@ -203,4 +240,7 @@ def _summary(name: str, rows) -> None:
 
 if __name__ == "__main__":
     np.set_printoptions(precision=4)
-    main()
+    if sys.argv[1:] == ["--optimum"]:  # the exhaustive search alone
+        optimum(ROOT / "models" / "digits_mlp.onnx")
+    else:
+        main()
