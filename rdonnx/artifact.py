@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto
 
 from . import __version__
-from .container import CODED_LOCATION, Artifact, encode_tensor, read_artifact, write_artifact
+from .container import CODED_LOCATION, encode_tensor, read_artifact, write_artifact
 from .errors import UsageError
 from .model import (
     Model,
@@ -88,19 +88,21 @@ def save_artifact(model: Model, path: Path, quantized: Mapping[str, Quantized],
 
 
 def open_session(path: str | os.PathLike, providers: Sequence[str] | None = None,
-                 sess_options: Any = None):
+                 sess_options: Any = None, workers: int | None = None):
     """A stock `onnxruntime.InferenceSession` for an `.rdonnx` file.
 
-    The weights are decoded in memory and handed over with
+    The weights are decoded in memory (by `workers` processes; None: one per core for
+    artifacts of 16 MiB of weights or more) and handed over with
     `SessionOptions.add_external_initializers`; no dense file is written.
     """
     ort = import_onnxruntime()
     artifact = read_artifact(path)
     options = sess_options if sess_options is not None else ort.SessionOptions()
+    dtypes = {e.name: e.dtype for e in artifact.tensors}
     names, values = [], []
-    for entry in artifact.tensors:
-        names.append(entry.name)
-        values.append(ortvalue(artifact.decode(entry), TensorProto.DataType.Value(entry.dtype)))
+    for name, value in artifact.decode_all(workers).items():
+        names.append(name)
+        values.append(ortvalue(value, TensorProto.DataType.Value(dtypes[name])))
     if names:
         options.add_external_initializers(names, values)
     session = ort.InferenceSession(artifact.graph.SerializeToString(), options,
@@ -109,16 +111,13 @@ def open_session(path: str | os.PathLike, providers: Sequence[str] | None = None
     return session
 
 
-def _decoded_model(artifact: Artifact) -> tuple[Model, dict[str, np.ndarray]]:
-    return Model(proto=artifact.graph), artifact.decode_all()
-
-
-def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """The artifact as a dense in-memory `onnx.ModelProto` (models under 2 GB)."""
+def load(path: str | os.PathLike, workers: int | None = None) -> onnx.ModelProto:
+    """The artifact as a dense in-memory `onnx.ModelProto` (models under 2 GB); `workers` as
+    for `open_session`."""
     artifact = read_artifact(path)
     proto = artifact.graph
     slots = tensor_slots(proto)
-    for name, value in artifact.decode_all().items():
+    for name, value in artifact.decode_all(workers).items():
         tensor = slots[name].tensor
         del tensor.external_data[:]
         tensor.data_location = TensorProto.DEFAULT
@@ -127,13 +126,15 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def decompress(path: str | os.PathLike, output: str | os.PathLike, format: str = "dense",
-               force: bool = False) -> int:
-    """Write the artifact as plain ONNX (`dense`, or `sparse` initializers where smaller)."""
+               force: bool = False, workers: int | None = None) -> int:
+    """Write the artifact as plain ONNX (`dense`, or `sparse` initializers where smaller);
+    `workers` as for `open_session`."""
     if format not in ("dense", "sparse"):
         raise UsageError(f"unknown format {format!r}; choose dense or sparse")
     output = Path(output)
     check_output(output, Path(path), force)
-    model, values = _decoded_model(read_artifact(path))
+    artifact = read_artifact(path)
+    model, values = Model(proto=artifact.graph), artifact.decode_all(workers)
     sparse = frozenset(values) if format == "sparse" else frozenset()
     return write_model(model, output, values, sparse)
 
@@ -178,6 +179,5 @@ class ArtifactInspection:
 
 def inspect_artifact(path: str | os.PathLike) -> ArtifactInspection:
     artifact = read_artifact(path)
-    for entry in artifact.tensors:  # verify every checksum and decode
-        artifact.decode(entry)
+    artifact.decode_all()  # verify every checksum and decode
     return ArtifactInspection(str(path), Path(path).stat().st_size, artifact.manifest)

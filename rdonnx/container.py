@@ -9,11 +9,13 @@ manifest; readers check bounds and checksums before decoding anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,6 @@ from google.protobuf.message import DecodeError
 
 from .codec import entropy
 from .errors import UsageError
-from .quantize import dequantize
 
 MAGIC = b"RDONNX\r\n"
 FORMAT_VERSION = 1
@@ -96,38 +97,62 @@ class Artifact:
     def _where(self) -> str:
         return str(self.path) if self.path else "artifact"
 
-    def decode(self, entry: TensorEntry) -> np.ndarray:
-        """The tensor's values, exactly as compress measured them."""
+    def decode(self, entry: TensorEntry, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor's values, exactly as compress measured them.
+
+        `out`: a zero-filled flat array of `entry.size` elements of the tensor's dtype to
+        decode into (returned reshaped; surp tensors ignore it).
+        """
         if entry.encoding == "surp":  # the shared SuRP stream, decoded once
             if self._surp is None:
                 from .surp import decode_artifact
 
                 self._surp = decode_artifact(self)
             return self._surp[entry.name]
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
-            onnx.TensorProto.DataType.Value(entry.dtype)))
         positions = self.section(entry.positions, f"{entry.name} positions")
         values = self.section(entry.values, f"{entry.name} values")
-        try:
+        kept = self.decode_kept(entry, positions)
+        survivors = self.decode_survivors(entry, values, kept)
+        if out is None:
+            out = np.zeros(entry.size, dtype=survivors.dtype)  # pruned entries are +0
+        out[kept] = survivors
+        return out.reshape(entry.shape)
+
+    def decode_kept(self, entry: TensorEntry, positions: bytes) -> np.ndarray:
+        """The tensor's kept entries (an `entropy.decode_kept` selector) from its checked
+        positions section."""
+        with self._decoding(entry):
             kept = entropy.decode_kept(positions, tuple(entry.shape))
             if entropy.kept_count(kept) != entry.nnz:
                 raise FormatError(f"{self._where()}: {entry.name}: nonzero count mismatch")
+            return kept
+
+    def decode_survivors(self, entry: TensorEntry, values: bytes, kept: np.ndarray | None
+                         ) -> np.ndarray:
+        """The kept entries' values in the tensor's dtype from its checked values section
+        (`kept` is needed by "quantized-rows" only)."""
+        dtype = entry_dtype(entry)
+        with self._decoding(entry):
             if entry.encoding == "codebook":
                 survivors = self._decode_codebook(entry, values)
             elif entry.encoding == "quantized-rows":
                 survivors = self._decode_rows(entry, values, kept)
-            elif entry.encoding == "quantized":
+            elif entry.encoding == "quantized":  # float32(q) * float32(step), in one pass
                 levels = entropy.decode_values(values, entry.nnz)
-                survivors = dequantize(levels, float(entry.step), np.float32)
+                survivors = np.multiply(levels, np.float32(entry.step), dtype=np.float32)
             else:
                 raw = zstandard.ZstdDecompressor().decompress(
                     values, max_output_size=entry.nnz * dtype.itemsize)
                 if len(raw) != entry.nnz * dtype.itemsize:
                     raise FormatError(f"{self._where()}: {entry.name}: value bytes mismatch")
                 survivors = np.frombuffer(raw, dtype=dtype)
-            out = np.zeros(entry.size, dtype=survivors.dtype)  # pruned entries are +0
-            out[kept] = survivors
-            return out.reshape(entry.shape).astype(dtype, copy=False)
+            return survivors.astype(dtype, copy=False)  # rounds each value once, as dense
+
+    @contextlib.contextmanager
+    def _decoding(self, entry: TensorEntry) -> Iterator[None]:
+        """Raise codec failures while decoding `entry` as one-line FormatErrors."""
+        try:
+            yield
         except (entropy.CodecError, zstandard.ZstdError) as exc:
             raise FormatError(f"{self._where()}: cannot decode {entry.name}: {exc}") from None
 
@@ -161,8 +186,18 @@ class Artifact:
                               f"1..{codebook.size}")
         return codebook[indices - 1]
 
-    def decode_all(self) -> dict[str, np.ndarray]:
-        return {e.name: self.decode(e) for e in self.tensors}
+    def decode_all(self, workers: int | None = None) -> dict[str, np.ndarray]:
+        """Every coded tensor by name; `workers` processes decode them (None: automatic, see
+        `rdonnx.parallel.decode_all`)."""
+        from .parallel import decode_all
+
+        return decode_all(self, workers)
+
+
+def entry_dtype(entry: TensorEntry) -> np.dtype:
+    """The numpy dtype of a coded tensor."""
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
+        onnx.TensorProto.DataType.Value(entry.dtype)))
 
 
 def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarray | None,

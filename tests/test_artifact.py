@@ -296,6 +296,27 @@ def test_identical_files_across_processes(bundled_cnn, tmp_path):
         assert there.read_bytes() == here.read_bytes()
 
 
+def test_readers_decode_the_same_with_workers(bundled_cnn, tmp_path):
+    """open_session / load / decompress with forked workers (`workers=3`) give what one
+    process gives, byte for byte."""
+    from rdonnx.parallel import can_fork
+
+    path = tmp_path / "m.rdonnx"
+    _compress(bundled_cnn).save(path)
+    feed = calib_feed(bundled_cnn)
+    workers = 3 if can_fork() else 1
+    _same(rdonnx.open_session(path, workers=workers).run(None, feed),
+          rdonnx.open_session(path, workers=1).run(None, feed))
+    assert rdonnx.load(path, workers=workers).SerializeToString() == \
+        rdonnx.load(path, workers=1).SerializeToString()
+    one, many = tmp_path / "one.onnx", tmp_path / "many.onnx"
+    rdonnx.decompress(path, one, workers=1)
+    rdonnx.decompress(path, many, workers=workers)
+    assert one.read_bytes() == many.read_bytes()
+    with pytest.raises(rdonnx.UsageError, match="workers"):
+        rdonnx.open_session(path, workers=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # --bits-per-weight
 

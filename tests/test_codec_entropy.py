@@ -206,12 +206,23 @@ def test_gaps_model_decodes_to_the_kept_indices():
         kept = E.decode_kept(cs.payload, m.shape)
         assert kept.dtype == np.int64 and np.array_equal(kept, np.flatnonzero(m))
         assert E.kept_count(kept) == m.sum()
-    dense = rng.random((300, 400)) < 0.4  # above the gaps density limit: a flat bool mask
-    assert E.encode_positions(dense).model == "iid"
-    kept = E.decode_kept(E.encode_positions(dense).payload, dense.shape)
-    assert kept.dtype == np.bool_ and np.array_equal(kept, dense.reshape(-1))
-    assert np.array_equal(E.kept_indices(kept), np.flatnonzero(dense))
-    assert E.kept_count(kept) == dense.sum()
+    for density, as_mask in ((0.4, False), (0.9, True)):  # above the gaps density limit
+        dense = rng.random((300, 400)) < density
+        assert E.encode_positions(dense).model == "iid"
+        kept = E.decode_kept(E.encode_positions(dense).payload, dense.shape)
+        assert E.kept_as_indices(dense.size, int(dense.sum())) is not as_mask
+        if as_mask:  # over 3/4 kept: the flat bool mask
+            assert kept.dtype == np.bool_ and np.array_equal(kept, dense.reshape(-1))
+        else:
+            assert kept.dtype == np.int64
+        assert np.array_equal(E.kept_indices(kept), np.flatnonzero(dense))
+        assert E.kept_count(kept) == dense.sum()
+    many = np.zeros(100_000, dtype=bool)  # a gaps payload keeping over 3/4: a mask again
+    many[:80_000] = True
+    gaps = bytes([0x11, 5]) + E._varint(many.size) + E._varint(80_000) + \
+        E.encode_values(np.ones(80_000, dtype=np.int64)).payload
+    kept = E.decode_kept(gaps, many.shape)
+    assert kept.dtype == np.bool_ and np.array_equal(kept, many)
 
 
 def test_gaps_payload_that_overruns_the_tensor_is_rejected():
@@ -698,3 +709,27 @@ def test_balanced_signs_go_as_raw_bits_and_skewed_signs_as_ans(monkeypatch):
         E.decode_values(bytes(body), balanced.size)
     with pytest.raises(E.CodecError):
         E.decode_values(cs.payload[:at + 10], balanced.size)  # truncated in the sign bits
+
+
+def test_long_streams_checked_by_their_token_sum_stay_robust(monkeypatch):
+    """Above `_HISTOGRAM_CHECK` tokens the decoder checks their sum, not their histogram:
+    damaged payloads still give a CodecError or values in range, and the same outcome as the
+    full histogram check."""
+    rng = np.random.default_rng(29)
+    n = E._HISTOGRAM_CHECK + 3000
+    mag = np.exp2(rng.uniform(0, 20, n)).astype(np.int64) + 1  # escapes of many widths
+    v = mag * rng.choice([-1, 1], n)
+    cs = roundtrip_values(v)
+    assert cs.model == "categorical+escape"
+    s = cs.payload[1] & 0x1F
+    assert len(np.unique(np.frexp(mag[mag >= 2 << s])[1])) > 3  # several low-bit widths
+    damaged = []
+    for _ in range(40):
+        b = bytearray(cs.payload)
+        for _ in range(int(rng.integers(1, 4))):
+            b[int(rng.integers(len(b)))] ^= int(rng.integers(1, 256))
+        damaged.append(bytes(b))
+    by_sum = [_decode_ok_or_codec_error("values", b, n) for b in damaged]
+    monkeypatch.setattr(E, "_HISTOGRAM_CHECK", 2 * n)
+    assert [_decode_ok_or_codec_error("values", b, n) for b in damaged] == by_sum
+    assert sum(by_sum) > 20

@@ -4,9 +4,11 @@ line, exit 2 on the command line), never another exception, never a partial outp
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -20,7 +22,8 @@ import zstandard
 from conftest import assert_usage_error, listing
 
 import rdonnx
-from rdonnx.container import HEADER, MAGIC, FormatError, is_artifact, read_artifact
+from rdonnx import parallel
+from rdonnx.container import HEADER, MAGIC, Artifact, FormatError, is_artifact, read_artifact
 from rdonnx.errors import UsageError
 
 CONFIG = rdonnx.CompressConfig(layer_distortion=False, grid=(1.0, 0.5, 0.2, 0.1, 0.05))
@@ -500,3 +503,218 @@ def test_per_row_steps_round_trip_and_refuse_bad_steps(tmp_path):
     path.write_bytes(_rebuild(manifest, blob[HEADER.size + length:]))
     with pytest.raises(FormatError, match="step axis 3"):
         read_artifact(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# parallel decoding (forked workers)
+
+
+def _mixed_artifact(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """An artifact of 11 coded tensors, one of each kind the decoder tells apart: quantized
+    fp32 / fp16 / bf16, dense (iid) and sparse (gaps) masks, nothing and everything kept,
+    codebook, exact, per-row steps, no elements. Each feeds an Identity output. Also returns
+    the tensors as docs/FORMAT.md defines them."""
+    from onnx import TensorProto, helper
+
+    from rdonnx.container import encode_tensor, write_artifact
+
+    rng = np.random.default_rng(41)
+
+    def levels(shape, density, top=20):
+        q = rng.integers(-top, top + 1, size=shape).astype(np.int32)
+        return np.where(rng.random(shape) < density, q, 0)
+
+    f32, f16, bf16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
+    exact = np.where(rng.random((40, 50)) < 0.3, rng.standard_normal((40, 50)), 0)
+    specs = [  # name, type, levels, step, exact, codebook, step axis
+        ("dense", f32, levels((300, 400), 0.5), 0.01, None, None, None),
+        ("sparse", f32, levels((500, 400), 0.04), 0.02, None, None, None),
+        ("half", f16, levels((64, 96), 0.3), 0.05, None, None, None),
+        ("brain", bf16, levels((64, 96), 0.3), 0.05, None, None, None),
+        ("none", f32, np.zeros((30, 20), np.int32), 0.1, None, None, None),
+        ("all", f32, np.abs(levels((30, 20), 1.0)) + 1, 0.1, None, None, None),
+        ("book", f32, np.abs(levels((50, 60), 0.4, 7)),
+         None, None, np.linspace(-1, 1, 7, dtype=np.float32), None),
+        ("exact", f32, None, None, exact.astype(np.float32), None, None),
+        ("rows", f32, levels((40, 30), 0.5), rng.uniform(0.01, 1, 40).astype(np.float32),
+         None, None, 0),
+        ("empty", f32, np.zeros((0, 5), np.int32), 0.1, None, None, None),
+        ("tail", f32, levels((20_000,), 0.2), 0.003, None, None, None),
+    ]
+    graph = helper.make_graph([], "mixed", [], [])
+    coded, expected = [], {}
+    for name, dtype, q, step, ex, book, axis in specs:
+        shape = (q if q is not None else ex).shape
+        if ex is not None:
+            expected[name] = ex
+        elif book is not None:
+            expected[name] = np.where(q > 0, np.append(book, np.float32(0))[q - 1], np.float32(0))
+        else:
+            steps = np.float32(step) if axis is None else step[:, None]
+            expected[name] = (q.astype(np.float32) * steps).astype(
+                onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        graph.node.append(helper.make_node("Identity", [name], [f"out_{name}"]))
+        graph.output.append(helper.make_tensor_value_info(f"out_{name}", dtype, shape))
+        tensor = graph.initializer.add()
+        tensor.name, tensor.data_type = name, dtype
+        tensor.dims.extend(shape)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        location = tensor.external_data.add()
+        location.key, location.value = "location", "rdonnx"
+        coded.append(encode_tensor(name, dtype, shape, q, step, ex, book, axis))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "mixed.rdonnx"
+    write_artifact(path, model, coded, {}, {}, "test")
+    return path, expected
+
+
+def _children() -> set[int]:
+    """This process's live child processes (Linux)."""
+    kids: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        kids.update(int(p) for p in (task / "children").read_text().split())
+    return kids
+
+
+def _same_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].tobytes() == b[name].tobytes(), name
+
+
+needs_fork = pytest.mark.skipif(not parallel.can_fork(), reason="fork-based decoding is Linux")
+
+
+@needs_fork
+def test_parallel_decoding_is_byte_identical(tmp_path):
+    path, expected = _mixed_artifact(tmp_path)
+    artifact = read_artifact(path)
+    serial = artifact.decode_all(workers=1)
+    _same_tensors(serial, expected)
+    models = {t["name"]: t["bits"]["positions_model"] for t in artifact.manifest["tensors"]}
+    assert models["dense"] == "iid" and models["sparse"] == "gaps"
+    assert {e.encoding for e in artifact.tensors} == {
+        "quantized", "codebook", "exact", "quantized-rows"}
+    before = _children()
+    for workers in (2, 3, 4, 16):
+        _same_tensors(read_artifact(path).decode_all(workers=workers), serial)
+    assert _children() == before  # every worker reaped
+
+
+def _cost(tensor: int, kept: float, values: float, splittable: bool = True) -> parallel._Cost:
+    return parallel._Cost(tensor, kept, values, 1000, 100, (800, 400), splittable)
+
+
+def test_parallel_plans_cover_every_tensor_once():
+    costs = [_cost(i, 1e4 + 1e4 * (i % 2), 2e4, i != 3) for i in range(7)]
+    for procs in (2, 3, 4, 9):
+        plans = parallel._plans(costs, procs)
+        assert plans == parallel._plans(costs, procs)  # deterministic
+        assert 1 < len(plans) <= procs and all(plans)
+        jobs = [(j.tensor, j.part) for plan in plans for j in plan]
+        assert len(jobs) == len(set(jobs))
+        for i in range(7):
+            parts = {p for t, p in jobs if t == i}
+            assert parts in ({parallel.WHOLE}, {parallel.KEPT, parallel.VALUES})
+            assert i != 3 or parts == {parallel.WHOLE}  # not splittable
+    # three equal tensors on two processes: one is split to even out the loads
+    equal = [_cost(i, 1e4, 2e4) for i in range(3)]
+    plans = parallel._plans(equal, 2)
+    assert sorted(j.part for plan in plans for j in plan) == [0, 0, 1, 2]
+    assert parallel._plans(equal[:2], 2) == [[parallel._Job(0, 0)], [parallel._Job(1, 0)]]
+    assert len(parallel._plans(equal[:1], 1)) == 1
+
+
+@needs_fork
+def test_parallel_errors_are_the_serial_errors(small):
+    """Damaged streams behind valid checksums: with workers, the same error (message) or the
+    same tensors as serial decoding."""
+    rng = random.Random(11)
+    data = _data(small)
+    raised = 0
+    for _ in range(120):
+        manifest = json.loads(json.dumps(small.manifest))
+        entry = rng.choice(manifest["tensors"])
+        section = entry[rng.choice(("positions", "values"))]
+        stream = data[section["offset"]:section["offset"] + section["length"]]
+        mutated = _mutate(rng, stream)
+        section.update(offset=len(data), length=len(mutated), crc32=zlib.crc32(mutated))
+        blob = _rebuild(manifest, data + mutated)
+        outcomes = []
+        for workers in (1, 2, 3):
+            try:
+                with deadline(10):
+                    outcomes.append(read_artifact(blob).decode_all(workers=workers))
+            except UsageError as exc:
+                outcomes.append(str(exc))
+        if isinstance(outcomes[0], str):
+            raised += 1
+            assert outcomes[1:] == outcomes[:1] * 2
+        else:
+            for other in outcomes[1:]:
+                _same_tensors(other, outcomes[0])
+    assert raised > 30
+
+
+@needs_fork
+def test_a_dying_worker_is_replaced_by_the_parent(tmp_path, monkeypatch):
+    path, _ = _mixed_artifact(tmp_path)
+    serial = read_artifact(path).decode_all(workers=1)
+    parent = os.getpid()
+
+    def dies_in_workers(original):
+        def method(self, *args):
+            if os.getpid() != parent:
+                os._exit(3)  # as if killed: no report, no cleanup
+            return original(self, *args)
+        return method
+
+    for name in ("decode_kept", "decode_survivors"):
+        monkeypatch.setattr(Artifact, name, dies_in_workers(getattr(Artifact, name)))
+    before = _children()
+    _same_tensors(read_artifact(path).decode_all(workers=3), serial)
+    assert _children() == before
+
+
+@needs_fork
+def test_an_interrupted_parent_leaves_no_worker(tmp_path, monkeypatch):
+    path, _ = _mixed_artifact(tmp_path)
+    parent = os.getpid()
+
+    def slow_workers_interrupted_parent(self, *args):
+        if os.getpid() != parent:
+            time.sleep(60)
+        raise KeyboardInterrupt
+
+    for method in ("decode_kept", "decode_survivors"):
+        monkeypatch.setattr(Artifact, method, slow_workers_interrupted_parent)
+    before = _children()
+    with deadline(20), pytest.raises(KeyboardInterrupt):
+        read_artifact(path).decode_all(workers=2)
+    assert _children() == before
+
+
+def test_workers_argument_and_serial_fallbacks(tmp_path, monkeypatch):
+    path, _ = _mixed_artifact(tmp_path)
+    serial = read_artifact(path).decode_all(workers=1)
+    for bad in (0, -2, 1.5, "2", True):
+        with pytest.raises(UsageError, match="workers"):
+            read_artifact(path).decode_all(workers=bad)
+
+    def no_fork():
+        raise AssertionError("forked")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    _same_tensors(read_artifact(path).decode_all(workers=1), serial)
+    _same_tensors(read_artifact(path).decode_all(), serial)  # under 16 MiB: serial
+
+    def fork_fails():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", fork_fails)  # the parent decodes everything itself
+    _same_tensors(read_artifact(path).decode_all(workers=3), serial)
+    monkeypatch.setattr(parallel, "can_fork", lambda: False)
+    assert parallel.worker_count(None) == parallel.worker_count(8) == 1
+    _same_tensors(read_artifact(path).decode_all(workers=8), serial)

@@ -64,8 +64,8 @@ import zstandard
 
 __all__ = [
     "CodecError", "CodedStream", "decode_integers", "decode_kept", "decode_positions",
-    "decode_values", "encode_integers", "encode_positions", "encode_values", "kept_count",
-    "kept_indices",
+    "decode_values", "encode_integers", "encode_positions", "encode_values", "kept_as_indices",
+    "kept_count", "kept_indices",
 ]
 
 _AnsCoder = constriction.stream.stack.AnsCoder
@@ -94,6 +94,7 @@ _ANS_FLUSH_BITS = 32.0  # estimated ANS overhead (final state words)
 _RAW_SIGN_SLACK = 64.0  # signs go raw when that costs at most this many bits more than ANS
 _GAPS_MAX_DENSITY = 0.25  # "gaps" is tried up to this density (above, it saves no time)
 _GAPS_SLACK = (1.001, 128)  # "gaps" is taken when at most 0.1% + 128 bytes over the smallest
+_HISTOGRAM_CHECK = 1 << 16  # decoded token histograms are checked in full up to this count
 _DECODE_ERRORS = (ValueError, KeyError, IndexError, OverflowError, TypeError,
                   zstandard.ZstdError)
 
@@ -825,14 +826,29 @@ def _positions(payload: bytes, shape: tuple[int, ...], as_index: bool) -> np.nda
 
 def decode_kept(payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
     """The kept entries of a positions payload as a selector of the flattened tensor: the
-    ascending int64 indices for "gaps" payloads (no mask is built), else the flat bool mask
-    (faster to assign through than indices when many entries are kept).
+    ascending int64 indices when at most 3/4 of the entries are kept, else the flat bool mask
+    (`kept_as_indices` decides; each is the faster one to scatter through).
 
     Raises:
         CodecError: Corrupted/truncated payload or a shape that does not match it.
     """
     kept = _positions(payload, shape, as_index=True)
-    return kept if kept.dtype == np.int64 else kept.reshape(-1)
+    n = math.prod(_check_shape(shape))
+    if kept.dtype == np.int64:
+        if kept_as_indices(n, kept.size):
+            return kept
+        mask = np.zeros(n, dtype=bool)
+        mask[kept] = True
+        return mask
+    mask = kept.reshape(-1)
+    return np.flatnonzero(mask) if kept_as_indices(n, kept_count(mask)) else mask
+
+
+def kept_as_indices(n: int, k: int) -> bool:
+    """Whether `decode_kept` gives the indices (else the mask) of k kept among n entries:
+    scattering through a random mask costs a mispredicted branch per entry, through indices
+    a memory access per kept entry."""
+    return 4 * k <= 3 * n
 
 
 def kept_indices(selector: np.ndarray) -> np.ndarray:
@@ -863,10 +879,12 @@ def _decode_positions(buf: bytes, dims: tuple[int, ...], as_index: bool = False)
         k = rd.varint(n, "kept count")
         if not 0 < k < n:
             raise CodecError("gaps model needs 0 < kept count < element count")
-        gaps = _decode_values(rd.take(rd.remaining(), "gaps"), k)
-        if int(gaps.min()) < 1 or int(gaps.astype(np.int64).sum()) > n:
+        gaps = _decode_values(rd.take(rd.remaining(), "gaps"), k, signed=False)
+        kept = gaps.astype(np.int64)
+        kept[0] -= 1  # index_0 = -1
+        np.cumsum(kept, out=kept)  # gaps are >= 1: the indices ascend
+        if int(kept[-1]) >= n:
             raise CodecError("decoded gaps do not fit the tensor")
-        kept = np.cumsum(gaps, dtype=np.int64) - 1
         if as_index:
             return kept
         flat = np.zeros(n, dtype=bool)
@@ -1224,7 +1242,8 @@ def decode_values(payload: bytes, count: int) -> np.ndarray:
         raise CodecError(f"corrupted values payload: {exc}") from None
 
 
-def _decode_values(buf: bytes, count: int) -> np.ndarray:
+def _decode_values(buf: bytes, count: int, signed: bool = True) -> np.ndarray:
+    """The values (int32); `signed=False` refuses a payload with negative values."""
     rd = _Reader(buf)
     if rd.byte("tag") != VALUES_TAG:
         raise CodecError("not a values payload (bad tag byte)")
@@ -1244,6 +1263,8 @@ def _decode_values(buf: bytes, count: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int32)
     if a == 0:
         raise CodecError("empty alphabet for a nonempty payload")
+    if not signed and npos != count:
+        raise CodecError("negative values in a payload of positive ones (gaps)")
     table = _read_counts(rd, zstd_table, a, count, "token counts")
     if int(table.sum()) != count or table[-1] == 0:
         raise CodecError("token counts inconsistent with the value count")
@@ -1257,46 +1278,63 @@ def _decode_values(buf: bytes, count: int) -> np.ndarray:
         raise CodecError("raw sign bits without mixed signs")
     packed = rd.take((count + 7) // 8, "sign bits") if raw_signs else b""
     need_signs = 0 < npos < count and not raw_signs
-    need_low = bool(np.any(nbits_of[used_syms] > 0))
+    widths = np.unique(nbits_of[used_syms])
+    widths = widths[widths > 0].tolist()  # low-bit widths of the escaped tokens, ascending
     min_bits = _info_bits(table) * need_tokens
     if need_signs:  # else the low bits may end the stream (free zeros)
         min_bits += float(np.dot(table, nbits_of)) + npos * math.log2(count / npos)
-    coder = _open_coder(rd.words(), need_tokens or need_signs or need_low, min_bits)
+    coder = _open_coder(rd.words(), need_tokens or need_signs or bool(widths), min_bits)
 
     if need_tokens:
-        tok = coder.decode(_categorical(table), count)
-        if not np.array_equal(np.bincount(tok, minlength=a), table):
+        tok = coder.decode(_categorical(table), count).astype(np.int32, copy=False)
+        if not _matches_table(tok, table):
             raise CodecError("decoded tokens do not match the token table")
     else:
         tok = np.full(count, used_syms[0], dtype=np.int32)
-    if need_low:
-        mag = tok.astype(np.int64) + 1
-        esc = np.flatnonzero(tok >= direct)
-        u = tok[esc].astype(np.int64) - direct
-        nb_esc = (u >> s) + 1
-        top = (1 << s) + (u & ((1 << s) - 1))
-        order = np.argsort(nb_esc, kind="stable")
-        bounds = np.flatnonzero(np.diff(nb_esc[order])) + 1
-        low = np.empty(esc.size, dtype=np.int64)
-        for grp in np.split(order, bounds):
-            nb = int(nb_esc[grp[0]])
-            low[grp] = coder.decode(_models.Uniform(1 << nb), grp.size)
-        mag[esc] = (top << nb_esc) | low
-        mag = mag.astype(np.int32)
-    else:
-        mag = tok.astype(np.int32) + 1
+    esc = np.flatnonzero(tok >= direct) if widths else None
+    if esc is not None and esc.size != int(table[direct:].sum()):
+        raise CodecError("decoded tokens do not match the token table")
+    mag = np.add(tok, 1, out=tok)  # tokens below `direct` are magnitude - 1
+    if esc is not None:
+        _escaped_magnitudes(coder, mag, esc, s, widths)
     if need_signs or raw_signs:
         sign = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=count) if raw_signs \
             else coder.decode(_bernoulli(npos, count), count)
         if int(np.count_nonzero(sign)) != npos:
             raise CodecError("decoded sign count does not match the header")
-        out = np.negative(mag, out=mag, where=sign == 0)
-    elif npos == count:
-        out = mag
-    else:
-        out = -mag
+        neg = np.subtract(sign, 1, dtype=np.int8)  # 0 where positive, -1 where negative
+        np.bitwise_xor(mag, neg, out=mag)
+        np.subtract(mag, neg, out=mag)  # two's complement negation where neg = -1
+    elif npos == 0:
+        np.negative(mag, out=mag)
     _finish_coder(coder)
-    return out.astype(np.int32, copy=False)
+    return mag
+
+
+def _matches_table(tok: np.ndarray, table: np.ndarray) -> bool:
+    """Whether decoded tokens fit their count table: the whole histogram for up to
+    `_HISTOGRAM_CHECK` tokens; above that (where counting adds 5-10% to decoding) the tokens'
+    sum, a checksum of the histogram that damage to a long stream changes all but surely."""
+    if tok.size <= _HISTOGRAM_CHECK:
+        return np.array_equal(np.bincount(tok, minlength=table.size), table)
+    return int(tok.sum(dtype=np.int64)) == int(np.dot(table, np.arange(table.size)))
+
+
+def _escaped_magnitudes(coder: object, mag: np.ndarray, esc: np.ndarray, s: int,
+                        widths: list[int]) -> None:
+    """Replace the escaped entries `esc` of `mag` (token + 1 there) by their magnitudes: the
+    token's leading bits, then the low bits decoded width by width (`widths` ascending)."""
+    u = mag[esc] - (1 << (s + 1))  # bucket offset of the token
+    nb = (u >> s) + 1
+    top = (u & ((1 << s) - 1)) + (1 << s)
+    if len(widths) == 1:
+        low = coder.decode(_models.Uniform(1 << widths[0]), esc.size)
+    else:
+        low = np.zeros(esc.size, dtype=np.int32)  # damage may leave a width not in widths
+        for width in widths:
+            sel = np.flatnonzero(nb == width)
+            low[sel] = coder.decode(_models.Uniform(1 << width), sel.size)
+    mag[esc] = (top << nb) | low
 
 
 # ----------------------------------------------------------------------------- integers
