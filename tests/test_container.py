@@ -388,20 +388,26 @@ def test_fuzz_raw_mutations(small, tmp_path):
     assert outcomes["usage"] > 1500  # the checksums catch nearly every mutation
 
 
+def _damaged_stream(rng: random.Random, small) -> bytes:
+    """The artifact with one positions or values stream mutated and its CRC repaired (the
+    damaged copy appended as a new section), so the entropy decoders see it."""
+    data = _data(small)
+    manifest = json.loads(json.dumps(small.manifest))
+    entry = rng.choice(manifest["tensors"])
+    section = entry[rng.choice(("positions", "values"))]
+    stream = data[section["offset"]:section["offset"] + section["length"]]
+    mutated = _mutate(rng, stream)
+    section.update(offset=len(data), length=len(mutated), crc32=zlib.crc32(mutated))
+    return _rebuild(manifest, data + mutated)
+
+
 def test_fuzz_streams_behind_valid_checksums(small):
     """Mutated positions / values streams with their CRC repaired, so the entropy decoders
     see them: decoding raises a UsageError or yields a tensor of the declared shape."""
     rng = random.Random(7)
-    data = _data(small)
     outcomes = {"usage": 0, "decoded": 0}
     for i in range(600):
-        manifest = json.loads(json.dumps(small.manifest))
-        entry = rng.choice(manifest["tensors"])
-        section = entry[rng.choice(("positions", "values"))]
-        stream = data[section["offset"]:section["offset"] + section["length"]]
-        mutated = _mutate(rng, stream)
-        section.update(offset=len(data), length=len(mutated), crc32=zlib.crc32(mutated))
-        blob = _rebuild(manifest, data + mutated)
+        blob = _damaged_stream(rng, small)
         try:
             with deadline(5):
                 decoded = read_artifact(blob).decode_all()
@@ -411,7 +417,7 @@ def test_fuzz_streams_behind_valid_checksums(small):
             pytest.fail(f"mutation {i}: {type(exc).__name__}: {exc}")
         else:
             outcomes["decoded"] += 1
-            for t in manifest["tensors"]:
+            for t in small.manifest["tensors"]:
                 assert list(decoded[t["name"]].shape) == t["shape"]
                 assert int(np.count_nonzero(decoded[t["name"]])) <= t["nnz"]
     assert outcomes["usage"] > 300
@@ -632,16 +638,9 @@ def test_parallel_errors_are_the_serial_errors(small):
     """Damaged streams behind valid checksums: with workers, the same error (message) or the
     same tensors as serial decoding."""
     rng = random.Random(11)
-    data = _data(small)
     raised = 0
     for _ in range(120):
-        manifest = json.loads(json.dumps(small.manifest))
-        entry = rng.choice(manifest["tensors"])
-        section = entry[rng.choice(("positions", "values"))]
-        stream = data[section["offset"]:section["offset"] + section["length"]]
-        mutated = _mutate(rng, stream)
-        section.update(offset=len(data), length=len(mutated), crc32=zlib.crc32(mutated))
-        blob = _rebuild(manifest, data + mutated)
+        blob = _damaged_stream(rng, small)
         outcomes = []
         for workers in (1, 2, 3):
             try:
