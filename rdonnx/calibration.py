@@ -88,6 +88,7 @@ class Calibration:
         """E[x x^T] of the weight's layer input: from the original model (cached), or with
         the `earlier` weights already compressed (sequential mode), paired with the original
         input so that reconstruction aims at the original output (`obs.Target`)."""
+        earlier = earlier or None  # nothing compressed yet: the original inputs
         if earlier is None and name in self._hessians:
             return self._hessians[name]
         entry = self.inputs[name]
@@ -100,7 +101,7 @@ class Calibration:
             original = dict(zip(missing, self.runner.run(feed, {}, outputs=missing))) \
                 if missing and earlier else computed
             for tensor in entry.tensors:  # every consumer of a shared weight
-                if not earlier:
+                if earlier is None:
                     h.add_batch(feed[tensor] if tensor in feed else computed[tensor])
                 else:
                     h.add_pair(feed[tensor] if tensor in feed else original[tensor],
