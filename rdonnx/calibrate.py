@@ -157,23 +157,25 @@ def scores_for(weights: Sequence[Weight], originals: Mapping[str, np.ndarray], c
     return scores
 
 
-def probe(runner: Runner, replay: Replay, name: str, array: np.ndarray, metric: str,
+def probe(runner: Runner, replay: Replay, arrays: Mapping[str, np.ndarray], metric: str,
           channel_axis: int = 1) -> float:
-    """Distortion of the model with one weight replaced: the variant is uploaded once and
+    """Distortion of the model with some weights replaced: the variant is uploaded once and
     replayed over every batch."""
-    value = runner.weight_value(name, array)
-    return replay.distortion(lambda feed: runner.run(feed, {name: value}), channel_axis,
+    values = {name: runner.weight_value(name, a) for name, a in arrays.items()}
+    return replay.distortion(lambda feed: runner.run(feed, values), channel_axis,
                              only=metric).value(metric)
 
 
 def measure_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
-                   variant: Callable[[Weight, int], np.ndarray], grid: Sequence[float],
+                   variant: Callable[[Weight, int], Mapping[str, np.ndarray]],
+                   grid: Sequence[float],
                    metric: str, channel_axis: int = 1,
                    quiet: bool = True) -> dict[str, tuple[float, ...]]:
     """D_l(d) for every weight l and grid density d (prune only l, replay all batches).
 
-    `variant(weight, keep)` prunes one weight (with the in-layer criterion, reconstructed or
-    not); each variant is uploaded once and replayed over every batch."""
+    `variant(weight, keep)` gives the weights that realise pruning one weight (with the
+    in-layer criterion, reconstructed or not, and any weight updated to compensate); each
+    variant is uploaded once and replayed over every batch."""
     curves: dict[str, tuple[float, ...]] = {}
     probes = sum(1 for d in grid if d < 1) * len(weights) * len(replay)
     with progress_bar(probes, "R-D curves", quiet) as bar:
@@ -184,8 +186,7 @@ def measure_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
                     points.append(0.0)
                     continue
                 keep = int(round(density * w.size))
-                points.append(probe(runner, replay, w.name, variant(w, keep), metric,
-                                    channel_axis))
+                points.append(probe(runner, replay, variant(w, keep), metric, channel_axis))
                 bar.update(len(replay))
             curves[w.name] = tuple(points)
     return curves
@@ -205,8 +206,8 @@ def measure_value_curves(runner: Runner, replay: Replay, weights: Sequence[Weigh
             original = originals[w.name]
             result[w.name] = {}
             for bits in widths:
-                result[w.name][bits] = probe(runner, replay, w.name, quantizer(
-                    w.name, original, bits).values(original.dtype), metric, channel_axis)
+                result[w.name][bits] = probe(runner, replay, {w.name: quantizer(
+                    w.name, original, bits).values(original.dtype)}, metric, channel_axis)
                 bar.update(len(replay))
     return result
 

@@ -234,9 +234,25 @@ class Calibration:
                 quantized[w.name] = q
         return values, quantized
 
-    def variant(self, config: CompressConfig) -> Callable[[Weight, int], np.ndarray]:
-        """Pruning of one weight alone, for R-D curves (reconstructed when configured)."""
-        return lambda w, keep: self.compress_weight(w, keep, config)[0]
+    def variant(self, config: CompressConfig
+                ) -> Callable[[Weight, int], dict[str, np.ndarray]]:
+        """Pruning of one weight, for R-D curves (reconstructed when configured). In
+        sequential mode the next weight in graph order is also aimed at the original output
+        (dense), as the sequential pass will do: the curve measures what that layer cannot
+        undo."""
+        following = {w.name: n for w, n in zip(self.weights, self.weights[1:])
+                     if config.sequential and self.reconstructs(n.name, config)}
+
+        def weights(w: Weight, keep: int) -> dict[str, np.ndarray]:
+            out = {w.name: self.compress_weight(w, keep, config)[0]}
+            n = following.get(w.name)
+            if n is not None:
+                out[n.name] = obs.reconstruct_weight(
+                    self.originals[n.name], self.inputs[n.name], self.hessian(n.name, out),
+                    percdamp=config.damp)
+            return out
+
+        return weights
 
     def realize(self, rate: float, keep: dict[str, int], config: CompressConfig,
                 widths: Mapping[str, int] | None = None) -> Realized:

@@ -172,7 +172,8 @@ class CompressConfig:
     def curve_settings(self) -> dict[str, Any]:
         """The settings that R-D curves depend on (part of their fingerprint)."""
         return {"criterion": self.criterion, "metric": self.metric,
-                "reconstruct": self.reconstructs, "damp": self.damp,
+                "reconstruct": self.reconstructs, "sequential": self.sequential,
+                "damp": self.damp,
                 "channel_axis": self.channel_axis, "grid": list(check_grid(self.grid)),
                 "min_params": self.min_params, "include": list(self.include),
                 "exclude": list(self.exclude), "simplify": self.simplify}

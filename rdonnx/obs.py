@@ -392,7 +392,9 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
     nonzero = n_m is not None
     H = H.to(device)
     start = W0 if target is None else _aimed(W0, H, target, percdamp)
-    if step is not None and n_m is None:  # GPTQ's act-order: largest H_jj first
+    if keep is None and sparsity is None and n_m is None and step is None:
+        Wc = start  # aimed, nothing pruned or rounded: no sweep
+    elif step is not None and n_m is None:  # GPTQ's act-order: largest H_jj first
         order = torch.argsort(-torch.diagonal(H), stable=True)
         back = torch.argsort(order)
         permuted = pruned[:, order]  # filled in by the sparsity selection

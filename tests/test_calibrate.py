@@ -40,7 +40,7 @@ GRID = (1.0, 0.5, 0.2, 0.05)
 def _variant(originals, rankings):
     """Magnitude pruning of one weight alone, as the pipeline measures curves without
     reconstruction."""
-    return lambda w, keep: rankings[w.name].apply(originals[w.name], keep)
+    return lambda w, keep: {w.name: rankings[w.name].apply(originals[w.name], keep)}
 
 
 @pytest.mark.parametrize("grid,expected", [

@@ -578,6 +578,27 @@ def test_sequential_layers_undo_the_earlier_layers_error(case, factor):
         factor * parallel.report.calibration.distortion
 
 
+def test_sequential_curves_let_the_next_layer_compensate(bundled_cnn):
+    """In sequential mode a curve's probe prunes one weight and aims the next one (dense) at
+    the original output, as the sequential pass will: the curve measures what is left."""
+    cfg = mode_config("sequential")
+    cal = calibration(bundled_cnn, cfg)
+    first, second, last = cal.weights[0], cal.weights[1], cal.weights[-1]
+    variant = cal.variant(cfg)
+    probe = variant(first, first.size // 4)
+    assert set(probe) == {first.name, second.name}
+    original, entry = cal.originals[second.name], cal.inputs[second.name]
+    hessian = cal.hessian(second.name, {first.name: probe[first.name]})
+    assert weight_error(original, probe[second.name], entry, hessian) < \
+        0.5 * weight_error(original, original, entry, hessian)
+    alone = cal.distortion({first.name: probe[first.name]}, cfg).nmse
+    assert cal.distortion(probe, cfg).nmse < 0.5 * alone
+    assert set(variant(last, last.size // 2)) == {last.name}  # nothing after the last one
+    assert set(cal.variant(mode_config("reconstruct"))(first, first.size // 4)) == {first.name}
+    # such curves are not those of per-layer reconstruction: their fingerprints differ
+    assert cfg.curve_settings() != mode_config("reconstruct").curve_settings()
+
+
 def test_sequential_layer_error_not_worse_on_compressed_inputs(bundled_mlp):
     """Each layer's guarantee holds for the Hessian of the inputs it really sees."""
     cfg = mode_config("sequential")
