@@ -4,6 +4,7 @@ Part 1: bundled models and the benchmark transformer, rates 0.7 / 0.5 / 0.3, uni
 allocation, without / with reconstruction (same masks; per layer, and sequential: aimed at the
 original outputs) and SparseGPT's own selection (criterion obs, per layer and sequential):
 output distortion on the calibration data, test accuracy, time.
+Part 1b: every allocator with --sequential, rates 0.3 / 0.2 / 0.1 (--allocation: this alone).
 Part 2: values at 8 / 6 / 4 bits (rd, rate 0.5): plain rounding against error-compensated
 (per layer and sequential).
 Part 3: the smallest .rdonnx keeping test accuracy within 0.2 points (plain, --reconstruct,
@@ -61,6 +62,20 @@ def masks(models: dict[str, Path]) -> None:
                 print(f"| {name} | {rate} | {method} | {nmse[0]:.4g} | {nmse[1]:.4g} "
                       f"({cut[1]:.1f}) | {nmse[2]:.4g} ({cut[2]:.1f}) | {nmse[3]:.4g} | "
                       f"{nmse[4]:.4g} | {acc} | {secs} |")
+
+
+def allocation(models: dict[str, Path]) -> None:
+    """Every allocator under --sequential (rd's curves then aim the next layer too)."""
+    print("\n| model | rate | uniform | global | lamp | rd |")
+    print("|---|---|---|---|---|---|")
+    for name, path in models.items():
+        for rate in (0.3, 0.2, 0.1):
+            cells = []
+            for method in ("uniform", "global", "lamp", "rd"):
+                r = _run(path, rate=rate, method=method, format="dense", sequential=True)[0]
+                cells.append(f"{r.report.calibration.nmse:.4g} / "
+                             f"{r.report.test.accuracy_compressed:.2%}")
+            print(f"| {name} | {rate} | {' | '.join(cells)} |")
 
 
 def values(models: dict[str, Path]) -> None:
@@ -133,7 +148,11 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--values"]:  # part 2 alone
         values(model_paths)
         sys.exit()
+    if sys.argv[1:] == ["--allocation"]:  # part 1b alone
+        allocation(model_paths)
+        sys.exit()
     masks(model_paths)
+    allocation(model_paths)
     values(model_paths)
     codec.smallest(model_paths, (0.002, 0.005, 0.01, 0.02),
                    {"plain": {}, "--reconstruct": {"reconstruct": True},
