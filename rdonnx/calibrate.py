@@ -22,7 +22,6 @@ from .measure import Replay
 from .model import Model
 from .progress import progress_bar
 from .prune import Scores, activation, magnitude
-from .quantize import Quantized, quantize
 from .runtime import Runner
 from .stats import LayerInput, SecondMoments
 from .weights import Weight
@@ -193,22 +192,17 @@ def measure_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
 
 
 def measure_value_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
-                         originals: Mapping[str, np.ndarray], widths: Sequence[int],
-                         metric: str, channel_axis: int = 1, quiet: bool = True,
-                         quantizer: Callable[[str, np.ndarray, int], Quantized] | None = None,
-                         ) -> dict[str, dict[int, float]]:
-    """Q_l(b): the distortion of quantizing only weight l, unpruned, to b bits
-    (`quantizer(name, array, bits)`; default: the uniform grid)."""
-    quantizer = quantizer or (lambda _, array, bits: quantize(array, bits))
+                         variant: Callable[[Weight, int], Mapping[str, np.ndarray]],
+                         widths: Sequence[int], metric: str, channel_axis: int = 1,
+                         quiet: bool = True) -> dict[str, dict[int, float]]:
+    """Q_l(b): the distortion of quantizing only weight l, unpruned, to b bits (`variant(w, b)`
+    gives the weights that realise it, as for `measure_curves`)."""
     result: dict[str, dict[int, float]] = {}
     with progress_bar(len(weights) * len(widths) * len(replay), "value curves", quiet) as bar:
         for w in weights:
-            original = originals[w.name]
-            result[w.name] = {}
-            for bits in widths:
-                result[w.name][bits] = probe(runner, replay, {w.name: quantizer(
-                    w.name, original, bits).values(original.dtype)}, metric, channel_axis)
-                bar.update(len(replay))
+            result[w.name] = {bits: probe(runner, replay, variant(w, bits), metric, channel_axis)
+                              for bits in widths}
+            bar.update(len(widths) * len(replay))
     return result
 
 

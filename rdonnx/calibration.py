@@ -236,23 +236,35 @@ class Calibration:
 
     def variant(self, config: CompressConfig
                 ) -> Callable[[Weight, int], dict[str, np.ndarray]]:
-        """Pruning of one weight, for R-D curves (reconstructed when configured). In
-        sequential mode the next weight in graph order is also aimed at the original output
-        (dense), as the sequential pass will do: the curve measures what that layer cannot
-        undo."""
-        following = {w.name: n for w, n in zip(self.weights, self.weights[1:])
-                     if config.sequential and self.reconstructs(n.name, config)}
+        """Pruning of one weight to `keep` entries, for R-D curves (reconstructed when
+        configured; see `_aim_next`)."""
+        return lambda w, keep: self._aim_next(
+            w, self.compress_weight(w, keep, config)[0], config)
 
-        def weights(w: Weight, keep: int) -> dict[str, np.ndarray]:
-            out = {w.name: self.compress_weight(w, keep, config)[0]}
-            n = following.get(w.name)
-            if n is not None:
-                out[n.name] = obs.reconstruct_weight(
-                    self.originals[n.name], self.inputs[n.name], self.hessian(n.name, out),
-                    percdamp=config.damp)
-            return out
+    def value_variant(self, config: CompressConfig
+                      ) -> Callable[[Weight, int], dict[str, np.ndarray]]:
+        """Quantization of one whole weight to `bits`, for the value curves (see
+        `_aim_next`)."""
+        def weights(w: Weight, bits: int) -> dict[str, np.ndarray]:
+            original = self.originals[w.name]
+            quantized = self.quantize(w.name, original, bits, config).values(original.dtype)
+            return self._aim_next(w, quantized, config)
 
         return weights
+
+    def _aim_next(self, w: Weight, changed: np.ndarray, config: CompressConfig
+                  ) -> dict[str, np.ndarray]:
+        """{w: changed}; in sequential mode also the next weight in graph order, aimed at the
+        original output (dense), as the sequential pass will do: a curve then measures what
+        that layer cannot undo."""
+        out = {w.name: changed}
+        at = next(i for i, v in enumerate(self.weights) if v.name == w.name) + 1
+        if config.sequential and at < len(self.weights) and \
+                self.reconstructs(self.weights[at].name, config):
+            name = self.weights[at].name
+            out[name] = obs.reconstruct_weight(self.originals[name], self.inputs[name],
+                                               self.hessian(name, out), percdamp=config.damp)
+        return out
 
     def realize(self, rate: float, keep: dict[str, int], config: CompressConfig,
                 widths: Mapping[str, int] | None = None) -> Realized:

@@ -276,9 +276,9 @@ def _with_value_curves(cal: Calibration, config: CompressConfig, curves: Curves,
     if curves.values_quantizer == config.quantizer and \
             all(set(JOINT_VALUE_BITS) <= set(curves.values.get(w.name, {})) for w in cal.weights):
         return curves
-    measured = measure_value_curves(cal.runner, cal.replay, cal.weights, cal.originals,
-                                    JOINT_VALUE_BITS, config.metric, config.channel_axis, quiet,
-                                    lambda n, a, b: cal.quantize(n, a, b, config))
+    measured = measure_value_curves(cal.runner, cal.replay, cal.weights,
+                                    cal.value_variant(config), JOINT_VALUE_BITS, config.metric,
+                                    config.channel_axis, quiet)
     return replace(curves, values=measured, values_quantizer=config.quantizer)
 
 

@@ -594,6 +594,10 @@ def test_sequential_curves_let_the_next_layer_compensate(bundled_cnn):
     alone = cal.distortion({first.name: probe[first.name]}, cfg).nmse
     assert cal.distortion(probe, cfg).nmse < 0.5 * alone
     assert set(variant(last, last.size // 2)) == {last.name}  # nothing after the last one
+    quantized = cal.value_variant(cfg)(first, 3)  # the value curves aim the next one too
+    assert set(quantized) == {first.name, second.name}
+    assert cal.distortion(quantized, cfg).nmse < \
+        cal.distortion({first.name: quantized[first.name]}, cfg).nmse
     assert set(cal.variant(mode_config("reconstruct"))(first, first.size // 4)) == {first.name}
     # such curves are not those of per-layer reconstruction: their fingerprints differ
     assert cfg.curve_settings() != mode_config("reconstruct").curve_settings()
