@@ -44,6 +44,7 @@ from .weights import Weight, find_codable, find_weights, read_weights
 
 ModelSource = str | os.PathLike | onnx.ModelProto | bytes
 CLIP_SCALES = (1.0, 0.9, 0.8, 0.7)  # error-compensated quantization: grid spans tried
+ORIGINAL_INPUTS_MB = 256  # sequential mode: the last layer's original inputs kept up to this
 DataSource = str | os.PathLike | Mapping[str, np.ndarray] | None
 
 
@@ -66,6 +67,8 @@ class Calibration:
     importance: dict[str, np.ndarray] = field(default_factory=dict)  # E[x^2] vs each weight
     _hessians: dict[str, obs.Hessian] = field(default_factory=dict)
     _reconstructed: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    _original_inputs: tuple[str, list[list[np.ndarray]]] | None = None  # the last layer's
+    # original inputs per batch (sequential mode), while at most ORIGINAL_INPUTS_MB
 
     def run_with(self, values: Mapping[str, np.ndarray]) -> Callable:
         prepared = {n: self.runner.weight_value(n, a) for n, a in values.items()}
@@ -94,12 +97,25 @@ class Calibration:
         entry = self.inputs[name]
         h = obs.Hessian(entry)
         prepared = {n: self.runner.weight_value(n, a) for n, a in (earlier or {}).items()}
-        for feed, _ in self.replay:
+        held = self._original_inputs[1] if earlier and self._original_inputs is not None \
+            and self._original_inputs[0] == name else None
+        kept: list[list[np.ndarray]] | None = [] if earlier and held is None else None
+        size = 0
+        for i, (feed, _) in enumerate(self.replay):
             missing = [t for t in entry.tensors if t not in feed]
             computed = dict(zip(missing, self.runner.run(feed, prepared, outputs=missing))) \
                 if missing else {}
-            original = dict(zip(missing, self.runner.run(feed, {}, outputs=missing))) \
-                if missing and earlier else computed
+            original = computed
+            if earlier and missing:  # the original model's input of this layer
+                arrays = held[i] if held is not None else \
+                    self.runner.run(feed, {}, outputs=missing)
+                original = dict(zip(missing, arrays))
+                if kept is not None:
+                    kept.append(arrays)
+                    size += sum(a.nbytes for a in arrays)
+                    kept = kept if size <= ORIGINAL_INPUTS_MB << 20 else None
+            elif kept is not None:
+                kept.append([])
             for tensor in entry.tensors:  # every consumer of a shared weight
                 if earlier is None:
                     h.add_batch(feed[tensor] if tensor in feed else computed[tensor])
@@ -108,6 +124,8 @@ class Calibration:
                                feed[tensor] if tensor in feed else computed[tensor])
         if earlier is None:
             self._hessians[name] = h
+        elif kept is not None:  # sequential curves ask for the same layer many times
+            self._original_inputs = (name, kept)
         return h
 
     def quantize(self, name: str, array: np.ndarray, bits: int,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from _graphs import make_model, vi
 from conftest import PRUNABLE_CASES, Case, assert_usage_error, calib_feed
 from onnx import TensorProto, helper
@@ -601,6 +602,34 @@ def test_sequential_curves_let_the_next_layer_compensate(bundled_cnn):
     assert set(cal.variant(mode_config("reconstruct"))(first, first.size // 4)) == {first.name}
     # such curves are not those of per-layer reconstruction: their fingerprints differ
     assert cfg.curve_settings() != mode_config("reconstruct").curve_settings()
+
+
+def test_sequential_hessians_reuse_the_original_inputs_exactly(bundled_cnn):
+    """The original inputs of the layer last asked for are kept: asking again (as every probe
+    of a sequential curve does) gives the very same statistics."""
+    cal = calibration(bundled_cnn, mode_config("sequential"))
+    first, second = cal.weights[0], cal.weights[1]
+    pruned = {first.name: cal.rankings[first.name].apply(cal.originals[first.name], 100)}
+    cal._original_inputs = None  # as if no layer was asked for before
+    calls = []
+    run = cal.runner.run
+
+    def counted(feed, weights=None, outputs=None):
+        calls.append(bool(weights))
+        return run(feed, weights, outputs)
+
+    cal.runner.run = counted
+    try:
+        fresh = cal.hessian(second.name, pruned)
+        assert calls.count(False) == len(cal.replay)  # original inputs: one pass
+        calls.clear()
+        again = cal.hessian(second.name, pruned)
+        assert calls == [True] * len(cal.replay)  # only the compressed model runs again
+    finally:
+        del cal.runner.run
+    for a, b in zip(fresh.matrices + [t for p in fresh.targets for t in p],
+                    again.matrices + [t for p in again.targets for t in p]):
+        assert torch.equal(a, b)
 
 
 def test_sequential_layer_error_not_worse_on_compressed_inputs(bundled_mlp):
