@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 
 from .codec import entropy
 from .errors import UsageError
+from .quantize import dequantize
 
 MAGIC = b"RDONNX\r\n"
 FORMAT_VERSION = 1
@@ -137,9 +138,9 @@ class Artifact:
                 survivors = self._decode_codebook(entry, values)
             elif entry.encoding == "quantized-rows":
                 survivors = self._decode_rows(entry, values, kept)
-            elif entry.encoding == "quantized":  # float32(q) * float32(step), in one pass
+            elif entry.encoding == "quantized":
                 levels = entropy.decode_values(values, entry.nnz)
-                survivors = np.multiply(levels, np.float32(entry.step), dtype=np.float32)
+                survivors = dequantize(levels, float(entry.step), np.float32)
             else:
                 raw = zstandard.ZstdDecompressor().decompress(
                     values, max_output_size=entry.nnz * dtype.itemsize)

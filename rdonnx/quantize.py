@@ -44,7 +44,7 @@ def dequantize(q: np.ndarray, step: float | np.ndarray, dtype: np.dtype,
                axis: int | None = None) -> np.ndarray:
     """q * step in float32 (step per index along `axis` when given), cast to `dtype`."""
     s = np.float32(step) if axis is None else row_view(step, q.ndim, axis)
-    return (q.astype(np.float32) * s).astype(dtype)
+    return np.multiply(q, s, dtype=np.float32).astype(dtype, copy=False)
 
 
 def lookup(q: np.ndarray, codebook: np.ndarray, dtype: np.dtype) -> np.ndarray:
