@@ -276,9 +276,10 @@ class Calibration:
         original output (dense), as the sequential pass will do: a curve then measures what
         that layer cannot undo."""
         out = {w.name: changed}
+        if not config.sequential:
+            return out
         at = next(i for i, v in enumerate(self.weights) if v.name == w.name) + 1
-        if config.sequential and at < len(self.weights) and \
-                self.reconstructs(self.weights[at].name, config):
+        if at < len(self.weights) and self.reconstructs(self.weights[at].name, config):
             name = self.weights[at].name
             out[name] = obs.reconstruct_weight(self.originals[name], self.inputs[name],
                                                self.hessian(name, out), percdamp=config.damp)

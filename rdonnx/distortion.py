@@ -99,17 +99,16 @@ class DistortionMeter:
             if len(self._pending) * self._pending_size >= _BULK_ELEMENTS:
                 self._flush()
             return
-        self._add_float_pairs(self._float_pairs(reference, candidate))
+        self._add_float_pairs([(np.asarray(reference[i]), np.asarray(candidate[i]))
+                               for i in self._floats(reference)])
 
-    def _float_pairs(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
-                     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(reference, candidate) of each float output; the accumulators sized on first use."""
-        pairs = [(np.asarray(r), np.asarray(c)) for r, c in zip(reference, candidate)
-                 if np.asarray(r).dtype.kind == "f"]
+    def _floats(self, reference: Sequence[np.ndarray]) -> list[int]:
+        """Positions of the float outputs; the accumulators are sized on first use."""
+        floats = [i for i, r in enumerate(reference) if np.asarray(r).dtype.kind == "f"]
         if not self._err:
-            self._err, self._ref, self._cos = ([0.0] * len(pairs) for _ in range(3))
-            self._chan_err, self._chan_ref = ([0.0] * len(pairs) for _ in range(2))
-        return pairs
+            self._err, self._ref, self._cos = ([0.0] * len(floats) for _ in range(3))
+            self._chan_err, self._chan_ref = ([0.0] * len(floats) for _ in range(2))
+        return floats
 
     def _flush(self) -> None:
         """Squared errors of the pending batches: one subtraction and dot product per output
@@ -117,8 +116,7 @@ class DistortionMeter:
         if not self._pending:
             return
         pending, self._pending, self._pending_size = self._pending, [], 0
-        floats = [i for i, r in enumerate(pending[0][0]) if np.asarray(r).dtype.kind == "f"]
-        self._float_pairs(pending[0][0], pending[0][1])  # sizes the accumulators
+        floats = self._floats(pending[0][0])
         for k, i in enumerate(floats):
             refs = [np.asarray(r[i]) for r, _, _ in pending]
             r = np.concatenate([a.ravel() for a in refs])

@@ -18,7 +18,7 @@ runs on the device of the tensors handed in (`device` for `Hessian`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, TypeVar
 
 import numpy as np
@@ -295,17 +295,29 @@ def _inverse_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, tor
     H[dead, :] = 0
     H[:, dead] = 0
     H[dead, dead] = 1
-    mean = float(H[diag, diag].mean())
+
+    def upper_inverse(L: torch.Tensor, _: float) -> torch.Tensor | None:
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        return U if int(info) == 0 and torch.isfinite(U).all() else None
+
+    return dead, _dampened(H, percdamp, upper_inverse)
+
+
+def _dampened(H64: torch.Tensor, percdamp: float,
+              use: Callable[[torch.Tensor, float], torch.Tensor | None]) -> torch.Tensor:
+    """use(L, damp), L the Cholesky factor of H + damp I (float64), damp = percdamp *
+    mean(diag(H)) grown tenfold (at least to 1e-10 * mean) until the factorisation succeeds and
+    `use` returns a result (None: failed)."""
+    eye = torch.eye(H64.shape[0], dtype=torch.float64, device=H64.device)
+    mean = float(torch.diagonal(H64).mean()) if H64.numel() else 0.0
     damp = percdamp * mean
     for _ in range(12):
-        Hd = H.clone()
-        Hd[diag, diag] += damp
-        L, info = torch.linalg.cholesky_ex(Hd)
+        L, info = torch.linalg.cholesky_ex(H64 + damp * eye)
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return dead, U
-        damp = max(damp * 10, 1e-10 * mean)
+            result = use(L, damp)
+            if result is not None:
+                return result
+        damp = max(damp * 10, 1e-10 * mean, 1e-30)
     raise ValueError("the Hessian could not be inverted, even with dampening")
 
 
@@ -482,17 +494,12 @@ def _aimed(W: torch.Tensor, H: torch.Tensor, target: Target, percdamp: float) ->
     G64 = target.cross.to(W.device, torch.float64)
     if not (torch.isfinite(H64).all() and torch.isfinite(G64).all()):
         raise ValueError("the Hessian holds inf or NaN values")
-    eye = torch.eye(H64.shape[0], dtype=torch.float64, device=W.device)
-    mean = float(torch.diagonal(H64).mean()) if H64.numel() else 0.0
-    damp = max(percdamp * mean, 1e-10 * mean, 1e-30)
-    for _ in range(12):
-        L, info = torch.linalg.cholesky_ex(H64 + damp * eye)
-        if int(info) == 0:
-            aimed = torch.cholesky_solve((W64 @ G64 + damp * W64).T, L).T
-            if torch.isfinite(aimed).all():
-                return aimed.to(torch.float32)
-        damp *= 10
-    raise ValueError("the Hessian could not be inverted, even with dampening")
+
+    def solve(L: torch.Tensor, damp: float) -> torch.Tensor | None:
+        aimed = torch.cholesky_solve((W64 @ G64 + damp * W64).T, L).T
+        return aimed.to(torch.float32) if torch.isfinite(aimed).all() else None
+
+    return _dampened(H64, percdamp, solve)
 
 
 def _check_n_m(kept: torch.Tensor, n: int, m: int) -> None:

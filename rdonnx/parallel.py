@@ -46,6 +46,7 @@ _NS_OUT_PRIVATE, _NS_OUT_SHARED, _NS_SHARED_BYTE, _NS_PLACE = 0.5, 1.8, 0.45, 2.
 _SPLITTABLE = ("quantized", "codebook", "exact")  # values decode without the positions
 
 WHOLE, KEPT, VALUES = 0, 1, 2  # what a job decodes of its tensor
+_GAPS, _N_M = (entropy.POSITION_MODELS.index(m) for m in ("gaps", "n:m"))  # model bytes
 
 
 @dataclass(frozen=True)
@@ -127,19 +128,31 @@ def _costs(artifact: Artifact) -> list[_Cost]:
             continue
         at = entry.positions.offset + 1  # the positions model byte, unchecked: only a hint
         model = artifact.data[at] if 0 <= at < len(artifact.data) else 0
-        if model == 5:  # gaps: one symbol per kept entry
+        if model == _GAPS:  # one symbol per kept entry
             kept = entry.nnz * _NS_CATEGORICAL
         else:  # one symbol per entry (per group of at least 4 for n:m)
-            kept = entry.size * _NS_BERNOULLI / (4 if model == 4 else 1)
+            kept = entry.size * _NS_BERNOULLI / (4 if model == _N_M else 1)
         costs.append(_Cost(i, kept, entry.nnz * _NS_CATEGORICAL, entry.size, entry.nnz,
-                           (_kept_bytes(entry), entry.nnz * entry_dtype(entry).itemsize),
+                           (_nbytes(entry, KEPT), _nbytes(entry, VALUES)),
                            entry.encoding in _SPLITTABLE))
     return costs
 
 
-def _kept_bytes(entry: TensorEntry) -> int:
-    """Bytes of a tensor's kept selector: int64 indices or a bool mask."""
-    return 8 * entry.nnz if entropy.kept_as_indices(entry.size, entry.nnz) else entry.size
+def _layout(entry: TensorEntry, part: int) -> tuple[np.dtype, int]:
+    """(dtype, element count) of a job's output: the dense tensor, its kept values, or its
+    kept selector (int64 indices or a bool mask, as `entropy.decode_kept` gives it)."""
+    if part == WHOLE:
+        return entry_dtype(entry), entry.size
+    if part == VALUES:
+        return entry_dtype(entry), entry.nnz
+    if entropy.kept_as_indices(entry.size, entry.nnz):
+        return np.dtype(np.int64), entry.nnz
+    return np.dtype(np.bool_), entry.size
+
+
+def _nbytes(entry: TensorEntry, part: int) -> int:
+    dtype, count = _layout(entry, part)
+    return dtype.itemsize * count
 
 
 def _plans(costs: list[_Cost], procs: int) -> list[list[_Job]]:
@@ -195,7 +208,7 @@ class _Decoder:
         for plan in plans[1:]:
             for job in plan:
                 self.offsets[job] = size
-                size += -(-self._nbytes(job) // _ALIGN) * _ALIGN
+                size += -(-_nbytes(artifact.tensors[job.tensor], job.part) // _ALIGN) * _ALIGN
         self.map = mmap.mmap(-1, max(size, _ALIGN), flags=mmap.MAP_SHARED)
         self.parts: dict[_Job, np.ndarray] = {}  # finished jobs' outputs
         self.results: dict[int, np.ndarray] = {}  # finished tensors (flat)
@@ -210,25 +223,9 @@ class _Decoder:
                 self._collect(pipes, block=True)
         return self._results()
 
-    def _nbytes(self, job: _Job) -> int:
-        entry = self.artifact.tensors[job.tensor]
-        if job.part == WHOLE:
-            return entry.size * entry_dtype(entry).itemsize
-        if job.part == VALUES:
-            return entry.nnz * entry_dtype(entry).itemsize
-        return _kept_bytes(entry)
-
     def _view(self, job: _Job) -> np.ndarray:
         """A worker job's output in the map."""
-        entry = self.artifact.tensors[job.tensor]
-        if job.part == WHOLE:
-            dtype, count = entry_dtype(entry), entry.size
-        elif job.part == VALUES:
-            dtype, count = entry_dtype(entry), entry.nnz
-        elif entropy.kept_as_indices(entry.size, entry.nnz):
-            dtype, count = np.dtype(np.int64), entry.nnz
-        else:
-            dtype, count = np.dtype(np.bool_), entry.size
+        dtype, count = _layout(self.artifact.tensors[job.tensor], job.part)
         return np.frombuffer(self.map, dtype, count, self.offsets[job])
 
     def _run(self, job: _Job, out: np.ndarray | None) -> np.ndarray | None:
