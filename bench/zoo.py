@@ -180,7 +180,7 @@ def baseline_rows(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origi
 def nncodec_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original: int,
                 weights: int, python: Path) -> Row:
     """NNCodec on every float initializer of >= 256 elements (the rest and the graph stored as
-    plain ONNX beside the bitstream), qp ladder coarse to fine, first transparent kept."""
+    plain ONNX beside the bitstream), the coarsest transparent qp of the ladder by bisection."""
     import onnx
     from onnx import numpy_helper
 
@@ -198,16 +198,19 @@ def nncodec_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origina
     del rest.graph.initializer[:]
     rest.graph.initializer.extend(keep)
     graph_bytes = len(rest.SerializeToString())
-    tried = []
-    for qp in NNCODEC_QPS:
+    tried: list[str] = []
+    results: dict[int, Row] = {}
+
+    def attempt(qp: int) -> Row | None:
         t0 = time.time()
         proc = subprocess.run([str(python), str(ROOT / "bench/zoo/nncodec_worker.py"),
                                str(work / "nnc_in.npz"), str(work / "nnc_out.npz"), str(qp)],
                               capture_output=True, text=True)
         secs = time.time() - t0
         if proc.returncode != 0:
-            return Row(ad.name, "NNCodec", note=f"qp {qp} failed: "
-                       f"{proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}"[:200])
+            tried.append(f"qp {qp} failed: "
+                         f"{proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}"[:160])
+            return None
         bs = json.loads(proc.stdout.strip().splitlines()[-1])["bitstream_bytes"]
         with np.load(work / "nnc_out.npz") as dec:
             for k, t in names.items():
@@ -218,11 +221,29 @@ def nncodec_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origina
         save(model, path, external=model.ByteSize() > 1_800_000_000)
         test = scorer.score_file(path)
         size = bs + graph_bytes
-        tried.append(f"qp {qp}: {size:,} B {ad.primary} {test[ad.primary]:.4f}")
-        if ad.transparent(test):
-            return Row(ad.name, "NNCodec", size, original / size, 8 * size / weights, test=test,
-                       transparent=True, seconds=secs, setting=f"qp {qp}",
-                       note="; ".join(tried[:-1]))
+        tried.append(f"qp {qp}: {size:,} B {ad.primary} {test[ad.primary]:.4f} ({secs:.0f} s)")
+        print(f"  {ad.name} NNCodec {tried[-1]}", file=sys.stderr, flush=True)
+        return Row(ad.name, "NNCodec", size, original / size, 8 * size / weights, test=test,
+                   transparent=ad.transparent(test), seconds=secs, setting=f"qp {qp}")
+
+    # bisection over the ladder (coarse to fine): the coarsest transparent qp, assuming a finer
+    # step never hurts; about log2(len) codings instead of len
+    lo, hi = 0, len(NNCODEC_QPS) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        row = attempt(NNCODEC_QPS[mid])
+        if row is None:
+            break
+        results[mid] = row
+        if row.transparent:
+            hi = mid - 1
+        else:
+            lo = mid + 1
+    passing = [results[i] for i in sorted(results) if results[i].transparent]
+    if passing:
+        best = passing[0]
+        best.note = "; ".join(t for t in tried if not t.startswith(best.setting + ":"))
+        return best
     return Row(ad.name, "NNCodec", note="no qp transparent: " + "; ".join(tried))
 
 
@@ -366,7 +387,19 @@ def main(argv: list[str] | None = None) -> None:
                              "<cache>/nncodec-venv/bin/python]")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds after which the rdonnx ladder stops trying tighter bounds")
+    parser.add_argument("--show", default=None, metavar="JSON[,JSON]",
+                        help="only print the table of results saved by earlier runs")
     args = parser.parse_args(argv)
+    if args.show:
+        saved: dict = {}
+        for path in args.show.split(","):
+            saved.update(json.loads(Path(path).read_text()))
+        order = [n for n in NAMES if n in saved] + [n for n in saved if n not in NAMES]
+        rows = [Row(**r) for n in order for r in saved[n]["rows"]]
+        for r in rows:
+            r.primary = r.primary or (adapter(r.model).primary if r.model in NAMES else "")
+        print(table(rows))
+        return
     cache = cache_dir(args.cache)
     args.nncodec_python = args.nncodec_python or str(cache / "nncodec-venv/bin/python")
     out = Path(args.json) if args.json else cache / "results.json"
