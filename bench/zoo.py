@@ -266,7 +266,11 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
         with_curves = ["--curves", str(curves)]
     tried: list[str] = []
     ladder = [(b, True) for b in ad.ladder] + [(b, False) for b in ad.fallback]
+    skip_bounds = False
     for step, (bound, uses_curves) in enumerate(ladder):
+        if uses_curves and skip_bounds:
+            tried.append(f"{' '.join(bound)}: skipped (a looser bound was not met)")
+            continue
         out = work / f"rd{step}.rdonnx"
         report = work / f"rd{step}.json"
         code, secs, rss, err = timed(
@@ -281,6 +285,8 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
             tried.append(f"{setting}: exit {code} ({err.strip().splitlines()[-1][:120]})"
                          if err.strip() else f"{setting}: exit {code}")
             print(f"  {ad.name} rdonnx {tried[-1]}", file=sys.stderr, flush=True)
+            if uses_curves and "meets the bound" in err:
+                skip_bounds = True  # loosest first: a tighter bound cannot be met either
             continue
         size = out.stat().st_size
         test = scorer.score_file(out, "test")
