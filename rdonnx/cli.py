@@ -17,25 +17,27 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .allocate import SOLVERS
-from .api import CompressConfig, calibrate, compress, evaluate, inspect
-from .artifact import decompress, inspect_artifact
-from .calibrate import DEFAULT_GRID, Curves, check_grid
-from .config import FORMATS, HSIC_SAMPLES, METHODS, VALUES
-from .container import is_artifact
-from .data import DataOptions
-from .distortion import METRICS
-from .errors import UsageError
-from .hsic import BUDGETS
-from .model import check_output
-from .plot import plot_report, require_matplotlib
-from .pqi import GRANULARITIES, INSPECT_PAIRS, PQI_MODES
-from .prune import CRITERIA
-from .quantize import QUANTIZERS
-from .report import render
-from .runtime import DEVICES, cuda_status
-from .weights import DEFAULT_MIN_PARAMS
+from rdonnx.algo.hsic import BUDGETS
+from rdonnx.algo.hsic import DEFAULT_SAMPLES as HSIC_SAMPLES
+from rdonnx.algo.pqi import GRANULARITIES, INSPECT_PAIRS, PQI_MODES
+from rdonnx.algo.prune import CRITERIA
+from rdonnx.algo.quantize import QUANTIZERS
+from rdonnx.allocate.allocators import SOLVERS
+from rdonnx.api import CompressConfig, calibrate, compress, evaluate, inspect
+from rdonnx.artifact.format import is_artifact
+from rdonnx.artifact.io import decompress, inspect_artifact
+from rdonnx.errors import UsageError
+from rdonnx.flow.config import FORMATS, METHODS, VALUES
+from rdonnx.flow.curves import DEFAULT_GRID, Curves, check_grid
+from rdonnx.flow.methods.surp import truncate_artifact
+from rdonnx.graph.model import check_output
+from rdonnx.graph.weights import DEFAULT_MIN_PARAMS
+from rdonnx.report.plot import plot_report, require_matplotlib
+from rdonnx.report.records import render
+from rdonnx.runtime.data import DataOptions
+from rdonnx.runtime.distortion import METRICS
+from rdonnx.runtime.session import DEVICES, cuda_status
+from rdonnx.version import __version__
 
 EXIT_BOUND_EXCEEDED = 3
 PLOT_RATES = (0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02)  # --plot: the method measured at these
@@ -469,8 +471,6 @@ def truncate_cmd(artifact: Path, output: Path, rate: float | None,
                  input_shape: tuple[str, ...], input_range: tuple[str, ...], seed: int,
                  device: str) -> None:
     """Cut the SuRP stream of ARTIFACT (compress --method surp) to a shorter prefix."""
-    from .surp import truncate_artifact
-
     if max_distortion is not None and calib is None:
         raise UsageError("--max-distortion needs --calib DATA")
     result = truncate_artifact(

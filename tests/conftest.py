@@ -364,7 +364,7 @@ def write_coded(tmp_path: Path, q: np.ndarray, step, codebook: np.ndarray | None
     """An .rdonnx file holding one coded float tensor "w" (levels `q`) and an Identity graph."""
     from onnx import TensorProto, helper
 
-    from rdonnx.container import encode_tensor, write_artifact
+    from rdonnx.artifact.format import encode_tensor, write_artifact
 
     graph = helper.make_graph([helper.make_node("Identity", ["w"], ["out"])], "g", [],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, q.shape)])
