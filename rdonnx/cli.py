@@ -7,9 +7,7 @@ was exceeded, 1 internal error. `--debug` shows tracebacks.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,6 +28,7 @@ from rdonnx.errors import UsageError
 from rdonnx.flow.config import FORMATS, METHODS, VALUES
 from rdonnx.flow.curves import DEFAULT_GRID, Curves, check_grid
 from rdonnx.flow.methods.surp import truncate_artifact
+from rdonnx.fs import write_text
 from rdonnx.graph.model import check_output
 from rdonnx.graph.weights import DEFAULT_MIN_PARAMS
 from rdonnx.report.plot import plot_report, require_matplotlib
@@ -48,10 +47,12 @@ def _parse_shape(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     for item in values:
         name, _, dims = item.rpartition("=")
         try:
-            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
-            assert name and all(d > 0 for d in shapes[name])
-        except (ValueError, AssertionError):
-            raise UsageError(f"--input-shape {item!r}: write NAME=1x3x224x224") from None
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not name or not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"--input-shape {item!r}: write NAME=1x3x224x224")
+        shapes[name] = shape
     return shapes
 
 
@@ -61,9 +62,10 @@ def _parse_range(values: tuple[str, ...]) -> dict[str, tuple[float, float]]:
         name, _, span = item.rpartition("=")
         try:
             lo, hi = (float(v) for v in span.split(":"))
-            assert name and lo <= hi
-        except (ValueError, AssertionError):
-            raise UsageError(f"--input-range {item!r}: write NAME=LO:HI with LO <= HI") from None
+        except ValueError:
+            lo, hi = 1.0, 0.0
+        if not name or not lo <= hi:
+            raise UsageError(f"--input-range {item!r}: write NAME=LO:HI with LO <= HI")
         ranges[name] = (lo, hi)
     return ranges
 
@@ -106,13 +108,6 @@ def _data(batch_size: int, calib_samples: int | None, input_shape: tuple[str, ..
 def _note(message: str, quiet: bool) -> None:
     if not quiet:
         click.echo(f"rdonnx: {message}", err=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -279,20 +274,11 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
 
     Pruning makes files smaller, not faster: ONNX Runtime densifies weights at load.
     """
-    if not model.is_file():
-        raise UsageError(f"model file not found: {model}")
-    output = output or model.with_name(
-        model.stem + (".rdonnx" if fmt == "rdonnx" else ".pruned.onnx"))
-    paths = [p for p in (output, report_path, plot_path) if p is not None]
-    if len({p.resolve() for p in paths}) < len(paths):
-        raise UsageError("-o, --report and --plot must name different files")
-    for path in paths:
-        check_output(path, model, force)
+    # usage first: a bad option is reported whatever the state of the file system
     if labels and test_data is None:
         raise UsageError("--labels needs --test DATA")
     calib = kw.pop("calib")
-    if curves_path is not None and kw["grid"] is None:  # the grid the curves were measured on
-        kw["grid"] = ",".join(str(d) for d in Curves.load(curves_path).grid)
+    grid_given = kw["grid"] is not None
     config = replace(_config(**{k: kw.pop(k) for k in list(kw) if k in _CONFIG_KEYS}),
                      rate=kw["rate"], max_distortion=kw["max_distortion"],
                      min_agreement=kw["min_agreement"], bits_per_weight=kw["bits_per_weight"],
@@ -309,6 +295,18 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
     config.check()
     if plot_path is not None:
         require_matplotlib()
+    if not model.is_file():
+        raise UsageError(f"model file not found: {model}")
+    output = output or model.with_name(
+        model.stem + (".rdonnx" if fmt == "rdonnx" else ".pruned.onnx"))
+    paths = [p for p in (output, report_path, plot_path) if p is not None]
+    if len({p.resolve() for p in paths}) < len(paths):
+        raise UsageError("-o, --report and --plot must name different files")
+    for path in paths:
+        check_output(path, model, force)
+    if curves_path is not None and not grid_given:  # the grid the curves were measured on
+        grid = ",".join(str(d) for d in Curves.load(curves_path).grid)
+        config = replace(config, grid=_grid(grid))
     frontier = PLOT_RATES if plot_path is not None else ()
     result = compress(model, calib=calib, test=test_data, labels=labels, curves=curves_path,
                       config=config, quiet=quiet, frontier=frontier)
@@ -316,7 +314,7 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
     for notice in result.report.notices:
         _note(notice, quiet)
     if report_path is not None:
-        _write_text(report_path, result.report.to_json())
+        write_text(report_path, result.report.to_json())
     if plot_path is not None:
         plot_report(result.report, plot_path)
     click.echo(render(result.report), err=True)
@@ -338,12 +336,13 @@ _CONFIG_KEYS = ("criterion", "reconstruct", "sequential", "damp", "metric", "cha
 def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bool,
                   **kw) -> None:
     """Measure per-weight R-D curves of MODEL once; reuse them with compress --curves."""
+    calib = kw.pop("calib")
+    config = _config(**kw)  # usage first, then the file system
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
     check_output(output, model, force)
-    calib = kw.pop("calib")
-    curves = calibrate(model, calib=calib, config=_config(**kw), quiet=quiet)
-    _write_text(output, curves.to_json())
+    curves = calibrate(model, calib=calib, config=config, quiet=quiet)
+    write_text(output, curves.to_json())
     if not quiet:
         click.echo(f"rdonnx: {len(curves.distortion)} curves x {len(curves.grid)} densities "
                    f"written to {output}", err=True)

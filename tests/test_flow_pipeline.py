@@ -5,6 +5,7 @@ every method with every criterion, nmse-channel and plots."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -490,7 +491,10 @@ def test_cli_plot_writes_a_png(mlp, tmp_path, capsys, method):
     assert code == 0, err
     assert plot.read_bytes()[:8] == PNG_MAGIC
     assert plot.stat().st_size > 5000
-    assert out.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert plot.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "out.onnx"]
 
 
 def test_plot_without_curves_draws_without_warnings(mlp, tmp_path, capsys, recwarn):

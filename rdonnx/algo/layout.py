@@ -70,7 +70,8 @@ class SecondMoments:
 
     def moments(self, weight_shape: tuple[int, ...]) -> np.ndarray:
         """E[x^2] broadcastable against the weight (shape [1, in, *kernel] for Conv)."""
-        assert self.mean is not None, "no batch was added"
+        if self.mean is None:
+            raise RuntimeError(f"{self.entry.weight}: no batch was added")
         mean = self.mean.numpy()
         e = self.entry
         if e.op == "Conv":

@@ -161,10 +161,11 @@ class CompressConfig:
             return None
         try:
             n, m = (int(v) for v in self.pattern.split(":"))
-            assert 1 <= n < m <= 32
-        except (ValueError, AssertionError):
+        except ValueError:
+            n, m = 0, 0
+        if not 1 <= n < m <= 32:
             raise UsageError(f"--pattern {self.pattern!r}: write N:M with 1 <= N < M <= 32, "
-                             "e.g. 2:4") from None
+                             "e.g. 2:4")
         return n, m
 
     @property

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rdonnx.errors import UsageError
+from rdonnx.fs import atomic_output
 from rdonnx.report.records import Report
 
 
@@ -24,13 +24,8 @@ def require_matplotlib():
 
 
 def _save(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, metadata={"Software": None})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
 
 
 def plot_report(report: Report, path: str | os.PathLike) -> None:
