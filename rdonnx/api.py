@@ -13,7 +13,7 @@ from rdonnx.artifact.io import load_any
 from rdonnx.errors import UsageError
 from rdonnx.flow import pipeline
 from rdonnx.flow.calibration import DataSource, ModelSource, make_data
-from rdonnx.flow.config import FORMATS, CompressConfig
+from rdonnx.flow.config import DEFAULTS, FORMATS, CompressConfig
 from rdonnx.flow.curves import Curves
 from rdonnx.flow.result import CompressResult
 from rdonnx.graph.weights import DEFAULT_MIN_PARAMS, find_weights, read_weights
@@ -131,7 +131,8 @@ def inspect(model: ModelSource, *, min_params: int = DEFAULT_MIN_PARAMS,
 
 
 def evaluate(reference: ModelSource, candidate: ModelSource, data: DataSource, *,
-             labels: str | None = None, metric: str = "nmse", device: str = "auto",
+             labels: str | None = None, metric: str = DEFAULTS.metric,
+             device: str = DEFAULTS.device,
              options: DataOptions | None = None, quiet: bool = True) -> Evaluation:
     """Distortion (and accuracy with `labels`) of `candidate` against `reference` on `data`."""
     if metric not in METRICS:

@@ -487,3 +487,29 @@ def test_console_script(tmp_path, pruned_cnn):
     assert listing(tmp_path) == []
 
 
+
+def test_option_defaults_come_from_the_settings_dataclasses():
+    """Every CLI option of a setting takes its default from the one place it is written."""
+    from dataclasses import fields
+
+    from rdonnx.cli import cli
+    from rdonnx.flow.config import CompressConfig
+    from rdonnx.runtime.data import DataOptions
+
+    defaults = {f.name: getattr(cls(), f.name) for cls in (CompressConfig, DataOptions)
+                for f in fields(cls) if "option" in f.metadata}
+    seen = 0
+    for command in cli.commands.values():
+        values = command.make_context(command.name, [], resilient_parsing=True).params
+        for param in command.params:
+            if param.name not in defaults or command.name == "decompress":
+                continue  # decompress --format is its own option (dense | sparse)
+            seen += 1
+            default, expected = values[param.name], defaults[param.name]
+            if param.name in ("grid", "shapes", "ranges"):  # text parsed into the field
+                assert default in (None, ()), param.name
+            elif isinstance(expected, tuple):
+                assert tuple(default or ()) == expected, param.name
+            else:
+                assert default == expected, (command.name, param.name)
+    assert seen > 50

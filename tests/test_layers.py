@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "rdonnx"
 
 # Each layer imports only from its own line and the lines above it.
 LAYERS = (
-    ("rdonnx.errors", "rdonnx.version", "rdonnx.fs", "rdonnx.progress"),
+    ("rdonnx.errors", "rdonnx.version", "rdonnx.fs", "rdonnx.option", "rdonnx.progress"),
     ("rdonnx.codec", "rdonnx.algo"),
     ("rdonnx.allocate",),
     ("rdonnx.graph",),

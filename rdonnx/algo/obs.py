@@ -26,6 +26,7 @@ import torch
 
 from rdonnx.algo.layout import LayerInput, unfold
 
+DEFAULT_DAMP = 0.01  # dampening: share of the mean diagonal of H added to it (SparseGPT's 1%)
 RECURRENT = ("LSTM", "GRU", "RNN")
 _T = TypeVar("_T")
 
@@ -324,7 +325,7 @@ def _dampened(H64: torch.Tensor, percdamp: float,
 def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None = None,
                 sparsity: float | None = None, n_m: tuple[int, int] | None = None,
                 step: float | None = None, levels: int | None = None, blocksize: int = 128,
-                percdamp: float = 0.01, target: Target | None = None) -> torch.Tensor:
+                percdamp: float = DEFAULT_DAMP, target: Target | None = None) -> torch.Tensor:
     """Prune and/or quantize W [rows, d] with SparseGPT's OBS updates (H [d, d] = E[x x^T]).
 
     The mask is `keep` (bool, True = kept), or chosen during the sweep from the OBS saliency

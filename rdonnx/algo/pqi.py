@@ -13,7 +13,7 @@ of the survivors by magnitude. Iterated without retraining, the step keeps shrin
 survivors: the survivors of a threshold look denser, so rho falls, but it never reaches 0 for
 unbounded distributions. The "fixed point" here is where one step would remove less than
 `FIXED_TOL` (1%) of the survivors; it is the data-free compressibility estimate, and it depends
-on that tolerance (see the README).
+on that tolerance (see docs/BENCHMARKS.md).
 
 Densities are computed per output row (`neuron`) or per weight (`layer`, one row). Every kept
 share is of the row's entries: r of its nonzero entries, so already-pruned weights stay sparse.

@@ -7,6 +7,7 @@ from typing import Any
 
 from rdonnx.algo.hsic import BUDGETS
 from rdonnx.algo.hsic import DEFAULT_SAMPLES as HSIC_SAMPLES
+from rdonnx.algo.obs import DEFAULT_DAMP
 from rdonnx.algo.pqi import GRANULARITIES, PQI_MODES, PQIOptions
 from rdonnx.algo.prune import CRITERIA
 from rdonnx.algo.quantize import QUANTIZERS, VALUE_BITS
@@ -14,8 +15,11 @@ from rdonnx.allocate.allocators import ALLOCATORS, SOLVERS
 from rdonnx.errors import UsageError
 from rdonnx.flow.curves import DEFAULT_GRID, check_grid
 from rdonnx.graph.weights import DEFAULT_MIN_PARAMS
+from rdonnx.option import option
 from rdonnx.runtime.data import DataOptions
 from rdonnx.runtime.distortion import METRICS
+from rdonnx.runtime.measure import DEFAULT_REPLAY_MB
+from rdonnx.runtime.session import DEVICES
 
 CONFIG_VERSION = 1
 FORMATS = ("rdonnx", "dense", "sparse")
@@ -35,43 +39,106 @@ class CompressConfig:
     rate whose coded size is at most this many bits per prunable weight).
     """
 
-    rate: float | None = None
-    max_distortion: float | None = None
-    min_agreement: float | None = None
-    bits_per_weight: float | None = None  # coded bits per prunable weight, positions + values
-    method: str = "rd"
-    criterion: str = "magnitude"
-    solver: str = "lagrange"  # rd: "lagrange" (convex hulls) or "dp" (grid points only)
-    normalize: bool = False  # global: scores divided by each tensor's RMS
-    metric: str = "nmse"
-    channel_axis: int = 1  # nmse-channel: the channel axis of every output
-    grid: tuple[float, ...] = DEFAULT_GRID
-    min_params: int = DEFAULT_MIN_PARAMS
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    simplify: bool = True
-    device: str = "auto"
-    layer_distortion: bool = True  # measure each weight pruned alone at its chosen density
-    replay_mb: int = 512  # calibration batches + reference outputs held in memory; rest on disk
-    format: str = "rdonnx"  # what the result is for: "rdonnx", "dense" or "sparse"
-    values: str = "auto"  # "quantized", "exact", or "auto": quantized for rdonnx only
-    value_bits: int | None = None  # None: the fewest bits within value_budget
-    value_budget: float = 0.02  # quantization may add this share to the measured distortion
-    quantizer: str = "uniform"  # "uniform" grid, or "kmeans": activation-weighted codebook
-    lossless_unpruned: bool = False  # keep large unpruned tensors exact instead of quantized
-    reconstruct: bool = False  # update survivors to reconstruct each layer's output (OBS)
-    sequential: bool = False  # reconstruct in graph order from already-compressed inputs
-    pattern: str | None = None  # "N:M": keep N of every M consecutive inputs per output row
-    damp: float = 0.01  # reconstruction: dampening, share of the mean diagonal of H
-    pqi_p: float = 0.5  # pqi: PQ index exponents, 0 < p < q
-    pqi_q: float = 1.0
-    pqi_eta: float = 0.0  # pqi: the bound's eta (>= 0)
-    pqi_gamma: float = 1.0  # pqi: SAP step size gamma (rho = gamma * (1 - r), at most 0.9)
-    pqi_mode: str = "fixed"  # pqi: "fixed" point of the iterated SAP step, or "single" bound
-    granularity: str = "layer"  # pqi: one density per "layer" (weight) or per "neuron" (row)
-    budget: str = "params"  # hsic: the rate counts "params" or "flops" (MACs per sample)
-    hsic_samples: int = HSIC_SAMPLES  # hsic: calibration samples whose activations are compared
-    hsic_beta: float | None = None  # hsic: importance exp(-beta s_i); None: 10 * layers
+    rate: float | None = option(
+        None, "Fraction of prunable weights kept (density), 0 < R <= 1.", value_type=float)
+    max_distortion: float | None = option(
+        None, "Instead of --rate: the smallest rate whose measured distortion (--metric) on the "
+        "calibration data is at most D.", value_type=float)
+    min_agreement: float | None = option(
+        None, "Instead of --rate: the smallest rate whose measured top-1 agreement with the "
+        "original is at least A (0..1).", value_type=float)
+    bits_per_weight: float | None = option(  # coded bits per prunable weight, positions + values
+        None, "Instead of --rate: the largest rate whose coded positions + values take at most "
+        "B bits per prunable weight.", value_type=float)
+    method: str = option(
+        "rd", "rd: densities from measured R-D curves; uniform: one density; global: one score "
+        "threshold; lamp: LAMP scores, one threshold; gao: one density, w^2 * E[x^2] scores and "
+        "activation-weighted k-means values (Gao et al.); surp: SuRP successive refinement, an "
+        "embedded stream (rdonnx truncate cuts it).", choices=METHODS)
+    criterion: str = option(
+        "magnitude", "In-layer criterion: |w|; w^2 * E[x^2] of the layer input compared within "
+        "output rows (Wanda / Gao et al.); or obs, SparseGPT's selection during reconstruction "
+        "(implies --reconstruct).", choices=CRITERIA)
+    solver: str = option(  # rd: "lagrange" (convex hulls) or "dp" (grid points only)
+        "lagrange", "rd: equal-slope search on convex hulls, or DP over the grid points.",
+        choices=tuple(SOLVERS))
+    normalize: bool = option(  # global: scores divided by each tensor's RMS
+        False, "global: compare scores divided by each tensor's RMS.")
+    metric: str = option(
+        "nmse", "Output distortion: nmse (sum over outputs of ||y-y'||^2/||y||^2), "
+        "nmse-channel (per channel along --channel-axis, averaged), kl of class scores, cosine.",
+        choices=METRICS)
+    channel_axis: int = option(  # nmse-channel: the channel axis of every output
+        1, "Channel axis of the outputs for --metric nmse-channel.")
+    grid: tuple[float, ...] = option(
+        DEFAULT_GRID, "Densities of the R-D curves [default: 20 from 1 down to 0.002, "
+        "log-spaced].", value_type=str, metavar="D1,D2,..", show_default=False)
+    min_params: int = option(
+        DEFAULT_MIN_PARAMS, "Smallest weight (elements) that is pruned.")
+    include: tuple[str, ...] = option((), "Also prune these.", multiple=True, metavar="GLOB")
+    exclude: tuple[str, ...] = option((), "Never prune these.", multiple=True, metavar="GLOB")
+    simplify: bool = option(True, "Skip onnxsim simplification.", flag="--no-simplify",
+                            negate=True)
+    device: str = option(
+        "auto", "auto: CUDA when its execution provider really works, else CPU.",
+        choices=DEVICES)
+    layer_distortion: bool = option(  # measure each weight pruned alone at its chosen density
+        True, "Skip measuring each weight pruned alone (one pass per weight).",
+        flag="--no-layer-distortion", negate=True)
+    replay_mb: int = option(  # calibration batches + reference outputs in memory; rest on disk
+        DEFAULT_REPLAY_MB, "MiB of calibration batches and reference outputs kept in memory for "
+        "the probes; the rest is spilled to a temporary folder.", range=(0, None))
+    format: str = option(  # what the result is for
+        "rdonnx", "rdonnx: entropy-coded artifact (rdonnx.open_session runs it in stock ONNX "
+        "Runtime); dense: ONNX with zeros; sparse: ONNX sparse_initializer where smaller.",
+        choices=FORMATS)
+    values: str = option(  # "auto": quantized for rdonnx only
+        "auto", "Surviving values: quantized, exact, or auto (quantized for rdonnx only).",
+        choices=VALUES)
+    value_bits: int | None = option(  # None: the fewest bits within value_budget
+        None, "Quantize survivors to this many bits [default: the fewest bits that add at most "
+        "--value-budget to the measured distortion].", value_type=int,
+        range=(min(VALUE_BITS), max(VALUE_BITS)))
+    value_budget: float = option(
+        0.02, "Share of the measured distortion that quantization may add.")
+    quantizer: str = option(
+        "uniform", "Quantized values: a uniform grid per tensor, or a k-means codebook of "
+        "2^b - 1 centroids weighted by E[x^2] of the layer input (Gao et al.; plain k-means "
+        "where no input is seen). Not with --reconstruct.", choices=QUANTIZERS)
+    lossless_unpruned: bool = option(
+        False, "Keep large unpruned tensors (embeddings...) exact instead of quantized.")
+    reconstruct: bool = option(
+        False, "Update surviving weights to reconstruct each layer's output on the calibration "
+        "data (OBS / SparseGPT; GPTQ error feedback when quantizing).")
+    sequential: bool = option(
+        False, "Reconstruct layers in graph order, each from the inputs the already-compressed "
+        "earlier layers produce, aimed at the original model's layer output, so later layers "
+        "undo earlier layers' error (implies --reconstruct).")
+    pattern: str | None = option(
+        None, "Structured sparsity instead of a rate: keep N of every M consecutive inputs per "
+        "output row (2:4 is what GPUs accelerate).", value_type=str, metavar="N:M")
+    damp: float = option(
+        DEFAULT_DAMP, "Reconstruction dampening: share of the mean diagonal of X X^T.")
+    pqi_p: float = option(0.5, "pqi: PQ index exponent p (0 < p < q).")
+    pqi_q: float = option(1.0, "pqi: PQ index exponent q.")
+    pqi_eta: float = option(
+        0.0, "pqi: eta of the retained-fraction bound (>= 0; larger keeps fewer).")
+    pqi_gamma: float = option(
+        1.0, "pqi: SAP step size (each step prunes gamma * (1 - r), at most 0.9).")
+    pqi_mode: str = option(
+        "fixed", "pqi: fixed: each weight's kept share where the iterated SAP step stops "
+        "(prunes < 1% of survivors); single: one PQI bound.", choices=PQI_MODES)
+    granularity: str = option(
+        "layer", "pqi: one PQI density per weight, or per output row (neuron).",
+        choices=GRANULARITIES)
+    budget: str = option(
+        "params", "hsic: what --rate counts: parameters, or multiply-accumulates per sample "
+        "(flops).", choices=BUDGETS)
+    hsic_samples: int = option(
+        HSIC_SAMPLES, "hsic: calibration samples whose layer outputs are compared.")
+    hsic_beta: float | None = option(
+        None, "hsic: importance exp(-beta * s_i) [default: 10 * number of layers].",
+        value_type=float)
     data: DataOptions = field(default_factory=DataOptions)
     version: int = CONFIG_VERSION
 
@@ -192,3 +259,6 @@ class CompressConfig:
         settings["data"] = {k: (dict(v) if isinstance(v, dict) or hasattr(v, "items") else v)
                             for k, v in settings["data"].items()}
         return settings
+
+
+DEFAULTS = CompressConfig()  # every default, read where a function needs one

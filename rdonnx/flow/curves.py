@@ -23,7 +23,7 @@ from rdonnx.graph.model import Model
 from rdonnx.graph.weights import Weight
 from rdonnx.progress import progress_bar
 from rdonnx.runtime.data import Batches
-from rdonnx.runtime.measure import Replay
+from rdonnx.runtime.measure import DEFAULT_REPLAY_MB, Replay
 from rdonnx.runtime.session import Runner
 
 DEFAULT_GRID = tuple(float(f"{d:.3g}") for d in np.geomspace(1.0, 0.002, 20))
@@ -112,7 +112,7 @@ def model_digest(model: Model, originals: Mapping[str, np.ndarray]) -> str:
 
 
 def record(runner: Runner, batches: Batches, inputs: Mapping[str, LayerInput],
-           quiet: bool = True, replay_bytes: int = 512 * 2**20,
+           quiet: bool = True, replay_bytes: int = DEFAULT_REPLAY_MB * 2**20,
            ) -> tuple[Replay, dict[str, SecondMoments], str]:
     """One pass over the data: reference outputs, layer-input moments and the data digest."""
     replay = Replay(replay_bytes)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +17,7 @@ import onnx
 
 from rdonnx.errors import UsageError
 from rdonnx.graph.model import Model
+from rdonnx.option import option
 
 Feed = dict[str, np.ndarray]
 Dim = int | str | None  # a fixed size, a symbolic name, or unknown
@@ -157,7 +158,7 @@ class SyntheticBatches:
     dtypes: dict[str, np.dtype]
     ranges: dict[str, tuple[float, float]]
     count: int
-    seed: int = 0
+    seed: int
 
     def __iter__(self) -> Iterator[Feed]:
         for index in range(self.count):
@@ -180,18 +181,25 @@ class SyntheticBatches:
         return self.count
 
 
+DEFAULT_SYNTHETIC_SAMPLES = 64
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """How to read or make calibration / evaluation data."""
 
-    batch_size: int = 16
-    samples: int | None = None  # at most this many samples (files, for a folder)
-    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # --input-shape
-    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # --input-range
-    seed: int = 0
-
-
-DEFAULT_SYNTHETIC_SAMPLES = 64
+    batch_size: int = option(
+        16, "Samples per ONNX Runtime run (a fixed batch axis overrides it).")
+    samples: int | None = option(  # at most this many samples (files, for a folder)
+        None, "Use at most N samples (N files for a folder). Synthetic default: "
+        f"{DEFAULT_SYNTHETIC_SAMPLES}.", flag="--calib-samples", value_type=int)
+    shapes: Mapping[str, tuple[int, ...]] = option(
+        factory=dict, help="Shape for synthetic inputs with dynamic dimensions (repeatable).",
+        flag="--input-shape", multiple=True, metavar="NAME=AxBx..")
+    ranges: Mapping[str, tuple[float, float]] = option(
+        factory=dict, help="Uniform range for synthetic inputs; required for integer inputs.",
+        flag="--input-range", multiple=True, metavar="NAME=LO:HI")
+    seed: int = option(0, "Seed for synthetic data; same seed, same output.")
 
 
 def make_batches(source: str | Path | Mapping[str, np.ndarray] | None, specs: Sequence[InputSpec],

@@ -13,6 +13,8 @@ from rdonnx.progress import progress_bar
 from rdonnx.runtime.data import Batches, Feed, split_labels
 from rdonnx.runtime.distortion import AccuracyMeter, Distortion, DistortionMeter, energy_of
 
+DEFAULT_REPLAY_MB = 512  # MiB of batches and reference outputs a Replay keeps in memory
+
 Predict = Callable[[Feed], list[np.ndarray]]
 
 
@@ -56,7 +58,7 @@ class Replay:
     read back one at a time, so memory does not grow with the number of samples.
     """
 
-    def __init__(self, budget: int = 512 * 2**20):
+    def __init__(self, budget: int = DEFAULT_REPLAY_MB * 2**20):
         self.budget = budget
         self._held: list[tuple[Feed, list[np.ndarray]] | Path] = []
         self._bytes = 0

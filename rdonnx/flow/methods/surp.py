@@ -17,7 +17,7 @@ from rdonnx.artifact.surp_stream import Prefixes, encode, file_digest, shortest_
 from rdonnx.codec import surp as codec
 from rdonnx.errors import UsageError
 from rdonnx.flow.calibration import calibrate_model
-from rdonnx.flow.config import CompressConfig
+from rdonnx.flow.config import DEFAULTS, CompressConfig
 from rdonnx.flow.result import CompressResult, finish_report
 from rdonnx.flow.target import Realized, meets
 from rdonnx.graph.model import check_output
@@ -117,7 +117,7 @@ def _reference(artifact, reference: Path | None) -> Path:
 def truncate_artifact(path: Path, output: Path, *, rate: float | None = None,
                       bits_per_weight: float | None = None,
                       max_distortion: float | None = None, calib=None,
-                      reference: Path | None = None, data=None, device: str = "auto",
+                      reference: Path | None = None, data=None, device: str = DEFAULTS.device,
                       quiet: bool = True, force: bool = False) -> Truncation:
     """Cut the SuRP stream of `path` to a shorter prefix and write it to `output`."""
     targets = [t for t in (rate, bits_per_weight, max_distortion) if t is not None]
@@ -139,7 +139,7 @@ def truncate_artifact(path: Path, output: Path, *, rate: float | None = None,
     prefixes = Prefixes.of(coded)
     n = coded.pool.n
     settings = artifact.manifest.get("settings", {})
-    metric = settings.get("metric", "nmse")
+    metric = settings.get("metric", DEFAULTS.metric)
     distortion = None
     if rate is not None:
         steps = prefixes.steps_for_nnz(max(1, round(rate * n)))
@@ -176,11 +176,11 @@ def _by_distortion(artifact, prefixes: Prefixes, bound: float, calib, reference:
                    settings: dict[str, Any], data, device: str, quiet: bool):
     """The shortest prefix whose measured distortion against `reference` is within `bound`."""
     config = CompressConfig(
-        rate=1.0, metric=settings.get("metric", "nmse"),
-        channel_axis=int(settings.get("channel_axis", 1)),
+        rate=1.0, metric=settings.get("metric", DEFAULTS.metric),
+        channel_axis=int(settings.get("channel_axis", DEFAULTS.channel_axis)),
         min_params=int(settings.get("min_params", 1)),
         include=tuple(settings.get("include", ())), exclude=tuple(settings.get("exclude", ())),
-        simplify=bool(settings.get("simplify", True)), device=device,
+        simplify=bool(settings.get("simplify", DEFAULTS.simplify)), device=device,
         **({"data": data} if data is not None else {}))
     cal = calibrate_model(reference, config, calib, quiet)
     for t in prefixes.coded.pool.tensors:
