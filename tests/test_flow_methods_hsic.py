@@ -153,8 +153,8 @@ def test_cli_compress_hsic_bundled(cli, tmp_path):
     report = json.loads((tmp_path / "c.json").read_text())
     assert report["method"] == "hsic" and report["settings"]["budget"] == "flops"
     config = _cfg(rate=0.2, method="hsic", budget="flops")
-    cal = calibrate_model(CNN, config, CALIB)
-    costs = hsic_prepare(cal, config, Allocation({})).costs
+    cal = calibrate_model(CNN, config, CALIB, consumers=True)
+    costs = hsic_prepare(cal, config, Allocation({}))[1].costs
     conv = next(w for w in cal.weights if w.name == "3.weight")
     assert costs["3.weight"] > conv.size  # MACs: the weight times its output positions
     spent = sum(costs[w["name"]] * w["density"] for w in report["weights"])

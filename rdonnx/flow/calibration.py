@@ -375,8 +375,10 @@ def make_data(model: Model, source: DataSource, options: DataOptions,
 
 
 def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSource,
-                    quiet: bool = True) -> Calibration:
-    """Load, find weights, run the reference pass (outputs, layer-input moments) once."""
+                    quiet: bool = True, consumers: bool = False) -> Calibration:
+    """Load, find weights, run the reference pass (outputs, layer-input moments) once.
+
+    `consumers`: also record the output of each weight's consumer (hsic compares them)."""
     loaded, weights, notices = load_and_find(model, config)
     batches, data_name = make_data(loaded, calib, config.data)
     originals = read_weights(loaded, weights)
@@ -387,7 +389,7 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
     extra = find_codable(loaded, weights, config.min_params) \
         if config.quantized and not config.lossless_unpruned else []
     exposed = exposed_tensors(loaded, inputs)
-    if config.method == "hsic":  # ITPruner compares the layers' outputs
+    if consumers:
         given = {v.name for v in loaded.proto.graph.output}
         exposed = sorted(set(exposed) | {t for t, _ in consumer_outputs(loaded, weights)
                                          .values()} - given)

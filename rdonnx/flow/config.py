@@ -30,6 +30,29 @@ METHODS = (*ALLOCATORS, "gao", "surp")
 
 
 @dataclass(frozen=True)
+class Target:
+    """What a compress run aims at: one of `TARGETS` and its value.
+
+    rate: the fraction of prunable weights kept; distortion: the smallest rate whose measured
+    distortion is at most `value`; agreement: the smallest rate whose measured top-1
+    agreement is at least `value`; bits: the largest rate whose coded positions + values
+    take at most `value` bits per prunable weight; pattern: N of every M inputs per row,
+    `value` = (N, M).
+    """
+
+    kind: str
+    value: float | tuple[int, int]
+
+    @property
+    def bound(self) -> bool:
+        """Whether the rate is searched for by measuring (a distortion or agreement bound)."""
+        return self.kind in ("distortion", "agreement")
+
+
+TARGETS = ("rate", "distortion", "agreement", "bits", "pattern")
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """Every setting of a compress run; serialised into the report.
 
@@ -234,6 +257,18 @@ class CompressConfig:
             raise UsageError(f"--pattern {self.pattern!r}: write N:M with 1 <= N < M <= 32, "
                              "e.g. 2:4")
         return n, m
+
+    @property
+    def target(self) -> Target:
+        """The one target of the run (`check` makes sure there is exactly one)."""
+        if self.pattern is not None:
+            return Target("pattern", self.n_m)
+        for kind, value in (("rate", self.rate), ("distortion", self.max_distortion),
+                            ("agreement", self.min_agreement), ("bits", self.bits_per_weight)):
+            if value is not None:
+                return Target(kind, value)
+        raise UsageError("give exactly one target: --rate, --max-distortion, --min-agreement "
+                         "or --bits-per-weight")
 
     @property
     def reconstructs(self) -> bool:

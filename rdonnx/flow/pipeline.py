@@ -23,13 +23,10 @@ from rdonnx.flow.calibration import (
 )
 from rdonnx.flow.config import CompressConfig
 from rdonnx.flow.curves import Curves, check_grid, measure_value_curves
-from rdonnx.flow.methods import hsic, pqi
-from rdonnx.flow.methods.surp import compress_surp
+from rdonnx.flow.methods.registry import METHODS
 from rdonnx.flow.result import CompressResult, finish_report
 from rdonnx.flow.target import Realized, meet_budget, meet_target
 from rdonnx.report.records import RatePoint
-
-pass
 
 JOINT_BITS = (4, 5, 6, 8)  # value widths tried when a bound picks the smallest artifact
 
@@ -42,16 +39,18 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
 
     `frontier` lists other rates at which the same method is measured too (for plots).
     """
-    config = gao_settings(config)
-    config.check()
+    method = METHODS[config.method] if config.method in METHODS else None
+    if method is not None and method.settings is not None:
+        config = method.settings(config)
+    config.check()  # unknown methods are refused here
     if labels and test is None:
         raise UsageError("labels need test data (--test DATA --labels KEY)")
-    cal = calibrate_model(model, config, calib, quiet)
+    cal = calibrate_model(model, config, calib, quiet, consumers=method.consumers)
     test_data = make_data(cal.model, test, config.data, labels) if test is not None else None
-    if config.method == "surp":
-        return compress_surp(cal, config, test_data, labels, quiet)
-    need_curves = (config.method == "rd" or config.max_distortion is not None) and \
-        config.pattern is None
+    if method.run is not None:
+        return method.run(cal, config, test_data, labels, quiet)
+    target = config.target
+    need_curves = (method.curves or target.kind == "distortion") and target.kind != "pattern"
     if curves is not None:
         curves = curves if isinstance(curves, Curves) else Curves.load(curves)
         check_curves(curves, cal)
@@ -60,11 +59,12 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
     allocation = Allocation({n: s.values for n, s in cal.scores.items()},
                             {n: curves.curve(n) for n in curves.distortion} if curves else {},
                             config.normalize)
-    if config.method in ("pqi", "hsic"):  # weight-only bounds, or activation importances
-        allocation = (pqi if config.method == "pqi" else hsic).prepare(cal, config, allocation)
-    allocator = SOLVERS[config.solver] if config.method == "rd" else \
-        ALLOCATORS["uniform" if config.method == "gao" else config.method]
-    chosen, steps, curves = _choose(cal, config, allocation, allocator, curves, quiet)
+    if method.prepare is not None:
+        cal, allocation = method.prepare(cal, config, allocation)
+    allocator = SOLVERS[config.solver] if method.allocator == "rd" else \
+        ALLOCATORS[method.allocator]
+    chosen, steps, curves = _choose(cal, config, allocation, allocator, curves, quiet,
+                                    joint=method.allocator == "rd")
     lowest = min(check_grid(config.grid)) if curves is not None else 0.0
     points = []
     for rate in (r for r in frontier if r >= lowest):
@@ -77,10 +77,11 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
 
 
 def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
-            allocator: Callable, curves: Curves | None,
-            quiet: bool) -> tuple[Realized, list[RatePoint], Curves | None]:
+            allocator: Callable, curves: Curves | None, quiet: bool,
+            joint: bool) -> tuple[Realized, list[RatePoint], Curves | None]:
     """The realized candidate for the target, the probes measured on the way, and the curves
-    (with value curves added when the joint allocation needed them)."""
+    (with value curves added when the joint allocation needed them). `joint`: a bound or bits
+    target with free value widths allocates density and value bits together (rd)."""
     prunable = {w.name for w in cal.weights}
     sizes = {w.name: w.size for w in cal.weights}
 
@@ -91,15 +92,16 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
         def realize(rate: float) -> Realized:
             return cal.realize(rate, allocator(allocation, rate), run_config)
 
-        return meet_target(run_config, realize, allocation, allocator,
+        return meet_target(run_config.target, run_config.metric, realize, allocation, allocator,
                            min(check_grid(config.grid)), curves is not None, coded_bits)
 
-    if config.n_m is not None:  # the pattern fixes every supported weight's density
+    target = config.target
+    if target.kind == "pattern":  # the pattern fixes every supported weight's density
         keep = {w.name: int(np.count_nonzero(cal.pattern_mask(w.name, config.n_m)))
                 if cal.supports(w.name) else w.size for w in cal.weights}
         return cal.realize(sum(keep.values()) / sum(sizes.values()), keep, config), [], curves
     free_bits = config.quantized and config.value_bits is None
-    if config.rate is None and free_bits and config.method == "rd":
+    if target.kind != "rate" and free_bits and joint:
         curves = _with_value_curves(cal, config, curves, quiet)
         options = {w.name: options_for(cal.originals[w.name], cal.rankings[w.name],
                                        curves.grid, curves.distortion[w.name],
@@ -115,10 +117,9 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
             r.coded_bits = coded_bits(r)
             return r
 
-        return (*meet_budget(config, realize_budget, cost_range(options),
+        return (*meet_budget(config.target, config.metric, realize_budget, cost_range(options),
                              sum(sizes.values())), curves)
-    bound = config.max_distortion is not None or config.min_agreement is not None
-    if bound and free_bits:  # other allocators: one value width for all, the smallest file
+    if target.bound and free_bits:  # other allocators: one value width for all, the smallest file
         candidates = []
         for bits in JOINT_BITS:
             try:
@@ -132,16 +133,6 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
         chosen.coded_bits = coded_bits(chosen)
         return chosen, steps, curves
     return (*search(config), curves)
-
-
-def gao_settings(config: CompressConfig) -> CompressConfig:
-    """Gao et al.'s setting for `--method gao`: one density in every layer (the uniform
-    allocator), entries scored by w^2 * E[x^2] (the activation criterion) and, when values
-    are quantized, the activation-weighted k-means quantizer. Other methods: unchanged."""
-    if config.method != "gao":
-        return config
-    return replace(config, criterion="activation",
-                   quantizer="kmeans" if config.quantized else config.quantizer)
 
 
 def _with_value_curves(cal: Calibration, config: CompressConfig, curves: Curves,

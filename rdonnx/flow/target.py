@@ -10,7 +10,7 @@ import numpy as np
 from rdonnx.algo.quantize import Quantized
 from rdonnx.allocate.allocators import Allocation, predicted
 from rdonnx.errors import UsageError
-from rdonnx.flow.config import CompressConfig
+from rdonnx.flow.config import Target
 from rdonnx.report.records import RatePoint
 from rdonnx.runtime.distortion import Distortion
 
@@ -34,54 +34,56 @@ class Realized:
 Realize = Callable[[float], Realized]
 
 
-def meets(config: CompressConfig, r: Realized, params: int) -> bool:
-    """Whether a measured candidate meets the configured bound or bits budget."""
-    if config.bits_per_weight is not None:
-        return r.coded_bits / params <= config.bits_per_weight
-    if config.max_distortion is not None:
-        return r.distortion.value(config.metric) <= config.max_distortion
+def meets(target: Target, metric: str, r: Realized, params: int) -> bool:
+    """Whether a measured candidate meets a bound or a bits budget (`metric`: the distortion
+    a distortion bound is on)."""
+    if target.kind == "bits":
+        return r.coded_bits / params <= target.value
+    if target.kind == "distortion":
+        return r.distortion.value(metric) <= target.value
     if r.distortion.top1_agreement is None:
         raise UsageError("--min-agreement needs an output of class scores [batch, classes]; "
                          "use --max-distortion")
-    return r.distortion.top1_agreement >= config.min_agreement
+    return r.distortion.top1_agreement >= target.value
 
 
-def meet_target(config: CompressConfig, realize: Realize, allocation: Allocation,
+def meet_target(target: Target, metric: str, realize: Realize, allocation: Allocation,
                 allocator: Callable, low: float, has_curves: bool,
                 coded_bits: Callable[[Realized], float]) -> tuple[Realized, list[RatePoint]]:
-    """The realized candidate for the configured target and the probes measured on the way."""
-    if config.rate is not None:
-        return realize(config.rate), []
+    """The realized candidate for `target` (a rate, a bound or a bits budget) and the probes
+    measured on the way."""
+    if target.kind == "rate":
+        return realize(target.value), []
     points: list[RatePoint] = []
     seen: dict[float, Realized] = {}
     params = sum(s.size for s in allocation.scores.values())
 
     def ok(r: Realized) -> bool:
-        return meets(config, r, params)
+        return meets(target, metric, r, params)
 
     def probe(rate: float) -> bool:
         rate = float(f"{min(max(rate, low), 1.0):.6g}")
         if rate not in seen:
             r = realize(rate)
-            if config.bits_per_weight is not None:
+            if target.kind == "bits":
                 r.coded_bits = coded_bits(r)
             seen[rate] = r
-            points.append(RatePoint(rate, r.distortion.value(config.metric),
+            points.append(RatePoint(rate, r.distortion.value(metric),
                                     r.distortion.top1_agreement, ok(r),
                                     None if r.coded_bits is None else r.coded_bits / params))
         return ok(seen[rate])
 
-    if config.bits_per_weight is not None:  # bits grow with the rate: the largest rate within
+    if target.kind == "bits":  # bits grow with the rate: the largest rate within
         lo, hi = _bracket(probe, 0.1, low, grow=False)
         best = max((r for r, v in seen.items() if ok(v)), default=None)
     else:  # distortion falls as the rate grows: the smallest rate that meets the bound
-        guess = _predicted_rate(allocation, allocator, config.max_distortion, low) \
-            if has_curves and config.max_distortion is not None else 0.5
+        guess = _predicted_rate(allocation, allocator, target.value, low) \
+            if has_curves and target.kind == "distortion" else 0.5
         lo, hi = _bracket(probe, guess, low, grow=True)
         best = min((r for r, v in seen.items() if ok(v)), default=None)
     if best is None:
         raise UsageError("no rate meets the target, not even keeping every weight"
-                         if config.bits_per_weight is None else
+                         if target.kind != "bits" else
                          "no rate fits the --bits-per-weight budget; raise it")
     result = seen[best]
     return result, sorted(points, key=lambda p: p.rate)
@@ -126,7 +128,7 @@ def _predicted_rate(allocation: Allocation, allocator: Callable, bound: float,
     return hi
 
 
-def meet_budget(config: CompressConfig, realize: Callable[[float], Realized],
+def meet_budget(target: Target, metric: str, realize: Callable[[float], Realized],
                 budgets: tuple[float, float], params: int) -> tuple[Realized, list[RatePoint]]:
     """Joint density / value-bits allocation: the budget (estimated bits) that meets the target.
 
@@ -137,27 +139,27 @@ def meet_budget(config: CompressConfig, realize: Callable[[float], Realized],
     seen: dict[float, Realized] = {}
 
     def ok(r: Realized) -> bool:
-        return meets(config, r, params)
+        return meets(target, metric, r, params)
 
     def probe(budget: float) -> bool:
         budget = float(f"{budget:.6g}")
         if budget not in seen:
             r = realize(budget)
             seen[budget] = r
-            points.append(RatePoint(r.rate, r.distortion.value(config.metric),
+            points.append(RatePoint(r.rate, r.distortion.value(metric),
                                     r.distortion.top1_agreement, ok(r), r.coded_bits / params))
         return ok(seen[budget])
 
     low, high = budgets
-    if config.bits_per_weight is not None:
-        target = config.bits_per_weight * params
-        budget = min(max(target, low), high)
+    if target.kind == "bits":
+        bits = target.value * params
+        budget = min(max(bits, low), high)
         for _ in range(6):  # estimates are i.i.d. entropies: steer them by the real coder
             fits = probe(budget)
             coded = seen[float(f"{budget:.6g}")].coded_bits
-            if fits and (coded >= 0.99 * target or budget >= high):
+            if fits and (coded >= 0.99 * bits or budget >= high):
                 break
-            budget = min(high, max(low, budget * target / coded * (1.0 if fits else 0.995)))
+            budget = min(high, max(low, budget * bits / coded * (1.0 if fits else 0.995)))
         best = max((b for b, r in seen.items() if ok(r)), default=None)
     else:
         if not probe(high):
@@ -172,6 +174,6 @@ def meet_budget(config: CompressConfig, realize: Callable[[float], Realized],
             best = min((b for b, r in seen.items() if ok(r)), default=None)
     if best is None:
         raise UsageError("no density and value width fits the --bits-per-weight budget; raise it"
-                         if config.bits_per_weight is not None else
+                         if target.kind == "bits" else
                          "no density and value width meets the bound; loosen it")
     return seen[best], sorted(points, key=lambda p: p.rate)

@@ -42,8 +42,12 @@ def collect(cal: Calibration, tensors: Sequence[str], samples: int
     return {t: np.concatenate(p)[:samples] for t, p in parts.items() if p}, shapes
 
 
-def prepare(cal: Calibration, config: CompressConfig, allocation: Allocation) -> Allocation:
-    """`allocation` with each weight's importance alpha and budget cost (params or MACs)."""
+def prepare(cal: Calibration, config: CompressConfig, allocation: Allocation
+            ) -> tuple[Calibration, Allocation]:
+    """`allocation` with each weight's importance alpha and budget cost (params or MACs), and
+    the calibration with this method's notices. Returns new values; `cal` and `allocation`
+    are left as they were."""
+    notices = []
     found = consumer_outputs(cal.model, cal.weights)
     tensors = sorted({t for t, _ in found.values()})
     acts, shapes = collect(cal, tensors, config.hsic_samples) if tensors else ({}, {})
@@ -52,7 +56,7 @@ def prepare(cal: Calibration, config: CompressConfig, allocation: Allocation) ->
         alpha = importance(similarity([acts[found[w.name][0]] for w in seen]),
                            config.hsic_beta)
     else:  # no pair to compare: every layer equally important, the budget still shapes widths
-        cal.notices.append("hsic: fewer than two layer outputs are observable, so every layer "
+        notices.append("hsic: fewer than two layer outputs are observable, so every layer "
                            "gets the same importance")
         alpha, seen = np.ones(1), []
     alphas = dict(zip((w.name for w in seen), alpha.tolist()))
@@ -65,10 +69,11 @@ def prepare(cal: Calibration, config: CompressConfig, allocation: Allocation) ->
         else:
             costs[w.name] = float(w.size)
     if config.budget == "flops":
-        cal.notices.append(f"hsic: --rate counts multiply-accumulates per sample "
+        notices.append(f"hsic: --rate counts multiply-accumulates per sample "
                            f"({sum(costs.values()):,.0f} in the prunable layers)")
     if seen and len(seen) < len(cal.weights):
-        cal.notices.append(f"hsic: {len(cal.weights) - len(seen)} weight(s) without an "
+        notices.append(f"hsic: {len(cal.weights) - len(seen)} weight(s) without an "
                            "observable output get the median importance")
-    return replace(allocation, importance={w.name: alphas.get(w.name, neutral)
-                                           for w in cal.weights}, costs=costs)
+    return replace(cal, notices=[*cal.notices, *notices]), replace(
+        allocation, importance={w.name: alphas.get(w.name, neutral) for w in cal.weights},
+        costs=costs)

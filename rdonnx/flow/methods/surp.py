@@ -48,10 +48,11 @@ def compress_surp(cal, config, test_data, labels: str | None, quiet: bool):
         return cal.distortion({**values, **extra_values}, config)
 
     points: list[RatePoint] = []
-    if config.rate is not None:
-        coded = encode(cal.originals, names, seed, nnz=max(1, round(config.rate * total)))
-    elif config.bits_per_weight is not None:
-        coded = encode(cal.originals, names, seed, bits=config.bits_per_weight * total)
+    target = config.target
+    if target.kind == "rate":
+        coded = encode(cal.originals, names, seed, nnz=max(1, round(target.value * total)))
+    elif target.kind == "bits":
+        coded = encode(cal.originals, names, seed, bits=target.value * total)
     else:  # encode to a cap, bisect the prefix; a denser cap only if the bound needs it
         for cap in BOUND_RATES:
             prefixes = Prefixes.of(encode(cal.originals, names, seed,
@@ -60,7 +61,7 @@ def compress_surp(cal, config, test_data, labels: str | None, quiet: bool):
             def ok(steps: int, prefixes: Prefixes = prefixes):
                 d = measured(prefixes.values(steps))
                 r = Realized(prefixes.nnz(steps) / total, {}, {}, {}, {}, {}, d)
-                passed = meets(config, r, total)
+                passed = meets(target, config.metric, r, total)
                 return passed, (d, prefixes.bits(steps), prefixes.nnz(steps), passed)
 
             try:
