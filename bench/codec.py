@@ -29,12 +29,12 @@ import zstandard
 from onnx import TensorProto, helper, numpy_helper
 
 import rdonnx
-from rdonnx.config import CompressConfig
-from rdonnx.container import read_artifact
-from rdonnx.model import load_model, write_model
-from rdonnx.parallel import worker_count
-from rdonnx.prune import prune
-from rdonnx.quantize import quantize
+from rdonnx.algo.prune import prune
+from rdonnx.algo.quantize import quantize
+from rdonnx.artifact.format import read_artifact
+from rdonnx.artifact.parallel import decode_all, worker_count
+from rdonnx.flow.config import CompressConfig
+from rdonnx.graph.model import load_model, write_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIB, TEST = ROOT / "models" / "digits_calib.npz", ROOT / "models" / "digits_test.npz"
@@ -113,15 +113,15 @@ def synthetic() -> None:
             quantized = {n: quantize(prune(w, int(round(rate * w.size))), 8)
                          for n, w in weights.items()}
             values = {n: q.values(np.float32) for n, q in quantized.items()}
-            from rdonnx.artifact import save_artifact
+            from rdonnx.artifact.io import save_artifact
 
             art = Path(tmp) / "s.rdonnx"
             start = time.perf_counter()
             _, entries = save_artifact(model, art, quantized, {}, {}, {})
             encode = time.perf_counter() - start
             artifact = read_artifact(art)
-            decode, parallel = best_of_each(3, lambda a=artifact: a.decode_all(workers=1),
-                                            lambda a=artifact: a.decode_all(workers=workers))
+            decode, parallel = best_of_each(3, lambda a=artifact: decode_all(a, workers=1),
+                                            lambda a=artifact: decode_all(a, workers=workers))
             bits = sum(e.bits["positions"] + e.bits["values"] for e in entries)
             iid = sum(e.bits["iid_entropy"] for e in entries)
             n = sum(w.size for w in weights.values())

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import rdonnx
-from rdonnx.config import CompressConfig
-from rdonnx.plot import plot_methods
+from rdonnx.flow.config import CompressConfig
+from rdonnx.report.plot import plot_methods
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))

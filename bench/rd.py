@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 import rdonnx
-from rdonnx.allocate import SOLVERS, Allocation, predicted
-from rdonnx.config import CompressConfig
-from rdonnx.pipeline import calibrate_model, measure_all_curves
-from rdonnx.plot import plot_methods
+from rdonnx.allocate.allocators import SOLVERS, Allocation, predicted
+from rdonnx.flow.calibration import calibrate_model, measure_all_curves
+from rdonnx.flow.config import CompressConfig
+from rdonnx.report.plot import plot_methods
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import rdonnx
-from rdonnx.config import CompressConfig
+from rdonnx.flow.config import CompressConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -118,7 +118,7 @@ def streaming() -> None:
 
 def large() -> None:
     """25M parameters: R-D calibration (curves) alone against reconstruction alone."""
-    from rdonnx.data import DataOptions
+    from rdonnx.runtime.data import DataOptions
 
     print("\n| model | step | seconds |")
     print("|---|---|---|")

@@ -35,8 +35,8 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from rdonnx import surp  # noqa: E402
-from rdonnx.codec import surp as codec  # noqa: E402
+from rdonnx.artifact import surp_stream as surp
+from rdonnx.codec import surp as codec
 
 IR_VERSION = 8
 OPSET = 17

@@ -1,8 +1,6 @@
 """rdonnx: rate-distortion-optimised pruning and compression of any ONNX model."""
 
-__version__ = "0.1.0"
-
-from .api import (  # noqa: E402
+from rdonnx.api import (
     CompressConfig,
     CompressResult,
     Curves,
@@ -12,10 +10,11 @@ from .api import (  # noqa: E402
     evaluate,
     inspect,
 )
-from .artifact import decompress, load, open_session  # noqa: E402
-from .data import DataOptions  # noqa: E402
-from .errors import UsageError  # noqa: E402
-from .report import Evaluation, Report, WeightReport  # noqa: E402
+from rdonnx.artifact.io import decompress, load, open_session
+from rdonnx.errors import UsageError
+from rdonnx.report.records import Evaluation, Report, WeightReport
+from rdonnx.runtime.data import DataOptions
+from rdonnx.version import __version__
 
 __all__ = [
     "CompressConfig", "CompressResult", "Curves", "DataOptions", "Evaluation", "Inspection",

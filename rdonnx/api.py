@@ -8,19 +8,20 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import pipeline
-from .calibrate import Curves
-from .config import FORMATS, CompressConfig
-from .data import DataOptions, input_specs
-from .distortion import METRICS
-from .errors import UsageError
-from .measure import measure
-from .model import load_model
-from .pipeline import CompressResult, DataSource, ModelSource, make_data
-from .pqi import INSPECT_PAIRS, pq_index, suggest_rate
-from .report import Evaluation, WeightReport, table
-from .runtime import Runner
-from .weights import DEFAULT_MIN_PARAMS, find_weights, read_weights
+from rdonnx.algo.pqi import INSPECT_PAIRS, pq_index, suggest_rate
+from rdonnx.artifact.io import load_any
+from rdonnx.errors import UsageError
+from rdonnx.flow import pipeline
+from rdonnx.flow.calibration import DataSource, ModelSource, make_data
+from rdonnx.flow.config import DEFAULTS, FORMATS, CompressConfig
+from rdonnx.flow.curves import Curves
+from rdonnx.flow.result import CompressResult
+from rdonnx.graph.weights import DEFAULT_MIN_PARAMS, find_weights, read_weights
+from rdonnx.report.records import Evaluation, WeightReport, table
+from rdonnx.runtime.data import DataOptions, input_specs
+from rdonnx.runtime.distortion import METRICS
+from rdonnx.runtime.measure import measure
+from rdonnx.runtime.session import Runner
 
 __all__ = ["FORMATS", "CompressConfig", "CompressResult", "Curves", "Inspection", "calibrate",
            "compress", "evaluate", "inspect"]
@@ -113,7 +114,7 @@ def inspect(model: ModelSource, *, min_params: int = DEFAULT_MIN_PARAMS,
             suggest: bool = False) -> Inspection:
     """List the prunable weights of `model` (name, op, shape, dtype, params, density, PQ
     indices); `suggest` adds the PQI fixed-point density as a suggested rate."""
-    loaded = load_model(model)
+    loaded = load_any(model)
     weights = find_weights(loaded, min_params, include, exclude)
     values = read_weights(loaded, weights)
     rows = []
@@ -130,12 +131,13 @@ def inspect(model: ModelSource, *, min_params: int = DEFAULT_MIN_PARAMS,
 
 
 def evaluate(reference: ModelSource, candidate: ModelSource, data: DataSource, *,
-             labels: str | None = None, metric: str = "nmse", device: str = "auto",
+             labels: str | None = None, metric: str = DEFAULTS.metric,
+             device: str = DEFAULTS.device,
              options: DataOptions | None = None, quiet: bool = True) -> Evaluation:
     """Distortion (and accuracy with `labels`) of `candidate` against `reference` on `data`."""
     if metric not in METRICS:
         raise UsageError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    ref_model, cand_model = load_model(reference), load_model(candidate)
+    ref_model, cand_model = load_any(reference), load_any(candidate)
     specs = input_specs(ref_model)
     if [(s.name, s.dtype) for s in specs] != [(s.name, s.dtype) for s in
                                                input_specs(cand_model)]:

@@ -6,36 +6,32 @@ was exceeded, 1 internal error. `--debug` shows tracebacks.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import click
 
-from . import __version__
-from .allocate import SOLVERS
-from .api import CompressConfig, calibrate, compress, evaluate, inspect
-from .artifact import decompress, inspect_artifact
-from .calibrate import DEFAULT_GRID, Curves, check_grid
-from .config import FORMATS, HSIC_SAMPLES, METHODS, VALUES
-from .container import is_artifact
-from .data import DataOptions
-from .distortion import METRICS
-from .errors import UsageError
-from .hsic import BUDGETS
-from .model import check_output
-from .plot import plot_report, require_matplotlib
-from .pqi import GRANULARITIES, INSPECT_PAIRS, PQI_MODES
-from .prune import CRITERIA
-from .quantize import QUANTIZERS
-from .report import render
-from .runtime import DEVICES, cuda_status
-from .weights import DEFAULT_MIN_PARAMS
+from rdonnx.algo.pqi import INSPECT_PAIRS
+from rdonnx.api import CompressConfig, calibrate, compress, evaluate, inspect
+from rdonnx.artifact.format import is_artifact
+from rdonnx.artifact.io import decompress, inspect_artifact
+from rdonnx.errors import UsageError
+from rdonnx.flow.curves import Curves, check_grid
+from rdonnx.flow.methods.surp import truncate_artifact
+from rdonnx.fs import write_text
+from rdonnx.graph.model import check_output
+from rdonnx.option import spec_of
+from rdonnx.report.plot import plot_report, require_matplotlib
+from rdonnx.report.records import render
+from rdonnx.runtime.data import DataOptions
+from rdonnx.runtime.session import cuda_status
+from rdonnx.version import __version__
 
 EXIT_BOUND_EXCEEDED = 3
 PLOT_RATES = (0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02)  # --plot: the method measured at these
@@ -46,10 +42,12 @@ def _parse_shape(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     for item in values:
         name, _, dims = item.rpartition("=")
         try:
-            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
-            assert name and all(d > 0 for d in shapes[name])
-        except (ValueError, AssertionError):
-            raise UsageError(f"--input-shape {item!r}: write NAME=1x3x224x224") from None
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not name or not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"--input-shape {item!r}: write NAME=1x3x224x224")
+        shapes[name] = shape
     return shapes
 
 
@@ -59,9 +57,10 @@ def _parse_range(values: tuple[str, ...]) -> dict[str, tuple[float, float]]:
         name, _, span = item.rpartition("=")
         try:
             lo, hi = (float(v) for v in span.split(":"))
-            assert name and lo <= hi
-        except (ValueError, AssertionError):
-            raise UsageError(f"--input-range {item!r}: write NAME=LO:HI with LO <= HI") from None
+        except ValueError:
+            lo, hi = 1.0, 0.0
+        if not name or not lo <= hi:
+            raise UsageError(f"--input-range {item!r}: write NAME=LO:HI with LO <= HI")
         ranges[name] = (lo, hi)
     return ranges
 
@@ -73,44 +72,77 @@ def common_options(func: Callable) -> Callable:
                         help="No progress bars or notices; errors still print.")(func)
 
 
-def data_options(func: Callable) -> Callable:
-    """Options that say how to read or synthesise input data."""
-    options = [
-        click.option("--batch-size", type=int, default=16, show_default=True,
-                     help="Samples per ONNX Runtime run (a fixed batch axis overrides it)."),
-        click.option("--calib-samples", type=int, default=None,
-                     help="Use at most N samples (N files for a folder). Synthetic default: 64."),
-        click.option("--input-shape", multiple=True, metavar="NAME=AxBx..",
-                     help="Shape for synthetic inputs with dynamic dimensions (repeatable)."),
-        click.option("--input-range", multiple=True, metavar="NAME=LO:HI",
-                     help="Uniform range for synthetic inputs; required for integer inputs."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed for synthetic data; same seed, same output."),
-        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-                     help="auto: CUDA when its execution provider really works, else CPU."),
-    ]
+def option_of(cls: type, name: str, **override: Any) -> Callable:
+    """The click option of field `name` of a settings dataclass (`CompressConfig`,
+    `DataOptions`): flag, help, choices, range and default all come from the field, so no
+    default is written twice. `override` replaces click arguments (a command's own help)."""
+    spec, default = spec_of(cls, name)
+    flag = spec.flag or "--" + name.replace("_", "-")
+    kwargs: dict[str, Any] = {"help": spec.help}
+    if spec.negate:
+        kwargs.update(is_flag=True, flag_value=False, default=True)
+    elif isinstance(default, bool):
+        kwargs.update(is_flag=True, default=default)
+    elif spec.multiple:
+        kwargs.update(multiple=True, metavar=spec.metavar)
+    else:
+        value_type = spec.value_type or type(default)
+        if not isinstance(default, value_type):
+            default = None  # given as text (--grid); the field's default applies when absent
+        kwargs.update(default=default, metavar=spec.metavar,
+                      show_default=spec.show_default and default is not None)
+        if spec.choices is not None:
+            kwargs["type"] = click.Choice(list(spec.choices))
+        elif spec.range is not None:
+            number = click.IntRange if value_type is int else click.FloatRange
+            kwargs["type"] = number(*spec.range)
+        else:
+            kwargs["type"] = value_type
+    kwargs.update(override)
+    return click.option(flag, name, **kwargs)
+
+
+def apply(func: Callable, options: list[Callable]) -> Callable:
+    """Decorate `func` with `options`, listed in --help order."""
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _data(batch_size: int, calib_samples: int | None, input_shape: tuple[str, ...],
-          input_range: tuple[str, ...], seed: int) -> DataOptions:
-    return DataOptions(batch_size=batch_size, samples=calib_samples,
-                       shapes=_parse_shape(input_shape), ranges=_parse_range(input_range),
-                       seed=seed)
+PARSERS: dict[str, Callable[[Any], Any]] = {}  # field -> parser of its command-line text
+
+
+def settings(cls: type, kw: dict[str, Any]) -> dict[str, Any]:
+    """Pop the options of dataclass `cls` from `kw` and parse them into field values (absent
+    and unset text options keep the field's default)."""
+    values = {}
+    for f in fields(cls):
+        if f.name in kw:
+            value = kw.pop(f.name)
+            if f.name in PARSERS:
+                value = PARSERS[f.name](value)
+            if value is not None or f.default is None:
+                values[f.name] = value
+    return values
+
+
+DATA_OPTIONS = [option_of(DataOptions, name) for name in
+                ("batch_size", "samples", "shapes", "ranges", "seed")]
+
+
+def data_options(func: Callable) -> Callable:
+    """Options that say how to read or synthesise input data, and the device."""
+    return apply(func, [*DATA_OPTIONS, option_of(CompressConfig, "device")])
+
+
+def _data(kw: dict[str, Any]) -> DataOptions:
+    """The data options given on the command line (popped from `kw`)."""
+    return DataOptions(**settings(DataOptions, kw))
 
 
 def _note(message: str, quiet: bool) -> None:
     if not quiet:
         click.echo(f"rdonnx: {message}", err=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,153 +154,68 @@ def cli() -> None:
     """
 
 
-def _grid(text: str | None) -> tuple[float, ...]:
+def _grid(text: str | None) -> tuple[float, ...] | None:
     if text is None:
-        return DEFAULT_GRID
+        return None
     try:
         return check_grid([float(v) for v in text.split(",") if v.strip()])
     except ValueError:
         raise UsageError(f"--grid {text!r}: write densities as 1,0.5,0.2,0.1") from None
 
 
+PARSERS.update(grid=_grid, shapes=_parse_shape, ranges=_parse_range)
+CALIB = click.option("--calib", type=click.Path(path_type=Path), default=None,
+                     help="Calibration data: .npz (keys = input names, axis 0 = samples) or a "
+                     "folder of .npz feeds. Default: synthetic inputs.")
+
+
 def rd_options(func: Callable) -> Callable:
     """Options that shape the R-D measurement (shared by compress and calibrate)."""
-    options = [
-        click.option("--criterion", type=click.Choice(CRITERIA), default="magnitude",
-                     show_default=True, help="In-layer criterion: |w|; w^2 * E[x^2] of the "
-                     "layer input compared within output rows (Wanda / Gao et al.); or obs, "
-                     "SparseGPT's selection during reconstruction (implies --reconstruct)."),
-        click.option("--metric", type=click.Choice(METRICS), default="nmse", show_default=True,
-                     help="Output distortion: nmse (sum over outputs of ||y-y'||^2/||y||^2), "
-                     "nmse-channel (per channel along --channel-axis, averaged), kl of class "
-                     "scores, cosine."),
-        click.option("--reconstruct", is_flag=True,
-                     help="Update surviving weights to reconstruct each layer's output on the "
-                     "calibration data (OBS / SparseGPT; GPTQ error feedback when quantizing)."),
-        click.option("--sequential", is_flag=True,
-                     help="Reconstruct layers in graph order, each from the inputs the already-"
-                     "compressed earlier layers produce, aimed at the original model's layer "
-                     "output, so later layers undo earlier layers' error (implies "
-                     "--reconstruct)."),
-        click.option("--damp", type=float, default=0.01, show_default=True,
-                     help="Reconstruction dampening: share of the mean diagonal of X X^T."),
-        click.option("--channel-axis", type=int, default=1, show_default=True,
-                     help="Channel axis of the outputs for --metric nmse-channel."),
-        click.option("--grid", default=None, metavar="D1,D2,..",
-                     help="Densities of the R-D curves [default: 20 from 1 down to 0.002, "
-                     "log-spaced]."),
-        click.option("--min-params", type=int, default=DEFAULT_MIN_PARAMS, show_default=True,
-                     help="Smallest weight (elements) that is pruned."),
-        click.option("--include", multiple=True, metavar="GLOB", help="Also prune these."),
-        click.option("--exclude", multiple=True, metavar="GLOB", help="Never prune these."),
-        click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification."),
-        click.option("--calib", type=click.Path(path_type=Path), default=None,
-                     help="Calibration data: .npz (keys = input names, axis 0 = samples) or a "
-                     "folder of .npz feeds. Default: synthetic inputs."),
-        click.option("--replay-mb", type=click.IntRange(min=0), default=512, show_default=True,
-                     help="MiB of calibration batches and reference outputs kept in memory "
-                     "for the probes; the rest is spilled to a temporary folder."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    names = ("criterion", "metric", "reconstruct", "sequential", "damp", "channel_axis", "grid",
+             "min_params", "include", "exclude", "simplify")
+    return apply(func, [*(option_of(CompressConfig, n) for n in names), CALIB,
+                        option_of(CompressConfig, "replay_mb")])
 
 
-def _config(**kw) -> CompressConfig:
-    data = _data(kw.pop("batch_size"), kw.pop("calib_samples"), kw.pop("input_shape"),
-                 kw.pop("input_range"), kw.pop("seed"))
-    return CompressConfig(
-        criterion=kw["criterion"], reconstruct=kw["reconstruct"], sequential=kw["sequential"],
-        damp=kw["damp"], metric=kw["metric"], channel_axis=kw["channel_axis"],
-        grid=_grid(kw["grid"]), min_params=kw["min_params"], include=kw["include"],
-        exclude=kw["exclude"], simplify=not kw["no_simplify"], device=kw["device"], data=data,
-        replay_mb=kw["replay_mb"])
+def _config(kw: dict[str, Any]) -> CompressConfig:
+    """The settings given on the command line (popped from `kw`); the rest keep defaults."""
+    data = _data(kw)
+    return CompressConfig(**settings(CompressConfig, kw), data=data)
+
+
+COMPRESS_OPTIONS = [
+    *(option_of(CompressConfig, n) for n in
+      ("rate", "max_distortion", "min_agreement", "bits_per_weight")),
+    click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+                 help="Output file [default: <model>.rdonnx, or <model>.pruned.onnx for dense "
+                 "and sparse, beside the input]."),
+    *(option_of(CompressConfig, n) for n in
+      ("format", "values", "value_bits", "value_budget", "quantizer", "lossless_unpruned",
+       "pattern", "method", "solver", "normalize", "pqi_p", "pqi_q", "pqi_eta", "pqi_gamma",
+       "pqi_mode", "granularity", "budget", "hsic_samples", "hsic_beta")),
+    click.option("--curves", "curves_path", type=click.Path(dir_okay=False, path_type=Path),
+                 default=None, help="Reuse R-D curves from rdonnx calibrate (refused if the "
+                 "model, data or settings differ)."),
+    click.option("--test", "test_data", type=click.Path(path_type=Path), default=None,
+                 help="Labelled .npz to report accuracy before and after (with --labels)."),
+    click.option("--labels", default=None, help="Key of the labels array in --test data."),
+    option_of(CompressConfig, "layer_distortion"),
+    click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+                 help="Write the JSON report here."),
+    click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+                 help="Draw the R-D curves and chosen densities to this PNG (needs "
+                 "matplotlib)."),
+    click.option("--force", is_flag=True, help="Replace existing outputs."),
+]
 
 
 @cli.command("compress")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--rate", type=float, default=None,
-              help="Fraction of prunable weights kept (density), 0 < R <= 1.")
-@click.option("--max-distortion", type=float, default=None,
-              help="Instead of --rate: the smallest rate whose measured distortion (--metric) "
-              "on the calibration data is at most D.")
-@click.option("--min-agreement", type=float, default=None,
-              help="Instead of --rate: the smallest rate whose measured top-1 agreement with "
-              "the original is at least A (0..1).")
-@click.option("--bits-per-weight", type=float, default=None,
-              help="Instead of --rate: the largest rate whose coded positions + values take "
-              "at most B bits per prunable weight.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output file [default: <model>.rdonnx, or <model>.pruned.onnx for dense and "
-              "sparse, beside the input].")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="rdonnx",
-              show_default=True, help="rdonnx: entropy-coded artifact (rdonnx.open_session "
-              "runs it in stock ONNX Runtime); dense: ONNX with zeros; sparse: ONNX "
-              "sparse_initializer where smaller.")
-@click.option("--values", type=click.Choice(VALUES), default="auto", show_default=True,
-              help="Surviving values: quantized, exact, or auto (quantized for rdonnx only).")
-@click.option("--value-bits", type=click.IntRange(2, 16), default=None,
-              help="Quantize survivors to this many bits [default: the fewest bits that add "
-              "at most --value-budget to the measured distortion].")
-@click.option("--value-budget", type=float, default=0.02, show_default=True,
-              help="Share of the measured distortion that quantization may add.")
-@click.option("--quantizer", type=click.Choice(QUANTIZERS), default="uniform",
-              show_default=True, help="Quantized values: a uniform grid per tensor, or a "
-              "k-means codebook of 2^b - 1 centroids weighted by E[x^2] of the layer input "
-              "(Gao et al.; plain k-means where no input is seen). Not with --reconstruct.")
-@click.option("--lossless-unpruned", is_flag=True,
-              help="Keep large unpruned tensors (embeddings...) exact instead of quantized.")
-@click.option("--pattern", default=None, metavar="N:M",
-              help="Structured sparsity instead of a rate: keep N of every M consecutive "
-              "inputs per output row (2:4 is what GPUs accelerate).")
-@click.option("--method", type=click.Choice(METHODS), default="rd", show_default=True,
-              help="rd: densities from measured R-D curves; uniform: one density; global: one "
-              "score threshold; lamp: LAMP scores, one threshold; gao: one density, "
-              "w^2 * E[x^2] scores and activation-weighted k-means values (Gao et al.); "
-              "surp: SuRP successive refinement, an embedded stream (rdonnx truncate cuts it).")
-@click.option("--solver", type=click.Choice(list(SOLVERS)), default="lagrange",
-              show_default=True, help="rd: equal-slope search on convex hulls, or DP over the "
-              "grid points.")
-@click.option("--normalize", is_flag=True,
-              help="global: compare scores divided by each tensor's RMS.")
-@click.option("--pqi-p", type=float, default=0.5, show_default=True,
-              help="pqi: PQ index exponent p (0 < p < q).")
-@click.option("--pqi-q", type=float, default=1.0, show_default=True,
-              help="pqi: PQ index exponent q.")
-@click.option("--pqi-eta", type=float, default=0.0, show_default=True,
-              help="pqi: eta of the retained-fraction bound (>= 0; larger keeps fewer).")
-@click.option("--pqi-gamma", type=float, default=1.0, show_default=True,
-              help="pqi: SAP step size (each step prunes gamma * (1 - r), at most 0.9).")
-@click.option("--pqi-mode", type=click.Choice(PQI_MODES), default="fixed", show_default=True,
-              help="pqi: fixed: each weight's kept share where the iterated SAP step stops "
-              "(prunes < 1% of survivors); single: one PQI bound.")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default="layer",
-              show_default=True, help="pqi: one PQI density per weight, or per output row "
-              "(neuron).")
-@click.option("--budget", type=click.Choice(BUDGETS), default="params", show_default=True,
-              help="hsic: what --rate counts: parameters, or multiply-accumulates per sample "
-              "(flops).")
-@click.option("--hsic-samples", type=int, default=HSIC_SAMPLES, show_default=True,
-              help="hsic: calibration samples whose layer outputs are compared.")
-@click.option("--hsic-beta", type=float, default=None,
-              help="hsic: importance exp(-beta * s_i) [default: 10 * number of layers].")
-@click.option("--curves", "curves_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Reuse R-D curves from rdonnx calibrate (refused if the "
-              "model, data or settings differ).")
-@click.option("--test", "test_data", type=click.Path(path_type=Path), default=None,
-              help="Labelled .npz to report accuracy before and after (with --labels).")
-@click.option("--labels", default=None, help="Key of the labels array in --test data.")
-@click.option("--no-layer-distortion", is_flag=True,
-              help="Skip measuring each weight pruned alone (one pass per weight).")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
-              help="Write the JSON report here.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-              help="Draw the R-D curves and chosen densities to this PNG (needs matplotlib).")
-@click.option("--force", is_flag=True, help="Replace existing outputs.")
+@functools.partial(apply, options=COMPRESS_OPTIONS)
 @rd_options
 @data_options
 @common_options
-def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path | None,
+def compress_cmd(model: Path, output: Path | None, report_path: Path | None,
                  plot_path: Path | None, force: bool, test_data: Path | None,
                  labels: str | None, curves_path: Path | None, quiet: bool, debug: bool,
                  **kw) -> None:
@@ -277,52 +224,38 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
 
     Pruning makes files smaller, not faster: ONNX Runtime densifies weights at load.
     """
+    # usage first: a bad option is reported whatever the state of the file system
+    if labels and test_data is None:
+        raise UsageError("--labels needs --test DATA")
+    calib = kw.pop("calib")
+    grid_given = kw["grid"] is not None
+    config = _config(kw)
+    config.check()
+    if plot_path is not None:
+        require_matplotlib()
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
     output = output or model.with_name(
-        model.stem + (".rdonnx" if fmt == "rdonnx" else ".pruned.onnx"))
+        model.stem + (".rdonnx" if config.format == "rdonnx" else ".pruned.onnx"))
     paths = [p for p in (output, report_path, plot_path) if p is not None]
     if len({p.resolve() for p in paths}) < len(paths):
         raise UsageError("-o, --report and --plot must name different files")
     for path in paths:
         check_output(path, model, force)
-    if labels and test_data is None:
-        raise UsageError("--labels needs --test DATA")
-    calib = kw.pop("calib")
-    if curves_path is not None and kw["grid"] is None:  # the grid the curves were measured on
-        kw["grid"] = ",".join(str(d) for d in Curves.load(curves_path).grid)
-    config = replace(_config(**{k: kw.pop(k) for k in list(kw) if k in _CONFIG_KEYS}),
-                     rate=kw["rate"], max_distortion=kw["max_distortion"],
-                     min_agreement=kw["min_agreement"], bits_per_weight=kw["bits_per_weight"],
-                     method=kw["method"], solver=kw["solver"], normalize=kw["normalize"],
-                     layer_distortion=not kw["no_layer_distortion"], format=fmt,
-                     values=kw["values"], value_bits=kw["value_bits"],
-                     value_budget=kw["value_budget"],
-                     lossless_unpruned=kw["lossless_unpruned"], pattern=kw["pattern"],
-                     quantizer=kw["quantizer"])
-    config = replace(config, pqi_p=kw["pqi_p"], pqi_q=kw["pqi_q"], pqi_eta=kw["pqi_eta"],
-                     pqi_gamma=kw["pqi_gamma"], pqi_mode=kw["pqi_mode"],
-                     granularity=kw["granularity"], budget=kw["budget"],
-                     hsic_samples=kw["hsic_samples"], hsic_beta=kw["hsic_beta"])
-    config.check()
-    if plot_path is not None:
-        require_matplotlib()
+    if curves_path is not None and not grid_given:  # the grid the curves were measured on
+        grid = ",".join(str(d) for d in Curves.load(curves_path).grid)
+        config = replace(config, grid=_grid(grid))
     frontier = PLOT_RATES if plot_path is not None else ()
     result = compress(model, calib=calib, test=test_data, labels=labels, curves=curves_path,
                       config=config, quiet=quiet, frontier=frontier)
-    result.save(output, fmt, force=force)
+    result.save(output, config.format, force=force)
     for notice in result.report.notices:
         _note(notice, quiet)
     if report_path is not None:
-        _write_text(report_path, result.report.to_json())
+        write_text(report_path, result.report.to_json())
     if plot_path is not None:
         plot_report(result.report, plot_path)
     click.echo(render(result.report), err=True)
-
-
-_CONFIG_KEYS = ("criterion", "reconstruct", "sequential", "damp", "metric", "channel_axis",
-                "grid", "min_params", "include", "exclude", "no_simplify", "device",
-                "batch_size", "calib_samples", "input_shape", "input_range", "seed", "replay_mb")
 
 
 @cli.command("calibrate")
@@ -336,12 +269,13 @@ _CONFIG_KEYS = ("criterion", "reconstruct", "sequential", "damp", "metric", "cha
 def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bool,
                   **kw) -> None:
     """Measure per-weight R-D curves of MODEL once; reuse them with compress --curves."""
+    calib = kw.pop("calib")
+    config = _config(kw)  # usage first, then the file system
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
     check_output(output, model, force)
-    calib = kw.pop("calib")
-    curves = calibrate(model, calib=calib, config=_config(**kw), quiet=quiet)
-    _write_text(output, curves.to_json())
+    curves = calibrate(model, calib=calib, config=config, quiet=quiet)
+    write_text(output, curves.to_json())
     if not quiet:
         click.echo(f"rdonnx: {len(curves.distortion)} curves x {len(curves.grid)} densities "
                    f"written to {output}", err=True)
@@ -349,10 +283,9 @@ def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bo
 
 @cli.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--min-params", type=int, default=DEFAULT_MIN_PARAMS, show_default=True,
-              help="Smallest weight (elements) counted as prunable.")
-@click.option("--include", multiple=True, metavar="GLOB", help="Also list these tensors.")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave these tensors out.")
+@option_of(CompressConfig, "min_params", help="Smallest weight (elements) counted as prunable.")
+@option_of(CompressConfig, "include", help="Also list these tensors.")
+@option_of(CompressConfig, "exclude", help="Leave these tensors out.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--suggest-rate", is_flag=True,
               help="Also print a data-free --rate: the PQ index fixed-point density.")
@@ -389,22 +322,18 @@ def inspect_cmd(model: Path, min_params: int, include: tuple[str, ...],
               help="Inputs (.npz or folder of .npz feeds). Default: synthetic inputs.")
 @click.option("--labels", default=None, help="Key of the labels array in --data: reports "
               "accuracy.")
-@click.option("--metric", type=click.Choice(METRICS), default="nmse", show_default=True,
-              help="The distortion that --fail-above checks.")
+@option_of(CompressConfig, "metric", help="The distortion that --fail-above checks.")
 @click.option("--fail-above", type=float, default=None,
               help="Exit 3 when the distortion exceeds this bound (for CI).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @data_options
 @common_options
 def evaluate_cmd(reference: Path, candidate: Path, data: Path | None, labels: str | None,
-                 metric: str, fail_above: float | None, as_json: bool, batch_size: int,
-                 calib_samples: int | None, input_shape: tuple[str, ...],
-                 input_range: tuple[str, ...], seed: int, device: str, quiet: bool,
-                 debug: bool) -> None:
+                 metric: str, fail_above: float | None, as_json: bool, device: str,
+                 quiet: bool, debug: bool, **kw) -> None:
     """Distortion of CANDIDATE against REFERENCE (and accuracy with --labels)."""
     result = evaluate(reference, candidate, data, labels=labels, metric=metric, device=device,
-                      options=_data(batch_size, calib_samples, input_shape, input_range, seed),
-                      quiet=quiet)
+                      options=_data(kw), quiet=quiet)
     if as_json:
         click.echo(json.dumps(result.__dict__, indent=2, sort_keys=True))
     else:
@@ -465,18 +394,14 @@ def decompress_cmd(artifact: Path, output: Path, fmt: str, force: bool, quiet: b
 def truncate_cmd(artifact: Path, output: Path, rate: float | None,
                  bits_per_weight: float | None, max_distortion: float | None,
                  reference: Path | None, calib: Path | None, force: bool, quiet: bool,
-                 debug: bool, batch_size: int, calib_samples: int | None,
-                 input_shape: tuple[str, ...], input_range: tuple[str, ...], seed: int,
-                 device: str) -> None:
+                 debug: bool, device: str, **kw) -> None:
     """Cut the SuRP stream of ARTIFACT (compress --method surp) to a shorter prefix."""
-    from .surp import truncate_artifact
-
     if max_distortion is not None and calib is None:
         raise UsageError("--max-distortion needs --calib DATA")
     result = truncate_artifact(
         artifact, output, rate=rate, bits_per_weight=bits_per_weight,
         max_distortion=max_distortion, calib=calib, reference=reference,
-        data=_data(batch_size, calib_samples, input_shape, input_range, seed), device=device,
+        data=_data(kw), device=device,
         quiet=quiet, force=force)
     extra = "" if result.distortion is None else f", distortion {result.distortion:.6g}"
     _note(f"wrote {output} ({result.size:,} bytes, {result.steps:,} steps, rate "

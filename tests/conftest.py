@@ -8,6 +8,7 @@ model path, its calibration `.npz` (key "input") and what the model is.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +62,31 @@ def _export(module, example, path: Path, **kwargs) -> Path:
                           **kwargs)
     _finish(path)
     return path
+
+
+_UNTRACKED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "build"}
+
+
+def _repo_files() -> dict[str, int]:
+    """Every file of the checkout (outside the folders tools keep for themselves) and its
+    modification time."""
+    files = {}
+    for folder, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in _UNTRACKED_DIRS and not d.endswith(".egg-info")]
+        for name in names:
+            path = os.path.join(folder, name)
+            files[os.path.relpath(path, REPO)] = os.stat(path).st_mtime_ns
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_untouched():
+    """Tests write into temporary folders only: no file of the checkout is added or changed."""
+    before = _repo_files()
+    yield
+    after = _repo_files()
+    written = sorted(p for p, mtime in after.items() if before.get(p) != mtime)
+    assert not written, f"tests wrote into the repository: {written}"
 
 
 @pytest.fixture(scope="session")
@@ -364,7 +390,7 @@ def write_coded(tmp_path: Path, q: np.ndarray, step, codebook: np.ndarray | None
     """An .rdonnx file holding one coded float tensor "w" (levels `q`) and an Identity graph."""
     from onnx import TensorProto, helper
 
-    from rdonnx.container import encode_tensor, write_artifact
+    from rdonnx.artifact.format import encode_tensor, write_artifact
 
     graph = helper.make_graph([helper.make_node("Identity", ["w"], ["out"])], "g", [],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, q.shape)])

@@ -88,6 +88,10 @@ def test_compress_writes_model_and_report(compressed_cnn, ort_run):
     run, folder = compressed_cnn
     assert run.code == 0, run.err
     assert listing(folder) == ["out.onnx", "r.json"]  # no temporary files left
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("out.onnx", "r.json"):  # the mode of a normal file, not mkstemp's 0o600
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask
     onnx.checker.check_model(str(folder / "out.onnx"))
     feed = {"input": np.load(CALIB)["input"][:8]}
     assert ort_run(folder / "out.onnx", feed)[0].shape == (8, 10)
@@ -446,6 +450,20 @@ def test_python_cli_py_compress(tmp_path, ort_run):
     onnx.checker.check_model(str(tmp_path / "out.onnx"))
 
 
+def test_usage_is_checked_before_the_file_system(cli, tmp_path):
+    """A bad option is the error even when the default output already exists (as after the
+    README's first command) or the model is missing."""
+    model = tmp_path / "digits_cnn.onnx"
+    model.write_bytes(CNN.read_bytes())
+    (tmp_path / "digits_cnn.rdonnx").write_bytes(b"an earlier result")
+    for args in ((model, "--rate", "2"), (tmp_path / "missing.onnx", "--rate", "2"),
+                 (model, "--rate", "0.5", "--pattern", "5:4"),
+                 (model, "--rate", "0.5", "--input-shape", "x=0x3")):
+        run = cli("compress", *args)
+        assert run.code == 2 and "exists" not in run.err and "not found" not in run.err, run.err
+    assert (tmp_path / "digits_cnn.rdonnx").read_bytes() == b"an earlier result"
+
+
 def test_python_cli_py_bad_input(tmp_path):
     model = tmp_path / "bad.onnx"
     model.write_bytes(b"\x00not an onnx model" * 10)
@@ -468,3 +486,30 @@ def test_console_script(tmp_path, pruned_cnn):
     assert_usage_error(run, "rate")
     assert listing(tmp_path) == []
 
+
+
+def test_option_defaults_come_from_the_settings_dataclasses():
+    """Every CLI option of a setting takes its default from the one place it is written."""
+    from dataclasses import fields
+
+    from rdonnx.cli import cli
+    from rdonnx.flow.config import CompressConfig
+    from rdonnx.runtime.data import DataOptions
+
+    defaults = {f.name: getattr(cls(), f.name) for cls in (CompressConfig, DataOptions)
+                for f in fields(cls) if "option" in f.metadata}
+    seen = 0
+    for command in cli.commands.values():
+        values = command.make_context(command.name, [], resilient_parsing=True).params
+        for param in command.params:
+            if param.name not in defaults or command.name == "decompress":
+                continue  # decompress --format is its own option (dense | sparse)
+            seen += 1
+            default, expected = values[param.name], defaults[param.name]
+            if param.name in ("grid", "shapes", "ranges"):  # text parsed into the field
+                assert default in (None, ()), param.name
+            elif isinstance(expected, tuple):
+                assert tuple(default or ()) == expected, param.name
+            else:
+                assert default == expected, (command.name, param.name)
+    assert seen > 50

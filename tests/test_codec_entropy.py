@@ -219,7 +219,7 @@ def test_gaps_model_decodes_to_the_kept_indices():
         assert E.kept_count(kept) == dense.sum()
     many = np.zeros(100_000, dtype=bool)  # a gaps payload keeping over 3/4: a mask again
     many[:80_000] = True
-    gaps = bytes([0x11, 5]) + E._varint(many.size) + E._varint(80_000) + \
+    gaps = bytes([0x11, 5]) + E.varint(many.size) + E.varint(80_000) + \
         E.encode_values(np.ones(80_000, dtype=np.int64)).payload
     kept = E.decode_kept(gaps, many.shape)
     assert kept.dtype == np.bool_ and np.array_equal(kept, many)
@@ -231,7 +231,7 @@ def test_gaps_payload_that_overruns_the_tensor_is_rejected():
     payload = E.encode_positions(m).payload
     with pytest.raises(E.CodecError):
         E.decode_positions(payload, (90_000,))  # element count differs
-    head = bytes([0x11, 5]) + E._varint(100_000) + E._varint(2)
+    head = bytes([0x11, 5]) + E.varint(100_000) + E.varint(2)
     over = head + E.encode_values(np.array([60_000, 60_000])).payload
     with pytest.raises(E.CodecError, match="gaps"):
         E.decode_kept(over, (100_000,))
@@ -365,19 +365,19 @@ def test_wrong_shape_or_count_raises():
 def test_crafted_headers_are_rejected_before_allocating():
     # a tiny payload claiming 10**9 positions / values must fail fast, not decode for minutes
     big = 10**9
-    iid = bytes([E.POSITIONS_TAG, 0]) + E._varint(big) + E._varint(big // 2) + b"\x01\0\0\0"
+    iid = bytes([E.POSITIONS_TAG, 0]) + E.varint(big) + E.varint(big // 2) + b"\x01\0\0\0"
     with pytest.raises(CodecError, match="shorter"):
         E.decode_positions(iid, (big,))
-    rows = (bytes([E.POSITIONS_TAG, 1]) + E._varint(big) + E._varint(2) + E._varint(big // 2)
-            + E._varint(big // 2) + E._varint(0) + E._varint(big // 2) + b"\x01\0\0\0")
+    rows = (bytes([E.POSITIONS_TAG, 1]) + E.varint(big) + E.varint(2) + E.varint(big // 2)
+            + E.varint(big // 2) + E.varint(0) + E.varint(big // 2) + b"\x01\0\0\0")
     with pytest.raises(CodecError):
         E.decode_positions(rows, (big // 1000, 1000))  # class rows must add up to shape[0]
-    vals = (bytes([E.VALUES_TAG, 23]) + E._varint(big) + E._varint(big // 2) + E._varint(2)
-            + E._varint(big // 2) + E._varint(big // 2) + b"\x01\0\0\0")
+    vals = (bytes([E.VALUES_TAG, 23]) + E.varint(big) + E.varint(big // 2) + E.varint(2)
+            + E.varint(big // 2) + E.varint(big // 2) + b"\x01\0\0\0")
     with pytest.raises(CodecError, match="shorter"):
         E.decode_values(vals, big)
-    huge_alphabet = (bytes([E.VALUES_TAG, 23]) + E._varint(4) + E._varint(4)
-                     + E._varint(1 << 22))
+    huge_alphabet = (bytes([E.VALUES_TAG, 23]) + E.varint(4) + E.varint(4)
+                     + E.varint(1 << 22))
     with pytest.raises(CodecError, match="alphabet"):
         E.decode_values(huge_alphabet, 4)
 
@@ -414,7 +414,7 @@ def test_trailing_free_symbols_decode():
 
 def _nm_header(payload: bytes) -> tuple[int, int, int]:
     """(M, N, table mode) of a model-4 positions payload."""
-    rd = E._Reader(payload)
+    rd = E.Reader(payload)
     assert rd.byte("tag") == E.POSITIONS_TAG and rd.byte("model") == 4
     rd.varint(1 << 62, "n")
     m = rd.varint(32, "M")
@@ -423,7 +423,7 @@ def _nm_header(payload: bytes) -> tuple[int, int, int]:
 
 def _nm_payload(n: int, m: int, k: int, mode: int, table: bytes = b"", words=()) -> bytes:
     w = np.asarray(words, dtype="<u4").tobytes()
-    return (bytes([E.POSITIONS_TAG, 4]) + E._varint(n) + E._varint(m) + E._varint(k)
+    return (bytes([E.POSITIONS_TAG, 4]) + E.varint(n) + E.varint(m) + E.varint(k)
             + bytes([mode]) + table + w)
 
 

@@ -8,14 +8,15 @@ import onnxruntime as ort
 import pytest
 
 import rdonnx
-from rdonnx.config import CompressConfig
+from rdonnx.flow.config import CompressConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a GPU (CPU machines: the "
-                    "CPU fallback and the --device cuda error are tested in test_runtime.py)")
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a GPU (CPU machines: the CPU "
+                    "fallback and the --device cuda error are tested in "
+                    "test_runtime_session.py)")
 def test_rd_compress_runs_on_cuda_and_matches_cpu(tmp_path):
     config = CompressConfig(grid=(1.0, 0.5, 0.2, 0.1, 0.05), layer_distortion=False)
     results = {}

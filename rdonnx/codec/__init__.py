@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .entropy import (
+from rdonnx.codec.entropy import (
     CodecError,
     CodedStream,
     decode_integers,

@@ -126,7 +126,7 @@ class CodedStream:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
     """LEB128 encoding of one non-negative integer."""
     out = bytearray()
     while True:
@@ -166,7 +166,7 @@ def _varint_len(values: np.ndarray) -> int:
     return total
 
 
-class _Reader:
+class Reader:
     """Bounds-checked reader over a payload; every failure raises CodecError."""
 
     def __init__(self, buf: bytes) -> None:
@@ -448,7 +448,7 @@ def _context_plans(x2: np.ndarray, allowed: set[str]) -> list[_Plan]:
     plans: list[_Plan] = []
     rk = np.count_nonzero(x2, axis=1).astype(np.int64) if r >= 2 else None
     ck = np.count_nonzero(x2, axis=0).astype(np.int64) if c >= 2 else None
-    header = 8.0 * (2 + len(_varint(r * c)))
+    header = 8.0 * (2 + len(varint(r * c)))
     if rk is not None:
         chunk, sizes = _chunks(rk, c, _FINE_SINGLE)
         ones = np.bincount(chunk, weights=rk, minlength=sizes.size)[:, None]
@@ -534,17 +534,17 @@ def _encode_plan(x2: np.ndarray, n: int, plan: _Plan) -> tuple[bytes, int]:
     r, c = x2.shape
     p = x2
     head = bytearray([POSITIONS_TAG, plan.model])
-    head += _varint(n)
+    head += varint(n)
     if plan.row_cls is not None:
         rcnt = np.bincount(plan.row_cls)
         p = p[np.argsort(plan.row_cls, kind="stable")]
-        head += _varint(rcnt.size) + _varints(rcnt)
+        head += varint(rcnt.size) + _varints(rcnt)
     else:
         rcnt = np.array([r])
     if plan.col_cls is not None:
         ccnt = np.bincount(plan.col_cls)
         p = np.take(p, np.argsort(plan.col_cls, kind="stable"), axis=1)
-        head += _varint(ccnt.size) + _varints(ccnt)
+        head += varint(ccnt.size) + _varints(ccnt)
     else:
         ccnt = np.array([c])
     rb = np.concatenate([[0], np.cumsum(rcnt)]).tolist()
@@ -695,7 +695,7 @@ def _nm_plans(flat: np.ndarray, n: int, nnz: int) -> list[_Plan]:
                 continue
             idx = _nm_rank(_nm_codes(groups, m), m, k)
         g, p = n // m, math.comb(m, k)
-        head = 8.0 * (2 + len(_varint(n)) + 3)
+        head = 8.0 * (2 + len(varint(n)) + 3)
         plans.append(_Plan(4, None, None, head + g * math.log2(p) + _ANS_FLUSH_BITS,
                            (k, m, False), idx))
         if p <= NM_MAX_TABLE:
@@ -711,7 +711,7 @@ def _encode_nm(n: int, plan: _Plan) -> tuple[bytes, int]:
     k, m, table = plan.nm
     idx = plan.nm_idx
     p = math.comb(m, k)
-    head = bytearray([POSITIONS_TAG, 4]) + _varint(n) + _varint(m) + _varint(k)
+    head = bytearray([POSITIONS_TAG, 4]) + varint(n) + varint(m) + varint(k)
     coder = _AnsCoder()
     if table:
         counts = np.bincount(idx, minlength=p)
@@ -756,7 +756,7 @@ def encode_positions(mask: np.ndarray, *, models: tuple[str, ...] | None = None
     n = int(x.size)
     nnz = int(np.count_nonzero(x))
     iid_bits = float(_nh(n, nnz))
-    iid_est = 8.0 * (2 + len(_varint(n)) + len(_varint(nnz))) + iid_bits + _ANS_FLUSH_BITS
+    iid_est = 8.0 * (2 + len(varint(n)) + len(varint(nnz))) + iid_bits + _ANS_FLUSH_BITS
     plans = [_Plan(0, None, None, iid_est)]
     x2 = x.reshape(x.shape[0], n // x.shape[0]) if x.ndim >= 2 and n else x.reshape(1, n)
     others: list[_Plan] = []
@@ -792,7 +792,7 @@ def _encode_gaps(flat: np.ndarray, n: int, nnz: int) -> tuple[bytes, int]:
     """Model 5: the distances between consecutive kept entries, coded as values."""
     gaps = np.diff(np.flatnonzero(flat), prepend=-1)
     coded = encode_values(gaps)
-    head = bytes([POSITIONS_TAG, 5]) + _varint(n) + _varint(nnz)
+    head = bytes([POSITIONS_TAG, 5]) + varint(n) + varint(nnz)
     return head + coded.payload, len(head) + coded.side_bits // 8
 
 
@@ -864,7 +864,7 @@ def kept_count(selector: np.ndarray) -> int:
 def _decode_positions(buf: bytes, dims: tuple[int, ...], as_index: bool = False) -> np.ndarray:
     """The mask (or, for "gaps" with `as_index`, the kept flat indices)."""
     n = math.prod(dims)
-    rd = _Reader(buf)
+    rd = Reader(buf)
     if rd.byte("tag") != POSITIONS_TAG:
         raise CodecError("not a positions payload (bad tag byte)")
     model = rd.byte("model")
@@ -963,7 +963,7 @@ def _decode_positions(buf: bytes, dims: tuple[int, ...], as_index: bool = False)
     return p.reshape(dims)
 
 
-def _read_classes(rd: _Reader, units: int, unit: str, plural: str, total: str) -> np.ndarray:
+def _read_classes(rd: Reader, units: int, unit: str, plural: str, total: str) -> np.ndarray:
     """A class header: varint K in [2, min(64, units)], then K nonzero unit counts summing to
     `units`."""
     k = rd.varint(min(MAX_CLASSES, units), f"{unit} class count")
@@ -975,7 +975,7 @@ def _read_classes(rd: _Reader, units: int, unit: str, plural: str, total: str) -
     return counts
 
 
-def _decode_nm(rd: _Reader, dims: tuple[int, ...], n: int) -> np.ndarray:
+def _decode_nm(rd: Reader, dims: tuple[int, ...], n: int) -> np.ndarray:
     """The rest of a model-4 ("n:m") positions payload after the element count."""
     if n == 0:
         raise CodecError("n:m model on a tensor without elements")
@@ -1025,7 +1025,7 @@ def _decode_nm(rd: _Reader, dims: tuple[int, ...], n: int) -> np.ndarray:
     return _nm_groups(codes, m).reshape(dims)
 
 
-def _read_counts(rd: _Reader, zstd_table: bool, size: int, limit: int, what: str
+def _read_counts(rd: Reader, zstd_table: bool, size: int, limit: int, what: str
                  ) -> np.ndarray:
     """A table of `size` counts (each <= limit): varints, or varint L + zstd frame of them."""
     if not zstd_table:
@@ -1086,7 +1086,7 @@ def _table_size_estimate(table: np.ndarray) -> int:
         return _varint_len(table)
     raw = _varints(table)
     z = zstandard.ZstdCompressor(level=3, write_checksum=False).compress(raw)
-    return min(len(raw), len(z) + len(_varint(len(z))))
+    return min(len(raw), len(z) + len(varint(len(z))))
 
 
 def _table_payload(table: np.ndarray) -> tuple[bool, bytes]:
@@ -1095,7 +1095,7 @@ def _table_payload(table: np.ndarray) -> tuple[bool, bytes]:
     if table.size >= 16:
         z = zstandard.ZstdCompressor(level=19, write_content_size=True,
                                      write_checksum=False).compress(raw)
-        zz = _varint(len(z)) + z
+        zz = varint(len(z)) + z
         if len(zz) < len(raw):
             return True, zz
     return False, raw
@@ -1157,7 +1157,7 @@ def encode_values(values: np.ndarray) -> CodedStream:
         raise ValueError("values must be a 1-D integer array")
     count = int(v.size)
     if count == 0:
-        payload = bytes([VALUES_TAG, 23]) + _varint(0) + _varint(0) + _varint(0)
+        payload = bytes([VALUES_TAG, 23]) + varint(0) + varint(0) + varint(0)
         return CodedStream(payload, 8 * len(payload), 8 * len(payload), 0.0, "categorical")
     if v.dtype.kind == "u" and int(v.max()) > MAX_MAGNITUDE:
         raise ValueError("|value| must be < 2**24")
@@ -1189,7 +1189,7 @@ def encode_values(values: np.ndarray) -> CodedStream:
     # balanced signs go as raw bits (numpy unpacks them far faster than ANS decodes them)
     raw_signs = 0 < npos < count and count - float(_nh(count, npos)) <= _RAW_SIGN_SLACK
     head = bytearray([VALUES_TAG, s | (0x20 if zstd_table else 0) | (0x40 if raw_signs else 0)])
-    head += _varint(count) + _varint(npos) + _varint(a) + table_bytes
+    head += varint(count) + varint(npos) + varint(a) + table_bytes
     side = len(head)
     coder = _AnsCoder()
     if raw_signs:
@@ -1244,7 +1244,7 @@ def decode_values(payload: bytes, count: int) -> np.ndarray:
 
 def _decode_values(buf: bytes, count: int, signed: bool = True) -> np.ndarray:
     """The values (int32); `signed=False` refuses a payload with negative values."""
-    rd = _Reader(buf)
+    rd = Reader(buf)
     if rd.byte("tag") != VALUES_TAG:
         raise CodecError("not a values payload (bad tag byte)")
     mode = rd.byte("mode")

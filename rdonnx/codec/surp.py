@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import constriction
 import numpy as np
 
-from .entropy import CodecError, _Reader, _varint
+from rdonnx.codec.entropy import CodecError, Reader, varint
 
 _AnsCoder = constriction.stream.stack.AnsCoder
 _models = constriction.stream.model
@@ -243,9 +243,9 @@ def encode_chunk(k: np.ndarray, r: np.ndarray, signs: np.ndarray) -> bytes:
     rb, ro = _buckets(r)
     kc = np.bincount(kb, minlength=1)
     rc = np.bincount(rb, minlength=1)
-    header = b"".join([_varint(len(k)), _varint(len(signs)), _varint(len(kc)),
-                       *map(_varint, kc.tolist()), _varint(len(rc)),
-                       *map(_varint, rc.tolist())])
+    header = b"".join([varint(len(k)), varint(len(signs)), varint(len(kc)),
+                       *map(varint, kc.tolist()), varint(len(rc)),
+                       *map(varint, rc.tolist())])
     pushes = []  # (symbols, model) in decode order
     for b, counts in ((kb, kc), (rb, rc)):
         if np.count_nonzero(counts) > 1:
@@ -266,7 +266,7 @@ def encode_chunk(k: np.ndarray, r: np.ndarray, signs: np.ndarray) -> bytes:
 def decode_chunk(buf: bytes, max_steps: int, n: int) -> tuple[np.ndarray, np.ndarray,
                                                                np.ndarray]:
     """(k, r, signs) of one chunk; raises CodecError on any inconsistency."""
-    rd = _Reader(buf)
+    rd = Reader(buf)
     steps = rd.varint(max_steps, "SuRP step count")
     nsigns = rd.varint(steps, "SuRP sign count")
     hists = []

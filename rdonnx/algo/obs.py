@@ -1,0 +1,556 @@
+"""Layer-wise reconstruction: prune and/or quantize one weight while updating its survivors.
+
+This is SparseGPT (Frantar & Alistarh 2023) with GPTQ's error feedback, framework-free and on
+torch tensors. A weight of a linear operator is viewed as one or more matrices W [rows, d] whose
+columns meet the input features of its layer; H = E[x x^T] of those features (streamed from
+calibration data by `Hessian`) measures how a change of W shows at the layer's output:
+
+    layer_error(W, W') = trace((W - W') H (W - W')^T)   (the mean squared output change)
+
+`reconstruct` zeroes (and/or rounds) the columns of W left to right and, after each column,
+moves its error onto the columns not yet processed along the optimal (OBS) direction, in
+SparseGPT's blocked lazy-update form. The mask is given (`keep`), or chosen on the fly from the
+OBS saliency w^2 / [H^-1]_jj^2 (`sparsity`: adaptive per column block; `n_m`: N of every M).
+
+Math is float32 except H's inversion (float64) and the error measure (float64). Everything
+runs on the device of the tensors handed in (`device` for `Hessian`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, TypeVar
+
+import numpy as np
+import torch
+
+from rdonnx.algo.layout import LayerInput, unfold
+
+DEFAULT_DAMP = 0.01  # dampening: share of the mean diagonal of H added to it (SparseGPT's 1%)
+RECURRENT = ("LSTM", "GRU", "RNN")
+_T = TypeVar("_T")
+
+
+class Target(NamedTuple):
+    """Statistics that aim a layer fed compressed inputs x at the original output W x_original:
+    cross = E[x_original x^T], original = E[x_original x_original^T] (H is E[x x^T])."""
+
+    cross: torch.Tensor
+    original: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# H = E[x x^T] of one weight's layer input
+
+
+def _matmul_rank(entry: LayerInput) -> int:
+    """The weight's rank as implied by a MatMul entry's axes (see `rdonnx.graph.layers`)."""
+    return max(entry.in_axis or 0, entry.row_axis) + 1
+
+
+def _check_entry(entry: LayerInput) -> None:
+    if entry.op == "Conv":
+        if len(entry.kernel) not in (1, 2):
+            raise ValueError(f"{entry.weight}: only 1-D and 2-D convolutions are supported")
+        return
+    if entry.op == "MatMul" and _matmul_rank(entry) != 2:
+        raise ValueError(f"{entry.weight}: a MatMul weight of rank > 2 multiplies a different "
+                         "input per batch slice; layer reconstruction needs a rank-2 weight")
+    if entry.op not in ("MatMul", "Gemm", *RECURRENT):
+        raise ValueError(f"{entry.weight}: {entry.op} weights are not supported by layer "
+                         "reconstruction")
+
+
+class Hessian:
+    """Running mean of x x^T over the input features of one weight (one matrix per conv group).
+
+    Columns are built exactly as `layout.SecondMoments` builds them: for MatMul/Gemm/LSTM/GRU/RNN
+    the features lie along `entry.feature_axis` and every other axis holds samples; convolutions
+    are unfolded (im2col, `layout.unfold`), one feature per (input channel, kernel position).
+    A grouped convolution keeps one [C/g * K, C/g * K] matrix per group (never the full one).
+    Memory is independent of the number of samples: each batch is folded into the mean as
+    H <- H * n / (n + k) + X X^T / (n + k), as SparseGPT's add_batch does.
+
+    `add_pair` folds in the input the layer sees in a compressed model (H of it) together with
+    the original model's input of the same samples: G = E[x_original x^T], with which
+    `reconstruct` aims the compressed layer at the original layer's output (`cross`).
+    """
+
+    def __init__(self, entry: LayerInput, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32):
+        _check_entry(entry)
+        self.entry = entry
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self.groups = entry.groups if entry.op == "Conv" else 1
+        self.count = 0  # samples (columns) seen
+        self._h: torch.Tensor | None = None  # [groups, d, d]
+        self._g: torch.Tensor | None = None  # [groups, d, d], E[x_original x^T]
+        self._ho: torch.Tensor | None = None  # [groups, d, d], E[x_original x_original^T]
+
+    def columns(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The batch as feature columns [groups, d, samples] (float32, on `device`)."""
+        t = x if isinstance(x, torch.Tensor) else torch.from_numpy(
+            np.ascontiguousarray(x, dtype=np.float32))
+        t = t.to(self.device, torch.float32)
+        e = self.entry
+        if e.op == "Conv":
+            if t.dim() != len(e.kernel) + 2:
+                raise ValueError(f"{e.weight}: a {len(e.kernel)}-D convolution input must have "
+                                 f"rank {len(e.kernel) + 2}, got shape {tuple(t.shape)}")
+            cols = unfold(t, e)  # [C * K, positions], channel-major
+            if cols.shape[0] % self.groups:
+                raise ValueError(f"{e.weight}: {cols.shape[0]} unfolded features do not split "
+                                 f"into {self.groups} groups")
+            return cols.reshape(self.groups, cols.shape[0] // self.groups, -1)
+        t = t.movedim(e.feature_axis, -1)
+        return t.reshape(-1, t.shape[-1]).T.unsqueeze(0)
+
+    def add_batch(self, x: np.ndarray | torch.Tensor) -> None:
+        """Fold one batch of the consumer's input tensor (as ONNX Runtime returns it) in."""
+        if self._g is not None:
+            raise ValueError(f"{self.entry.weight}: this Hessian takes input pairs (add_pair)")
+        self._fold(self.columns(x).to(self.dtype), None)
+
+    def add_pair(self, original: np.ndarray | torch.Tensor,
+                 compressed: np.ndarray | torch.Tensor) -> None:
+        """Fold in one batch of the layer's input in a compressed model and in the original."""
+        if self._h is not None and self._g is None:
+            raise ValueError(f"{self.entry.weight}: this Hessian takes single inputs "
+                             "(add_batch)")
+        cols = self.columns(compressed).to(self.dtype)
+        orig = self.columns(original).to(self.dtype)
+        if orig.shape != cols.shape:
+            raise ValueError(f"{self.entry.weight}: original and compressed inputs differ in "
+                             f"shape ({tuple(orig.shape)} vs {tuple(cols.shape)})")
+        self._fold(cols, orig)
+
+    def _fold(self, cols: torch.Tensor, orig: torch.Tensor | None) -> None:
+        k = cols.shape[2]
+        if self._h is not None and cols.shape[1] != self._h.shape[1]:
+            raise ValueError(f"{self.entry.weight}: batch has {cols.shape[1]} features per "
+                             f"group, earlier batches had {self._h.shape[1]}")
+        if k == 0:
+            return
+        if self._h is None:
+            self._h = torch.zeros(cols.shape[0], cols.shape[1], cols.shape[1],
+                                  device=self.device, dtype=self.dtype)
+            if orig is not None:
+                self._g, self._ho = torch.zeros_like(self._h), torch.zeros_like(self._h)
+        total = self.count + k
+        # H <- H * n/(n+k) + X X^T / (n+k), all groups in one batched product
+        self._h = torch.baddbmm(self._h, cols, cols.transpose(1, 2),
+                                beta=self.count / total, alpha=1.0 / total)
+        if orig is not None:
+            self._g = torch.baddbmm(self._g, orig, cols.transpose(1, 2),
+                                    beta=self.count / total, alpha=1.0 / total)
+            self._ho = torch.baddbmm(self._ho, orig, orig.transpose(1, 2),
+                                     beta=self.count / total, alpha=1.0 / total)
+        self.count = total
+
+    @property
+    def matrices(self) -> list[torch.Tensor]:
+        """H of each group, [d, d] each (one matrix unless the layer is a grouped conv)."""
+        if self._h is None:
+            raise ValueError(f"{self.entry.weight}: no batch was added")
+        return list(self._h.unbind(0))
+
+    @property
+    def targets(self) -> list[Target] | None:
+        """(E[x_original x^T], E[x_original x_original^T]) of each group (None unless filled by
+        `add_pair`)."""
+        if self._g is None:
+            return None
+        return [Target(g, ho) for g, ho in zip(self._g.unbind(0), self._ho.unbind(0))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The weight as matrices whose columns align with H's features
+
+
+def to_matrices(weight: np.ndarray, entry: LayerInput) -> list[np.ndarray]:
+    """The weight as [rows, d] matrices whose column j multiplies input feature j.
+
+    MatMul/Gemm: one matrix ([in, out] weights are transposed). Conv [O, C/g, *kernel]: one
+    matrix per group, W[g*O/g:(g+1)*O/g].reshape(O/g, -1) (channel-major, then kernel position,
+    as im2col). LSTM/GRU/RNN W [dirs, gates*hidden, in]: one matrix per direction, all sharing
+    the single H. Other layouts (ConvTranspose, rank > 2 MatMul weights) raise ValueError.
+    """
+    w = np.asarray(weight)
+    _check_layout(entry, w.shape)
+    if entry.op == "Conv":
+        per = w.shape[0] // entry.groups
+        return [np.ascontiguousarray(w[g * per:(g + 1) * per].reshape(per, -1))
+                for g in range(entry.groups)]
+    if entry.op in RECURRENT:
+        return [np.ascontiguousarray(w[k]) for k in range(w.shape[0])]
+    return [np.ascontiguousarray(w if entry.in_axis == 1 else w.T)]
+
+
+def from_matrices(mats: Sequence[np.ndarray | torch.Tensor], entry: LayerInput,
+                  shape: Sequence[int]) -> np.ndarray:
+    """The exact inverse of `to_matrices`: the weight of `shape` (dtype of the matrices)."""
+    shape = tuple(int(s) for s in shape)
+    _check_layout(entry, shape)
+    arrays = [m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m)
+              for m in mats]
+    if entry.op == "Conv":
+        per = shape[0] // entry.groups
+        if len(arrays) != entry.groups:
+            raise ValueError(f"{entry.weight}: expected {entry.groups} matrices, got "
+                             f"{len(arrays)}")
+        out = np.concatenate([a.reshape(per, *shape[1:]) for a in arrays], axis=0)
+    elif entry.op in RECURRENT:
+        out = np.stack(arrays, axis=0)
+    else:
+        if len(arrays) != 1:
+            raise ValueError(f"{entry.weight}: expected one matrix, got {len(arrays)}")
+        out = arrays[0] if entry.in_axis == 1 else arrays[0].T
+    if out.shape != shape:
+        raise ValueError(f"{entry.weight}: matrices rebuild shape {out.shape}, not {shape}")
+    return np.ascontiguousarray(out)
+
+
+def supports(entry: LayerInput, shape: Sequence[int]) -> bool:
+    """Whether a weight of this layout can be reconstructed."""
+    try:
+        _check_layout(entry, tuple(shape))
+    except ValueError:
+        return False
+    return True
+
+
+def _check_layout(entry: LayerInput, shape: tuple[int, ...]) -> None:
+    _check_entry(entry)
+    name, op = entry.weight, entry.op
+    if op == "Conv":
+        if len(shape) != len(entry.kernel) + 2 or tuple(shape[2:]) != tuple(entry.kernel):
+            raise ValueError(f"{name}: Conv weight shape {shape} does not match kernel "
+                             f"{entry.kernel}")
+        if entry.groups < 1 or shape[0] % entry.groups:
+            raise ValueError(f"{name}: {shape[0]} output channels do not split into "
+                             f"{entry.groups} groups")
+    elif op in RECURRENT:
+        if len(shape) != 3 or entry.in_axis != 2:
+            raise ValueError(f"{name}: {op} input weight must be [dirs, gates*hidden, in]")
+    elif len(shape) != 2 or {entry.in_axis, entry.row_axis} != {0, 1}:
+        raise ValueError(f"{name}: {op} weight of shape {shape} is not a plain matrix")
+
+
+def _pair(hs: Sequence[_T], count: int) -> list[_T]:
+    """The H (or Target) of each of `count` matrices (per group, or one shared by every
+    direction)."""
+    if len(hs) == count:
+        return list(hs)
+    if len(hs) == 1:
+        return [hs[0]] * count
+    raise ValueError(f"{count} matrices do not pair with {len(hs)} Hessians")
+
+
+# ---------------------------------------------------------------------------------------------
+# SparseGPT / GPTQ
+
+
+def layer_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor,
+                target: Target | None = None) -> float:
+    """trace((W - W_new) H (W - W_new)^T) in float64: the mean squared change of the layer's
+    output on the calibration data (H is a mean over samples). With `target`, W_new is fed the
+    compressed inputs (H) and compared with W on the original ones: E||W x_original - W_new x||^2.
+    """
+    return float(_row_errors(W, W_new, H, target).sum())
+
+
+def _round(w: torch.Tensor, step: float | np.ndarray | None, levels: int | None,
+           nonzero: bool = False) -> torch.Tensor:
+    """Nearest multiple of `step` (float32, as quantize.quantize), clipped to +-levels*step;
+    `step` is one number or one per row (w is a column [rows] or a matrix [rows, d]).
+
+    With `nonzero`, a nonzero value never rounds to 0 (it takes the first level of its sign), so
+    a structured N:M mask survives quantization."""
+    if step is None:
+        return w
+    s = torch.as_tensor(np.asarray(step, dtype=np.float32), device=w.device)
+    if s.dim() == 1 and w.dim() == 2:
+        s = s[:, None]
+    q = torch.round(w / s)
+    if nonzero:
+        q = torch.where((q == 0) & (w != 0), torch.sign(w), q)
+    if levels is not None:
+        q = q.clamp(-levels, levels)
+    return q * s
+
+
+def _inverse_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dead-input mask and the upper Cholesky factor of (H + damp I)^-1, in float64.
+
+    Dead inputs (H_jj = 0) get H_jj = 1, so they neither take nor give updates. Dampening is
+    percdamp * mean(diag(H)); if the matrix is still not positive definite (e.g. percdamp = 0
+    on rank-deficient data) the dampening grows tenfold until the factorisations succeed.
+    """
+    H = H.to(torch.float64).clone()
+    if not torch.isfinite(H).all():
+        raise ValueError("the Hessian holds inf or NaN values")
+    d = H.shape[0]
+    diag = torch.arange(d, device=H.device)
+    dead = H[diag, diag] <= 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    H[dead, dead] = 1
+
+    def upper_inverse(L: torch.Tensor, _: float) -> torch.Tensor | None:
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        return U if int(info) == 0 and torch.isfinite(U).all() else None
+
+    return dead, _dampened(H, percdamp, upper_inverse)
+
+
+def _dampened(H64: torch.Tensor, percdamp: float,
+              use: Callable[[torch.Tensor, float], torch.Tensor | None]) -> torch.Tensor:
+    """use(L, damp), L the Cholesky factor of H + damp I (float64), damp = percdamp *
+    mean(diag(H)) grown tenfold (at least to 1e-10 * mean) until the factorisation succeeds and
+    `use` returns a result (None: failed)."""
+    eye = torch.eye(H64.shape[0], dtype=torch.float64, device=H64.device)
+    mean = float(torch.diagonal(H64).mean()) if H64.numel() else 0.0
+    damp = percdamp * mean
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(H64 + damp * eye)
+        if int(info) == 0:
+            result = use(L, damp)
+            if result is not None:
+                return result
+        damp = max(damp * 10, 1e-10 * mean, 1e-30)
+    raise ValueError("the Hessian could not be inverted, even with dampening")
+
+
+def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None = None,
+                sparsity: float | None = None, n_m: tuple[int, int] | None = None,
+                step: float | None = None, levels: int | None = None, blocksize: int = 128,
+                percdamp: float = DEFAULT_DAMP, target: Target | None = None) -> torch.Tensor:
+    """Prune and/or quantize W [rows, d] with SparseGPT's OBS updates (H [d, d] = E[x x^T]).
+
+    The mask is `keep` (bool, True = kept), or chosen during the sweep from the OBS saliency
+    w^2 / [Hinv]_jj^2 of the current (already updated) weights: `sparsity` prunes
+    round(sparsity * rows * width) entries of each column block (SparseGPT's adaptive
+    selection, compared across the block's rows), `n_m = (N, M)` keeps N of every M consecutive
+    columns of each row (with `keep` given too, `keep` is the N:M mask and is only checked).
+    With `step` (one number, or one per row), survivors are rounded to multiples of step
+    (clipped to +-levels*step) with GPTQ's error feedback. Pruned entries are exactly 0 and
+    survivors are exact multiples of step (float32 q * step, as quantize.dequantize; a survivor
+    that rounds to 0 is 0).
+    Dampening adds percdamp * mean(diag(H)) to H's diagonal before the inversion (grown tenfold
+    per retry if H + damp I is still not positive definite).
+
+    With `target` (sequential mode: H is the input the layer sees once earlier layers are
+    compressed), the error to minimise is E||W x_original - W' x||^2: the sweep starts from its
+    unconstrained optimum W G (H + damp I)^-1 instead of W, so the layer also undoes what the
+    earlier layers' compression changed in its input.
+
+    The algorithm is IST-DASLab/sparsegpt `fasterprune` with these deviations:
+    - a kept weight of a dead input (H_jj = 0) keeps its (rounded) value (SparseGPT zeroes it:
+      free on the calibration data, not on unseen data); the OBS selection scores dead inputs
+      0, so they go first, as in SparseGPT;
+    - the block selection prunes exactly round(sparsity * numel) entries (SparseGPT's threshold
+      `<=` takes one more, and ties);
+    - an N:M group that would straddle a block boundary cannot occur (the block size is rounded
+      down to a multiple of M); a last, partial group of r < M columns keeps min(N, r);
+    - when quantizing without N:M, columns are swept in descending H_jj (GPTQ's act-order):
+      the inputs that matter most are rounded first, while every later column can still
+      absorb their error.
+
+    Guarantee: layer_error(W, result, H, target) <= layer_error(W, plain, H, target), where
+    `plain` applies the
+    same final mask and the same rounding to W without any update. The sequential sweep alone
+    can violate this: dampening biases the updates, and each update also flows into columns
+    that are pruned later (where it is lost) or clipped, so on ill-conditioned H a row can end
+    up far worse than not compensating at all. The error decomposes over rows, so each row's
+    error is measured both ways (float64, undamped H) and a row whose sweep is worse is
+    returned as `plain` (same mask, same grid): the guarantee then holds row by row.
+    """
+    if W.dim() != 2:
+        raise ValueError(f"W must be a matrix, got shape {tuple(W.shape)}")
+    rows, d = W.shape
+    if tuple(H.shape) != (d, d):
+        raise ValueError(f"H of shape {tuple(H.shape)} does not match W's {d} columns")
+    if keep is not None and tuple(keep.shape) != (rows, d):
+        raise ValueError(f"keep of shape {tuple(keep.shape)} does not match W {(rows, d)}")
+    if sparsity is not None and (keep is not None or n_m is not None):
+        raise ValueError("sparsity selects the mask: give neither keep nor n_m with it")
+    if sparsity is not None and not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    if n_m is not None:
+        n, m = (int(v) for v in n_m)
+        if not 0 <= n <= m or m < 1:
+            raise ValueError(f"n_m must satisfy 0 <= N <= M, M >= 1, got {n_m}")
+    if step is not None:
+        step_array = np.asarray(step, dtype=np.float64)
+        if step_array.ndim > 1 or step_array.ndim == 1 and step_array.shape != (rows,) or \
+                not np.all(np.isfinite(step_array) & (step_array > 0)):
+            raise ValueError(f"step must be one positive number or one per row, got {step}")
+    if levels is not None and (step is None or int(levels) < 1):
+        raise ValueError("levels needs a step and must be >= 1")
+    if blocksize < 1:
+        raise ValueError("blocksize must be >= 1")
+    W0 = W.to(torch.float32)
+    if not torch.isfinite(W0).all():
+        raise ValueError("W holds inf or NaN values")
+    device = W0.device
+    pruned = torch.zeros(rows, d, dtype=torch.bool, device=device)
+    if keep is not None:
+        pruned = ~keep.to(device, torch.bool)
+        if n_m is not None:
+            _check_n_m(~pruned, n, m)
+    if keep is None and sparsity is None and n_m is None and step is None and target is None:
+        return W0.clone()
+    select = n_m if keep is None else None
+    nonzero = n_m is not None
+    H = H.to(device)
+    start = W0 if target is None else _aimed(W0, H, target, percdamp)
+    if keep is None and sparsity is None and n_m is None and step is None:
+        Wc = start  # aimed, nothing pruned or rounded: no sweep
+    elif step is not None and n_m is None:  # GPTQ's act-order: largest H_jj first
+        order = torch.argsort(-torch.diagonal(H), stable=True)
+        back = torch.argsort(order)
+        permuted = pruned[:, order]  # filled in by the sparsity selection
+        Wc = _sweep(start[:, order], H[order][:, order], permuted, sparsity, None, step,
+                    levels, blocksize, percdamp)[:, back]
+        pruned = permuted[:, back]
+    else:
+        Wc = _sweep(start, H, pruned, sparsity, select, step, levels, blocksize, percdamp,
+                    nonzero)
+    plain = torch.where(pruned, torch.zeros_like(W0), _round(W0, step, levels, nonzero))
+    worse = _row_errors(W0, Wc, H, target) > _row_errors(W0, plain, H, target)
+    return torch.where(worse[:, None], plain, Wc)
+
+
+def _sweep(W0: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, sparsity: float | None,
+           n_m: tuple[int, int] | None, step: float | None, levels: int | None,
+           blocksize: int, percdamp: float, nonzero: bool = False) -> torch.Tensor:
+    """SparseGPT's blocked sweep without the final check. `pruned` (True = pruned) is the given
+    mask, or all False and filled in place by the `sparsity` / `n_m` selection."""
+    rows, d = W0.shape
+    device = W0.device
+    dead, U64 = _inverse_factor(H, percdamp)
+    Hinv = U64.to(torch.float32)
+    select_n_m = n_m is not None
+    if select_n_m:
+        n, m = (int(v) for v in n_m)
+        blocksize = max(m, blocksize // m * m)
+    Wc = W0.clone()
+    for i1 in range(0, d, blocksize):
+        i2 = min(i1 + blocksize, d)
+        count = i2 - i1
+        W1 = Wc[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        hdiag = torch.diagonal(Hinv1)
+        dead1 = dead[i1:i2]
+        P1 = pruned[:, i1:i2]  # a view: selections below write into `pruned`
+        if sparsity is not None:
+            score = W1.pow(2) / hdiag.pow(2)[None, :]
+            score[:, dead1] = 0
+            k = int(round(sparsity * score.numel()))
+            order = torch.argsort(score.flatten(), stable=True)[:k]
+            chosen = torch.zeros(rows * count, dtype=torch.bool, device=device)
+            chosen[order] = True
+            pruned[:, i1:i2] = chosen.view(rows, count)
+        for i in range(count):
+            if select_n_m and i % m == 0:
+                width = min(m, count - i)
+                drop = width - min(n, width)
+                if drop:
+                    score = W1[:, i:i + width].pow(2) / hdiag[i:i + width].pow(2)[None, :]
+                    score[:, dead1[i:i + width]] = 0
+                    idx = torch.topk(score, drop, dim=1, largest=False).indices
+                    P1[:, i:i + width].scatter_(1, idx, True)
+            w = W1[:, i]
+            q = torch.where(P1[:, i], torch.zeros_like(w), _round(w, step, levels, nonzero))
+            Q1[:, i] = q
+            err = (w - q) / hdiag[i]
+            W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
+            Err1[:, i] = err
+        Wc[:, i1:i2] = Q1
+        if i2 < d:
+            Wc[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Wc
+
+
+def _row_errors(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor,
+                target: Target | None = None) -> torch.Tensor:
+    W64, N64 = W.to(torch.float64), W_new.to(W.device, torch.float64)
+    H64 = H.to(W.device, torch.float64)
+    if target is None:
+        D = W64 - N64
+        return ((D @ H64) * D).sum(1)
+    G, Ho = (t.to(W.device, torch.float64) for t in target)
+    return ((W64 @ Ho) * W64).sum(1) - 2 * ((W64 @ G) * N64).sum(1) + ((N64 @ H64) * N64).sum(1)
+
+
+def _aimed(W: torch.Tensor, H: torch.Tensor, target: Target, percdamp: float) -> torch.Tensor:
+    """argmin_W' E||W x_original - W' x||^2 + damp ||W' - W||^2 = (W G + damp W)(H + damp I)^-1
+    (float32): the dampening pulls towards W, so unchanged inputs (G = H) give W back and an
+    input never seen keeps its weight. Dampening grows tenfold while H + damp I is singular."""
+    W64 = W.to(torch.float64)
+    H64 = H.to(W.device, torch.float64)
+    G64 = target.cross.to(W.device, torch.float64)
+    if not (torch.isfinite(H64).all() and torch.isfinite(G64).all()):
+        raise ValueError("the Hessian holds inf or NaN values")
+
+    def solve(L: torch.Tensor, damp: float) -> torch.Tensor | None:
+        aimed = torch.cholesky_solve((W64 @ G64 + damp * W64).T, L).T
+        return aimed.to(torch.float32) if torch.isfinite(aimed).all() else None
+
+    return _dampened(H64, percdamp, solve)
+
+
+def _check_n_m(kept: torch.Tensor, n: int, m: int) -> None:
+    d = kept.shape[1]
+    full = d // m * m
+    if full and int(kept[:, :full].reshape(kept.shape[0], -1, m).sum(-1).max()) > n:
+        raise ValueError(f"keep holds more than {n} of {m} consecutive entries in a row")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole weights
+
+
+def reconstruct_weight(weight: np.ndarray, entry: LayerInput, hessian: Hessian, *,
+                       keep: np.ndarray | None = None, device: str | torch.device | None = None,
+                       **options) -> np.ndarray:
+    """`reconstruct` applied to each matrix of a weight tensor (options as `reconstruct`).
+
+    `keep` has the weight's shape; a per-row `step` is given broadcastable to it (one value per
+    index along the weight's output-row axis). Returns the new weight in the weight's dtype.
+    """
+    w = np.asarray(weight)
+    dev = torch.device(device) if device is not None else hessian.device
+    mats = to_matrices(w.astype(np.float32, copy=False), entry)
+    keeps = to_matrices(np.asarray(keep, dtype=bool), entry) if keep is not None else None
+    steps = None
+    if np.ndim(options.get("step")) > 0:  # per row: given broadcastable to the weight
+        steps = [m[:, 0] for m in to_matrices(np.broadcast_to(
+            np.asarray(options.pop("step"), dtype=np.float32), w.shape), entry)]
+    targets = _targets(hessian, len(mats))
+    out = []
+    for i, (m, h) in enumerate(zip(mats, _pair(hessian.matrices, len(mats)))):
+        k = torch.from_numpy(keeps[i]).to(dev) if keeps is not None else None
+        if steps is not None:
+            options["step"] = steps[i]
+        out.append(reconstruct(torch.tensor(m, device=dev), h.to(dev), keep=k,
+                               target=targets[i], **options))
+    return from_matrices(out, entry, w.shape).astype(w.dtype, copy=False)
+
+
+def _targets(hessian: Hessian, count: int) -> list[Target | None]:
+    targets = hessian.targets
+    return [None] * count if targets is None else _pair(targets, count)
+
+
+def weight_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput,
+                 hessian: Hessian) -> float:
+    """Sum of `layer_error` over a weight's matrices: its output change on the calibration data."""
+    a = to_matrices(np.array(weight, dtype=np.float32), entry)
+    b = to_matrices(np.array(new, dtype=np.float32), entry)
+    hs = _pair(hessian.matrices, len(a))
+    return sum(layer_error(torch.from_numpy(x).to(h.device), torch.from_numpy(y), h, t)
+               for x, y, h, t in zip(a, b, hs, _targets(hessian, len(a))))

@@ -1,0 +1,1 @@
+"""Allocators: kept counts (and value widths) per weight from curves or scores."""

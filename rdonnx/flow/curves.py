@@ -1,0 +1,211 @@
+"""Calibration: record reference outputs and layer-input moments, measure per-weight R-D curves.
+
+A curve D_l(d) is the output distortion of the whole model when only weight l is pruned to
+density d with the in-layer criterion. One session serves the whole sweep: each pruned variant
+is uploaded once and fed in place of the weight for every replayed batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rdonnx.algo.layout import LayerInput, SecondMoments
+from rdonnx.algo.prune import Scores, activation, magnitude
+from rdonnx.allocate.allocators import Curve
+from rdonnx.errors import UsageError
+from rdonnx.graph.model import Model
+from rdonnx.graph.weights import Weight
+from rdonnx.progress import progress_bar
+from rdonnx.runtime.data import Batches
+from rdonnx.runtime.measure import DEFAULT_REPLAY_MB, Replay
+from rdonnx.runtime.session import Runner
+
+DEFAULT_GRID = tuple(float(f"{d:.3g}") for d in np.geomspace(1.0, 0.002, 20))
+CURVES_FORMAT = "rdonnx-curves"
+CURVES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What curves were measured on: digests of the model, the data and the settings."""
+
+    model: str
+    data: str
+    settings: str
+
+    def mismatch(self, other: Fingerprint) -> list[str]:
+        return [part for part in ("model", "data", "settings")
+                if getattr(self, part) != getattr(other, part)]
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Per-weight R-D curves on a density grid, with the fingerprint of what they measured."""
+
+    grid: tuple[float, ...]
+    distortion: dict[str, tuple[float, ...]]
+    params: dict[str, int]
+    settings: dict
+    fingerprint: Fingerprint
+    values: dict[str, dict[int, float]] = field(default_factory=dict)  # Q(b): whole weight
+    values_quantizer: str = "uniform"  # the quantizer `values` were measured with
+
+    def curve(self, name: str) -> Curve:
+        return Curve(self.grid, self.distortion[name])
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format": CURVES_FORMAT, "version": CURVES_VERSION,
+            "fingerprint": self.fingerprint.__dict__, "settings": self.settings,
+            "grid": list(self.grid), "values_quantizer": self.values_quantizer,
+            "weights": {n: {"params": self.params[n], "distortion": list(d),
+                            "quantized": {str(b): v for b, v in self.values.get(n, {}).items()}}
+                        for n, d in self.distortion.items()}}, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, path: str | Path) -> Curves:
+        try:
+            data = json.loads(Path(path).read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            if data.get("format") != CURVES_FORMAT or data.get("version") != CURVES_VERSION:
+                raise ValueError("not an rdonnx curves file of version 1")
+            weights = data["weights"]
+            return cls(tuple(data["grid"]),
+                       {n: tuple(w["distortion"]) for n, w in weights.items()},
+                       {n: int(w["params"]) for n, w in weights.items()},
+                       data["settings"], Fingerprint(**data["fingerprint"]),
+                       {n: {int(b): float(v) for b, v in w.get("quantized", {}).items()}
+                        for n, w in weights.items() if w.get("quantized")},
+                       str(data.get("values_quantizer", "uniform")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UsageError(f"cannot read curves {path}: {exc}; run rdonnx calibrate") from None
+
+
+def check_grid(grid: Sequence[float]) -> tuple[float, ...]:
+    """Grid densities sorted descending, with 1.0 first (its distortion is 0 by definition)."""
+    values = sorted({float(d) for d in grid} | {1.0}, reverse=True)
+    if any(not 0 < d <= 1 for d in values):
+        raise UsageError(f"--grid densities must be in (0, 1], got {list(grid)}")
+    return tuple(values)
+
+
+def digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def model_digest(model: Model, originals: Mapping[str, np.ndarray]) -> str:
+    """Digest of the graph and of every prunable weight's values (external data included)."""
+    return digest(model.proto.SerializeToString(deterministic=True),
+                  *(n.encode() + np.ascontiguousarray(a).tobytes()
+                    for n, a in sorted(originals.items())))
+
+
+def record(runner: Runner, batches: Batches, inputs: Mapping[str, LayerInput],
+           quiet: bool = True, replay_bytes: int = DEFAULT_REPLAY_MB * 2**20,
+           ) -> tuple[Replay, dict[str, SecondMoments], str]:
+    """One pass over the data: reference outputs, layer-input moments and the data digest."""
+    replay = Replay(replay_bytes)
+    moments = {name: SecondMoments(entry) for name, entry in inputs.items()}
+    h = hashlib.sha256()
+    with progress_bar(len(batches), "reference", quiet) as bar:
+        for feed in batches:
+            names = runner.output_names + runner.extra_outputs
+            values = dict(zip(names, runner.run(feed, outputs=names)))
+            values.update(feed)
+            for acc in moments.values():
+                for tensor in acc.entry.tensors:  # every consumer of a shared weight
+                    acc.add_batch(values[tensor])
+            replay.append(feed, [values[n] for n in runner.output_names])
+            for key in sorted(feed):
+                array = np.ascontiguousarray(feed[key])
+                h.update(f"{key}:{array.dtype}:{array.shape}".encode())
+                h.update(array.tobytes())
+            bar.update(1)
+    return replay, moments, h.hexdigest()[:32]
+
+
+def exposed_tensors(model: Model, inputs: Mapping[str, LayerInput]) -> list[str]:
+    """Layer inputs that must be added as graph outputs (not already inputs or outputs)."""
+    given = {v.name for v in model.proto.graph.input} | {v.name for v in model.proto.graph.output}
+    return sorted({t for e in inputs.values() for t in e.tensors} - given)
+
+
+def scores_for(weights: Sequence[Weight], originals: Mapping[str, np.ndarray], criterion: str,
+               inputs: Mapping[str, LayerInput],
+               moments: Mapping[str, SecondMoments]) -> dict[str, Scores]:
+    """In-layer scores per weight; `activation` falls back to magnitude where no input is seen."""
+    scores = {}
+    for w in weights:
+        array = originals[w.name]
+        if criterion == "activation" and w.name in moments:
+            scores[w.name] = activation(array, moments[w.name].moments(array.shape),
+                                        inputs[w.name].row_axis)
+        else:
+            scores[w.name] = magnitude(array)
+    return scores
+
+
+def probe(runner: Runner, replay: Replay, arrays: Mapping[str, np.ndarray], metric: str,
+          channel_axis: int = 1) -> float:
+    """Distortion of the model with some weights replaced: the variant is uploaded once and
+    replayed over every batch."""
+    values = {name: runner.weight_value(name, a) for name, a in arrays.items()}
+    return replay.distortion(lambda feed: runner.run(feed, values), channel_axis,
+                             only=metric).value(metric)
+
+
+def measure_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
+                   variant: Callable[[Weight, int], Mapping[str, np.ndarray]],
+                   grid: Sequence[float],
+                   metric: str, channel_axis: int = 1,
+                   quiet: bool = True) -> dict[str, tuple[float, ...]]:
+    """D_l(d) for every weight l and grid density d (prune only l, replay all batches).
+
+    `variant(weight, keep)` gives the weights that realise pruning one weight (with the
+    in-layer criterion, reconstructed or not, and any weight updated to compensate); each
+    variant is uploaded once and replayed over every batch."""
+    curves: dict[str, tuple[float, ...]] = {}
+    probes = sum(1 for d in grid if d < 1) * len(weights) * len(replay)
+    with progress_bar(probes, "R-D curves", quiet) as bar:
+        for w in weights:
+            points = []
+            for density in grid:
+                if density >= 1:
+                    points.append(0.0)
+                    continue
+                keep = int(round(density * w.size))
+                points.append(probe(runner, replay, variant(w, keep), metric, channel_axis))
+                bar.update(len(replay))
+            curves[w.name] = tuple(points)
+    return curves
+
+
+def measure_value_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
+                         variant: Callable[[Weight, int], Mapping[str, np.ndarray]],
+                         widths: Sequence[int], metric: str, channel_axis: int = 1,
+                         quiet: bool = True) -> dict[str, dict[int, float]]:
+    """Q_l(b): the distortion of quantizing only weight l, unpruned, to b bits (`variant(w, b)`
+    gives the weights that realise it, as for `measure_curves`)."""
+    result: dict[str, dict[int, float]] = {}
+    with progress_bar(len(weights) * len(widths) * len(replay), "value curves", quiet) as bar:
+        for w in weights:
+            result[w.name] = {bits: probe(runner, replay, variant(w, bits), metric, channel_axis)
+                              for bits in widths}
+            bar.update(len(widths) * len(replay))
+    return result
+
+
+__all__ = ["Curves", "DEFAULT_GRID", "Fingerprint", "check_grid", "digest", "exposed_tensors",
+           "measure_curves", "measure_value_curves", "model_digest", "probe", "record",
+           "scores_for"]

@@ -1,0 +1,1 @@
+"""Methods with their own preparation or flow: pqi, hsic, surp."""

@@ -1,0 +1,102 @@
+"""Layer discovery in the graph: the layer input each weight multiplies (`LayerInput`), and the
+output of each weight's consumer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import onnx
+
+from rdonnx.algo.layout import LayerInput
+from rdonnx.graph.model import Model, iter_graphs
+from rdonnx.graph.weights import LAYOUT_OPS, WEIGHT_INPUTS, Weight
+
+
+def layer_inputs(model: Model, weights: Sequence[Weight]) -> dict[str, LayerInput]:
+    """The layer input of each weight that feeds main-graph consumers directly.
+
+    Weights reached through reshaping operators, used only inside subgraphs, feeding recurrent
+    state (LSTM/GRU/RNN `R`), or shared by consumers that disagree on the layout have no entry:
+    the activation criterion falls back to magnitude for them.
+    """
+    names = {w.name for w in weights}
+    shapes = {w.name: w.shape for w in weights}
+    found: dict[str, list[LayerInput]] = {}
+    for node in model.proto.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for index, name in enumerate(node.input):
+            if name in names:
+                entry = _entry(node, index, name, shapes[name], attrs)
+                found.setdefault(name, []).append(entry)
+    result = {}
+    for name, entries in found.items():
+        uses = sum(1 for node in _all_nodes(model) for i in node.input if i == name)
+        if None not in entries and len(entries) == uses and len(
+                {(e.in_axis, e.row_axis, e.feature_axis, e.op, e.kernel, e.strides,
+                  e.dilations, e.pads, e.auto_pad, e.groups) for e in entries}) == 1:
+            result[name] = replace(entries[0], others=tuple(e.tensor for e in entries[1:]))
+    return result
+
+
+def _all_nodes(model: Model):
+    for graph in iter_graphs(model.proto.graph):
+        yield from graph.node
+
+
+def _entry(node: onnx.NodeProto, index: int, name: str, shape: tuple[int, ...],
+           attrs: dict) -> LayerInput | None:
+    op = node.op_type
+    rank = len(shape)
+    if node.domain not in ("", "ai.onnx") or rank < 2:
+        return None
+    if op == "MatMul":
+        if index == 1:
+            return LayerInput(name, node.input[0], op, rank - 2, rank - 1, -1)
+        return LayerInput(name, node.input[1], op, rank - 1, rank - 2, -2)
+    if op == "Gemm" and index == 1:
+        feature_axis = 0 if attrs.get("transA", 0) else 1
+        in_axis, row_axis = (1, 0) if attrs.get("transB", 0) else (0, 1)
+        return LayerInput(name, node.input[0], op, in_axis, row_axis, feature_axis)
+    if op in ("LSTM", "GRU", "RNN") and index == 1 and rank == 3:
+        return LayerInput(name, node.input[0], op, 2, 1, -1)
+    if op == "Conv" and index == 1 and rank in (3, 4):
+        spatial = rank - 2
+        return LayerInput(
+            name, node.input[0], op, None, 0, 1,
+            kernel=tuple(shape[2:]),
+            strides=tuple(attrs.get("strides", [1] * spatial)),
+            dilations=tuple(attrs.get("dilations", [1] * spatial)),
+            pads=tuple(attrs.get("pads", [0] * 2 * spatial)),
+            auto_pad=_text(attrs.get("auto_pad", "NOTSET")),
+            groups=int(attrs.get("group", 1)))
+    if op == "ConvTranspose" and index == 1:
+        return LayerInput(name, node.input[0], op, 0, 1, 1)
+    return None
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def consumer_outputs(model: Model, weights: Sequence[Weight]) -> dict[str, tuple[str, str]]:
+    """(output tensor, op) of the main-graph consumer of each weight, followed through
+    layout-only operators; weights used only in subgraphs have no entry."""
+    nodes = list(model.proto.graph.node)
+    users: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    found = {}
+    for w in weights:
+        tensor, hops = w.name, 0
+        while hops < 8 and tensor in users:
+            node = users[tensor][0]
+            if node.op_type in WEIGHT_INPUTS and node.domain in ("", "ai.onnx"):
+                found[w.name] = (node.output[0], node.op_type)
+                break
+            if node.op_type not in LAYOUT_OPS:
+                break
+            tensor, hops = node.output[0], hops + 1
+    return found

@@ -1,0 +1,1 @@
+"""Report records, the human table, the JSON report and plots."""

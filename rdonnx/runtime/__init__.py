@@ -1,0 +1,1 @@
+"""ONNX Runtime sessions and devices, calibration data, distortion and task metrics, replay."""

@@ -1,0 +1,215 @@
+"""Output distortion (normalised MSE, KL, cosine) and task metrics, accumulated batch by batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rdonnx.errors import UsageError
+
+METRICS = ("nmse", "nmse-channel", "kl", "cosine")
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """How far a candidate's outputs are from the reference's, over a whole data set."""
+
+    nmse: float | None  # sum over outputs of ||y - y'||^2 / ||y||^2
+    nmse_channel: float | None  # sum over outputs of the mean over channels of per-channel nmse
+    cosine: float | None  # sum over outputs of the mean per-sample cosine distance 1-cos(y, y')
+    kl: float | None  # mean KL(p_ref || p_cand) over rows of class-score outputs (None: none)
+    top1_agreement: float | None  # share of samples whose argmax class is unchanged
+    samples: int
+
+    def value(self, metric: str) -> float:
+        """The figure named by `metric` (one of `METRICS`)."""
+        value = getattr(self, metric.replace("-", "_"))
+        if value is None:
+            raise ValueError(f"metric {metric!r} was not measured or needs an output of class "
+                             "scores")
+        return float(value)
+
+
+def is_class_scores(array: np.ndarray) -> bool:
+    """A float [batch, classes] output with at least two classes."""
+    return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] >= 2
+
+
+def _log_probs(scores: np.ndarray) -> np.ndarray:
+    """Log-probabilities of rows that already are probabilities, else log-softmax of logits."""
+    scores = scores.astype(np.float64)
+    if scores.min() >= 0 and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
+        return np.log(np.clip(scores, 1e-12, None))
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _accumulate(total: np.ndarray | float, batch: np.ndarray) -> np.ndarray:
+    """Add per-channel sums; if the channel count changes between batches, keep one channel."""
+    total = np.atleast_1d(np.asarray(total, dtype=np.float64))
+    if total.shape == batch.shape or total.size == 1 and np.all(total == 0):
+        return total + batch
+    return np.array([total.sum() + batch.sum()])
+
+
+def energy_of(outputs) -> list[float]:
+    """Sum of squares (float64) of each float output, in order."""
+    energies = []
+    for o in outputs:
+        o = np.asarray(o)
+        if o.dtype.kind == "f":
+            r64 = o.astype(np.float64).ravel()
+            energies.append(float(r64 @ r64))
+    return energies
+
+
+_BULK_ELEMENTS = 1 << 20  # output elements of pending batches summed at once (nmse alone)
+
+
+class DistortionMeter:
+    """Streams reference / candidate outputs and returns one `Distortion` for all of them."""
+
+    def __init__(self, channel_axis: int = 1, only: str | None = None) -> None:
+        """`only` names the one metric to compute (probes); None computes all of them."""
+        self.channel_axis = channel_axis
+        self.wants = set(METRICS) | {"top1"} if only is None else {only}
+        self._err: list[float] = []
+        self._ref: list[float] = []
+        self._chan_err: list[np.ndarray | float] = []
+        self._chan_ref: list[np.ndarray | float] = []
+        self._cos: list[float] = []
+        self._kl = 0.0
+        self._kl_rows = 0
+        self._agree = 0
+        self._top1_rows = 0
+        self._samples = 0
+        self._pending: list[tuple] = []  # nmse alone: batches whose errors are summed together
+        self._pending_size = 0  # output elements of one pending batch (the first one's)
+
+    def add(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
+            reference_energy: Sequence[float] | None = None) -> None:
+        """Add one batch of outputs (same order and shapes in both lists); `reference_energy`
+        (sum of squares of each float reference output, from `energy`) saves recomputing it."""
+        if self.wants == {"nmse"}:  # the probes' hot path: batches are summed in bulk
+            self._pending.append((reference, candidate, reference_energy))
+            if not self._pending_size:  # batches are about the size of the first one
+                self._pending_size = max(sum(np.size(c) for c in candidate), 1)
+            if len(self._pending) * self._pending_size >= _BULK_ELEMENTS:
+                self._flush()
+            return
+        self._add_float_pairs([(np.asarray(reference[i]), np.asarray(candidate[i]))
+                               for i in self._floats(reference)])
+
+    def _floats(self, reference: Sequence[np.ndarray]) -> list[int]:
+        """Positions of the float outputs; the accumulators are sized on first use."""
+        floats = [i for i, r in enumerate(reference) if np.asarray(r).dtype.kind == "f"]
+        if not self._err:
+            self._err, self._ref, self._cos = ([0.0] * len(floats) for _ in range(3))
+            self._chan_err, self._chan_ref = ([0.0] * len(floats) for _ in range(2))
+        return floats
+
+    def _flush(self) -> None:
+        """Squared errors of the pending batches: one subtraction and dot product per output
+        over all of them (per-batch numpy calls dominate on small models)."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        floats = self._floats(pending[0][0])
+        for k, i in enumerate(floats):
+            refs = [np.asarray(r[i]) for r, _, _ in pending]
+            r = np.concatenate([a.ravel() for a in refs])
+            c = np.concatenate([np.asarray(c[i]).ravel() for _, c, _ in pending])
+            d = np.subtract(c, r, dtype=np.float64)
+            self._err[k] += float(d @ d)
+            if all(e is not None for _, _, e in pending):
+                self._ref[k] += sum(e[k] for _, _, e in pending)
+            else:
+                self._ref[k] += energy_of([r])[0]
+            if k == 0:
+                self._samples += sum(a.shape[0] if a.ndim else 1 for a in refs)
+        if not floats:
+            self._samples += len(pending)
+
+    def _add_float_pairs(self, float_pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        batch = 1
+        class_output_seen = False
+        for i, (r, c) in enumerate(float_pairs):
+            r64, c64 = r.astype(np.float64), c.astype(np.float64)
+            batch = r64.shape[0] if r64.ndim else 1
+            if "nmse" in self.wants or "nmse-channel" in self.wants:
+                diff2 = (r64 - c64) ** 2
+                ref2 = r64**2
+                self._err[i] += float(np.sum(diff2))
+                self._ref[i] += float(np.sum(ref2))
+            if "nmse-channel" in self.wants:
+                self._chan_err[i] = _accumulate(self._chan_err[i], self._per_channel(diff2))
+                self._chan_ref[i] = _accumulate(self._chan_ref[i], self._per_channel(ref2))
+            if "cosine" in self.wants:
+                rows_r = r64.reshape(batch, -1)
+                rows_c = c64.reshape(rows_r.shape)
+                norms = np.linalg.norm(rows_r, axis=1) * np.linalg.norm(rows_c, axis=1)
+                dots = np.sum(rows_r * rows_c, axis=1)
+                cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
+                               np.where(np.all(rows_r == rows_c, axis=1), 1.0, 0.0))
+                self._cos[i] += float(np.sum(1.0 - cos))
+            if is_class_scores(r):
+                if "kl" in self.wants:
+                    log_p, log_q = _log_probs(r64), _log_probs(c64)
+                    self._kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+                    self._kl_rows += r.shape[0]
+                if "top1" in self.wants and not class_output_seen:  # first class-score output
+                    self._agree += int(np.sum(r.argmax(axis=1) == c.argmax(axis=1)))
+                    self._top1_rows += r.shape[0]
+                    class_output_seen = True
+        self._samples += batch
+
+    def _per_channel(self, squares: np.ndarray) -> np.ndarray:
+        """Sums over every axis but the channel axis (one channel for lower-rank outputs)."""
+        if squares.ndim <= self.channel_axis:
+            return np.array([squares.sum()])
+        return np.moveaxis(squares, self.channel_axis, 0).reshape(
+            squares.shape[self.channel_axis], -1).sum(axis=1)
+
+    def result(self) -> Distortion:
+        self._flush()
+        if not self._err:
+            raise UsageError("the model has no float output to measure distortion on")
+        nmse = sum(e / r if r > 0 else (0.0 if e == 0 else float("inf"))
+                   for e, r in zip(self._err, self._ref)) if "nmse" in self.wants else None
+        samples = max(self._samples, 1)
+        per_channel = 0.0
+        for err, ref in zip(self._chan_err, self._chan_ref) if "nmse-channel" in self.wants \
+                else ():
+            err, ref = np.atleast_1d(err), np.atleast_1d(ref)
+            floor = max(float(ref.mean()), 1e-30) * 1e-6  # silent channels: relative to the rest
+            per_channel += float(np.mean(err / np.maximum(ref, floor)))
+        return Distortion(
+            nmse=nmse,
+            nmse_channel=per_channel if "nmse-channel" in self.wants else None,
+            cosine=float(sum(c / samples for c in self._cos)) if "cosine" in self.wants else None,
+            kl=self._kl / self._kl_rows if self._kl_rows else None,
+            top1_agreement=self._agree / self._top1_rows if self._top1_rows else None,
+            samples=self._samples)
+
+
+class AccuracyMeter:
+    """Top-1 accuracy of the first class-score output against integer labels."""
+
+    def __init__(self) -> None:
+        self.correct = 0
+        self.total = 0
+
+    def add(self, outputs: Sequence[np.ndarray], labels: np.ndarray) -> None:
+        scores = next((o for o in outputs if is_class_scores(np.asarray(o))), None)
+        if scores is None:
+            raise ValueError("accuracy needs an output of class scores [batch, classes]")
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != scores.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {scores.shape[0]} samples")
+        self.correct += int(np.sum(scores.argmax(axis=1) == labels))
+        self.total += labels.shape[0]
+
+    def result(self) -> float | None:
+        return self.correct / self.total if self.total else None

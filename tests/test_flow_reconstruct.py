@@ -1,0 +1,763 @@
+"""Survivor reconstruction through the public API and the CLI: --reconstruct (SparseGPT / OBS
+updates), --criterion obs, --sequential, --pattern N:M and GPTQ error-compensated quantization
+(--reconstruct --value-bits B).
+
+The math of `rdonnx.algo.obs` is unit-tested in test_algo_obs.py; here its defining properties
+are checked where users meet them: on whole models, through `rdonnx.compress` and `rdonnx
+compress`. Every mode runs on every test model with prunable weights; its output must load
+(onnxruntime for dense ONNX, `rdonnx.open_session` for .rdonnx) and reproduce exactly what
+compress measured.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from _graphs import make_model, vi
+from conftest import PRUNABLE_CASES, Case, assert_usage_error, calib_feed
+from onnx import TensorProto, helper
+
+import rdonnx
+from rdonnx import CompressConfig, DataOptions, UsageError
+from rdonnx.algo.layout import LayerInput
+from rdonnx.algo.obs import Hessian, supports, to_matrices, weight_error
+from rdonnx.algo.quantize import row_view
+from rdonnx.artifact.format import read_artifact
+from rdonnx.artifact.parallel import decode_all
+from rdonnx.flow.calibration import Calibration, calibrate_model
+
+GRID = (1.0, 0.5, 0.2, 0.1)
+SAMPLES = 64  # calibration samples (the bundled models have 256; the fixtures 32)
+DATA = DataOptions(samples=SAMPLES)
+FAST = ["--no-layer-distortion", "--grid", ",".join(map(str, GRID)),
+        "--calib-samples", str(SAMPLES), "-q"]
+
+# mode -> (CLI flags, CompressConfig fields); every mode prunes with method uniform (no curves)
+MODES: dict[str, tuple[list[str], dict]] = {
+    "reconstruct": (["--reconstruct", "--rate", "0.5"], {"reconstruct": True, "rate": 0.5}),
+    "obs": (["--criterion", "obs", "--rate", "0.5"], {"criterion": "obs", "rate": 0.5}),
+    "sequential": (["--sequential", "--rate", "0.5"], {"sequential": True, "rate": 0.5}),
+    "pattern": (["--pattern", "2:4"], {"pattern": "2:4"}),
+    "pattern-reconstruct": (["--pattern", "2:4", "--reconstruct"],
+                            {"pattern": "2:4", "reconstruct": True}),
+    "gptq": (["--reconstruct", "--value-bits", "4", "--rate", "0.5"],
+             {"reconstruct": True, "value_bits": 4, "rate": 0.5}),
+    "sequential-gptq": (["--sequential", "--value-bits", "4", "--rate", "0.5"],
+                        {"sequential": True, "value_bits": 4, "rate": 0.5}),
+}
+
+
+def config(**fields) -> CompressConfig:
+    """Small grid, no per-layer passes, 64 samples; dense exact values unless told."""
+    base = {"grid": GRID, "layer_distortion": False, "data": DATA, "method": "uniform",
+            "format": "dense"}
+    return CompressConfig(**{**base, **fields})
+
+
+def mode_config(mode: str, **fields) -> CompressConfig:
+    kw = dict(MODES[mode][1])
+    if kw.get("value_bits"):
+        kw["format"] = "rdonnx"
+    return config(**{**kw, **fields})
+
+
+def ort_outputs(model: onnx.ModelProto | Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def output_of(path: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a written output: .rdonnx through rdonnx.open_session, ONNX through onnxruntime."""
+    if path.suffix == ".rdonnx":
+        return rdonnx.open_session(path).run(None, feed)
+    return ort_outputs(path, feed)
+
+
+def kept(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array) != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached runs: one compress and one calibration per (model, settings), shared by the tests
+
+
+_RESULTS: dict = {}
+_CALIBRATIONS: dict = {}
+
+
+def compressed(case: Case, cfg: CompressConfig) -> rdonnx.CompressResult:
+    key = (case.name, repr(cfg))
+    if key not in _RESULTS:
+        _RESULTS[key] = rdonnx.compress(case.path, calib=case.calib, config=cfg)
+    return _RESULTS[key]
+
+
+def calibration(case: Case, cfg: CompressConfig) -> Calibration:
+    """The Calibration compress builds for these settings (rankings, layer inputs, Hessians)."""
+    key = (case.name, cfg.criterion, cfg.reconstructs, cfg.pattern)
+    if key not in _CALIBRATIONS:
+        _CALIBRATIONS[key] = calibrate_model(case.path, cfg, case.calib)
+    return _CALIBRATIONS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every mode on every model: the CLI exits 0, its output loads and reproduces what the API
+# measured (the same run through compress); the API's measured distortion is that of its model
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("case", PRUNABLE_CASES, indirect=True)
+def test_every_mode_runs_and_reproduces_what_compress_measured(case, mode, cli, tmp_path):
+    flags, _ = MODES[mode]
+    cfg = mode_config(mode)
+    out = tmp_path / ("out.rdonnx" if cfg.format == "rdonnx" else "out.onnx")
+    report = tmp_path / "report.json"
+    run = cli("compress", case.path, "--calib", case.calib, "--method", "uniform",
+              "--format", cfg.format, *FAST, *flags, "-o", out, "--report", report)
+    assert run.code == 0, run.err
+    assert out.is_file() and report.is_file()
+
+    result = compressed(case, cfg)
+    for name, value in result.weights.items():
+        assert np.isfinite(value).all(), name
+    feed = calib_feed(case)
+    expected = ort_outputs(result.model, feed)
+    got = output_of(out, feed)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+    # the CLI reports the same run; the file's distortion is the one compress measured
+    measured = result.report.calibration.distortion
+    assert json.loads(report.read_text())["calibration"]["distortion"] == pytest.approx(
+        measured, rel=2e-5, abs=1e-12)
+    evaluation = rdonnx.evaluate(case.path, out if cfg.format == "dense" else result.model,
+                                 case.calib, options=DATA)
+    assert evaluation.distortion == pytest.approx(measured, rel=1e-4, abs=1e-9)
+    if cfg.format == "rdonnx":  # the artifact decodes to exactly the measured weights
+        decoded = decode_all(read_artifact(out))
+        for name, value in result.weights.items():
+            np.testing.assert_array_equal(decoded[name], value, err_msg=name)
+
+
+def test_saved_result_formats_match_result_model(bundled_mlp, tmp_path):
+    """result.save() in every format runs exactly like result.model (reconstructed values)."""
+    result = compressed(bundled_mlp, mode_config("reconstruct"))
+    feed = calib_feed(bundled_mlp)
+    expected = ort_outputs(result.model, feed)
+    for fmt, name in (("dense", "d.onnx"), ("sparse", "s.onnx")):
+        result.save(tmp_path / name, fmt)
+        for a, b in zip(output_of(tmp_path / name, feed), expected):
+            np.testing.assert_array_equal(a, b)
+    quantized = compressed(bundled_mlp, mode_config("gptq"))
+    quantized.save(tmp_path / "q.rdonnx")
+    for a, b in zip(output_of(tmp_path / "q.rdonnx", feed),
+                    ort_outputs(quantized.model, feed)):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defining properties: the criterion's mask is kept, and no layer gets worse than that mask
+# without updates
+
+
+LAYER_CASES = ("mlp", "cnn", "attention", "int64_model", "bundled_mlp", "bundled_cnn")
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "activation"])
+@pytest.mark.parametrize("case", LAYER_CASES, indirect=True)
+def test_reconstruction_keeps_the_mask_and_never_increases_layer_error(case, criterion):
+    cfg = mode_config("reconstruct", criterion=criterion)
+    result = compressed(case, cfg)
+    cal = calibration(case, cfg)
+    improved = 0
+    reconstructed = 0
+    for w, report in zip(cal.weights, result.report.weights):
+        assert report.name == w.name
+        original, new = cal.originals[w.name], result.weights[w.name]
+        mask = cal.rankings[w.name].mask(report.kept)
+        # the criterion's mask, exactly: pruned entries are 0, no survivor is lost
+        assert not (kept(new) & ~mask).any(), f"{w.name}: nonzero outside the chosen mask"
+        assert int(np.count_nonzero(new)) == report.kept == int(mask.sum()), w.name
+        plain = np.where(mask, original, 0).astype(original.dtype)
+        if not cal.reconstructs(w.name, cfg):
+            np.testing.assert_array_equal(new, plain, err_msg=w.name)
+            continue
+        reconstructed += 1
+        entry = cal.inputs[w.name]
+        hessian = cal.hessian(w.name)
+        e_new = weight_error(original, new, entry, hessian)
+        e_plain = weight_error(original, plain, entry, hessian)
+        assert e_new <= e_plain * (1 + 1e-6) + 1e-12, (w.name, e_new, e_plain)
+        improved += e_new < 0.999 * e_plain
+    assert reconstructed > 0
+    assert improved > 0, "reconstruction changed no layer's error"
+
+
+@pytest.mark.parametrize("case", ["bundled_mlp", "bundled_cnn"], indirect=True)
+def test_gptq_never_increases_layer_error_over_plain_rounding(case, tmp_path):
+    """Same mask, same grid (the stored per-row steps, +-7 levels at 4 bits): error feedback
+    wins."""
+    cfg = mode_config("gptq")
+    result = compressed(case, cfg)
+    cal = calibration(case, cfg)
+    path = tmp_path / "q.rdonnx"
+    result.save(path)
+    stored = {e.name: e for e in read_artifact(path).tensors}
+    for w, report in zip(cal.weights, result.report.weights):
+        original, new = cal.originals[w.name], result.weights[w.name]
+        mask = cal.rankings[w.name].mask(report.kept)
+        assert not (kept(new) & ~mask).any(), w.name
+        assert int(np.count_nonzero(new)) <= report.kept  # survivors may round to 0
+        q = result.quantized[w.name]
+        assert stored[w.name].encoding == ("quantized" if q.axis is None else "quantized-rows")
+        assert stored[w.name].step_axis == q.axis in (None, cal.inputs[w.name].row_axis)
+        step = np.float32(q.step) if q.axis is None else row_view(q.step, original.ndim, q.axis)
+        plain = np.where(mask, np.clip(np.rint(original / step), -7, 7) * step, 0)
+        entry, hessian = cal.inputs[w.name], cal.hessian(w.name)
+        e_new = weight_error(original, new, entry, hessian)
+        e_plain = weight_error(original, plain.astype(np.float32), entry, hessian)
+        assert e_new <= e_plain * (1 + 1e-6) + 1e-12, (w.name, e_new, e_plain)
+
+
+def test_gptq_grid_is_the_best_of_the_candidate_grids(bundled_cnn, bundled_mlp):
+    """The stored grid is the candidate (per-row or per-tensor span, times each CLIP_SCALES)
+    whose reconstruction has the least layer error; the per-tensor full span is a candidate,
+    so the choice is never worse than the single grid of a plain GPTQ pass."""
+    from rdonnx.algo.obs import reconstruct_weight
+    from rdonnx.flow.calibration import CLIP_SCALES
+
+    cfg = mode_config("gptq")
+    for case in (bundled_cnn, bundled_mlp):
+        cal = calibration(case, cfg)
+        for w in cal.weights:
+            keep, entry = int(0.5 * w.size), cal.inputs[w.name]
+            original, hessian = cal.originals[w.name], cal.hessian(w.name)
+            new, q = cal.compress_weight(w, keep, cfg, 4)
+            exact, _ = cal.compress_weight(w, keep, cfg)
+            grids = list(cal._grids(exact, entry.row_axis, 4))
+            assert len(grids) == 2 * len(CLIP_SCALES) and grids[-len(CLIP_SCALES)][1] is None
+            errors = [weight_error(original, reconstruct_weight(
+                original, entry, hessian, keep=cal.rankings[w.name].mask(keep),
+                step=steps if axis is None else row_view(steps, exact.ndim, axis), levels=7,
+                percdamp=cfg.damp), entry, hessian) for steps, axis in grids]
+            # per-row steps pay 32 bits each: 4x the error per bit per weight
+            costs = [e * (1.0 if axis is None else 4.0 ** (32 * np.size(steps) / w.size))
+                     for e, (steps, axis) in zip(errors, grids)]
+            best = int(np.argmin(costs))
+            chosen = weight_error(original, new, entry, hessian)
+            assert chosen == pytest.approx(errors[best], rel=1e-6), w.name
+            assert q.axis == grids[best][1]
+            assert q.axis in (None, entry.row_axis)
+            assert np.array_equal(q.values(np.float32), new)
+
+
+@pytest.mark.parametrize("case", ["bundled_mlp", "bundled_cnn"], indirect=True)
+def test_reconstruction_lowers_measured_distortion_rd(case):
+    plain = compressed(case, config(method="rd", rate=0.5))
+    rebuilt = compressed(case, config(method="rd", rate=0.5, reconstruct=True))
+    assert rebuilt.report.rate == pytest.approx(plain.report.rate, abs=1e-3)
+    assert rebuilt.report.calibration.distortion < plain.report.calibration.distortion
+    if case.name == "bundled_mlp":  # OBS's own selection, on curves measured with it
+        obs = compressed(case, config(method="rd", rate=0.5, criterion="obs"))
+        assert obs.report.rate == pytest.approx(0.5, abs=1e-3)
+        assert obs.report.calibration.distortion < plain.report.calibration.distortion
+    # the curves the rd allocation used were measured with reconstruction
+    assert rebuilt.report.settings["reconstruct"] is True
+    assert rebuilt.curves.settings["reconstruct"] is True
+    assert plain.curves.settings["reconstruct"] is False
+
+
+@pytest.mark.parametrize("case", ["mlp", "bundled_mlp", "bundled_cnn"], indirect=True)
+def test_every_reconstructing_mode_beats_plain_pruning(case):
+    plain = compressed(case, config(rate=0.5)).report.calibration.distortion
+    for mode in ("reconstruct", "obs", "sequential"):
+        d = compressed(case, mode_config(mode)).report.calibration.distortion
+        assert d < plain, (mode, d, plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# --criterion obs: SparseGPT chooses the mask; the density is still the one asked for
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "bundled_mlp", "bundled_cnn"], indirect=True)
+def test_obs_criterion_prunes_to_the_rate(case):
+    result = compressed(case, mode_config("obs"))
+    assert result.report.criterion == "obs"
+    total = sum(w.params for w in result.report.weights)
+    nonzero = sum(int(np.count_nonzero(result.weights[w.name])) for w in result.report.weights)
+    assert nonzero / total == pytest.approx(0.5, abs=0.02)
+    for w in result.report.weights:  # the report counts what the weight really keeps
+        assert int(np.count_nonzero(result.weights[w.name])) == pytest.approx(
+            w.kept, rel=0.01, abs=2), w.name
+
+
+def test_obs_criterion_is_reported_per_weight(tmp_path):
+    """WeightReport.criterion is "the in-layer criterion really used for this weight": OBS
+    for the weights it selected, magnitude for those it could not reconstruct."""
+    path = _unsupported_model(tmp_path / "unsupported.onnx")
+    result = rdonnx.compress(path, config=config(min_params=16, rate=0.5, criterion="obs"))
+    used = {w.name: w.criterion for w in result.report.weights}
+    assert used == {"W": "obs", "CT": "magnitude", "B3": "magnitude"}
+
+
+# ---------------------------------------------------------------------------------------------
+# A weight shared by two layers: both layers' inputs count
+
+
+def _shared_weight_model(folder: Path, seed: int = 0) -> tuple[Path, Path, np.ndarray]:
+    """y = x1 @ W + x2 @ W. x1 is small and its two halves are copies (reconstruction can move
+    every pruned entry onto its twin); x2 carries the output."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x1", "W"], ["y1"]),
+             helper.make_node("MatMul", ["x2", "W"], ["y2"]),
+             helper.make_node("Add", ["y1", "y2"], ["y"])]
+    proto = make_model(nodes, [vi("x1", TensorProto.FLOAT, ["N", 16]),
+                               vi("x2", TensorProto.FLOAT, ["N", 16])],
+                       [vi("y", TensorProto.FLOAT, ["N", 16])], {"W": w})
+    path = folder / "shared.onnx"
+    onnx.save(proto, str(path))
+    half = rng.standard_normal((256, 8)).astype(np.float32)
+    x1 = 0.1 * np.concatenate([half, half], axis=1)
+    x2 = rng.standard_normal((256, 16)).astype(np.float32)
+    calib = folder / "shared.npz"
+    np.savez(calib, x1=x1, x2=x2)
+    return path, calib, w
+
+
+def test_shared_weight_is_reconstructed_for_every_consumer(tmp_path):
+    path, calib, w = _shared_weight_model(tmp_path)
+    cfg = CompressConfig(rate=0.5, method="uniform", min_params=16, grid=GRID,
+                         layer_distortion=False, format="dense")
+    plain = rdonnx.compress(path, calib=calib, config=cfg)
+    rebuilt = rdonnx.compress(path, calib=calib, config=replace(cfg, reconstruct=True))
+    # the error summed over both consumers never exceeds that of the same mask without update
+    mask = kept(plain.weights["W"])
+    assert not (kept(rebuilt.weights["W"]) & ~mask).any()
+    with np.load(calib) as data:
+        errors = {"plain": 0.0, "rebuilt": 0.0}
+        for tensor in ("x1", "x2"):
+            entry = LayerInput("W", tensor, "MatMul", 0, 1, -1)
+            hessian = Hessian(entry)
+            hessian.add_batch(data[tensor])
+            errors["plain"] += weight_error(w, plain.weights["W"], entry, hessian)
+            errors["rebuilt"] += weight_error(w, rebuilt.weights["W"], entry, hessian)
+    assert errors["rebuilt"] <= errors["plain"] * (1 + 1e-6), errors
+    assert rebuilt.report.calibration.distortion <= \
+        plain.report.calibration.distortion * (1 + 1e-3), "--reconstruct made the model worse"
+
+
+# ---------------------------------------------------------------------------------------------
+# N:M patterns
+
+
+def assert_n_m(weight: np.ndarray, entry, n: int, m: int, name: str) -> None:
+    """Every full group of m consecutive inputs of every output row keeps exactly n."""
+    for mat in to_matrices(kept(weight), entry):
+        rows, cols = mat.shape
+        full = cols - cols % m
+        counts = mat[:, :full].reshape(rows, -1, m).sum(axis=2)
+        assert (counts == n).all(), f"{name}: groups keep {np.unique(counts)} of {m}, not {n}"
+        if cols % m:
+            tail = mat[:, full:].sum(axis=1)
+            assert (tail == min(n, cols % m)).all(), f"{name}: partial group keeps {tail}"
+
+
+PATTERN_MODES = ("pattern", "pattern-reconstruct", "pattern-obs")
+
+
+def pattern_config(mode: str) -> CompressConfig:
+    if mode == "pattern-obs":
+        return config(pattern="2:4", criterion="obs")
+    return mode_config(mode)
+
+
+@pytest.mark.parametrize("mode", PATTERN_MODES)
+@pytest.mark.parametrize("case", PRUNABLE_CASES, indirect=True)
+def test_pattern_2_4_in_every_supported_weight(case, mode):
+    cfg = pattern_config(mode)
+    result = compressed(case, cfg)
+    cal = calibration(case, cfg)
+    for w, report in zip(cal.weights, result.report.weights):
+        new = result.weights[w.name]
+        entry = cal.inputs.get(w.name)
+        if entry is None or not supports(entry, w.shape):
+            np.testing.assert_array_equal(new, cal.originals[w.name], err_msg=w.name)
+            assert report.kept == w.size
+            continue
+        assert_n_m(new, entry, 2, 4, w.name)
+        assert int(np.count_nonzero(new)) == report.kept, w.name
+        if mode != "pattern-obs":  # the in-layer scores pick the 2 of 4
+            mask = cal.pattern_mask(w.name, (2, 4))
+            assert not (kept(new) & ~mask).any(), w.name
+        if mode == "pattern":  # no update: survivors keep their values
+            np.testing.assert_array_equal(new, np.where(kept(new), cal.originals[w.name], 0),
+                                          err_msg=w.name)
+    if case.name != "subgraph":  # every weight supported
+        assert result.report.rate == pytest.approx(0.5, abs=0.01)
+    else:  # the If-branch weight has no layer input and stays dense
+        assert 0.5 < result.report.rate < 1.0
+
+
+@pytest.mark.parametrize("case", ["mlp", "bundled_mlp", "bundled_cnn"], indirect=True)
+def test_pattern_reconstruction_beats_pattern_alone(case):
+    alone = compressed(case, mode_config("pattern")).report.calibration.distortion
+    rebuilt = compressed(case, mode_config("pattern-reconstruct")).report.calibration.distortion
+    assert rebuilt < alone
+
+
+def _unsupported_model(path: Path) -> Path:
+    """A supported MatMul weight W [16, 32], a ConvTranspose weight CT and a batched
+    (rank-3) MatMul weight B3: the last two have layer inputs but no reconstructable layout."""
+    rng = np.random.default_rng(7)
+    arrays = {"W": rng.standard_normal((16, 32)).astype(np.float32),
+              "CT": rng.standard_normal((32, 4, 3, 3)).astype(np.float32),
+              "B3": rng.standard_normal((2, 8, 16)).astype(np.float32),
+              "shape": np.array([-1, 32, 1, 1], np.int64)}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Reshape", ["h", "shape"], ["h4"]),
+             helper.make_node("ConvTranspose", ["h4", "CT"], ["y1"]),
+             helper.make_node("MatMul", ["x3", "B3"], ["y2"])]
+    proto = make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 16]),
+                               vi("x3", TensorProto.FLOAT, ["N", 2, 4, 8])],
+                       [vi("y1", TensorProto.FLOAT, ["N", 4, 3, 3]),
+                        vi("y2", TensorProto.FLOAT, ["N", 2, 4, 16])], arrays)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.parametrize("fields", [{"pattern": "2:4"},
+                                    {"pattern": "2:4", "reconstruct": True},
+                                    {"pattern": "2:4", "criterion": "obs"}],
+                         ids=["pattern", "pattern-reconstruct", "pattern-obs"])
+def test_pattern_leaves_unsupported_layouts_dense(tmp_path, fields):
+    path = _unsupported_model(tmp_path / "unsupported.onnx")
+    cfg = config(min_params=16, **fields)
+    result = rdonnx.compress(path, config=cfg)
+    cal = calibrate_model(path, cfg, None)
+    assert {"CT", "B3"} <= set(cal.inputs)  # seen, yet not reconstructable
+    for name in ("CT", "B3"):
+        assert not supports(cal.inputs[name], cal.originals[name].shape)
+        np.testing.assert_array_equal(result.weights[name], cal.originals[name])
+    assert_n_m(result.weights["W"], cal.inputs["W"], 2, 4, "W")
+
+
+def test_reconstruct_prunes_unsupported_layouts_without_update(tmp_path):
+    path = _unsupported_model(tmp_path / "unsupported.onnx")
+    cfg = config(min_params=16, reconstruct=True, rate=0.5)
+    result = rdonnx.compress(path, config=cfg)
+    cal = calibrate_model(path, cfg, None)
+    for w, report in zip(cal.weights, result.report.weights):
+        mask = cal.rankings[w.name].mask(report.kept)
+        plain = np.where(mask, cal.originals[w.name], 0)
+        if w.name == "W":
+            assert cal.reconstructs(w.name, cfg)
+            assert not (kept(result.weights[w.name]) & ~mask).any()
+        else:
+            assert not cal.reconstructs(w.name, cfg)
+            np.testing.assert_array_equal(result.weights[w.name], plain, err_msg=w.name)
+
+
+def _artifact_tensors(cli, case: Case, out: Path, *flags: str) -> dict[str, dict]:
+    run = cli("compress", case.path, "--calib", case.calib, *FAST, "--pattern", "2:4", *flags,
+              "-o", out)
+    assert run.code == 0, run.err
+    run = cli("inspect", out, "--json")
+    assert run.code == 0, run.err
+    return {t["name"]: t for t in json.loads(run.out)["tensors"]}
+
+
+@pytest.mark.parametrize("case", ["mlp", "bundled_mlp"], indirect=True)
+def test_pattern_2_4_artifact_uses_n_m_positions(case, cli, tmp_path):
+    tensors = _artifact_tensors(cli, case, tmp_path / "out.rdonnx", "--reconstruct")
+    gemms = [w for w in rdonnx.inspect(case.path).weights if w.op == "Gemm"]
+    assert gemms
+    for w in gemms:  # Gemm weights [out, in]: groups of 4 consecutive inputs are flat groups
+        bits = tensors[w.name]["bits"]
+        assert bits["positions_model"] == "n:m", (w.name, bits)
+        assert tensors[w.name]["nnz"] == w.params // 2, w.name
+        # log2(C(4, 2)) / 4 = 0.646 bits per weight, plus a header (and a pattern table)
+        assert (bits["positions"] - bits["side"]) / w.params < 0.7, (w.name, bits)
+        if w.params >= 4096:
+            assert bits["positions"] / w.params < 0.7, (w.name, bits)
+
+
+@pytest.mark.parametrize("flags", [["--value-bits", "8"], ["--reconstruct", "--value-bits", "8"]],
+                         ids=["8-bit", "gptq-8-bit"])
+def test_quantized_pattern_keeps_every_survivor(bundled_mlp, cli, tmp_path, flags):
+    """Quantizing a 2:4 weight must not round a pattern survivor to 0: the weight would keep
+    fewer than 2 of 4 somewhere, lose the "n:m" positions model (about 1 bit per weight instead
+    of 0.66) and no longer be the 2:4 pattern the report describes."""
+    out = tmp_path / "out.rdonnx"
+    tensors = _artifact_tensors(cli, bundled_mlp, out, *flags)
+    decoded = decode_all(read_artifact(out))
+    for w in rdonnx.inspect(bundled_mlp.path).weights:
+        value = decoded[w.name]
+        groups = kept(value).reshape(-1, 4).sum(axis=1)  # Gemm [out, in], in % 4 == 0
+        assert (groups <= 2).all(), w.name
+        assert (groups == 2).all(), (f"{w.name}: {int((groups < 2).sum())} groups lost a "
+                                     f"survivor to rounding")
+        assert tensors[w.name]["bits"]["positions_model"] == "n:m", tensors[w.name]["bits"]
+
+
+# ---------------------------------------------------------------------------------------------
+# --pattern usage errors
+
+
+def test_pattern_with_a_target_is_a_usage_error(mlp, cli, tmp_path):
+    out = tmp_path / "out.onnx"
+    for target in (["--rate", "0.5"], ["--max-distortion", "0.1"]):
+        run = cli("compress", mlp.path, "--calib", mlp.calib, *FAST, "--format", "dense",
+                  "--pattern", "2:4", *target, "-o", out)
+        assert_usage_error(run, "--pattern")
+        assert not out.exists()
+    with pytest.raises(UsageError, match="--pattern"):
+        rdonnx.compress(mlp.path, calib=mlp.calib, rate=0.5, config=config(pattern="2:4"))
+
+
+@pytest.mark.parametrize("pattern", ["2:2", "5:4", "x", "0:4", "2:40", "2:4:8", ":4", "-1:4",
+                                     "2.0:4", ""])
+def test_bad_pattern_is_a_usage_error(mlp, cli, tmp_path, pattern):
+    out = tmp_path / "out.onnx"
+    run = cli("compress", mlp.path, "--calib", mlp.calib, *FAST, "--format", "dense",
+              "--pattern", pattern, "-o", out)
+    assert_usage_error(run, "--pattern")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damp", ["-0.1", "10", "nan"])
+def test_bad_damp_is_a_usage_error(mlp, cli, tmp_path, damp):
+    out = tmp_path / "out.onnx"
+    run = cli("compress", mlp.path, "--calib", mlp.calib, *FAST, "--format", "dense",
+              "--reconstruct", "--rate", "0.5", "--damp", damp, "-o", out)
+    assert_usage_error(run, "--damp")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# --sequential: later layers are reconstructed from the compressed earlier layers' outputs
+
+
+@pytest.mark.parametrize("case", ["mlp", "bundled_mlp", "bundled_cnn"], indirect=True)
+def test_sequential_differs_from_parallel_and_both_are_valid(case):
+    parallel = compressed(case, mode_config("reconstruct"))
+    sequential = compressed(case, mode_config("sequential"))
+    cal = calibration(case, mode_config("sequential"))
+    names = [w.name for w in cal.weights]  # graph order
+    assert len(names) >= 2
+    # the first layer sees the original input either way; a later one does not
+    np.testing.assert_array_equal(sequential.weights[names[0]], parallel.weights[names[0]])
+    assert any(not np.array_equal(sequential.weights[n], parallel.weights[n])
+               for n in names[1:])
+    for n in names:  # same criterion, same masks: only the survivors' values differ
+        assert np.array_equal(kept(sequential.weights[n]), kept(parallel.weights[n])), n
+    assert sequential.report.settings["sequential"] is True
+    for result in (parallel, sequential):
+        assert result.report.rate == pytest.approx(0.5, abs=1e-3)
+        assert np.isfinite(result.report.calibration.distortion)
+        for out in ort_outputs(result.model, calib_feed(case)):
+            assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("case, factor", [("bundled_cnn", 0.1), ("bundled_mlp", 0.75)],
+                         indirect=["case"])
+def test_sequential_layers_undo_the_earlier_layers_error(case, factor):
+    """Uniform 50% halves the CNN's 9-input first convolution, which no update of that layer
+    can repair; aimed at the original outputs, the later layers undo most of the damage."""
+    parallel = compressed(case, mode_config("reconstruct"))
+    sequential = compressed(case, mode_config("sequential"))
+    assert sequential.report.calibration.distortion < \
+        factor * parallel.report.calibration.distortion
+
+
+def test_sequential_curves_let_the_next_layer_compensate(bundled_cnn):
+    """In sequential mode a curve's probe prunes one weight and aims the next one (dense) at
+    the original output, as the sequential pass will: the curve measures what is left."""
+    cfg = mode_config("sequential")
+    cal = calibration(bundled_cnn, cfg)
+    first, second, last = cal.weights[0], cal.weights[1], cal.weights[-1]
+    variant = cal.variant(cfg)
+    probe = variant(first, first.size // 4)
+    assert set(probe) == {first.name, second.name}
+    original, entry = cal.originals[second.name], cal.inputs[second.name]
+    hessian = cal.hessian(second.name, {first.name: probe[first.name]})
+    assert weight_error(original, probe[second.name], entry, hessian) < \
+        0.5 * weight_error(original, original, entry, hessian)
+    alone = cal.distortion({first.name: probe[first.name]}, cfg).nmse
+    assert cal.distortion(probe, cfg).nmse < 0.5 * alone
+    assert set(variant(last, last.size // 2)) == {last.name}  # nothing after the last one
+    quantized = cal.value_variant(cfg)(first, 3)  # the value curves aim the next one too
+    assert set(quantized) == {first.name, second.name}
+    assert cal.distortion(quantized, cfg).nmse < \
+        cal.distortion({first.name: quantized[first.name]}, cfg).nmse
+    assert set(cal.variant(mode_config("reconstruct"))(first, first.size // 4)) == {first.name}
+    # such curves are not those of per-layer reconstruction: their fingerprints differ
+    assert cfg.curve_settings() != mode_config("reconstruct").curve_settings()
+
+
+def test_sequential_hessians_reuse_the_original_inputs_exactly(bundled_cnn):
+    """The original inputs of the layer last asked for are kept: asking again (as every probe
+    of a sequential curve does) gives the very same statistics."""
+    cal = calibration(bundled_cnn, mode_config("sequential"))
+    first, second = cal.weights[0], cal.weights[1]
+    pruned = {first.name: cal.rankings[first.name].apply(cal.originals[first.name], 100)}
+    cal._original_inputs = None  # as if no layer was asked for before
+    calls = []
+    run = cal.runner.run
+
+    def counted(feed, weights=None, outputs=None):
+        calls.append(bool(weights))
+        return run(feed, weights, outputs)
+
+    cal.runner.run = counted
+    try:
+        fresh = cal.hessian(second.name, pruned)
+        assert calls.count(False) == len(cal.replay)  # original inputs: one pass
+        calls.clear()
+        again = cal.hessian(second.name, pruned)
+        assert calls == [True] * len(cal.replay)  # only the compressed model runs again
+    finally:
+        del cal.runner.run
+    for a, b in zip(fresh.matrices + [t for p in fresh.targets for t in p],
+                    again.matrices + [t for p in again.targets for t in p]):
+        assert torch.equal(a, b)
+
+
+def test_sequential_layer_error_not_worse_on_compressed_inputs(bundled_mlp):
+    """Each layer's guarantee holds for the Hessian of the inputs it really sees."""
+    cfg = mode_config("sequential")
+    result = compressed(bundled_mlp, cfg)
+    cal = calibration(bundled_mlp, cfg)
+    earlier: dict[str, np.ndarray] = {}
+    for w, report in zip(cal.weights, result.report.weights):
+        original, new = cal.originals[w.name], result.weights[w.name]
+        mask = cal.rankings[w.name].mask(report.kept)
+        plain = np.where(mask, original, 0).astype(original.dtype)
+        hessian = cal.hessian(w.name, earlier)
+        entry = cal.inputs[w.name]
+        assert weight_error(original, new, entry, hessian) <= \
+            weight_error(original, plain, entry, hessian) * (1 + 1e-6) + 1e-12, w.name
+        earlier[w.name] = new
+
+
+# ---------------------------------------------------------------------------------------------
+# GPTQ: error-compensated quantization
+
+
+def test_gptq_survivors_are_multiples_of_the_stored_step(bundled_mlp, bundled_cnn, tmp_path):
+    for case in (bundled_mlp, bundled_cnn):
+        result = compressed(case, mode_config("gptq"))
+        path = tmp_path / f"{case.name}.rdonnx"
+        result.save(path)
+        artifact = read_artifact(path)
+        entries = {e.name: e for e in artifact.tensors}
+        assert result.report.value_bits == 4
+        for w in result.report.weights:
+            entry, q = entries[w.name], result.quantized[w.name]
+            values = artifact.decode(entry)
+            np.testing.assert_array_equal(values, result.weights[w.name], err_msg=w.name)
+            if entry.encoding == "quantized":
+                step = np.float32(entry.step)
+                assert q.axis is None and q.step == entry.step
+            else:  # one step per output row, stored in its own section
+                assert entry.encoding == "quantized-rows" and entry.step_axis == q.axis
+                step = row_view(q.step, values.ndim, q.axis)
+            levels = np.rint(values.astype(np.float32) / step)
+            np.testing.assert_array_equal(levels * step, values, err_msg=w.name)  # q * step
+            assert np.abs(levels).max() <= 7, w.name  # 4 bits: +-7 levels
+            np.testing.assert_array_equal(q.q, levels, err_msg=w.name)
+
+
+@pytest.mark.parametrize("case", ["bundled_mlp", "bundled_cnn"], indirect=True)
+def test_gptq_beats_plain_rounding_of_the_same_pruning(case):
+    rounded = compressed(case, config(rate=0.5, value_bits=4, format="rdonnx"))
+    gptq = compressed(case, mode_config("gptq"))
+    assert gptq.report.rate == rounded.report.rate
+    for a, b in zip(gptq.report.weights, rounded.report.weights):
+        assert a.kept == b.kept  # same allocation (uniform)
+    assert gptq.report.calibration.distortion < rounded.report.calibration.distortion
+
+
+# ---------------------------------------------------------------------------------------------
+# R-D curves measured with reconstruction
+
+
+def test_reconstructed_curves_are_lower_and_fingerprinted(bundled_mlp):
+    plain_cfg = CompressConfig(grid=GRID, data=DATA)
+    rebuilt_cfg = replace(plain_cfg, reconstruct=True)
+    plain = rdonnx.calibrate(bundled_mlp.path, calib=bundled_mlp.calib, config=plain_cfg)
+    rebuilt = rdonnx.calibrate(bundled_mlp.path, calib=bundled_mlp.calib, config=rebuilt_cfg)
+    assert list(plain.grid) == list(rebuilt.grid)
+    assert set(plain.distortion) == set(rebuilt.distortion)
+    lower = 0
+    for name, curve in rebuilt.distortion.items():
+        for d, (r, p) in zip(plain.grid, zip(curve, plain.distortion[name])):
+            assert r <= p * 1.01 + 1e-9, (name, d, r, p)
+            lower += r < 0.99 * p
+    assert lower > 0
+    assert plain.fingerprint != rebuilt.fingerprint
+    assert plain.fingerprint.mismatch(rebuilt.fingerprint) == ["settings"]
+    # curves of one are refused for the other
+    for curves, cfg in ((plain, rebuilt_cfg), (rebuilt, plain_cfg)):
+        with pytest.raises(UsageError, match="settings"):
+            rdonnx.compress(bundled_mlp.path, calib=bundled_mlp.calib, curves=curves,
+                            config=replace(cfg, rate=0.5, layer_distortion=False,
+                                           format="dense"))
+    # and accepted for their own settings, with the same result as measuring them anew
+    reused = rdonnx.compress(bundled_mlp.path, calib=bundled_mlp.calib, curves=rebuilt,
+                             config=config(method="rd", rate=0.5, reconstruct=True))
+    fresh = compressed(bundled_mlp, config(method="rd", rate=0.5, reconstruct=True))
+    assert [w.kept for w in reused.report.weights] == [w.kept for w in fresh.report.weights]
+
+
+def test_reconstructed_curves_refused_on_the_cli(bundled_mlp, cli, tmp_path):
+    curves = tmp_path / "curves.json"
+    run = cli("calibrate", bundled_mlp.path, "--calib", bundled_mlp.calib, "--reconstruct",
+              "--grid", ",".join(map(str, GRID)), "--calib-samples", str(SAMPLES), "-q",
+              "-o", curves)
+    assert run.code == 0, run.err
+    out = tmp_path / "out.onnx"
+    run = cli("compress", bundled_mlp.path, "--calib", bundled_mlp.calib, *FAST, "--format",
+              "dense", "--rate", "0.5", "--curves", curves, "-o", out)
+    assert_usage_error(run, "settings")
+    assert not out.exists()
+    run = cli("compress", bundled_mlp.path, "--calib", bundled_mlp.calib, *FAST, "--format",
+              "dense", "--rate", "0.5", "--reconstruct", "--curves", curves, "-o", out)
+    assert run.code == 0, run.err
+    assert re.search(r"reconstruct", json.dumps(json.loads(curves.read_text())))
+
+
+def test_per_row_grid_wins_on_rows_of_very_different_scales(tmp_path):
+    """A 512 x 64 MatMul whose output columns differ 100x in scale: the per-row grid (0.06
+    bits per weight of steps) beats one grid for the tensor; the artifact stores
+    "quantized-rows" and decodes to exactly the measured weights."""
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((512, 64)) * np.logspace(-2, 0, 64)[None, :]).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "wide",
+        [vi("x", TensorProto.FLOAT, ["n", 512])], [vi("y", TensorProto.FLOAT, ["n", 64])],
+        [onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.standard_normal((128, 512)).astype(np.float32)
+    result = rdonnx.compress(model.SerializeToString(), calib={"x": x},
+                             config=config(rate=0.5, reconstruct=True, value_bits=4,
+                                           format="rdonnx", simplify=False))
+    q = result.quantized["w"]
+    assert q.axis == 1 and np.size(q.step) == 64  # MatMul [in, out]: rows along axis 1
+    path = tmp_path / "rows.rdonnx"
+    result.save(path)
+    artifact = read_artifact(path)
+    assert artifact.tensors[0].encoding == "quantized-rows"
+    assert decode_all(artifact)["w"].tobytes() == result.weights["w"].tobytes()
