@@ -213,9 +213,14 @@ def _config(**kw) -> CompressConfig:
 @click.option("--value-budget", type=float, default=0.02, show_default=True,
               help="Share of the measured distortion that quantization may add.")
 @click.option("--quantizer", type=click.Choice(QUANTIZERS), default="uniform",
-              show_default=True, help="Quantized values: a uniform grid per tensor, or a "
+              show_default=True, help="Quantized values: a uniform grid (a step per output "
+              "channel where that pays for its side bits, clipped by measured error), or a "
               "k-means codebook of 2^b - 1 centroids weighted by E[x^2] of the layer input "
               "(Gao et al.; plain k-means where no input is seen). Not with --reconstruct.")
+@click.option("--rdoq", is_flag=True,
+              help="Uniform grid: round each value to the neighbouring level (or zero) that "
+              "lowers distortion + lambda x coded bits (lambda: the grid's own slope); "
+              "smaller files, more distortion per bit saved on the digits models.")
 @click.option("--lossless-unpruned", is_flag=True,
               help="Keep large unpruned tensors (embeddings...) exact instead of quantized.")
 @click.option("--pattern", default=None, metavar="N:M",
@@ -299,7 +304,7 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
                      values=kw["values"], value_bits=kw["value_bits"],
                      value_budget=kw["value_budget"],
                      lossless_unpruned=kw["lossless_unpruned"], pattern=kw["pattern"],
-                     quantizer=kw["quantizer"])
+                     quantizer=kw["quantizer"], rdoq=kw["rdoq"])
     config = replace(config, pqi_p=kw["pqi_p"], pqi_q=kw["pqi_q"], pqi_eta=kw["pqi_eta"],
                      pqi_gamma=kw["pqi_gamma"], pqi_mode=kw["pqi_mode"],
                      granularity=kw["granularity"], budget=kw["budget"],

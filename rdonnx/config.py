@@ -58,6 +58,7 @@ class CompressConfig:
     value_bits: int | None = None  # None: the fewest bits within value_budget
     value_budget: float = 0.02  # quantization may add this share to the measured distortion
     quantizer: str = "uniform"  # "uniform" grid, or "kmeans": activation-weighted codebook
+    rdoq: bool = False  # uniform grid: rate-distortion-optimised rounding (grids.rdoq)
     lossless_unpruned: bool = False  # keep large unpruned tensors exact instead of quantized
     reconstruct: bool = False  # update survivors to reconstruct each layer's output (OBS)
     sequential: bool = False  # reconstruct in graph order from already-compressed inputs

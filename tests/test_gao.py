@@ -14,7 +14,6 @@ from conftest import BUNDLED, assert_usage_error, calib_feed, write_coded
 import rdonnx
 from rdonnx.container import FormatError, read_artifact
 from rdonnx.kmeans import kmeans_quantize, weighted_error
-from rdonnx.quantize import quantize
 
 GRID = (1.0, 0.5, 0.2, 0.1, 0.05)
 CONFIG = rdonnx.CompressConfig(layer_distortion=False, grid=GRID)
@@ -162,7 +161,7 @@ def test_kmeans_not_worse_than_uniform_on_a_layer(mlp):
             for q in ("uniform", "kmeans")}
     for name, pruned in runs["kmeans"].pruned.items():
         assert pruned.tobytes() == runs["uniform"].pruned[name].tobytes()
-        uniform = quantize(pruned, 4).values(np.float32)
+        uniform = runs["uniform"].quantized[name].values(np.float32)
         assert runs["uniform"].weights[name].tobytes() == uniform.tobytes()
         assert weighted_error(pruned, runs["kmeans"].weights[name]) <= \
             weighted_error(pruned, uniform) * (1 + 1e-9)
