@@ -322,6 +322,11 @@ class Calibration:
             choice = choose_bits(lambda b: make(lambda _: b), measure, limit, config.value_bits)
         except ValueError as exc:
             raise UsageError(f"cannot quantize: {exc}; pass --values exact") from None
+        if choice is None:  # no width up to 16 bits stays within the value budget
+            notice = "values kept exact where 16 bits would exceed the --value-budget"
+            if notice not in self.notices:
+                self.notices.append(notice)
+            return Realized(rate, keep, pruned, pruned, {}, {}, self.distortion(pruned, config))
         return Realized(rate, keep, pruned, choice.values, choice.quantized,
                         {n: choice.bits for n in choice.quantized}, choice.distortion)
 

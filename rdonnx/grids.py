@@ -26,7 +26,7 @@ import numpy as np
 
 MANTISSA_BITS = 5  # steps are spaced 2^(1/32)-ish apart: at most 3.1% between neighbours
 SEARCH_SPAN = 48  # clipping candidates per channel: step indices t_max .. t_max - 47 (0.35x)
-ERASED = 0.25  # share of survivors one tensor step may round to zero beyond per-channel
+LOST_BITS = 1.0  # bits a survivor one tensor grid may leave small channels short (`choose`)
 COARSE = 4  # the search looks at every 4th candidate, then refines around the best
 _T_MIN, _T_MAX = -126 * (1 << MANTISSA_BITS), 127 * (1 << MANTISSA_BITS)  # normal floats
 
@@ -162,13 +162,14 @@ def choose(weight: np.ndarray, bits: int, axis: int | None,
     """Per-channel steps along `axis`, or one step for the tensor, at `bits`.
 
     Each output channel counts by its error relative to its own energy (a channel 100x smaller
-    than the others before a normalisation matters as much). Under an entropy coder a finer
-    grid costs bits, so the two are compared at equal bits, exchanged at the high-rate slope
-    (4x less error per bit a survivor): per-channel wins when `relative_error_channels *
-    4^((R_channels + side - R_tensor) / n) < relative_error_tensor`, R the levels' empirical
-    entropy, n the survivors. It also wins when one step for the tensor rounds over
-    `ERASED` of the survivors to zero that per-channel steps keep: that is not a `bits`-bit
-    grid for those channels (outlier channels of real models: 88-97% erased at 8 bits).
+    than the others before a normalisation matters as much). A per-channel grid costs side bits
+    S and, where channels differ in range, finer levels: R, the levels' empirical entropy over
+    the n survivors, grows by dR. When dR / n exceeds `LOST_BITS`, one grid leaves the small
+    channels that many bits short of `bits` (outlier channels of real models: 4.4 bits in a
+    sentence encoder's FFN): per-channel wins when its error, charged for S alone at the
+    high-rate slope (4x less error per bit a survivor), is lower:
+    `relative_error_channels * 4^(S / n) < relative_error_tensor`. Otherwise the channels are
+    alike and the two are compared at equal bits: `... * 4^((S + dR) / n) < ...`.
     """
     tensor, _ = fit(weight, bits, None, importance)
     if axis is None or np.ndim(weight) == 0 or np.shape(weight)[axis] < 2:
@@ -178,13 +179,11 @@ def choose(weight: np.ndarray, bits: int, axis: int | None,
     cost = {}
     for grid in (tensor, channels):
         q = round_to(weight, grid, bits)
-        cost[grid.axis] = (_relative_error(weight, q, grid, axis, importance),
-                           level_bits(q) + (0 if grid.axis is None else side_bits(grid)),
-                           np.count_nonzero(q))
-    (error_c, bits_c, kept_c), (error_t, bits_t, kept_t) = cost[axis], cost[None]
-    if kept_c - kept_t > ERASED * survivors:
-        return channels
-    return channels if error_c * 4.0 ** ((bits_c - bits_t) / survivors) < error_t else tensor
+        cost[grid.axis] = (_relative_error(weight, q, grid, axis, importance), level_bits(q))
+    (error_c, bits_c), (error_t, bits_t) = cost[axis], cost[None]
+    finer = (bits_c - bits_t) / survivors
+    charged = side_bits(channels) / survivors + (0.0 if finer > LOST_BITS else finer)
+    return channels if error_c * 4.0 ** charged < error_t else tensor
 
 
 def _relative_error(weight: np.ndarray, q: np.ndarray, grid: Grid, axis: int,

@@ -22,7 +22,8 @@ from .quantize import Quantized, quantize
 
 Quantizer = Callable[[np.ndarray, int], Quantized]  # (pruned weight, bits) -> quantized
 
-JOINT_VALUE_BITS = (2, 3, 4, 5, 6, 7, 8)
+JOINT_VALUE_BITS = (2, 3, 4, 5, 6, 7, 8)  # measured value curves
+WIDE_BITS = (10, 12, 16)  # also offered, predicted (`with_wide_widths`)
 JOINT_UNITS = 4096  # budget steps of the joint allocation's dynamic programming
 
 
@@ -47,6 +48,15 @@ def estimate_bits(weight: np.ndarray, mask: np.ndarray, bits: int,
     if quantized.axis is not None:  # per-channel steps on the log scale
         table += grids.side_bits(grids.Grid(np.ravel(quantized.step), quantized.axis))
     return grids.entropy_bits(np.array([nnz, q.size - nnz])) + table + grids.level_bits(q)
+
+
+def with_wide_widths(quantization: Mapping[int, float]) -> dict[int, float]:
+    """Measured Q(b) plus widths of `WIDE_BITS`, predicted from the widest measured one at the
+    high-rate slope (4x less distortion a bit): bounds tighter than 8 bits allow stay
+    reachable without probing every width."""
+    widest = max(quantization)
+    return {**quantization, **{b: quantization[widest] * 4.0 ** (widest - b)
+                               for b in WIDE_BITS if b > widest}}
 
 
 def options_for(weight: np.ndarray, ranking: Ranking, grid: Sequence[float],

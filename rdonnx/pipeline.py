@@ -28,7 +28,7 @@ from .calibration import (
 from .coding import coding_report, stream_bits
 from .config import FORMATS, CompressConfig
 from .errors import UsageError
-from .joint import JOINT_VALUE_BITS, allocate_joint, cost_range, options_for
+from .joint import JOINT_VALUE_BITS, allocate_joint, cost_range, options_for, with_wide_widths
 from .measure import measure
 from .model import Model, check_output, iter_graphs, write_model
 from .quantize import Quantized
@@ -195,7 +195,7 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
         curves = _with_value_curves(cal, config, curves, quiet)
         options = {w.name: options_for(cal.originals[w.name], cal.rankings[w.name],
                                        curves.grid, curves.distortion[w.name],
-                                       curves.values[w.name],
+                                       with_wide_widths(curves.values[w.name]),
                                        lambda a, b, n=w.name: cal.quantize(n, a, b, config))
                    for w in cal.weights}
 
@@ -207,8 +207,13 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
             r.coded_bits = coded_bits(r)
             return r
 
-        return (*meet_budget(config, realize_budget, cost_range(options),
-                             sum(sizes.values())), curves)
+        try:
+            return (*meet_budget(config, realize_budget, cost_range(options),
+                                 sum(sizes.values())), curves)
+        except UsageError:
+            if config.bits_per_weight is not None:
+                raise
+            return (*_exact_values(cal, search, config), curves)
     bound = config.max_distortion is not None or config.min_agreement is not None
     if bound and free_bits:  # other allocators: one value width for all, the smallest file
         candidates = []
@@ -218,12 +223,20 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
             except UsageError:  # this width cannot meet the bound at any rate
                 continue
         if not candidates:
-            raise UsageError("no rate and value width meets the bound; loosen it or pass "
-                             "--values exact")
+            return (*_exact_values(cal, search, config), curves)
         chosen, steps = min(candidates, key=lambda c: coded_bits(c[0]))
         chosen.coded_bits = coded_bits(chosen)
         return chosen, steps, curves
     return (*search(config), curves)
+
+
+def _exact_values(cal: Calibration, search: Callable, config: CompressConfig
+                  ) -> tuple[Realized, list[RatePoint]]:
+    """The smallest rate that meets the bound with exact values (at worst every weight kept:
+    the original model, losslessly coded), when no quantized candidate does."""
+    cal.notices.append("no quantized candidate meets the bound (value widths up to 16 bits): "
+                       "values are kept exact, losslessly coded")
+    return search(replace(config, values="exact"))
 
 
 def _report(cal: Calibration, config: CompressConfig, chosen: Realized, curves: Curves | None,
