@@ -29,12 +29,14 @@ from .distortion import METRICS
 from .errors import UsageError
 from .hsic import BUDGETS
 from .model import check_output
+from .outputs import normal_mode, user_error
 from .plot import plot_report, require_matplotlib
 from .pqi import GRANULARITIES, INSPECT_PAIRS, PQI_MODES
 from .prune import CRITERIA
 from .quantize import QUANTIZERS
 from .report import render
 from .runtime import DEVICES, cuda_status
+from .signals import EXIT_TERMINATED, clean_aborts, removing, was_terminated
 from .weights import DEFAULT_MIN_PARAMS
 
 EXIT_BOUND_EXCEEDED = 3
@@ -108,9 +110,11 @@ def _note(message: str, quiet: bool) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with removing(tmp):  # no .tmp left on a full disk or an abort
+        os.fchmod(fd, normal_mode())  # mkstemp's 0600 -> the mode of any new file
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -317,7 +321,8 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
         _write_text(report_path, result.report.to_json())
     if plot_path is not None:
         plot_report(result.report, plot_path)
-    click.echo(render(result.report), err=True)
+    if not quiet:
+        click.echo(render(result.report), err=True)
 
 
 _CONFIG_KEYS = ("criterion", "reconstruct", "sequential", "damp", "metric", "channel_axis",
@@ -510,6 +515,11 @@ def doctor_cmd() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 internal error, 2 bad input, 3 bound)."""
+    with clean_aborts():  # SIGTERM aborts like Ctrl-C; temp files and folders are removed
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     if not args:
@@ -520,17 +530,25 @@ def main(argv: list[str] | None = None) -> int:
         return code if isinstance(code, int) else 0  # ctx.exit(n) comes back as n
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if was_terminated(exc):
+            click.echo("rdonnx: terminated", err=True)
+            return EXIT_TERMINATED
         click.echo("rdonnx: aborted", err=True)
         return 130
     except click.ClickException as exc:
         return _fail(exc.format_message(), 2, debug)
     except UsageError as exc:
         return _fail(str(exc), 2, debug)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if was_terminated(exc):
+            click.echo("rdonnx: terminated", err=True)
+            return EXIT_TERMINATED
         click.echo("rdonnx: interrupted", err=True)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence
+        if isinstance(exc, OSError) and user_error(exc):  # disk full, read-only, no permission
+            return _fail(user_error(exc), 2, debug)
         return _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
                      "traceback and report it)", 1, debug)
 

@@ -12,6 +12,7 @@ import numpy as np
 from .data import Batches, Feed, split_labels
 from .distortion import AccuracyMeter, Distortion, DistortionMeter, energy_of
 from .progress import progress_bar
+from .signals import register
 
 Predict = Callable[[Feed], list[np.ndarray]]
 
@@ -72,6 +73,7 @@ class Replay:
             return
         if self._folder is None:
             self._folder = tempfile.TemporaryDirectory(prefix="rdonnx-replay-")
+            register(self._folder.name)  # removed on SIGTERM / Ctrl-C too (rdonnx.signals)
         path = Path(self._folder.name) / f"{len(self._held)}.npz"
         np.savez(path, **{f"in:{k}": v for k, v in feed.items()},
                  **{f"out:{i}": np.asarray(o) for i, o in enumerate(outputs)})
