@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import strictjson
 from .allocate import Curve
 from .data import Batches
 from .errors import UsageError
@@ -60,7 +61,7 @@ class Curves:
         return Curve(self.grid, self.distortion[name])
 
     def to_json(self) -> str:
-        return json.dumps({
+        return strictjson.dumps({
             "format": CURVES_FORMAT, "version": CURVES_VERSION,
             "fingerprint": self.fingerprint.__dict__, "settings": self.settings,
             "grid": list(self.grid), "values_quantizer": self.values_quantizer,

@@ -6,7 +6,6 @@ was exceeded, 1 internal error. `--debug` shows tracebacks.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, strictjson
 from .allocate import SOLVERS
 from .api import CompressConfig, calibrate, compress, evaluate, inspect
 from .artifact import decompress, inspect_artifact
@@ -368,7 +367,7 @@ def inspect_cmd(model: Path, min_params: int, include: tuple[str, ...],
     """List the prunable weights of MODEL (or what an .rdonnx artifact holds)."""
     if is_artifact(model):
         found = inspect_artifact(model)
-        click.echo(json.dumps(found.manifest, indent=2, sort_keys=True) if as_json
+        click.echo(strictjson.dumps(found.manifest, indent=2, sort_keys=True) if as_json
                    else found.render())
         return
     result = inspect(model, min_params=min_params, include=include, exclude=exclude,
@@ -382,7 +381,7 @@ def inspect_cmd(model: Path, min_params: int, include: tuple[str, ...],
                  **dict(zip(pqi_keys, result.pqi_model))}
         if result.suggested_rate is not None:
             found["suggested_rate"] = result.suggested_rate
-        click.echo(json.dumps(found, indent=2))
+        click.echo(strictjson.dumps(found, indent=2))
     else:
         click.echo(result.render())
 
@@ -411,7 +410,7 @@ def evaluate_cmd(reference: Path, candidate: Path, data: Path | None, labels: st
                       options=_data(batch_size, calib_samples, input_shape, input_range, seed),
                       quiet=quiet)
     if as_json:
-        click.echo(json.dumps(result.__dict__, indent=2, sort_keys=True))
+        click.echo(strictjson.dumps(result.__dict__, indent=2, sort_keys=True))
     else:
         lines = [f"{metric}: {result.distortion:.6g}"] + [
             f"{name}: {value:.6g}" for name, value in (("nmse", result.nmse),
@@ -539,6 +538,8 @@ def _main(argv: list[str] | None) -> int:
     except click.ClickException as exc:
         return _fail(exc.format_message(), 2, debug)
     except UsageError as exc:
+        if debug and getattr(exc, "detail", None):  # rdonnx.causes: the other library's words
+            click.echo(exc.detail, err=True)
         return _fail(str(exc), 2, debug)
     except KeyboardInterrupt as exc:
         if was_terminated(exc):

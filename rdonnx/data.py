@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import onnx
 
+from .bounded import npz_problem
 from .errors import UsageError
 from .model import Model
 
@@ -85,6 +86,9 @@ class _NpzMember:
         self.shape, self.dtype = tuple(shape), dtype
         with zipfile.ZipFile(path) as zf:
             self.compressed = zf.getinfo(member).compress_type != zipfile.ZIP_STORED
+            problem = npz_problem(shape, dtype.itemsize, zf.getinfo(member).file_size - self.offset)
+        if problem is not None:  # a header declaring more rows than the member holds
+            raise UsageError(f"{path}: array {member!r}: {problem}")
         self._whole: np.ndarray | None = None
 
     def __getitem__(self, rows: slice) -> np.ndarray:
@@ -100,6 +104,9 @@ class _NpzMember:
         with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
             f.seek(self.offset + start * row)
             data = f.read((stop - start) * row)
+        if len(data) != (stop - start) * row:
+            raise UsageError(f"{self.path}: array {self.member!r} ends before its declared shape "
+                             f"{self.shape} (truncated file?)")
         shape = (stop - start, *self.shape[1:]) if self.shape else ()
         return np.frombuffer(data, self.dtype).reshape(shape).copy()
 
