@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import UsageError
+from .outputs import normal_mode
 from .report import Report
 
 
@@ -25,6 +26,7 @@ def require_matplotlib():
 
 def _save(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.fchmod(fd, normal_mode())  # mkstemp's 0600 -> the mode of any new file
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, metadata={"Software": None})

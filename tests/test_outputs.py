@@ -137,10 +137,11 @@ def test_unwritable_output_and_report_fail_before_any_work(cli, tmp_path):
 
 @pytest.fixture(scope="module")
 def quiet_run(tmp_path_factory):
-    """One real compress with --quiet, a report and umask 027."""
+    """One real compress with --quiet, a report, a plot and umask 027."""
     folder = tmp_path_factory.mktemp("quiet")
     proc = rdonnx("compress", MLP, *FAST, "-o", folder / "a.rdonnx", "--report",
-                  folder / "r.json", "--quiet", preexec=lambda: os.umask(0o027))
+                  folder / "r.json", "--plot", folder / "p.png", "--quiet",
+                  preexec=lambda: os.umask(0o027))
     return proc, folder
 
 
@@ -153,7 +154,7 @@ def test_quiet_prints_nothing_on_success(quiet_run):
 def test_outputs_get_the_mode_of_a_new_file(quiet_run):
     _, folder = quiet_run
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
-    assert modes == {"a.rdonnx": 0o640, "r.json": 0o640}
+    assert modes == {"a.rdonnx": 0o640, "r.json": 0o640, "p.png": 0o640}
 
 
 def _small_disk(limit: int):
