@@ -32,9 +32,9 @@ def unregister(path: str | os.PathLike) -> None:
     _registered.pop(str(path), None)
 
 
-def remove_registered() -> None:
-    """Remove every registered path that still exists (newest first)."""
-    for path in reversed(list(_registered)):
+def remove_registered(keep: frozenset[str] = frozenset()) -> None:
+    """Remove every registered path (but those in `keep`) that still exists, newest first."""
+    for path in reversed([p for p in _registered if p not in keep]):
         target = Path(path)
         with contextlib.suppress(OSError):
             if target.is_dir() and not target.is_symlink():
@@ -71,9 +71,10 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def clean_aborts() -> Iterator[None]:
-    """Around a CLI run: SIGTERM raises `Terminated`; on the way out, registered paths are
-    removed and the previous SIGTERM handler is restored."""
+    """Around a CLI run: SIGTERM raises `Terminated`; on the way out, the paths registered
+    during the run are removed and the previous SIGTERM handler is restored."""
     global _owner
+    earlier = frozenset(_registered)  # an embedding program's own, still in use
     installed = threading.current_thread() is threading.main_thread()
     previous = None
     if installed:
@@ -83,7 +84,7 @@ def clean_aborts() -> Iterator[None]:
         yield
     finally:
         try:
-            remove_registered()
+            remove_registered(keep=earlier)
         finally:
             if installed:
                 signal.signal(signal.SIGTERM, previous if previous is not None

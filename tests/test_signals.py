@@ -95,3 +95,15 @@ def test_clean_aborts_turns_sigterm_into_terminated_and_restores(tmp_path):
     assert was_terminated(caught.value) and isinstance(caught.value, KeyboardInterrupt)
     assert not leftover.exists()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_clean_aborts_keeps_what_was_registered_before_it(tmp_path):
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    theirs.mkdir()
+    register(theirs)
+    with clean_aborts():
+        mine.mkdir()
+        register(mine)
+    assert theirs.exists() and not mine.exists()
+    remove_registered()
+    assert not theirs.exists()
