@@ -13,30 +13,35 @@ import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from . import __version__, strictjson
-from .allocate import SOLVERS
-from .api import CompressConfig, calibrate, compress, evaluate, inspect
-from .artifact import decompress, inspect_artifact
-from .calibrate import DEFAULT_GRID, Curves, check_grid
-from .config import FORMATS, HSIC_SAMPLES, METHODS, VALUES
-from .container import is_artifact
-from .data import DataOptions
-from .distortion import METRICS
+from .choices import (  # plain data: --help imports no torch, onnx or onnxruntime
+    BUDGETS,
+    CRITERIA,
+    DEFAULT_MIN_PARAMS,
+    DEVICES,
+    EXIT_CODES_EPILOG,
+    FORMATS,
+    GRANULARITIES,
+    HSIC_SAMPLES,
+    METHODS,
+    METHODS_EPILOG,
+    METRICS,
+    PQI_MODES,
+    QUANTIZERS,
+    SOLVERS,
+    VALUES,
+)
 from .errors import UsageError
-from .hsic import BUDGETS
-from .model import check_output
 from .outputs import normal_mode, user_error
-from .plot import plot_report, require_matplotlib
-from .pqi import GRANULARITIES, INSPECT_PAIRS, PQI_MODES
-from .prune import CRITERIA
-from .quantize import QUANTIZERS
-from .report import render
-from .runtime import DEVICES, cuda_status
 from .signals import EXIT_TERMINATED, clean_aborts, removing, was_terminated
-from .weights import DEFAULT_MIN_PARAMS
+
+if TYPE_CHECKING:
+    from .api import CompressConfig
+    from .data import DataOptions
 
 EXIT_BOUND_EXCEEDED = 3
 PLOT_RATES = (0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02)  # --plot: the method measured at these
@@ -97,6 +102,8 @@ def data_options(func: Callable) -> Callable:
 
 def _data(batch_size: int, calib_samples: int | None, input_shape: tuple[str, ...],
           input_range: tuple[str, ...], seed: int) -> DataOptions:
+    from .data import DataOptions
+
     return DataOptions(batch_size=batch_size, samples=calib_samples,
                        shapes=_parse_shape(input_shape), ranges=_parse_range(input_range),
                        seed=seed)
@@ -116,7 +123,18 @@ def _write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Ctrl-C or SIGTERM inside a command ends in main()'s one line (not click's blank one)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise click.exceptions.Abort() from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=f"{METHODS_EPILOG}\n\n{EXIT_CODES_EPILOG}")
 @click.version_option(__version__, prog_name="rdonnx")
 def cli() -> None:
     """Rate-distortion-optimised pruning of ONNX models.
@@ -126,6 +144,8 @@ def cli() -> None:
 
 
 def _grid(text: str | None) -> tuple[float, ...]:
+    from .calibrate import DEFAULT_GRID, check_grid
+
     if text is None:
         return DEFAULT_GRID
     try:
@@ -178,6 +198,8 @@ def rd_options(func: Callable) -> Callable:
 
 
 def _config(**kw) -> CompressConfig:
+    from .api import CompressConfig
+
     data = _data(kw.pop("batch_size"), kw.pop("calib_samples"), kw.pop("input_shape"),
                  kw.pop("input_range"), kw.pop("seed"))
     return CompressConfig(
@@ -188,7 +210,7 @@ def _config(**kw) -> CompressConfig:
         replay_mb=kw["replay_mb"])
 
 
-@cli.command("compress")
+@cli.command("compress", epilog=f"{METHODS_EPILOG}\n\n{EXIT_CODES_EPILOG}")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--rate", type=float, default=None,
               help="Fraction of prunable weights kept (density), 0 < R <= 1.")
@@ -280,6 +302,12 @@ def compress_cmd(model: Path, output: Path | None, fmt: str, report_path: Path |
 
     Pruning makes files smaller, not faster: ONNX Runtime densifies weights at load.
     """
+    from .api import compress
+    from .calibrate import Curves
+    from .model import check_output
+    from .plot import plot_report, require_matplotlib
+    from .report import render
+
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
     output = output or model.with_name(
@@ -340,6 +368,9 @@ _CONFIG_KEYS = ("criterion", "reconstruct", "sequential", "damp", "metric", "cha
 def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bool,
                   **kw) -> None:
     """Measure per-weight R-D curves of MODEL once; reuse them with compress --curves."""
+    from .api import calibrate
+    from .model import check_output
+
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
     check_output(output, model, force)
@@ -365,6 +396,11 @@ def inspect_cmd(model: Path, min_params: int, include: tuple[str, ...],
                 exclude: tuple[str, ...], as_json: bool, suggest_rate: bool, quiet: bool,
                 debug: bool) -> None:
     """List the prunable weights of MODEL (or what an .rdonnx artifact holds)."""
+    from .api import inspect
+    from .artifact import inspect_artifact
+    from .container import is_artifact
+    from .pqi import INSPECT_PAIRS
+
     if is_artifact(model):
         found = inspect_artifact(model)
         click.echo(strictjson.dumps(found.manifest, indent=2, sort_keys=True) if as_json
@@ -406,6 +442,8 @@ def evaluate_cmd(reference: Path, candidate: Path, data: Path | None, labels: st
                  input_range: tuple[str, ...], seed: int, device: str, quiet: bool,
                  debug: bool) -> None:
     """Distortion of CANDIDATE against REFERENCE (and accuracy with --labels)."""
+    from .api import evaluate
+
     result = evaluate(reference, candidate, data, labels=labels, metric=metric, device=device,
                       options=_data(batch_size, calib_samples, input_shape, input_range, seed),
                       quiet=quiet)
@@ -442,6 +480,9 @@ def evaluate_cmd(reference: Path, candidate: Path, data: Path | None, labels: st
 def decompress_cmd(artifact: Path, output: Path, fmt: str, force: bool, quiet: bool,
                    debug: bool) -> None:
     """Write ARTIFACT (.rdonnx) as plain ONNX that any tool reads."""
+    from .artifact import decompress
+    from .model import check_output
+
     check_output(output, artifact, force)
     size = decompress(artifact, output, fmt, force=True)
     _note(f"wrote {output} ({size:,} bytes, {fmt})", quiet)
@@ -491,6 +532,8 @@ def truncate_cmd(artifact: Path, output: Path, rate: float | None,
 def doctor_cmd() -> None:
     """Print versions, execution providers and whether a GPU works."""
     import importlib.metadata as md
+
+    from .runtime import cuda_status
 
     lines = [f"python {sys.version.split()[0]}", f"rdonnx {__version__}"]
     for package in ("onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "torch", "onnxsim",

@@ -1,0 +1,84 @@
+"""--help (issue 16): fast (no torch, onnx or onnxruntime imported), lists the exit codes and
+one line per --method; Ctrl-C during start-up prints one line, no traceback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rdonnx import choices
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+HEAVY = ("torch", "onnx", "onnxruntime", "numpy")
+
+
+def test_choices_mirror_the_modules_that_own_them():
+    from rdonnx import allocate, config, distortion, hsic, pqi, prune, quantize, runtime, weights
+
+    assert choices.METHODS == config.METHODS
+    assert choices.FORMATS == config.FORMATS and choices.VALUES == config.VALUES
+    assert choices.SOLVERS == tuple(allocate.SOLVERS)
+    assert choices.METRICS == tuple(distortion.METRICS)
+    assert choices.BUDGETS == tuple(hsic.BUDGETS)
+    assert choices.HSIC_SAMPLES == hsic.DEFAULT_SAMPLES == config.HSIC_SAMPLES
+    assert choices.GRANULARITIES == tuple(pqi.GRANULARITIES)
+    assert choices.PQI_MODES == tuple(pqi.PQI_MODES)
+    assert choices.CRITERIA == tuple(prune.CRITERIA)
+    assert choices.QUANTIZERS == tuple(quantize.QUANTIZERS)
+    assert choices.DEVICES == tuple(runtime.DEVICES)
+    assert choices.DEFAULT_MIN_PARAMS == weights.DEFAULT_MIN_PARAMS
+    assert tuple(choices.METHOD_HELP) == choices.METHODS
+
+
+def test_importing_the_cli_imports_no_heavy_module():
+    code = ("import sys, rdonnx.cli; "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["compress", "--help"]])
+def test_help_is_fast_and_lists_exit_codes_and_methods(args):
+    times = []
+    for _ in range(3):  # the best of three, on a shared machine
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "rdonnx.cli", *args], capture_output=True,
+                              text=True, timeout=60)
+        times.append(time.perf_counter() - start)
+    assert proc.returncode == 0, proc.stderr
+    assert min(times) < 0.5, times
+    lines = proc.stdout.splitlines()
+    for method in choices.METHODS:
+        assert sum(line.split()[:1] == [method] for line in lines) == 1, method
+    for code in (0, 1, 2, 3, 130, 143):
+        assert any(line.split()[:1] == [str(code)] for line in lines), code
+
+
+def test_the_api_stays_importable_and_calibrate_stays_a_function():
+    import rdonnx
+    import rdonnx.calibrate  # noqa: F401 - the submodule must not hide the function
+    from rdonnx import CompressConfig, compress
+
+    assert callable(rdonnx.calibrate) and callable(compress)
+    assert CompressConfig().rate is None
+    with pytest.raises(AttributeError):
+        rdonnx.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("delay", [0.6, 1.5])
+def test_ctrl_c_during_start_up_prints_one_line(tmp_path, delay):
+    proc = subprocess.Popen([sys.executable, "-m", "rdonnx.cli", "compress",
+                             MODELS / "digits_mlp.onnx", "--rate", "0.2", "-o",
+                             tmp_path / "a.rdonnx"], stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err == "rdonnx: aborted\n"
+    assert list(tmp_path.iterdir()) == []
