@@ -269,3 +269,41 @@ def test_strict_json():
         with pytest.raises(ValueError):
             loads(bad)
     assert loads('{"a": 1e300}') == {"a": 1e300}
+
+
+def test_a_surp_scale_that_overflows_is_refused(tmp_path, capsys):
+    """A re-checksummed SuRP artifact whose manifest scale (alpha) is huge but finite decodes
+    to values that overflow float32: one FormatError line, not an artifact of infinities."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    import rdonnx
+    from rdonnx.cli import main
+
+    rng = np.random.default_rng(0)
+    weights = [helper.make_tensor(n, TensorProto.FLOAT, s, rng.standard_normal(s).ravel()
+                                  .astype(np.float32)) for n, s in (("w1", (32, 64)),
+                                                                     ("w2", (64, 16)))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=rng.standard_normal((64, 32)).astype(np.float32))
+    result = rdonnx.compress(model, calib=calib, config=rdonnx.CompressConfig(
+        rate=0.3, method="surp", layer_distortion=False))
+    good = tmp_path / "good.rdonnx"
+    result.save(good)
+    version, manifest, data = split(good.read_bytes())
+    manifest["surp"]["alpha"] = 1e30
+    bad = tmp_path / "bad.rdonnx"
+    bad.write_bytes(assemble(version, json.dumps(manifest), data))
+    assert main(["decompress", str(good), "-o", str(tmp_path / "g.onnx"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["decompress", str(bad), "-o", str(tmp_path / "b.onnx"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rdonnx: error: ") and err.count("\n") == 1 and "overflow" in err
+    assert not (tmp_path / "b.onnx").exists()
