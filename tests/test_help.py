@@ -79,6 +79,8 @@ def test_ctrl_c_during_start_up_prints_one_line(tmp_path, delay):
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    # 130, or killed by SIGINT (-2; a shell shows 130 too): CPython exits that way when a
+    # nested PyRun (pybind11 module init) saw the KeyboardInterrupt, even once it is handled
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert err == "rdonnx: aborted\n"
     assert list(tmp_path.iterdir()) == []
