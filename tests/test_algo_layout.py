@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 from rdonnx.algo.layout import LayerInput, SecondMoments
 from rdonnx.flow.curves import exposed_tensors, record
-from rdonnx.graph.layers import layer_inputs
+from rdonnx.graph.layers import layer_inputs, output_axes
 from rdonnx.graph.model import load_model
 from rdonnx.graph.weights import find_weights
 from rdonnx.runtime.data import DataOptions, input_specs, make_batches
@@ -439,3 +439,25 @@ def test_record_streams_the_moments_of_an_intermediate_tensor():
     # the replayed outputs are the model's own outputs, not the exposed tensor
     for feed, outputs in replay:
         assert len(outputs) == 1 and outputs[0].shape == (feed["x"].shape[0], 4)
+
+
+def test_output_axes_follow_the_layer_rows_and_default_to_axis_0():
+    """Quantization channels: LSTM W and R per gate row (axis 1), ConvTranspose per output
+    channel (axis 1), a weight reached through Transpose on axis 0, a vector on none."""
+    rng = _rng(8)
+    model = load_model(_lstm())
+    assert output_axes(model, find_weights(model, min_params=1)) == {"W": 1, "R": 1}
+    w = rng.standard_normal((4, 6, 3, 3)).astype(np.float32)
+    proto = make_model([helper.make_node("ConvTranspose", ["x", "W"], ["y"])],
+                       [vi("x", F, ["N", 4, 5, 5])], [_y()], {"W": w})
+    model = load_model(proto)
+    assert output_axes(model, find_weights(model, min_params=1)) == {"W": 1}
+    arrays = {"W": rng.standard_normal((6, 8)).astype(np.float32),
+              "b": rng.standard_normal(8).astype(np.float32)}
+    proto = make_model([helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+                        helper.make_node("MatMul", ["x", "Wt"], ["h"]),
+                        helper.make_node("Add", ["h", "b"], ["y"])],
+                       [vi("x", F, ["N", 8])], [_y()], arrays)
+    model = load_model(proto)
+    weights = find_weights(model, min_params=1, include=["b"])
+    assert output_axes(model, weights) == {"W": 0, "b": None}

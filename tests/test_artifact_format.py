@@ -174,7 +174,7 @@ DAMAGED: dict[str, Callable[[Layout], bytes]] = {
     "onnx-file": lambda lay: onnx.helper.make_model(onnx.helper.make_graph(
         [], "g", [], [])).SerializeToString(),
     "zip-file": lambda lay: b"PK\x03\x04" + bytes(200),
-    "version-3": lambda lay: _patch(lay.blob, "<H", 8, 3),  # 2 is SuRP; 3 is unknown
+    "version-4": lambda lay: _patch(lay.blob, "<H", 8, 4),  # 2: SuRP, 3: channels; 4 unknown
     "version-0": lambda lay: _patch(lay.blob, "<H", 8, 0),
     "version-65535": lambda lay: _patch(lay.blob, "<H", 8, 0xFFFF),
     "manifest-length-huge": lambda lay: _patch(lay.blob, "<I", 12, 0xFFFFFFFF),
@@ -310,7 +310,7 @@ def test_damaged_file_on_the_command_line(small, tmp_path, cli, name):
 
 
 def test_format_errors_say_what_is_wrong(small, tmp_path):
-    cases = {"wrong-magic": "not an .rdonnx file", "version-3": "format version 3",
+    cases = {"wrong-magic": "not an .rdonnx file", "version-4": "format version 4",
              "manifest-length-huge": "manifest", "flip-manifest": "checksum",
              "flip-graph": "checksum", "flip-streams": "checksum",
              "shape-2^40": "shape", "truncated-streams": "truncated|outside"}
@@ -501,7 +501,7 @@ def test_per_row_steps_round_trip_and_refuse_bad_steps(tmp_path):
     bad = write_coded(tmp_path, q, np.array([0.5, -1.0, 0.5, 0.5, 0.5], np.float32), step_axis=1)
     with pytest.raises(FormatError, match="steps must be positive"):
         decode_all(read_artifact(bad))
-    blob = write_coded(tmp_path, q, np.ones(3, np.float32), step_axis=2).read_bytes()
+    blob = write_coded(tmp_path, q, np.full(3, 0.3, np.float32), step_axis=2).read_bytes()
     length = HEADER.unpack_from(blob)[3]
     manifest = json.loads(zstandard.ZstdDecompressor().decompress(
         blob[HEADER.size:HEADER.size + length]))

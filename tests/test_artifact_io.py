@@ -17,7 +17,8 @@ import pytest
 from conftest import BUNDLED, PRUNABLE_CASES, Case, calib_feed, listing
 
 import rdonnx
-from rdonnx.algo.quantize import quantize
+from rdonnx.algo import grids
+from rdonnx.algo.quantize import quantize, row_view
 from rdonnx.artifact.format import HEADER, MAGIC, read_artifact
 from rdonnx.artifact.parallel import decode_all
 from rdonnx.graph.model import tensor_slots
@@ -143,7 +144,8 @@ def _check_coding(result, path: Path) -> None:
     # and the streams really occupy that many bits in the file
     for t in entries.values():
         assert t["bits"]["positions"] == 8 * t["positions"]["length"]
-        assert t["bits"]["values"] == 8 * t["values"]["length"]
+        side = t.get("steps", t.get("codebook", {"length": 0}))["length"]  # values' side info
+        assert t["bits"]["values"] == 8 * (t["values"]["length"] + side)
     streams = sum(t["positions"]["length"] + t["values"]["length"] for t in entries.values())
     assert streams + manifest["graph"]["length"] + HEADER.size < size
     for w in report.weights:
@@ -203,8 +205,12 @@ def test_value_bits_reported(mlp, tmp_path):
     manifest = read_artifact(path).manifest
     assert manifest["metrics"]["value_bits"] == 8
     assert manifest["settings"]["value_bits"] == 8
-    for q in result.quantized.values():
-        assert int(np.abs(q.q).max()) == 127
+    plain = _compress(mlp, value_bits=8, rdoq=False)  # the fitted grid, nearest levels
+    for name, q in plain.quantized.items():  # 8-bit levels, no worse than the unclipped grid
+        assert int(np.abs(q.q).max()) <= 127
+        pruned = plain.pruned[name]
+        unclipped = quantize(pruned, 8).values(np.float32)
+        assert np.sum((q.values(np.float32) - pruned) ** 2) <= np.sum((unclipped - pruned) ** 2)
     assert {t["encoding"] for t in manifest["tensors"]} == {"quantized"}
     # 8 bits: the values stream costs more than at the automatic (fewer) bits
     auto = _compress(mlp)
@@ -249,11 +255,15 @@ def test_lossless_unpruned_keeps_the_embedding(int64_model, tmp_path):
     default.save(path)
     embedding = _initializers(rdonnx.load(path))["embedding"]
     assert not np.array_equal(embedding, source)
-    step = default.quantized["embedding"].step
-    assert np.abs(embedding - source).max() <= step / 2 + np.spacing(np.abs(source)).max()
+    q = default.quantized["embedding"]
+    step = q.step if q.axis is None else row_view(q.step, source.ndim, q.axis)
+    # the nearest level, the one on the other side (RDOQ) or zero; or clipped by the grid fit
+    error = np.abs(embedding - source)
+    assert np.all((error <= step + 1e-6) | (embedding == 0) |
+                  (np.abs(embedding) >= np.abs(source).max() / 4))
     assert np.count_nonzero(embedding) >= 0.9 * source.size  # quantized, not pruned
     entry = {t["name"]: t for t in read_artifact(path).manifest["tensors"]}["embedding"]
-    assert entry["encoding"] == "quantized"
+    assert entry["encoding"] in ("quantized", "quantized-channels")
 
     lossless = _compress(int64_model, lossless_unpruned=True)
     assert "embedding" not in lossless.quantized and "embedding" not in lossless.weights
@@ -434,9 +444,14 @@ def test_cli_bits_per_weight(cli, tmp_path, mlp):
 
 
 def test_quantize_reference_matches_artifact_levels(mlp, tmp_path):
-    """The artifact's levels are `quantize(pruned, value_bits)` of the pruned weights."""
-    result = _compress(mlp, value_bits=6)
-    for name, pruned in result.pruned.items():
-        expected = quantize(pruned, 6)
-        assert np.array_equal(result.quantized[name].q, expected.q)
-        assert result.quantized[name].step == expected.step
+    """The artifact's levels are the fitted grid's (`grids.choose`), RD-rounded, of the pruned
+    weights; without RDOQ plain rounding on that grid."""
+    for rdoq in (False, True):
+        result = _compress(mlp, value_bits=6, rdoq=rdoq)
+        for name, pruned in result.pruned.items():
+            grid = grids.choose(pruned, 6, 1)  # MatMul [in, out]: output channels on axis 1
+            q = grids.round_to(pruned, grid, 6)
+            if rdoq:
+                q = grids.rdoq(pruned, q, grid, 6)
+            assert np.array_equal(result.quantized[name].q, q)
+            assert np.array_equal(np.ravel(result.quantized[name].step), grid.steps)

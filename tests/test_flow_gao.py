@@ -13,7 +13,6 @@ from conftest import BUNDLED, assert_usage_error, calib_feed, write_coded
 
 import rdonnx
 from rdonnx.algo.kmeans import kmeans_quantize, weighted_error
-from rdonnx.algo.quantize import quantize
 from rdonnx.artifact.format import FormatError, read_artifact
 from rdonnx.artifact.parallel import decode_all
 from rdonnx.artifact.sizes import stream_bits
@@ -165,7 +164,7 @@ def test_kmeans_not_worse_than_uniform_on_a_layer(mlp):
             for q in ("uniform", "kmeans")}
     for name, pruned in runs["kmeans"].pruned.items():
         assert pruned.tobytes() == runs["uniform"].pruned[name].tobytes()
-        uniform = quantize(pruned, 4).values(np.float32)
+        uniform = runs["uniform"].quantized[name].values(np.float32)
         assert runs["uniform"].weights[name].tobytes() == uniform.tobytes()
         assert weighted_error(pruned, runs["kmeans"].weights[name]) <= \
             weighted_error(pruned, uniform) * (1 + 1e-9)

@@ -508,3 +508,17 @@ def test_plot_without_curves_draws_without_warnings(mlp, tmp_path, capsys, recwa
     assert code == 0, err
     assert plot.read_bytes()[:8] == PNG_MAGIC
     assert [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)] == []
+
+
+@pytest.mark.parametrize("method", ["rd", "lamp"])
+def test_a_bound_only_exact_values_meet_is_met_with_exact_values(mlp, method):
+    """No value width up to 16 bits meets a bound of 1e-15: the result keeps the values exact
+    (the original model here, losslessly coded) with a notice, instead of exit 2."""
+    result = rdonnx.compress(mlp.path, max_distortion=1e-15, calib=mlp.calib, method=method,
+                             config=replace(FAST, format="rdonnx"))
+    assert result.quantized == {}
+    assert any("kept exact" in n for n in result.report.notices)
+    assert result.report.calibration.distortion <= 1e-15
+    originals = {t.name: numpy_helper.to_array(t) for t in onnx.load(mlp.path).graph.initializer}
+    for name, value in result.weights.items():
+        assert np.array_equal(value[value != 0], originals[name][value != 0])

@@ -230,11 +230,11 @@ def test_gptq_never_increases_layer_error_over_plain_rounding(case, tmp_path):
 
 
 def test_gptq_grid_is_the_best_of_the_candidate_grids(bundled_cnn, bundled_mlp):
-    """The stored grid is the candidate (per-row or per-tensor span, times each CLIP_SCALES)
-    whose reconstruction has the least layer error; the per-tensor full span is a candidate,
-    so the choice is never worse than the single grid of a plain GPTQ pass."""
+    """The stored grid is the candidate (fitted per row, unclipped per row, fitted per tensor)
+    whose reconstruction has the least layer error, per-row side bits charged at 4x the error
+    per bit a survivor."""
+    from rdonnx.algo import grids as grid_fits
     from rdonnx.algo.obs import reconstruct_weight
-    from rdonnx.flow.calibration import CLIP_SCALES
 
     cfg = mode_config("gptq")
     for case in (bundled_cnn, bundled_mlp):
@@ -244,20 +244,19 @@ def test_gptq_grid_is_the_best_of_the_candidate_grids(bundled_cnn, bundled_mlp):
             original, hessian = cal.originals[w.name], cal.hessian(w.name)
             new, q = cal.compress_weight(w, keep, cfg, 4)
             exact, _ = cal.compress_weight(w, keep, cfg)
-            grids = list(cal._grids(exact, entry.row_axis, 4))
-            assert len(grids) == 2 * len(CLIP_SCALES) and grids[-len(CLIP_SCALES)][1] is None
+            candidates = cal.gptq_grids(w.name, exact, 4)
+            assert [g.axis for g in candidates] == [entry.row_axis, entry.row_axis, None]
             errors = [weight_error(original, reconstruct_weight(
                 original, entry, hessian, keep=cal.rankings[w.name].mask(keep),
-                step=steps if axis is None else row_view(steps, exact.ndim, axis), levels=7,
-                percdamp=cfg.damp), entry, hessian) for steps, axis in grids]
-            # per-row steps pay 32 bits each: 4x the error per bit per weight
-            costs = [e * (1.0 if axis is None else 4.0 ** (32 * np.size(steps) / w.size))
-                     for e, (steps, axis) in zip(errors, grids)]
+                step=g.broadcast(exact.ndim), levels=7, percdamp=cfg.damp), entry, hessian)
+                for g in candidates]
+            survivors = np.count_nonzero(exact)
+            costs = [e * (1.0 if g.axis is None else 4.0 ** (grid_fits.side_bits(g) / survivors))
+                     for e, g in zip(errors, candidates)]
             best = int(np.argmin(costs))
             chosen = weight_error(original, new, entry, hessian)
             assert chosen == pytest.approx(errors[best], rel=1e-6), w.name
-            assert q.axis == grids[best][1]
-            assert q.axis in (None, entry.row_axis)
+            assert q.axis == candidates[best].axis
             assert np.array_equal(q.values(np.float32), new)
 
 
@@ -739,9 +738,9 @@ def test_reconstructed_curves_refused_on_the_cli(bundled_mlp, cli, tmp_path):
 
 
 def test_per_row_grid_wins_on_rows_of_very_different_scales(tmp_path):
-    """A 512 x 64 MatMul whose output columns differ 100x in scale: the per-row grid (0.06
-    bits per weight of steps) beats one grid for the tensor; the artifact stores
-    "quantized-rows" and decodes to exactly the measured weights."""
+    """A 512 x 64 MatMul whose output columns differ 100x in scale: the per-row grid (a few
+    bits of log-scale step per row) beats one grid for the tensor; the artifact stores
+    "quantized-channels" and decodes to exactly the measured weights."""
     rng = np.random.default_rng(11)
     w = (rng.standard_normal((512, 64)) * np.logspace(-2, 0, 64)[None, :]).astype(np.float32)
     graph = helper.make_graph(
@@ -759,5 +758,6 @@ def test_per_row_grid_wins_on_rows_of_very_different_scales(tmp_path):
     path = tmp_path / "rows.rdonnx"
     result.save(path)
     artifact = read_artifact(path)
-    assert artifact.tensors[0].encoding == "quantized-rows"
+    assert artifact.tensors[0].encoding == "quantized-channels"
+    assert artifact.tensors[0].steps.length <= 2 * 64 + 8  # not 4 bytes a row
     assert decode_all(artifact)["w"].tobytes() == result.weights["w"].tobytes()

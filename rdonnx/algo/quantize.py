@@ -72,7 +72,7 @@ def quantize(weight: np.ndarray, bits: int) -> Quantized:
     return Quantized(q, step)
 
 
-AUTO_BITS = (4, 5, 6, 7, 8, 10, 12, 16)
+AUTO_BITS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
 
 
 @dataclass(frozen=True)
@@ -85,18 +85,30 @@ class BitsChoice:
     distortion: object  # the `Distortion` measured with these values
 
 
-def choose_bits(make, measure, limit: float | None, bits: int | None = None) -> BitsChoice:
-    """The fewest bits whose measured distortion is within `limit` (or exactly `bits`).
+def choose_bits(make, measure, limit: float | None, bits: int | None = None
+                ) -> BitsChoice | None:
+    """The fewest bits of `AUTO_BITS` whose measured distortion is within `limit` (bisection:
+    distortion falls as bits grow), or exactly `bits`; None when even the widest misses.
 
     `make(bits)` returns (values, quantized) dicts for that width; `measure(values)` returns
     (figure, distortion).
     """
-    candidates = (bits,) if bits is not None else AUTO_BITS
-    choice = None
-    for b in candidates:
+    def at(b: int) -> tuple[BitsChoice, bool]:
         values, quantized = make(b)
         figure, distortion = measure(values)
-        choice = BitsChoice(b, quantized, values, distortion)
-        if limit is None or figure <= limit:
-            break
-    return choice
+        return BitsChoice(b, quantized, values, distortion), limit is None or figure <= limit
+
+    if bits is not None or limit is None:
+        return at(AUTO_BITS[0] if bits is None else bits)[0]
+    lo, hi = 0, len(AUTO_BITS) - 1
+    best, ok = at(AUTO_BITS[hi])
+    if not ok:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        choice, ok = at(AUTO_BITS[mid])
+        if ok:
+            best, hi = choice, mid
+        else:
+            lo = mid + 1
+    return best

@@ -239,13 +239,22 @@ def rd_dp(inputs: Allocation, rate: float, units: int = 2000) -> dict[str, int]:
     sizes = inputs.sizes()
     total = target_count(sizes, rate)
     unit = max(sum(sizes.values()) / units, 1.0)
-    budget = int(np.floor(total / unit + 1e-9))
-    best = np.zeros(budget + 1)
-    choices = []
     points = _curve_points(inputs)
-    for name in sizes:
-        kept, distortion = points[name]
-        cost = np.ceil(kept / unit - 1e-9).astype(np.int64)
+    picks = knapsack([(np.ceil(points[n][0] / unit - 1e-9).astype(np.int64), points[n][1])
+                      for n in sizes], int(np.floor(total / unit + 1e-9)))
+    if picks is None:
+        raise UsageError(f"rate {rate} is below the smallest density of the R-D grid; "
+                         "calibrate with a --grid that reaches lower")
+    exact = {n: float(points[n][0][j]) for n, j in zip(sizes, picks)}
+    return round_counts(exact, sizes, total)
+
+
+def knapsack(items: Sequence[tuple[np.ndarray, np.ndarray]], budget: int) -> list[int] | None:
+    """One choice per item (integer costs, distortions) minimising the summed distortion with
+    the summed cost at most `budget`, by dynamic programming; None when nothing fits."""
+    best = np.zeros(budget + 1)
+    picks = []
+    for cost, distortion in items:
         new = np.full(budget + 1, np.inf)
         pick = np.full(budget + 1, -1, dtype=np.int64)
         for j, (c, d) in enumerate(zip(cost, distortion)):
@@ -256,16 +265,15 @@ def rd_dp(inputs: Allocation, rate: float, units: int = 2000) -> dict[str, int]:
             better = cand < new
             new[better], pick[better] = cand[better], j
         best = new
-        choices.append((name, pick, cost))
+        picks.append((pick, cost))
     if not np.isfinite(best[budget]):
-        raise UsageError(f"rate {rate} is below the smallest density of the R-D grid; "
-                         "calibrate with a --grid that reaches lower")
-    exact, b = {}, budget
-    for name, pick, cost in reversed(choices):
+        return None
+    chosen, b = [], budget
+    for pick, cost in reversed(picks):
         j = int(pick[b])
-        exact[name] = float(points[name][0][j])
+        chosen.append(j)
         b -= int(cost[j])
-    return round_counts(exact, sizes, total)
+    return chosen[::-1]
 
 
 def predicted(inputs: Allocation, keep: Mapping[str, int]) -> float:

@@ -3,9 +3,8 @@
 Each weight gets operating points (density d on the R-D grid, value width b): the estimated
 coded size n * H2(d) + nnz * (H(|levels|) + H(sign)) from its own quantized survivors, and the
 predicted distortion D(d) + d * Q(b), with D the measured pruning curve and Q(b) the measured
-distortion of quantizing the whole weight to b bits. The lower convex hull of each weight's
-points is walked in order of distortion saved per bit, as for `allocate.rd`, without splitting
-a step: the budget is never exceeded.
+distortion of quantizing the whole weight to b bits. One point per weight is chosen by dynamic
+programming over the budget (`allocate.knapsack`): the budget is never exceeded.
 """
 
 from __future__ import annotations
@@ -15,14 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rdonnx.algo import grids
 from rdonnx.algo.prune import Ranking
 from rdonnx.algo.quantize import Quantized, quantize
-from rdonnx.allocate.allocators import hull
+from rdonnx.allocate.allocators import knapsack
 from rdonnx.errors import UsageError
 
 Quantizer = Callable[[np.ndarray, int], Quantized]  # (pruned weight, bits) -> quantized
 
-JOINT_VALUE_BITS = (3, 4, 5, 6, 7, 8)
+JOINT_VALUE_BITS = (2, 3, 4, 5, 6, 7, 8)  # measured value curves
+WIDE_BITS = (10, 12, 16)  # also offered, predicted (`with_wide_widths`)
+JOINT_UNITS = 4096  # budget steps of the joint allocation's dynamic programming
 
 
 @dataclass(frozen=True)
@@ -35,26 +37,26 @@ class Option:
     distortion: float  # predicted output distortion of this weight alone
 
 
-def _entropy(counts: np.ndarray) -> float:
-    counts = counts[counts > 0].astype(np.float64)
-    p = counts / counts.sum()
-    return float(-(counts * np.log2(p)).sum())
-
-
 def estimate_bits(weight: np.ndarray, mask: np.ndarray, bits: int,
                   quantizer: Quantizer = quantize) -> float:
     """i.i.d. entropy estimate of the coded tensor: positions plus quantized survivors (plus
-    32 bits per centroid of a k-means codebook)."""
+    32 bits per centroid of a k-means codebook, or the coded per-channel steps)."""
     quantized = quantizer(np.where(mask, weight, 0), bits)
     q = quantized.q
-    levels = q[q != 0]
-    n, nnz = q.size, levels.size
-    positions = _entropy(np.array([nnz, n - nnz]))
+    nnz = int(np.count_nonzero(q))
     table = 0 if quantized.codebook is None else 32 * quantized.codebook.size
-    if nnz == 0:
-        return positions + table
-    signs = _entropy(np.array([(levels > 0).sum(), (levels < 0).sum()]))
-    return positions + table + signs + _entropy(np.bincount(np.abs(levels)))
+    if quantized.axis is not None:  # per-channel steps on the log scale
+        table += grids.side_bits(grids.Grid(np.ravel(quantized.step), quantized.axis))
+    return grids.entropy_bits(np.array([nnz, q.size - nnz])) + table + grids.level_bits(q)
+
+
+def with_wide_widths(quantization: Mapping[int, float]) -> dict[int, float]:
+    """Measured Q(b) plus widths of `WIDE_BITS`, predicted from the widest measured one at the
+    high-rate slope (4x less distortion a bit): bounds tighter than 8 bits allow stay
+    reachable without probing every width."""
+    widest = max(quantization)
+    return {**quantization, **{b: quantization[widest] * 4.0 ** (widest - b)
+                               for b in WIDE_BITS if b > widest}}
 
 
 def options_for(weight: np.ndarray, ranking: Ranking, grid: Sequence[float],
@@ -70,29 +72,24 @@ def options_for(weight: np.ndarray, ranking: Ranking, grid: Sequence[float],
     return options
 
 
-def allocate_joint(options: Mapping[str, Sequence[Option]], budget: float) -> dict[str, Option]:
-    """The options minimising summed predicted distortion within `budget` estimated bits."""
-    hulls: dict[str, list[Option]] = {}
-    for name, opts in options.items():
-        costs = np.array([o.cost for o in opts])
-        distortions = np.array([o.distortion for o in opts])
-        xs, ys = hull(costs, distortions)
-        by_point = {(c, d): o for c, d, o in zip(costs, distortions, opts)}
-        hulls[name] = [by_point[(x, y)] for x, y in zip(xs, ys)]
-    chosen = {name: 0 for name in hulls}
-    left = budget - sum(h[0].cost for h in hulls.values())
-    if left < -1e-5 * max(budget, 1.0):  # (callers round budgets to 6 significant digits)
-        raise UsageError("the bits budget is below the smallest coded size the grid allows; "
-                         "raise --bits-per-weight or calibrate a --grid that reaches lower")
-    segments = [((h[i].distortion - h[i + 1].distortion) / (h[i + 1].cost - h[i].cost), name, i)
-                for name, h in hulls.items() for i in range(len(h) - 1)]
-    for _, name, i in sorted(segments, key=lambda s: (-s[0], s[1], s[2])):
-        h = hulls[name]
-        step = h[i + 1].cost - h[i].cost
-        if chosen[name] == i and step <= left:
-            chosen[name] = i + 1
-            left -= step
-    return {name: hulls[name][i] for name, i in chosen.items()}
+def allocate_joint(options: Mapping[str, Sequence[Option]], budget: float,
+                   units: int = JOINT_UNITS) -> dict[str, Option]:
+    """The options minimising summed predicted distortion within `budget` estimated bits, by
+    dynamic programming over `units` steps of the budget: costs rounded to the nearest step
+    (up, if that choice would overrun the budget), so the budget is never exceeded. A hull
+    walk over such steps skips whole layers whose first step is large."""
+    names = list(options)
+    unit = max(budget, 1.0) / units
+    costs = [np.array([o.cost for o in options[n]]) / unit for n in names]
+    for rounding in (np.rint, lambda c: np.ceil(c - 1e-9)):
+        picks = knapsack([(rounding(c).astype(np.int64),
+                           np.array([o.distortion for o in options[n]]))
+                          for c, n in zip(costs, names)], units)
+        if picks is not None and sum(options[n][j].cost for n, j in zip(names, picks)) <= \
+                budget * (1 + 1e-12):
+            return {n: options[n][j] for n, j in zip(names, picks)}
+    raise UsageError("the bits budget is below the smallest coded size the grid allows; "
+                     "raise --bits-per-weight or calibrate a --grid that reaches lower")
 
 
 def cost_range(options: Mapping[str, Sequence[Option]]) -> tuple[float, float]:

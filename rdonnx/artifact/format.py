@@ -25,6 +25,7 @@ import zstandard
 from google.protobuf.message import DecodeError
 
 from rdonnx import bounded, strictjson
+from rdonnx.algo import grids
 from rdonnx.algo.quantize import dequantize
 from rdonnx.artifact.surp_stream import Coded, side_bits
 from rdonnx.codec import entropy
@@ -35,7 +36,9 @@ from rdonnx.fs import atomic_output
 MAGIC = b"RDONNX\r\n"
 FORMAT_VERSION = 1
 SURP_FORMAT_VERSION = 2  # written only for files holding a SuRP stream (`manifest["surp"]`)
-READ_VERSIONS = (FORMAT_VERSION, SURP_FORMAT_VERSION)
+CHANNELS_FORMAT_VERSION = 3  # written only for files holding "quantized-channels" tensors
+READ_VERSIONS = (FORMAT_VERSION, SURP_FORMAT_VERSION, CHANNELS_FORMAT_VERSION)
+ROW_ENCODINGS = ("quantized-rows", "quantized-channels")  # one step per index on `step_axis`
 HEADER = struct.Struct("<8sHHII")
 MAX_MANIFEST = 256 * 2**20
 MAX_ELEMENTS = 2**33  # per tensor: refuse larger declared shapes rather than allocate them
@@ -70,8 +73,8 @@ class TensorEntry:
     bits: dict[str, float] = field(default_factory=dict)  # positions, values, side, iid
     codebook: Section | None = None  # "codebook" encoding: K float32 centroids
     codebook_bytes: bytes = field(default=b"", repr=False)  # the centroids until placed
-    step_axis: int | None = None  # "quantized-rows": one float32 step per index on this axis
-    steps: Section | None = None  # "quantized-rows": the steps
+    step_axis: int | None = None  # ROW_ENCODINGS: one step per index on this axis
+    steps: Section | None = None  # ROW_ENCODINGS: float32 steps, or coded log-scale indices
     steps_bytes: bytes = field(default=b"", repr=False)  # the steps until placed
 
     @property
@@ -133,12 +136,12 @@ class Artifact:
     def decode_survivors(self, entry: TensorEntry, values: bytes, kept: np.ndarray | None
                          ) -> np.ndarray:
         """The kept entries' values in the tensor's dtype from its checked values section
-        (`kept` is needed by "quantized-rows" only)."""
+        (`kept` is needed by ROW_ENCODINGS only)."""
         dtype = entry_dtype(entry)
         with self._decoding(entry):
             if entry.encoding == "codebook":
                 survivors = self._decode_codebook(entry, values)
-            elif entry.encoding == "quantized-rows":
+            elif entry.encoding in ROW_ENCODINGS:
                 survivors = self._decode_rows(entry, values, kept)
             elif entry.encoding == "quantized":
                 levels = entropy.decode_values(values, entry.nnz)
@@ -162,10 +165,16 @@ class Artifact:
         """levels x the step of each kept entry's row (index along `step_axis`), in float32."""
         rows = entry.shape[entry.step_axis]
         blob = self.section(entry.steps, f"{entry.name} steps")
-        if len(blob) != 4 * rows:
+        if entry.encoding == "quantized-channels":
+            try:
+                steps = grids.step_of(grids.decode_steps(blob, rows))
+            except ValueError as exc:
+                raise FormatError(f"{self.where()}: {entry.name}: {exc}") from None
+        elif len(blob) != 4 * rows:
             raise FormatError(f"{self.where()}: {entry.name}: {len(blob)} bytes of steps for "
                               f"{rows} rows")
-        steps = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        else:
+            steps = np.frombuffer(blob, dtype="<f4").astype(np.float32)
         if not np.all(np.isfinite(steps) & (steps > 0)):
             raise FormatError(f"{self.where()}: {entry.name}: steps must be positive numbers")
         inner = math.prod(entry.shape[entry.step_axis + 1:])
@@ -212,7 +221,11 @@ def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarr
             table = 32 * int(np.asarray(codebook).size)
             value_bits, value_side = value_bits + table, value_side + table
         elif step_axis is not None:  # per-row steps, side information of the values too
-            encoding, table = "quantized-rows", 32 * int(shape[step_axis])
+            steps_bytes = _steps_bytes(np.asarray(step, dtype=np.float32).reshape(-1))
+            encoding = "quantized-channels" if steps_bytes is not None else "quantized-rows"
+            if steps_bytes is None:
+                steps_bytes = np.asarray(step, dtype="<f4").reshape(-1).tobytes()
+            table = 8 * len(steps_bytes)
             value_bits, value_side = value_bits + table, value_side + table
     else:
         mask = exact != 0
@@ -232,8 +245,17 @@ def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarr
     if codebook is not None:
         entry.codebook_bytes = np.asarray(codebook, dtype="<f4").tobytes()
     if step_axis is not None:
-        entry.steps_bytes = np.asarray(step, dtype="<f4").reshape(-1).tobytes()
+        entry.steps_bytes = steps_bytes
     return entry, pos.payload, values_blob
+
+
+def _steps_bytes(steps: np.ndarray) -> bytes | None:
+    """The coded log-scale indices of `steps` when every step lies on `grids`' log scale
+    (else None: raw float32 steps)."""
+    if not np.all(np.isfinite(steps) & (steps > 0)):
+        return None
+    index = grids.index_at_least(steps)
+    return grids.encode_steps(index) if np.array_equal(grids.step_of(index), steps) else None
 
 
 def write_artifact(path: Path, graph: onnx.ModelProto,
@@ -243,7 +265,8 @@ def write_artifact(path: Path, graph: onnx.ModelProto,
     """Write the container atomically; returns its size in bytes.
 
     `surp`: a SuRP stream and its manifest object (entries with encoding "surp" have empty
-    positions / values sections); the file then has format version 2."""
+    positions / values sections); the file then has format version 2 (3 with per-channel steps)."""
+
     chunks: list[bytes] = []
     offset = 0
 
@@ -264,10 +287,10 @@ def write_artifact(path: Path, graph: onnx.ModelProto,
         entry.positions, entry.values = place(positions), place(values)
         if entry.encoding == "codebook":
             entry.codebook = place(entry.codebook_bytes)
-        if entry.encoding == "quantized-rows":
+        if entry.encoding in ROW_ENCODINGS:
             entry.steps = place(entry.steps_bytes)
         tensors.append(_entry_json(entry))
-    file_version = FORMAT_VERSION if surp is None else SURP_FORMAT_VERSION
+    file_version = _file_version([e for e, _, _ in coded], surp is not None)
     extra = {} if surp is None else {"surp": {**surp[1], "stream": place(surp[0]).__dict__}}
     manifest = zstandard.ZstdCompressor(level=19).compress(strictjson.dumps({
         "format": "rdonnx", "format_version": file_version, "rdonnx_version": version,
@@ -280,6 +303,14 @@ def write_artifact(path: Path, graph: onnx.ModelProto,
         for chunk in chunks:
             f.write(chunk)
     return path.stat().st_size
+
+
+def _file_version(tensors: list[TensorEntry], surp: bool) -> int:
+    """The oldest format version that holds these encodings (older readers keep reading what
+    they can)."""
+    if any(t.encoding == "quantized-channels" for t in tensors):
+        return CHANNELS_FORMAT_VERSION
+    return SURP_FORMAT_VERSION if surp else FORMAT_VERSION
 
 
 def _entry_json(entry: TensorEntry) -> dict[str, Any]:
@@ -332,9 +363,9 @@ def read_artifact(source: str | os.PathLike | bytes) -> Artifact:
         if manifest.get("format") != "rdonnx" or manifest.get("format_version") != version:
             raise ValueError("format fields do not match the header")
         tensors = [_entry(t) for t in manifest["tensors"]]
-        if (version == SURP_FORMAT_VERSION) != ("surp" in manifest) or \
+        if _file_version(tensors, "surp" in manifest) != version or \
                 any(t.encoding == "surp" for t in tensors) != ("surp" in manifest):
-            raise ValueError("SuRP stream and SuRP tensors do not match the format version")
+            raise ValueError("the tensors' encodings do not match the format version")
         graph_section = Section(**{k: int(manifest["graph"][k])
                                    for k in ("offset", "length", "crc32")})
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
@@ -391,7 +422,7 @@ def _sections(graph: Section, tensors: list[TensorEntry], manifest: dict[str, An
 
 
 def _entry(data: dict[str, Any]) -> TensorEntry:
-    if data["encoding"] not in ("quantized", "quantized-rows", "exact", "codebook", "surp"):
+    if data["encoding"] not in ("quantized", *ROW_ENCODINGS, "exact", "codebook", "surp"):
         raise ValueError(f"unknown encoding {data['encoding']!r}")
     if data["dtype"] not in CODED_DTYPES:
         raise ValueError(f"{data['name']}: dtype {data['dtype']!r} is not a coded float type")
@@ -406,7 +437,7 @@ def _entry(data: dict[str, Any]) -> TensorEntry:
         if not (math.isfinite(step) and step > 0):
             raise ValueError(f"{data['name']}: step {step} is not a positive number")
     step_axis = None
-    if data["encoding"] == "quantized-rows":
+    if data["encoding"] in ROW_ENCODINGS:
         step_axis = int(data["step_axis"])
         if not 0 <= step_axis < len(shape):
             raise ValueError(f"{data['name']}: step axis {step_axis} is not an axis of {shape}")

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from rdonnx.algo import obs
+from rdonnx.algo import grids, obs
 from rdonnx.algo.kmeans import kmeans_quantize
 from rdonnx.algo.layout import LayerInput
 from rdonnx.algo.prune import Ranking, Scores
-from rdonnx.algo.quantize import Quantized, choose_bits, quantize, row_view
+from rdonnx.algo.quantize import Quantized, choose_bits
 from rdonnx.artifact.io import load_any
 from rdonnx.errors import UsageError
 from rdonnx.flow.config import CompressConfig
@@ -35,7 +35,7 @@ from rdonnx.flow.curves import (
     scores_for,
 )
 from rdonnx.flow.target import Realized
-from rdonnx.graph.layers import consumer_outputs, layer_inputs
+from rdonnx.graph.layers import consumer_outputs, layer_inputs, output_axes
 from rdonnx.graph.model import Model, simplify
 from rdonnx.graph.weights import Weight, find_codable, find_weights, read_weights
 from rdonnx.runtime.data import Batches, DataOptions, input_specs, make_batches, open_npz
@@ -44,7 +44,6 @@ from rdonnx.runtime.measure import Replay
 from rdonnx.runtime.session import Runner
 
 ModelSource = str | os.PathLike | onnx.ModelProto | bytes
-CLIP_SCALES = (1.0, 0.9, 0.8, 0.7)  # error-compensated quantization: grid spans tried
 ORIGINAL_INPUTS_MB = 256  # sequential mode: the last layer's original inputs kept up to this
 DataSource = str | os.PathLike | Mapping[str, np.ndarray] | None
 
@@ -66,6 +65,7 @@ class Calibration:
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # coded, not pruned
     notices: list[str] = field(default_factory=list)
     importance: dict[str, np.ndarray] = field(default_factory=dict)  # E[x^2] vs each weight
+    axes: dict[str, int | None] = field(default_factory=dict)  # output axis: a step each
     _hessians: dict[str, obs.Hessian] = field(default_factory=dict)
     _reconstructed: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     _original_inputs: tuple[str, list[list[np.ndarray]]] | None = None  # the last layer's
@@ -131,11 +131,19 @@ class Calibration:
 
     def quantize(self, name: str, array: np.ndarray, bits: int,
                  config: CompressConfig) -> Quantized:
-        """`array` quantized with the configured quantizer: a uniform grid, or a k-means
-        codebook weighted by the layer-input moments (plain k-means where none is seen)."""
+        """`array` quantized with the configured quantizer: a uniform grid (one step per
+        output channel where that pays, clipped by measured error, RD-optimised rounding when
+        configured), or a k-means codebook; both weighted by the layer-input moments where
+        they are seen."""
+        importance = self.importance.get(name)
         if config.quantizer == "kmeans":
-            return kmeans_quantize(array, bits, self.importance.get(name))
-        return quantize(array, bits)
+            return kmeans_quantize(array, bits, importance)
+        grid = grids.choose(array, bits, self.axes.get(name), importance)
+        q = grids.round_to(array, grid, bits)
+        if config.rdoq:
+            q = grids.rdoq(array, q, grid, bits, importance)
+        steps = grid.steps
+        return Quantized(q, float(steps[0]) if grid.axis is None else steps, axis=grid.axis)
 
     def compress_weight(self, w: Weight, keep: int, config: CompressConfig,
                         bits: int | None = None,
@@ -178,39 +186,34 @@ class Calibration:
                 self._reconstructed[key] = exact
         if bits is None:
             return exact, None
-        # the grid spans the reconstructed survivors (updates can outgrow the original range)
-        # of each output row (GPTQ's per-channel grid) or of the whole tensor, or clips them
-        # (GPTQ's scale search). The grid with the least layer error wins, the per-row steps'
-        # 32 bits each charged at the high-rate slope: one bit per weight buys 4x less error
+        # the grids of plain rounding (`grids`), fitted to the reconstructed survivors (updates
+        # can outgrow the original range): per output row and per tensor, clipped by measured
+        # error, and per row unclipped. The grid with the least layer error after error
+        # feedback wins, side bits charged at the high-rate slope (one bit a survivor buys 4x
+        # less error)
         entry, levels = self.inputs[w.name], 2 ** (bits - 1) - 1
+        survivors = max(int(np.count_nonzero(exact)), 1)
         best = None
-        for steps, axis in self._grids(exact, entry.row_axis, bits):
-            step = steps if axis is None else row_view(steps, exact.ndim, axis)
+        for grid in self.gptq_grids(w.name, exact, bits):
+            step = grid.broadcast(exact.ndim)
             new = obs.reconstruct_weight(original, entry, hessian, step=step, levels=levels,
                                          **options)
-            side = 0.0 if axis is None else 32.0 * np.size(steps) / max(original.size, 1)
-            error = obs.weight_error(original, new, entry, hessian) * 4.0 ** side
+            side = 0 if grid.axis is None else grids.side_bits(grid)
+            error = obs.weight_error(original, new, entry, hessian) * 4.0 ** (side / survivors)
             if best is None or error < best[0]:
-                best = (error, steps, axis, step, new)
-        _, steps, axis, step, new = best
-        q = Quantized(np.rint(new.astype(np.float32) / step).astype(np.int32), steps, axis=axis)
+                best = (error, grid, step, new)
+        _, grid, step, new = best
+        q = Quantized(np.rint(new.astype(np.float32) / step).astype(np.int32),
+                      float(grid.steps[0]) if grid.axis is None else grid.steps, axis=grid.axis)
         return q.values(original.dtype), q
 
-    @staticmethod
-    def _grids(exact: np.ndarray, row_axis: int, bits: int):
-        """Candidate grids (steps, axis) for `bits`: one step per row along `row_axis`, then one
-        for the tensor (axis None), each spanning the largest magnitude times every
-        CLIP_SCALES."""
-        rows = np.moveaxis(np.abs(exact.astype(np.float32)), row_axis, 0)
-        rows = rows.reshape(exact.shape[row_axis], -1)
-        span = rows.max(axis=1) if rows.size else np.zeros(rows.shape[0], np.float32)
-        per_row = np.where(span > 0, span / np.float32(2 ** (bits - 1) - 1), 1.0)
-        per_row = per_row.astype(np.float32)
-        tensor = np.float32(quantize(exact, bits).step)
-        for clip in CLIP_SCALES:
-            yield (per_row * np.float32(clip)).astype(np.float32), row_axis
-        for clip in CLIP_SCALES:
-            yield float(np.float32(tensor * np.float32(clip))), None
+    def gptq_grids(self, name: str, exact: np.ndarray, bits: int) -> list[grids.Grid]:
+        """The grids error-compensated quantization tries: fitted per output row, unclipped
+        per row, fitted per tensor (to the reconstructed survivors)."""
+        row_axis, importance = self.inputs[name].row_axis, self.importance.get(name)
+        return [grids.fit(exact, bits, row_axis, importance)[0],
+                grids.unclipped(exact, bits, row_axis),
+                grids.fit(exact, bits, None, importance)[0]]
 
     def pattern_mask(self, name: str, n_m: tuple[int, int]) -> np.ndarray:
         """N of every M consecutive inputs kept per output row, by the in-layer scores."""
@@ -320,6 +323,11 @@ class Calibration:
             choice = choose_bits(lambda b: make(lambda _: b), measure, limit, config.value_bits)
         except ValueError as exc:
             raise UsageError(f"cannot quantize: {exc}; pass --values exact") from None
+        if choice is None:  # no width up to 16 bits stays within the value budget
+            notice = "values kept exact where 16 bits would exceed the --value-budget"
+            if notice not in self.notices:
+                self.notices.append(notice)
+            return Realized(rate, keep, pruned, pruned, {}, {}, self.distortion(pruned, config))
         return Realized(rate, keep, pruned, choice.values, choice.quantized,
                         {n: choice.bits for n in choice.quantized}, choice.distortion)
 
@@ -402,7 +410,7 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
         raise UsageError("--metric kl needs an output of class scores [batch, classes]; "
                          "use --metric nmse, nmse-channel or cosine")
     scores = scores_for(weights, originals, config.criterion, inputs, moments)
-    importance = {n: m.moments(originals[n].shape) for n, m in moments.items()} if kmeans else {}
+    importance = {n: m.moments(originals[n].shape) for n, m in moments.items()}
     plain = [w.name for w in weights if w.name not in importance] + [w.name for w in extra]
     if kmeans and plain:
         notices.append(f"k-means without layer-input moments (importance 1, plain k-means) for "
@@ -413,7 +421,7 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
     return Calibration(loaded, weights, originals, runner, replay, scores,
                        {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
                        inputs, read_weights(loaded, extra), notices,
-                       importance=importance)
+                       importance=importance, axes=output_axes(loaded, weights + extra))
 
 
 def measure_all_curves(cal: Calibration, config: CompressConfig, quiet: bool = True) -> Curves:

@@ -127,9 +127,14 @@ class CompressConfig:
     value_budget: float = option(
         0.02, "Share of the measured distortion that quantization may add.")
     quantizer: str = option(
-        "uniform", "Quantized values: a uniform grid per tensor, or a k-means codebook of "
-        "2^b - 1 centroids weighted by E[x^2] of the layer input (Gao et al.; plain k-means "
-        "where no input is seen). Not with --reconstruct.", choices=QUANTIZERS)
+        "uniform", "Quantized values: a uniform grid (a step per output channel where that "
+        "pays, clipped by measured error), or a k-means codebook of 2^b - 1 centroids weighted "
+        "by E[x^2] of the layer input (Gao et al.; plain k-means where no input is seen). Not "
+        "with --reconstruct.", choices=QUANTIZERS)
+    rdoq: bool = option(
+        False, "Uniform grid: round each value to the neighbouring level (or zero) that lowers "
+        "distortion + lambda x coded bits (lambda: the grid's own slope); smaller files, but "
+        "more output distortion per bit saved on the digits models.")
     lossless_unpruned: bool = option(
         False, "Keep large unpruned tensors (embeddings...) exact instead of quantized.")
     reconstruct: bool = option(

@@ -9,7 +9,13 @@ from dataclasses import replace
 import numpy as np
 
 from rdonnx.allocate.allocators import ALLOCATORS, SOLVERS, Allocation
-from rdonnx.allocate.joint import JOINT_VALUE_BITS, allocate_joint, cost_range, options_for
+from rdonnx.allocate.joint import (
+    JOINT_VALUE_BITS,
+    allocate_joint,
+    cost_range,
+    options_for,
+    with_wide_widths,
+)
 from rdonnx.artifact.sizes import stream_bits
 from rdonnx.errors import UsageError
 from rdonnx.flow.calibration import (
@@ -105,7 +111,7 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
         curves = _with_value_curves(cal, config, curves, quiet)
         options = {w.name: options_for(cal.originals[w.name], cal.rankings[w.name],
                                        curves.grid, curves.distortion[w.name],
-                                       curves.values[w.name],
+                                       with_wide_widths(curves.values[w.name]),
                                        lambda a, b, n=w.name: cal.quantize(n, a, b, config))
                    for w in cal.weights}
 
@@ -117,8 +123,13 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
             r.coded_bits = coded_bits(r)
             return r
 
-        return (*meet_budget(config.target, config.metric, realize_budget, cost_range(options),
-                             sum(sizes.values())), curves)
+        try:
+            return (*meet_budget(config.target, config.metric, realize_budget,
+                                 cost_range(options), sum(sizes.values())), curves)
+        except UsageError:
+            if target.kind == "bits":
+                raise
+            return (*_exact_values(cal, search, config), curves)
     if target.bound and free_bits:  # other allocators: one value width for all, the smallest file
         candidates = []
         for bits in JOINT_BITS:
@@ -127,12 +138,20 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
             except UsageError:  # this width cannot meet the bound at any rate
                 continue
         if not candidates:
-            raise UsageError("no rate and value width meets the bound; loosen it or pass "
-                             "--values exact")
+            return (*_exact_values(cal, search, config), curves)
         chosen, steps = min(candidates, key=lambda c: coded_bits(c[0]))
         chosen.coded_bits = coded_bits(chosen)
         return chosen, steps, curves
     return (*search(config), curves)
+
+
+def _exact_values(cal: Calibration, search: Callable, config: CompressConfig
+                  ) -> tuple[Realized, list[RatePoint]]:
+    """The smallest rate that meets the bound with exact values (at worst every weight kept:
+    the original model, losslessly coded), when no quantized candidate does."""
+    cal.notices.append("no quantized candidate meets the bound (value widths up to 16 bits): "
+                       "values are kept exact, losslessly coded")
+    return search(replace(config, values="exact"))
 
 
 def _with_value_curves(cal: Calibration, config: CompressConfig, curves: Curves,

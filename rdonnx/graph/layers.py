@@ -40,6 +40,24 @@ def layer_inputs(model: Model, weights: Sequence[Weight]) -> dict[str, LayerInpu
     return result
 
 
+def output_axes(model: Model, weights: Sequence[Weight]) -> dict[str, int | None]:
+    """The axis of each tensor's output channels (one quantization step each): the layer's
+    output rows where its layer input is known, the gate rows (axis 1) of LSTM / GRU / RNN
+    weights, else axis 0 (the rows of an embedding table); None for vectors."""
+    entries = layer_inputs(model, weights)
+    recurrent = {name for node in _all_nodes(model) if node.op_type in ("LSTM", "GRU", "RNN")
+                 for name in node.input[1:3]}
+    axes: dict[str, int | None] = {}
+    for w in weights:
+        if w.name in entries:
+            axes[w.name] = entries[w.name].row_axis
+        elif len(w.shape) == 3 and w.name in recurrent:
+            axes[w.name] = 1
+        else:
+            axes[w.name] = 0 if len(w.shape) >= 2 else None
+    return axes
+
+
 def _all_nodes(model: Model):
     for graph in iter_graphs(model.proto.graph):
         yield from graph.node
