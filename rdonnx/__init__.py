@@ -1,23 +1,54 @@
 """rdonnx: rate-distortion-optimised pruning and compression of any ONNX model."""
 
-from rdonnx.api import (
-    CompressConfig,
-    CompressResult,
-    Curves,
-    Inspection,
-    calibrate,
-    compress,
-    evaluate,
-    inspect,
-)
-from rdonnx.artifact.io import decompress, load, open_session
+import importlib
+from typing import TYPE_CHECKING
+
 from rdonnx.errors import UsageError
-from rdonnx.report.records import Evaluation, Report, WeightReport
-from rdonnx.runtime.data import DataOptions
 from rdonnx.version import __version__
+
+if TYPE_CHECKING:
+    from rdonnx.api import (
+        CompressConfig,
+        CompressResult,
+        Curves,
+        Inspection,
+        calibrate,
+        compress,
+        evaluate,
+        inspect,
+    )
+    from rdonnx.artifact.io import decompress, load, open_session
+    from rdonnx.choices import DataOptions
+    from rdonnx.report.records import Evaluation, Report, WeightReport
+
+# The public API, imported on first use, so `import rdonnx.cli` (and `rdonnx --help`) does not
+# import torch, onnx, onnxruntime or numpy. name -> the module that defines it.
+_LAZY = {
+    "CompressConfig": "rdonnx.api", "CompressResult": "rdonnx.api", "Curves": "rdonnx.api",
+    "Inspection": "rdonnx.api", "calibrate": "rdonnx.api", "compress": "rdonnx.api",
+    "evaluate": "rdonnx.api", "inspect": "rdonnx.api",
+    "decompress": "rdonnx.artifact.io", "load": "rdonnx.artifact.io",
+    "open_session": "rdonnx.artifact.io", "DataOptions": "rdonnx.choices",
+    "Evaluation": "rdonnx.report.records", "Report": "rdonnx.report.records",
+    "WeightReport": "rdonnx.report.records",
+}
 
 __all__ = [
     "CompressConfig", "CompressResult", "Curves", "DataOptions", "Evaluation", "Inspection",
     "Report", "UsageError", "WeightReport", "__version__", "calibrate", "compress",
     "decompress", "evaluate", "inspect", "load", "open_session",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rdonnx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+

@@ -1,13 +1,15 @@
 """The `rdonnx` command line: a thin layer over the Python API.
 
 Exit codes: 0 success, 2 bad input or usage (one line on stderr), 3 a `--fail-above` bound
-was exceeded, 1 internal error. `--debug` shows tracebacks.
+was exceeded, 1 internal error, 130 interrupted, 143 terminated. `--debug` shows tracebacks.
+
+Importing this module (for `rdonnx --help`) loads no torch, onnx, onnxruntime or numpy: the
+options come from the light settings modules, and each command imports the API it runs.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import traceback
 from collections.abc import Callable
@@ -17,20 +19,14 @@ from typing import Any
 
 import click
 
-from rdonnx.algo.pqi import INSPECT_PAIRS
-from rdonnx.api import CompressConfig, calibrate, compress, evaluate, inspect
-from rdonnx.artifact.format import is_artifact
-from rdonnx.artifact.io import decompress, inspect_artifact
+from rdonnx import strictjson
+from rdonnx.choices import EXIT_CODES_EPILOG, METHODS_EPILOG, DataOptions, check_grid
 from rdonnx.errors import UsageError
-from rdonnx.flow.curves import Curves, check_grid
-from rdonnx.flow.methods.surp import truncate_artifact
+from rdonnx.flow.config import CompressConfig
 from rdonnx.fs import write_text
-from rdonnx.graph.model import check_output
 from rdonnx.option import spec_of
-from rdonnx.report.plot import plot_report, require_matplotlib
-from rdonnx.report.records import render
-from rdonnx.runtime.data import DataOptions
-from rdonnx.runtime.session import cuda_status
+from rdonnx.outputs import user_error
+from rdonnx.signals import EXIT_TERMINATED, clean_aborts, was_terminated
 from rdonnx.version import __version__
 
 EXIT_BOUND_EXCEEDED = 3
@@ -145,7 +141,21 @@ def _note(message: str, quiet: bool) -> None:
         click.echo(f"rdonnx: {message}", err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Ctrl-C or SIGTERM inside a command ends in main()'s one line (not click's blank one)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise click.exceptions.Abort() from exc
+
+
+EPILOG = f"{METHODS_EPILOG}\n\n{EXIT_CODES_EPILOG}"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=EPILOG)
 @click.version_option(__version__, prog_name="rdonnx")
 def cli() -> None:
     """Rate-distortion-optimised pruning of ONNX models.
@@ -209,7 +219,7 @@ COMPRESS_OPTIONS = [
 ]
 
 
-@cli.command("compress")
+@cli.command("compress", epilog=EPILOG)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @functools.partial(apply, options=COMPRESS_OPTIONS)
 @rd_options
@@ -224,6 +234,12 @@ def compress_cmd(model: Path, output: Path | None, report_path: Path | None,
 
     Pruning makes files smaller, not faster: ONNX Runtime densifies weights at load.
     """
+    from rdonnx.api import compress
+    from rdonnx.flow.curves import Curves
+    from rdonnx.graph.model import check_output
+    from rdonnx.report.plot import plot_report, require_matplotlib
+    from rdonnx.report.records import render
+
     # usage first: a bad option is reported whatever the state of the file system
     if labels and test_data is None:
         raise UsageError("--labels needs --test DATA")
@@ -255,7 +271,8 @@ def compress_cmd(model: Path, output: Path | None, report_path: Path | None,
         write_text(report_path, result.report.to_json())
     if plot_path is not None:
         plot_report(result.report, plot_path)
-    click.echo(render(result.report), err=True)
+    if not quiet:
+        click.echo(render(result.report), err=True)
 
 
 @cli.command("calibrate")
@@ -269,6 +286,9 @@ def compress_cmd(model: Path, output: Path | None, report_path: Path | None,
 def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bool,
                   **kw) -> None:
     """Measure per-weight R-D curves of MODEL once; reuse them with compress --curves."""
+    from rdonnx.api import calibrate
+    from rdonnx.graph.model import check_output
+
     calib = kw.pop("calib")
     config = _config(kw)  # usage first, then the file system
     if not model.is_file():
@@ -294,9 +314,14 @@ def inspect_cmd(model: Path, min_params: int, include: tuple[str, ...],
                 exclude: tuple[str, ...], as_json: bool, suggest_rate: bool, quiet: bool,
                 debug: bool) -> None:
     """List the prunable weights of MODEL (or what an .rdonnx artifact holds)."""
+    from rdonnx.algo.pqi import INSPECT_PAIRS
+    from rdonnx.api import inspect
+    from rdonnx.artifact.format import is_artifact
+    from rdonnx.artifact.io import inspect_artifact
+
     if is_artifact(model):
         found = inspect_artifact(model)
-        click.echo(json.dumps(found.manifest, indent=2, sort_keys=True) if as_json
+        click.echo(strictjson.dumps(found.manifest, indent=2, sort_keys=True) if as_json
                    else found.render())
         return
     result = inspect(model, min_params=min_params, include=include, exclude=exclude,
@@ -310,7 +335,7 @@ def inspect_cmd(model: Path, min_params: int, include: tuple[str, ...],
                  **dict(zip(pqi_keys, result.pqi_model))}
         if result.suggested_rate is not None:
             found["suggested_rate"] = result.suggested_rate
-        click.echo(json.dumps(found, indent=2))
+        click.echo(strictjson.dumps(found, indent=2))
     else:
         click.echo(result.render())
 
@@ -332,10 +357,12 @@ def evaluate_cmd(reference: Path, candidate: Path, data: Path | None, labels: st
                  metric: str, fail_above: float | None, as_json: bool, device: str,
                  quiet: bool, debug: bool, **kw) -> None:
     """Distortion of CANDIDATE against REFERENCE (and accuracy with --labels)."""
+    from rdonnx.api import evaluate
+
     result = evaluate(reference, candidate, data, labels=labels, metric=metric, device=device,
                       options=_data(kw), quiet=quiet)
     if as_json:
-        click.echo(json.dumps(result.__dict__, indent=2, sort_keys=True))
+        click.echo(strictjson.dumps(result.__dict__, indent=2, sort_keys=True))
     else:
         lines = [f"{metric}: {result.distortion:.6g}"] + [
             f"{name}: {value:.6g}" for name, value in (("nmse", result.nmse),
@@ -367,6 +394,9 @@ def evaluate_cmd(reference: Path, candidate: Path, data: Path | None, labels: st
 def decompress_cmd(artifact: Path, output: Path, fmt: str, force: bool, quiet: bool,
                    debug: bool) -> None:
     """Write ARTIFACT (.rdonnx) as plain ONNX that any tool reads."""
+    from rdonnx.artifact.io import decompress
+    from rdonnx.graph.model import check_output
+
     check_output(output, artifact, force)
     size = decompress(artifact, output, fmt, force=True)
     _note(f"wrote {output} ({size:,} bytes, {fmt})", quiet)
@@ -396,6 +426,8 @@ def truncate_cmd(artifact: Path, output: Path, rate: float | None,
                  reference: Path | None, calib: Path | None, force: bool, quiet: bool,
                  debug: bool, device: str, **kw) -> None:
     """Cut the SuRP stream of ARTIFACT (compress --method surp) to a shorter prefix."""
+    from rdonnx.flow.methods.surp import truncate_artifact
+
     if max_distortion is not None and calib is None:
         raise UsageError("--max-distortion needs --calib DATA")
     result = truncate_artifact(
@@ -412,6 +444,8 @@ def truncate_cmd(artifact: Path, output: Path, rate: float | None,
 def doctor_cmd() -> None:
     """Print versions, execution providers and whether a GPU works."""
     import importlib.metadata as md
+
+    from rdonnx.runtime.session import cuda_status
 
     lines = [f"python {sys.version.split()[0]}", f"rdonnx {__version__}"]
     for package in ("onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "torch", "onnxsim",
@@ -434,7 +468,13 @@ def doctor_cmd() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 internal error, 2 bad input, 3 bound)."""
+    """Run the CLI; returns the exit code (0 ok, 1 internal error, 2 bad input, 3 bound,
+    130 interrupted, 143 terminated)."""
+    with clean_aborts():  # SIGTERM aborts like Ctrl-C; temp files and folders are removed
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     if not args:
@@ -445,17 +485,27 @@ def main(argv: list[str] | None = None) -> int:
         return code if isinstance(code, int) else 0  # ctx.exit(n) comes back as n
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if was_terminated(exc):
+            click.echo("rdonnx: terminated", err=True)
+            return EXIT_TERMINATED
         click.echo("rdonnx: aborted", err=True)
         return 130
     except click.ClickException as exc:
         return _fail(exc.format_message(), 2, debug)
     except UsageError as exc:
+        if debug and getattr(exc, "detail", None):  # rdonnx.causes: the other library's words
+            click.echo(exc.detail, err=True)
         return _fail(str(exc), 2, debug)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if was_terminated(exc):
+            click.echo("rdonnx: terminated", err=True)
+            return EXIT_TERMINATED
         click.echo("rdonnx: interrupted", err=True)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence
+        if isinstance(exc, OSError) and user_error(exc):  # disk full, read-only, no permission
+            return _fail(user_error(exc), 2, debug)
         return _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
                      "traceback and report it)", 1, debug)
 

@@ -2,7 +2,10 @@
 
 A temporary file is written beside the output (same folder, so the rename stays on one file
 system), flushed to disk, and renamed over the output with `os.replace`. The temporary file gets
-the mode a newly created file would get (0o666 minus the umask), not `mkstemp`'s 0o600.
+the mode a newly created file would get (0o666 minus the umask), not `mkstemp`'s 0o600. The
+temporary file is removed on every exit path: an exception (Ctrl-C, and SIGTERM, which the CLI
+turns into one) unwinds through the helper, and it is registered with `rdonnx.signals` for
+whatever does not unwind.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from rdonnx.signals import removing
 
-def _umask() -> int:
+
+def normal_mode() -> int:
+    """The permissions of a newly created regular file under the current umask."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def temp_beside(path: str | os.PathLike) -> Path:
@@ -25,7 +31,7 @@ def temp_beside(path: str | os.PathLike) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, normal_mode())
     return Path(tmp)
 
 
@@ -34,13 +40,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on a normal exit its content is synced to disk and
     renamed to `path`, on an exception it is removed and `path` is left as it was."""
     tmp = temp_beside(path)
-    try:
+    with removing(tmp):  # gone afterwards, whether renamed, failed or interrupted
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> int:

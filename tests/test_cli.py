@@ -127,7 +127,7 @@ def test_compress_prints_a_table_with_accuracy(compressed_cnn):
 
 
 def test_compress_sparse_format(cli, tmp_path, ort_run):
-    common = ["--rate", "0.1", "--calib", CALIB, *FAST, "-q"]
+    common = ["--rate", "0.1", "--calib", CALIB, *FAST]
     assert cli("compress", MLP, *common, "-o", tmp_path / "dense.onnx").code == 0
     run = cli("compress", MLP, *common, "--format", "sparse", "-o", tmp_path / "sparse.onnx",
               "--report", tmp_path / "r.json")

@@ -161,7 +161,7 @@ def test_cli_compress_truncate(cli, mlp_path, tmp_path):
     path, calib = mlp_path
     art = tmp_path / "a.rdonnx"
     run = cli("compress", path, "--method", "surp", "--rate", "0.4", "--calib", calib, "-o",
-              art, "-q")
+              art)
     assert run.code == 0, run.err
     assert "values        SuRP threshold staircase" in run.err  # not "exact"
     assert "one shared stream" in cli("inspect", art).out

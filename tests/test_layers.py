@@ -15,7 +15,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "rdonnx"
 
 # Each layer imports only from its own line and the lines above it.
 LAYERS = (
-    ("rdonnx.errors", "rdonnx.version", "rdonnx.fs", "rdonnx.option", "rdonnx.progress"),
+    ("rdonnx.errors", "rdonnx.version", "rdonnx.signals", "rdonnx.fs", "rdonnx.outputs",
+     "rdonnx.causes", "rdonnx.strictjson", "rdonnx.bounded", "rdonnx.option", "rdonnx.choices",
+     "rdonnx.progress"),
     ("rdonnx.codec", "rdonnx.algo"),
     ("rdonnx.allocate",),
     ("rdonnx.graph",),

@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from rdonnx.choices import BUDGETS
 from rdonnx.errors import UsageError
 
 if TYPE_CHECKING:
     pass
 
-BUDGETS = ("params", "flops")
-DEFAULT_SAMPLES = 64
 BETA_PER_LAYER = 10.0
 DENSITY_FLOOR = 0.01  # the program keeps every density at least this (x >= 0.1)
 SPATIAL_OPS = frozenset({"Conv", "ConvTranspose"})  # output [N, C, *spatial]

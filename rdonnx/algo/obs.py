@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from rdonnx.algo.layout import LayerInput, unfold
+from rdonnx.choices import DEFAULT_DAMP
 
-DEFAULT_DAMP = 0.01  # dampening: share of the mean diagonal of H added to it (SparseGPT's 1%)
 RECURRENT = ("LSTM", "GRU", "RNN")
 _T = TypeVar("_T")
 

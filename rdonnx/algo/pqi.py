@@ -22,41 +22,22 @@ share is of the row's entries: r of its nonzero entries, so already-pruned weigh
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rdonnx.algo.prune import Scores
+from rdonnx.choices import GRANULARITIES, PQI_MODES, PQIOptions
 from rdonnx.errors import UsageError
 
 if TYPE_CHECKING:
     pass
 
-PQI_MODES = ("single", "fixed")
-GRANULARITIES = ("layer", "neuron")
 MAX_PRUNE = 0.9  # beta: at most this share of the survivors goes in one SAP step
 FIXED_TOL = 0.01  # the fixed point: one step would prune less than this share of survivors
 FIXED_STEPS = 1000
 INSPECT_PAIRS = ((0.5, 1.0), (1.0, 2.0))  # the (p, q) pairs `rdonnx inspect` reports
-
-
-@dataclass(frozen=True)
-class PQIOptions:
-    """The PQ index exponents and the SAP step's eta and gamma (the paper's defaults)."""
-
-    p: float = 0.5
-    q: float = 1.0
-    eta: float = 0.0
-    gamma: float = 1.0
-
-    def check(self) -> None:
-        if not 0 < self.p < self.q:
-            raise UsageError(f"--pqi-p and --pqi-q need 0 < p < q, got p={self.p}, q={self.q}")
-        if self.eta < 0:
-            raise UsageError(f"--pqi-eta must be >= 0, got {self.eta}")
-        if self.gamma <= 0:
-            raise UsageError(f"--pqi-gamma must be > 0, got {self.gamma}")
+DEFAULTS = PQIOptions()  # the paper's p, q, eta and gamma
 
 
 def _magnitudes(w: np.ndarray) -> np.ndarray:
@@ -85,13 +66,13 @@ def _bound(ratio: np.ndarray | float, options: PQIOptions) -> np.ndarray:
     return (1 + options.eta) ** (-q / (q - p)) * np.asarray(ratio) ** (p * q / (q - p))
 
 
-def retained_fraction(w: np.ndarray, options: PQIOptions = PQIOptions()) -> float:
+def retained_fraction(w: np.ndarray, options: PQIOptions = DEFAULTS) -> float:
     """The PQI lower bound on the share of nonzero entries to keep, r."""
     options.check()
     return float(_bound(norm_ratio(w, options.p, options.q), options))
 
 
-def prune_ratio(w: np.ndarray, options: PQIOptions = PQIOptions(),
+def prune_ratio(w: np.ndarray, options: PQIOptions = DEFAULTS,
                 max_prune: float = MAX_PRUNE) -> float:
     """The SAP step: rho = clip(gamma * (1 - r), 0, max_prune) of the nonzero entries."""
     return float(np.clip(options.gamma * (1 - retained_fraction(w, options)), 0, max_prune))
@@ -140,7 +121,7 @@ def row_bounds(array: np.ndarray, options: PQIOptions, mode: str = "single",
     return kept / max(width, 1)
 
 
-def suggest_rate(arrays: Mapping[str, np.ndarray], options: PQIOptions = PQIOptions()) -> float:
+def suggest_rate(arrays: Mapping[str, np.ndarray], options: PQIOptions = DEFAULTS) -> float:
     """The data-free compressibility estimate: the fixed-point kept share of every weight
     (layer scope), weighted by size."""
     total = sum(a.size for a in arrays.values())

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CRITERIA = ("magnitude", "activation", "obs")  # obs: SparseGPT's selection (rdonnx.obs)
-
 
 @dataclass(frozen=True)
 class Scores:

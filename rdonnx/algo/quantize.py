@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-VALUE_BITS = range(2, 17)  # what --value-bits accepts
-QUANTIZERS = ("uniform", "kmeans")  # what --quantizer accepts
+from rdonnx.choices import VALUE_BITS
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rdonnx import choices
 from rdonnx.allocate.widths import solve_widths
 from rdonnx.errors import UsageError
 
@@ -281,12 +282,7 @@ def predicted(inputs: Allocation, keep: Mapping[str, int]) -> float:
     return float(sum(np.interp(keep[n], p[0][::-1], p[1][::-1]) for n, p in points.items()))
 
 
-ALLOCATORS: dict[str, Allocator] = {
-    "rd": rd,
-    "uniform": uniform,
-    "global": global_threshold,
-    "lamp": lamp,
-    "pqi": pqi,
-    "hsic": hsic,
-}
-SOLVERS: dict[str, Allocator] = {"lagrange": rd, "dp": rd_dp}
+# the names, in --method order, are written once in rdonnx.choices
+ALLOCATORS: dict[str, Allocator] = dict(zip(
+    choices.ALLOCATOR_NAMES, (rd, uniform, global_threshold, lamp, pqi, hsic), strict=True))
+SOLVERS: dict[str, Allocator] = dict(zip(choices.SOLVERS, (rd, rd_dp), strict=True))

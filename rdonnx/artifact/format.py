@@ -10,7 +10,6 @@ manifest; readers check bounds and checksums before decoding anything.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import struct
@@ -25,6 +24,7 @@ import onnx
 import zstandard
 from google.protobuf.message import DecodeError
 
+from rdonnx import bounded, strictjson
 from rdonnx.algo import grids
 from rdonnx.algo.quantize import dequantize
 from rdonnx.artifact.surp_stream import Coded, side_bits
@@ -147,8 +147,7 @@ class Artifact:
                 levels = entropy.decode_values(values, entry.nnz)
                 survivors = dequantize(levels, float(entry.step), np.float32)
             else:
-                raw = zstandard.ZstdDecompressor().decompress(
-                    values, max_output_size=entry.nnz * dtype.itemsize)
+                raw = bounded.decompress(values, entry.nnz * dtype.itemsize, "values")
                 if len(raw) != entry.nnz * dtype.itemsize:
                     raise FormatError(f"{self.where()}: {entry.name}: value bytes mismatch")
                 survivors = np.frombuffer(raw, dtype=dtype)
@@ -293,7 +292,7 @@ def write_artifact(path: Path, graph: onnx.ModelProto,
         tensors.append(_entry_json(entry))
     file_version = _file_version([e for e, _, _ in coded], surp is not None)
     extra = {} if surp is None else {"surp": {**surp[1], "stream": place(surp[0]).__dict__}}
-    manifest = zstandard.ZstdCompressor(level=19).compress(json.dumps({
+    manifest = zstandard.ZstdCompressor(level=19).compress(strictjson.dumps({
         "format": "rdonnx", "format_version": file_version, "rdonnx_version": version,
         "graph": {**graph_section.__dict__, "codec": "zstd"}, "tensors": tensors,
         "settings": settings, "metrics": metrics, **extra}, sort_keys=True,
@@ -359,8 +358,8 @@ def read_artifact(source: str | os.PathLike | bytes) -> Artifact:
     if zlib.crc32(raw) != crc:
         raise FormatError(f"{where}: manifest checksum mismatch (damaged file)")
     try:
-        manifest = json.loads(zstandard.ZstdDecompressor().decompress(
-            raw, max_output_size=MAX_MANIFEST))
+        manifest = strictjson.loads(bounded.decompress(  # no NaN / Infinity, size bounded
+            raw, bounded.limit(len(raw), MAX_MANIFEST, bounded.MANIFEST_FLOOR), "manifest"))
         if manifest.get("format") != "rdonnx" or manifest.get("format_version") != version:
             raise ValueError("format fields do not match the header")
         tensors = [_entry(t) for t in manifest["tensors"]]
@@ -374,10 +373,14 @@ def read_artifact(source: str | os.PathLike | bytes) -> Artifact:
         raise FormatError(f"{where}: malformed manifest ({exc})") from None
     artifact = Artifact(path, manifest, onnx.ModelProto(), tensors,
                         blob[HEADER.size + length:])
+    problem = bounded.layout_problem(_sections(graph_section, tensors, manifest),
+                                     len(artifact.data))
+    if problem is not None:
+        raise FormatError(f"{where}: {problem}")
     try:
         packed = artifact.section(graph_section, "graph")
-        artifact.graph.ParseFromString(zstandard.ZstdDecompressor().decompress(
-            packed, max_output_size=2**31 - 1))
+        artifact.graph.ParseFromString(bounded.decompress(
+            packed, bounded.limit(len(packed), 2**31 - 1), "graph"))
     except (zstandard.ZstdError, ValueError, RuntimeError, DecodeError) as exc:
         raise FormatError(f"{where}: cannot read the graph ({exc})") from None
     _check_against_graph(artifact, where)
@@ -398,6 +401,24 @@ def _check_against_graph(artifact: Artifact, where: str) -> None:
         if list(t.dims) != entry.shape or \
                 onnx.TensorProto.DataType.Name(t.data_type) != entry.dtype:
             raise FormatError(f"{where}: tensor {entry.name} differs from its graph declaration")
+
+
+def _sections(graph: Section, tensors: list[TensorEntry], manifest: dict[str, Any]
+              ) -> list[tuple[str, int, int]]:
+    """Every section the manifest declares, for `bounded.layout_problem`."""
+    found = [("graph", graph.offset, graph.length)]
+    for t in tensors:
+        for kind in ("positions", "values", "codebook", "steps"):
+            s = getattr(t, kind)
+            if s is not None and (s.length or t.encoding != "surp"):
+                found.append((f"{t.name} {kind}", s.offset, s.length))
+    if "surp" in manifest:
+        try:
+            stream = manifest["surp"]["stream"]
+            found.append(("SuRP stream", int(stream["offset"]), int(stream["length"])))
+        except (KeyError, TypeError, ValueError):
+            pass  # the SuRP decoder reports a malformed stream entry
+    return found
 
 
 def _entry(data: dict[str, Any]) -> TensorEntry:
@@ -461,7 +482,10 @@ def decode_artifact(artifact: Artifact) -> dict[str, np.ndarray]:
         decoded = surp_codec.decode(coded.stream)
     except surp_codec.CodecError as exc:
         raise FormatError(f"{artifact.where()}: cannot decode the SuRP stream: {exc}") from None
-    values = coded.pool.values(decoded.uhat, decoded.negative)
+    with np.errstate(over="ignore", invalid="ignore"):  # a crafted scale: refused below
+        values = coded.pool.values(decoded.uhat, decoded.negative)
+    if not all(np.isfinite(v).all() for v in values.values()):
+        raise FormatError(f"{artifact.where()}: SuRP values overflow their type (damaged file)")
     entries = {e.name: e for e in artifact.tensors if e.encoding == "surp"}
     if any(int(np.count_nonzero(values[n])) > e.nnz for n, e in entries.items()):
         raise FormatError(f"{artifact.where()}: SuRP nonzero counts differ from the manifest")

@@ -5,28 +5,32 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rdonnx.algo.hsic import BUDGETS
-from rdonnx.algo.hsic import DEFAULT_SAMPLES as HSIC_SAMPLES
-from rdonnx.algo.obs import DEFAULT_DAMP
-from rdonnx.algo.pqi import GRANULARITIES, PQI_MODES, PQIOptions
-from rdonnx.algo.prune import CRITERIA
-from rdonnx.algo.quantize import QUANTIZERS, VALUE_BITS
-from rdonnx.allocate.allocators import ALLOCATORS, SOLVERS
+from rdonnx.choices import (  # plain data: importing this module (the CLI does) stays light
+    BUDGETS,
+    CRITERIA,
+    DEFAULT_DAMP,
+    DEFAULT_GRID,
+    DEFAULT_MIN_PARAMS,
+    DEFAULT_REPLAY_MB,
+    DEVICES,
+    FORMATS,
+    GRANULARITIES,
+    HSIC_SAMPLES,
+    METHODS,
+    METRICS,
+    PQI_MODES,
+    QUANTIZERS,
+    SOLVERS,
+    VALUE_BITS,
+    VALUES,
+    DataOptions,
+    PQIOptions,
+    check_grid,
+)
 from rdonnx.errors import UsageError
-from rdonnx.flow.curves import DEFAULT_GRID, check_grid
-from rdonnx.graph.weights import DEFAULT_MIN_PARAMS
 from rdonnx.option import option
-from rdonnx.runtime.data import DataOptions
-from rdonnx.runtime.distortion import METRICS
-from rdonnx.runtime.measure import DEFAULT_REPLAY_MB
-from rdonnx.runtime.session import DEVICES
 
 CONFIG_VERSION = 1
-FORMATS = ("rdonnx", "dense", "sparse")
-VALUES = ("auto", "quantized", "exact")
-# allocators, plus methods with their own flow: gao (uniform densities, activation scores),
-# surp (successive-refinement encoder)
-METHODS = (*ALLOCATORS, "gao", "surp")
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,8 @@ class CompressConfig:
         None, "Instead of --rate: the largest rate whose coded positions + values take at most "
         "B bits per prunable weight.", value_type=float)
     method: str = option(
-        "rd", "rd: densities from measured R-D curves; uniform: one density; global: one score "
-        "threshold; lamp: LAMP scores, one threshold; gao: one density, w^2 * E[x^2] scores and "
-        "activation-weighted k-means values (Gao et al.); surp: SuRP successive refinement, an "
-        "embedded stream (rdonnx truncate cuts it).", choices=METHODS)
+        "rd", "How the densities are chosen: one of the methods listed below.",
+        choices=METHODS)
     criterion: str = option(
         "magnitude", "In-layer criterion: |w|; w^2 * E[x^2] of the layer input compared within "
         "output rows (Wanda / Gao et al.); or obs, SparseGPT's selection during reconstruction "
@@ -147,12 +149,12 @@ class CompressConfig:
         "output row (2:4 is what GPUs accelerate).", value_type=str, metavar="N:M")
     damp: float = option(
         DEFAULT_DAMP, "Reconstruction dampening: share of the mean diagonal of X X^T.")
-    pqi_p: float = option(0.5, "pqi: PQ index exponent p (0 < p < q).")
-    pqi_q: float = option(1.0, "pqi: PQ index exponent q.")
+    pqi_p: float = option(PQIOptions.p, "pqi: PQ index exponent p (0 < p < q).")
+    pqi_q: float = option(PQIOptions.q, "pqi: PQ index exponent q.")
     pqi_eta: float = option(
-        0.0, "pqi: eta of the retained-fraction bound (>= 0; larger keeps fewer).")
+        PQIOptions.eta, "pqi: eta of the retained-fraction bound (>= 0; larger keeps fewer).")
     pqi_gamma: float = option(
-        1.0, "pqi: SAP step size (each step prunes gamma * (1 - r), at most 0.9).")
+        PQIOptions.gamma, "pqi: SAP step size (each step prunes gamma * (1 - r), at most 0.9).")
     pqi_mode: str = option(
         "fixed", "pqi: fixed: each weight's kept share where the iterated SAP step stops "
         "(prunes < 1% of survivors); single: one PQI bound.", choices=PQI_MODES)

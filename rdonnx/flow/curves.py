@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rdonnx import strictjson
 from rdonnx.algo.layout import LayerInput, SecondMoments
 from rdonnx.algo.prune import Scores, activation, magnitude
 from rdonnx.allocate.allocators import Curve
+from rdonnx.choices import DEFAULT_GRID, check_grid
 from rdonnx.errors import UsageError
 from rdonnx.graph.model import Model
 from rdonnx.graph.weights import Weight
@@ -26,7 +28,6 @@ from rdonnx.runtime.data import Batches
 from rdonnx.runtime.measure import DEFAULT_REPLAY_MB, Replay
 from rdonnx.runtime.session import Runner
 
-DEFAULT_GRID = tuple(float(f"{d:.3g}") for d in np.geomspace(1.0, 0.002, 20))
 CURVES_FORMAT = "rdonnx-curves"
 CURVES_VERSION = 1
 
@@ -60,7 +61,7 @@ class Curves:
         return Curve(self.grid, self.distortion[name])
 
     def to_json(self) -> str:
-        return json.dumps({
+        return strictjson.dumps({
             "format": CURVES_FORMAT, "version": CURVES_VERSION,
             "fingerprint": self.fingerprint.__dict__, "settings": self.settings,
             "grid": list(self.grid), "values_quantizer": self.values_quantizer,
@@ -86,14 +87,6 @@ class Curves:
                        str(data.get("values_quantizer", "uniform")))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UsageError(f"cannot read curves {path}: {exc}; run rdonnx calibrate") from None
-
-
-def check_grid(grid: Sequence[float]) -> tuple[float, ...]:
-    """Grid densities sorted descending, with 1.0 first (its distortion is 0 by definition)."""
-    values = sorted({float(d) for d in grid} | {1.0}, reverse=True)
-    if any(not 0 < d <= 1 for d in values):
-        raise UsageError(f"--grid densities must be in (0, 1], got {list(grid)}")
-    return tuple(values)
 
 
 def digest(*parts: bytes | str) -> str:

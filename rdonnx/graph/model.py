@@ -20,6 +20,7 @@ from onnx import TensorProto, numpy_helper
 
 from rdonnx.errors import UsageError
 from rdonnx.fs import atomic_output
+from rdonnx.outputs import check_target, probe_writable
 
 # Above this many bytes of tensor data a model is written with external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -67,6 +68,7 @@ def check_output(path: Path, source: Path | None, force: bool) -> None:
     without `force`, or cannot be written."""
     if source is not None and path.exists() and path.resolve() == Path(source).resolve():
         raise UsageError(f"output {path} is the input model; choose another -o")
+    check_target(path)  # not a device node, FIFO, socket or `-`, even with --force
     if path.is_dir():
         raise UsageError(f"output {path} is a folder; give a file name")
     if path.exists() and not force:
@@ -75,6 +77,7 @@ def check_output(path: Path, source: Path | None, force: bool) -> None:
         raise UsageError(f"output folder does not exist: {path.parent}; create it first")
     if not os.access(path.parent, os.W_OK):
         raise UsageError(f"output folder is not writable: {path.parent}; choose another -o")
+    probe_writable(path)  # e.g. /proc or a read-only mount: fail now, not after the work
 
 
 def tensor_array(model: Model, tensor: TensorProto) -> np.ndarray:

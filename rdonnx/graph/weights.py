@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from rdonnx.choices import DEFAULT_MIN_PARAMS
 from rdonnx.graph.model import Model, TensorSlot, iter_graphs, slot_array, tensor_slots
 
 # Operator -> input positions that carry a weight (MatMul / Gemm: whichever side is constant).
@@ -22,7 +23,6 @@ WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
 LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Cast", "Slice", "Concat",
                         "Unsqueeze", "Squeeze"})
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16})
-DEFAULT_MIN_PARAMS = 256
 
 
 @dataclass(frozen=True)

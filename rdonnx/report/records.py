@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rdonnx import strictjson
 from rdonnx.runtime.distortion import Distortion
 
 SCHEMA_VERSION = 1
@@ -124,7 +124,7 @@ class Report:
         """Deterministic JSON (sorted keys, no timings) with the schema version."""
         data = asdict(self)
         data["density"] = self.density
-        return json.dumps(_rounded(data), indent=2, sort_keys=True) + "\n"
+        return strictjson.dumps(_rounded(data), indent=2, sort_keys=True) + "\n"
 
 
 def _rounded(value: Any) -> Any:

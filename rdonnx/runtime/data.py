@@ -15,9 +15,10 @@ from typing import Protocol
 import numpy as np
 import onnx
 
+from rdonnx.bounded import npz_problem
+from rdonnx.choices import DEFAULT_SYNTHETIC_SAMPLES, DataOptions
 from rdonnx.errors import UsageError
 from rdonnx.graph.model import Model
-from rdonnx.option import option
 
 Feed = dict[str, np.ndarray]
 Dim = int | str | None  # a fixed size, a symbolic name, or unknown
@@ -86,6 +87,9 @@ class _NpzMember:
         self.shape, self.dtype = tuple(shape), dtype
         with zipfile.ZipFile(path) as zf:
             self.compressed = zf.getinfo(member).compress_type != zipfile.ZIP_STORED
+            problem = npz_problem(shape, dtype.itemsize, zf.getinfo(member).file_size - self.offset)
+        if problem is not None:  # a header declaring more rows than the member holds
+            raise UsageError(f"{path}: array {member!r}: {problem}")
         self._whole: np.ndarray | None = None
 
     def __getitem__(self, rows: slice) -> np.ndarray:
@@ -101,6 +105,9 @@ class _NpzMember:
         with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
             f.seek(self.offset + start * row)
             data = f.read((stop - start) * row)
+        if len(data) != (stop - start) * row:
+            raise UsageError(f"{self.path}: array {self.member!r} ends before its declared shape "
+                             f"{self.shape} (truncated file?)")
         shape = (stop - start, *self.shape[1:]) if self.shape else ()
         return np.frombuffer(data, self.dtype).reshape(shape).copy()
 
@@ -179,27 +186,6 @@ class SyntheticBatches:
 
     def __len__(self) -> int:
         return self.count
-
-
-DEFAULT_SYNTHETIC_SAMPLES = 64
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """How to read or make calibration / evaluation data."""
-
-    batch_size: int = option(
-        16, "Samples per ONNX Runtime run (a fixed batch axis overrides it).")
-    samples: int | None = option(  # at most this many samples (files, for a folder)
-        None, "Use at most N samples (N files for a folder). Synthetic default: "
-        f"{DEFAULT_SYNTHETIC_SAMPLES}.", flag="--calib-samples", value_type=int)
-    shapes: Mapping[str, tuple[int, ...]] = option(
-        factory=dict, help="Shape for synthetic inputs with dynamic dimensions (repeatable).",
-        flag="--input-shape", multiple=True, metavar="NAME=AxBx..")
-    ranges: Mapping[str, tuple[float, float]] = option(
-        factory=dict, help="Uniform range for synthetic inputs; required for integer inputs.",
-        flag="--input-range", multiple=True, metavar="NAME=LO:HI")
-    seed: int = option(0, "Seed for synthetic data; same seed, same output.")
 
 
 def make_batches(source: str | Path | Mapping[str, np.ndarray] | None, specs: Sequence[InputSpec],

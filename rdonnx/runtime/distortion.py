@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rdonnx.choices import METRICS
 from rdonnx.errors import UsageError
-
-METRICS = ("nmse", "nmse-channel", "kl", "cosine")
 
 
 @dataclass(frozen=True)

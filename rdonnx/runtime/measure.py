@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rdonnx.choices import DEFAULT_REPLAY_MB
 from rdonnx.progress import progress_bar
 from rdonnx.runtime.data import Batches, Feed, split_labels
 from rdonnx.runtime.distortion import AccuracyMeter, Distortion, DistortionMeter, energy_of
-
-DEFAULT_REPLAY_MB = 512  # MiB of batches and reference outputs a Replay keeps in memory
+from rdonnx.signals import register
 
 Predict = Callable[[Feed], list[np.ndarray]]
 
@@ -74,6 +74,7 @@ class Replay:
             return
         if self._folder is None:
             self._folder = tempfile.TemporaryDirectory(prefix="rdonnx-replay-")
+            register(self._folder.name)  # removed on SIGTERM / Ctrl-C too (rdonnx.signals)
         path = Path(self._folder.name) / f"{len(self._held)}.npz"
         np.savez(path, **{f"in:{k}": v for k, v in feed.items()},
                  **{f"out:{i}": np.asarray(o) for i, o in enumerate(outputs)})

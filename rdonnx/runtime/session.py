@@ -11,11 +11,12 @@ from types import ModuleType
 import numpy as np
 import onnx
 
+from rdonnx.causes import caused
+from rdonnx.choices import DEVICES
 from rdonnx.errors import UsageError
 from rdonnx.graph.model import Model, fit_ir_version, slot_array, tensor_slots, uses_external_data
 from rdonnx.graph.weights import Weight
 
-DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 INSTALL_HINT = ("onnxruntime is not installed: run pip install 'rdonnx[cpu]' "
@@ -119,7 +120,7 @@ def create_session(payload: bytes, model: Model, device: str | Device,
     try:
         session = ort.InferenceSession(payload, options, providers=[CPU])
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-        raise UsageError(f"onnxruntime cannot load the model: {str(exc).strip()[:300]}") from None
+        raise caused("onnxruntime cannot load the model", exc) from None
     return session, Device(CPU, notice if not isinstance(device, Device) else None)
 
 
@@ -192,5 +193,4 @@ class Runner:
         try:
             return self.session.run(names, full)
         except Exception as exc:  # noqa: BLE001 - ORT's errors carry no common base type
-            raise UsageError(f"onnxruntime failed to run the model: {str(exc).strip()[:300]}") \
-                from None
+            raise caused("onnxruntime failed to run the model", exc) from None

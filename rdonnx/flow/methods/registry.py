@@ -1,5 +1,6 @@
 """The methods of `--method`, each registered with its implementation: the one table the
-pipeline dispatches on (the names and their options are declared in `rdonnx.flow.config`)."""
+pipeline dispatches on (the names are written in `rdonnx.choices`, their options in
+`rdonnx.flow.config`)."""
 
 from __future__ import annotations
 

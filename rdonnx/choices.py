@@ -1,0 +1,113 @@
+"""The settings vocabulary as plain Python: option choices, defaults and the small settings
+dataclasses that lower layers share. Each name is written here once; the module that owns its
+meaning imports it from here (`rdonnx.algo.prune.CRITERIA` is this `CRITERIA`), and
+`rdonnx.flow.config` builds the CLI's options from them. No numpy, onnx, onnxruntime or torch
+is imported, so `rdonnx --help` stays fast (tests/test_help.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from rdonnx.errors import UsageError
+from rdonnx.option import option
+
+# --method: the allocators (rdonnx.allocate.allocators.ALLOCATORS, in this order), then the
+# methods with their own flow: gao (uniform densities, activation scores), surp (encoder)
+ALLOCATOR_NAMES = ("rd", "uniform", "global", "lamp", "pqi", "hsic")
+METHODS = (*ALLOCATOR_NAMES, "gao", "surp")
+FORMATS = ("rdonnx", "dense", "sparse")
+VALUES = ("auto", "quantized", "exact")
+SOLVERS = ("lagrange", "dp")  # rd: convex hulls or grid points (allocate.allocators.SOLVERS)
+METRICS = ("nmse", "nmse-channel", "kl", "cosine")  # runtime.distortion
+CRITERIA = ("magnitude", "activation", "obs")  # obs: SparseGPT's selection (algo.obs)
+QUANTIZERS = ("uniform", "kmeans")  # what --quantizer accepts
+VALUE_BITS = range(2, 17)  # what --value-bits accepts
+BUDGETS = ("params", "flops")  # hsic: what --rate counts
+PQI_MODES = ("single", "fixed")
+GRANULARITIES = ("layer", "neuron")
+DEVICES = ("auto", "cpu", "cuda")
+
+DEFAULT_MIN_PARAMS = 256  # smallest prunable weight (elements)
+DEFAULT_DAMP = 0.01  # dampening: share of the mean diagonal of H added to it (SparseGPT's 1%)
+DEFAULT_REPLAY_MB = 512  # MiB of batches and reference outputs a Replay keeps in memory
+DEFAULT_SYNTHETIC_SAMPLES = 64
+HSIC_SAMPLES = 64  # hsic: calibration samples whose layer outputs are compared
+# 20 densities from 1 down to 0.002, log-spaced, 3 significant digits
+DEFAULT_GRID = tuple(float(f"{0.002 ** (i / 19):.3g}") for i in range(20))
+
+
+def check_grid(grid: Sequence[float]) -> tuple[float, ...]:
+    """Grid densities sorted descending, with 1.0 first (its distortion is 0 by definition)."""
+    values = sorted({float(d) for d in grid} | {1.0}, reverse=True)
+    if any(not 0 < d <= 1 for d in values):
+        raise UsageError(f"--grid densities must be in (0, 1], got {list(grid)}")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class PQIOptions:
+    """The PQ index exponents and the SAP step's eta and gamma (the paper's defaults)."""
+
+    p: float = 0.5
+    q: float = 1.0
+    eta: float = 0.0
+    gamma: float = 1.0
+
+    def check(self) -> None:
+        if not 0 < self.p < self.q:
+            raise UsageError(f"--pqi-p and --pqi-q need 0 < p < q, got p={self.p}, q={self.q}")
+        if self.eta < 0:
+            raise UsageError(f"--pqi-eta must be >= 0, got {self.eta}")
+        if self.gamma <= 0:
+            raise UsageError(f"--pqi-gamma must be > 0, got {self.gamma}")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How to read or make calibration / evaluation data."""
+
+    batch_size: int = option(
+        16, "Samples per ONNX Runtime run (a fixed batch axis overrides it).")
+    samples: int | None = option(  # at most this many samples (files, for a folder)
+        None, "Use at most N samples (N files for a folder). Synthetic default: "
+        f"{DEFAULT_SYNTHETIC_SAMPLES}.", flag="--calib-samples", value_type=int)
+    shapes: Mapping[str, tuple[int, ...]] = option(
+        factory=dict, help="Shape for synthetic inputs with dynamic dimensions (repeatable).",
+        flag="--input-shape", multiple=True, metavar="NAME=AxBx..")
+    ranges: Mapping[str, tuple[float, float]] = option(
+        factory=dict, help="Uniform range for synthetic inputs; required for integer inputs.",
+        flag="--input-range", multiple=True, metavar="NAME=LO:HI")
+    seed: int = option(0, "Seed for synthetic data; same seed, same output.")
+
+
+METHOD_HELP = {  # one line per --method, in METHODS order (tests/test_help.py)
+    "rd": "densities from measured per-weight R-D curves, equal slopes (default)",
+    "uniform": "one density for every weight",
+    "global": "one |w| threshold over all weights (--normalize: divided by each RMS)",
+    "lamp": "LAMP scores, one threshold over all weights",
+    "pqi": "data-free PQ-index density per weight or row (--pqi-*, --granularity)",
+    "hsic": "ITPruner: layer widths from the HSIC of layer outputs (--budget, --hsic-*)",
+    "gao": "one density, w^2 * E[x^2] scores, activation-weighted k-means values",
+    "surp": "SuRP successive refinement: an embedded stream (rdonnx truncate cuts it)",
+}
+
+EXIT_CODES = {  # the exit codes of every command
+    0: "success",
+    1: "internal error (a bug: rerun with --debug and report it)",
+    2: "bad input or usage: one line on stderr",
+    3: "a --fail-above bound was exceeded (evaluate)",
+    130: "interrupted (Ctrl-C)",
+    143: "terminated (SIGTERM); temporary files are removed",
+}
+
+
+def block(title: str, rows: Mapping) -> str:
+    """A click help paragraph that is not rewrapped: a title, then one line per row."""
+    width = max(len(str(key)) for key in rows)
+    return "\b\n" + title + "\n" + "\n".join(f"  {str(k).ljust(width)}  {v}"
+                                               for k, v in rows.items())
+
+
+METHODS_EPILOG = block("Methods (--method):", METHOD_HELP)
+EXIT_CODES_EPILOG = block("Exit codes:", EXIT_CODES)
