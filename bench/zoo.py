@@ -327,8 +327,9 @@ def _report_bpw(report: Path) -> float | None:
 T_START = time.time()
 
 
-def bench_model(ad: Adapter, cache: Path, args) -> list[Row]:
-    """Every row of one model prepared under ``cache / ad.name``."""
+def bench_model(ad: Adapter, cache: Path, args, on_rows=None) -> list[Row]:
+    """Every row of one model prepared under ``cache / ad.name``; ``on_rows(rows)`` after each
+    step, so that a long run leaves what it has measured."""
     name = ad.name
     prep = Prepared(cache / name)
     if not prep.onnx.exists():
@@ -342,20 +343,28 @@ def bench_model(ad: Adapter, cache: Path, args) -> list[Row]:
                      f"{len(_first(scorer.feeds['calib']))} calib samples; forward "
                      f"{scorer.forward_seconds:.1f} s")]
     work = Path(tempfile.mkdtemp(prefix=f"zoo-{name}-", dir=args.work))
+
+    def progress() -> None:
+        for r in rows:
+            r.primary = ad.primary
+        if on_rows:
+            on_rows(rows)
+
     try:
         rows += baseline_rows(ad, prep, scorer, work, original, weights)
+        progress()
         if not ad.nncodec:
             rows.append(Row(name, "NNCodec", note="not run for this model (see docs/ZOO.md)"))
         elif not args.skip_nncodec:
             rows.append(nncodec_row(ad, prep, scorer, work, original, weights,
                                     Path(args.nncodec_python)))
+        progress()
         if not args.skip_rdonnx:
             rows.append(rdonnx_row(ad, prep, scorer, work, original, weights, args.time_budget))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    for r in rows:
-        r.primary = ad.primary
+    progress()
     return rows
 
 
@@ -413,11 +422,16 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     for name in args.models.split(","):
         t0 = time.time()
-        got = bench_model(adapter(name), cache, args)
+
+        def save(got: list[Row], done: bool = False, name: str = name, t0: float = t0) -> None:
+            previous[name] = {"rows": [asdict(r) for r in got], "complete": done,
+                              "seconds": round(time.time() - t0),
+                              "date": time.strftime("%Y-%m-%d %H:%M")}
+            out.write_text(json.dumps(previous, indent=1))
+
+        got = bench_model(adapter(name), cache, args, on_rows=save)
         rows += got
-        previous[name] = {"rows": [asdict(r) for r in got], "seconds": round(time.time() - t0),
-                          "date": time.strftime("%Y-%m-%d %H:%M")}
-        out.write_text(json.dumps(previous, indent=1))
+        save(got, done=True)
         print(table(got), flush=True)
     print("\n" + table(rows))
     print(f"\nJSON: {out}", file=sys.stderr)
