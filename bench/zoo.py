@@ -256,13 +256,25 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
         calib += ["--calib-samples", str(ad.calib_samples)]
     curves = work / "curves.json"
     cal_s, cal_rss, with_curves = 0.0, 0.0, []
+    reused = ""
     if ad.ladder:
-        code, cal_s, cal_rss, err = timed(
-            [*RDONNX, "calibrate", str(prep.onnx), *calib, *ad.extra_args, "-o", str(curves)],
-            work / "calibrate.log")
-        if code != 0:
-            return Row(ad.name, "rdonnx", note=f"calibrate exit {code}: {err.strip()[-300:]}",
-                       seconds=cal_s, peak_rss_mb=cal_rss)
+        # curves are kept beside the prepared model, keyed by the calibrate arguments, so that
+        # a rerun does not probe every weight again
+        kept, key = prep.root / "curves.json", prep.root / "curves.args.json"
+        cal_args = [*calib, *ad.extra_args]
+        if kept.exists() and key.exists() and json.loads(key.read_text()) == cal_args:
+            shutil.copy(kept, curves)
+            reused = "curves reused from an earlier run (calibrate time not included)"
+        else:
+            code, cal_s, cal_rss, err = timed(
+                [*RDONNX, "calibrate", str(prep.onnx), *cal_args, "-o", str(curves)],
+                work / "calibrate.log")
+            if code != 0:
+                return Row(ad.name, "rdonnx", seconds=cal_s, peak_rss_mb=cal_rss,
+                           note=f"calibrate exit {code}: {err.strip()[-300:]}")
+            shutil.copy(curves, kept)
+            key.write_text(json.dumps(cal_args))
+            print(f"  {ad.name} rdonnx calibrate {cal_s:.0f} s", file=sys.stderr, flush=True)
         with_curves = ["--curves", str(curves)]
     tried: list[str] = []
     ladder = [(b, True) for b in ad.ladder] + [(b, False) for b in ad.fallback]
@@ -275,11 +287,9 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
         report = work / f"rd{step}.json"
         code, secs, rss, err = timed(
             [*RDONNX, "compress", str(prep.onnx), *bound, *calib,
-             *(ad.extra_args + tuple(with_curves) if uses_curves else ad.fallback_args),
+             *ad.extra_args, *with_curves, *([] if uses_curves else ad.fallback_args),
              "-o", str(out), "--report", str(report), "--force"],
             work / f"compress{step}.log")
-        if not uses_curves:  # its own run: its cost is not the calibration's
-            cal_s, cal_rss = 0.0, 0.0
         setting = " ".join(bound)
         if code != 0:
             tried.append(f"{setting}: exit {code} ({err.strip().splitlines()[-1][:120]})"
@@ -301,7 +311,7 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
                        bpw if bpw is not None else 8 * size / weights, test=test,
                        calib=calib_m, transparent=True, seconds=cal_s + secs,
                        peak_rss_mb=max(cal_rss, rss), setting=setting,
-                       note="; ".join(tried[:-1]))
+                       note="; ".join(x for x in [reused, *tried[:-1]] if x))
         if timeout and time.time() - T_START > timeout:
             tried.append("time budget spent")
             break

@@ -135,8 +135,9 @@ class Adapter:
         calib_samples: calibration samples rdonnx is given (None: the whole split).
         extra_args: further rdonnx arguments (a coarser grid, a metric...).
         batch: samples per ONNX Runtime run when scoring.
-        fallback: rdonnx targets tried (without curves) when no bound of ``ladder`` gives a
-            transparent artifact: no pruning, a fixed value width, smallest first.
+        fallback: rdonnx targets tried (with the ladder's curves, when there is a ladder) when
+            no bound of ``ladder`` gives a transparent artifact: no pruning, a fixed value
+            width, smallest first.
         fallback_args: further rdonnx arguments for the fallback runs.
         nncodec: whether the NNCodec row is attempted.
     """
