@@ -158,7 +158,8 @@ class Adapter:
     subset: str = ""
     fallback: tuple[tuple[str, ...], ...] = (
         ("--rate", "1", "--value-bits", "8"), ("--rate", "1", "--value-bits", "10"),
-        ("--rate", "1", "--value-bits", "12"))
+        ("--rate", "1", "--value-bits", "12"), ("--rate", "1", "--value-bits", "14"),
+        ("--rate", "1", "--value-bits", "16"))
     fallback_args: tuple[str, ...] = ("--no-layer-distortion",)
     nncodec: bool = True
 
