@@ -324,7 +324,8 @@ def _report_bpw(report: Path) -> float | None:
         data = json.loads(report.read_text())
     except (OSError, ValueError):
         return None
-    for path in (("totals", "bits_per_weight"), ("bits_per_weight",),
+    for path in (("coding", "artifact_bits_per_weight"), ("totals", "bits_per_weight"),
+                 ("bits_per_weight",),
                  ("summary", "bits_per_weight")):
         node = data
         for key in path:
