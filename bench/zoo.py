@@ -256,13 +256,25 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
         calib += ["--calib-samples", str(ad.calib_samples)]
     curves = work / "curves.json"
     cal_s, cal_rss, with_curves = 0.0, 0.0, []
+    reused = ""
     if ad.ladder:
-        code, cal_s, cal_rss, err = timed(
-            [*RDONNX, "calibrate", str(prep.onnx), *calib, *ad.extra_args, "-o", str(curves)],
-            work / "calibrate.log")
-        if code != 0:
-            return Row(ad.name, "rdonnx", note=f"calibrate exit {code}: {err.strip()[-300:]}",
-                       seconds=cal_s, peak_rss_mb=cal_rss)
+        # curves are kept beside the prepared model, keyed by the calibrate arguments, so that
+        # a rerun does not probe every weight again
+        kept, key = prep.root / "curves.json", prep.root / "curves.args.json"
+        cal_args = [*calib, *ad.extra_args]
+        if kept.exists() and key.exists() and json.loads(key.read_text()) == cal_args:
+            shutil.copy(kept, curves)
+            reused = "curves reused from an earlier run (calibrate time not included)"
+        else:
+            code, cal_s, cal_rss, err = timed(
+                [*RDONNX, "calibrate", str(prep.onnx), *cal_args, "-o", str(curves)],
+                work / "calibrate.log")
+            if code != 0:
+                return Row(ad.name, "rdonnx", seconds=cal_s, peak_rss_mb=cal_rss,
+                           note=f"calibrate exit {code}: {err.strip()[-300:]}")
+            shutil.copy(curves, kept)
+            key.write_text(json.dumps(cal_args))
+            print(f"  {ad.name} rdonnx calibrate {cal_s:.0f} s", file=sys.stderr, flush=True)
         with_curves = ["--curves", str(curves)]
     tried: list[str] = []
     ladder = [(b, True) for b in ad.ladder] + [(b, False) for b in ad.fallback]
@@ -275,11 +287,9 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
         report = work / f"rd{step}.json"
         code, secs, rss, err = timed(
             [*RDONNX, "compress", str(prep.onnx), *bound, *calib,
-             *(ad.extra_args + tuple(with_curves) if uses_curves else ad.fallback_args),
+             *ad.extra_args, *with_curves, *([] if uses_curves else ad.fallback_args),
              "-o", str(out), "--report", str(report), "--force"],
             work / f"compress{step}.log")
-        if not uses_curves:  # its own run: its cost is not the calibration's
-            cal_s, cal_rss = 0.0, 0.0
         setting = " ".join(bound)
         if code != 0:
             tried.append(f"{setting}: exit {code} ({err.strip().splitlines()[-1][:120]})"
@@ -301,7 +311,7 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
                        bpw if bpw is not None else 8 * size / weights, test=test,
                        calib=calib_m, transparent=True, seconds=cal_s + secs,
                        peak_rss_mb=max(cal_rss, rss), setting=setting,
-                       note="; ".join(tried[:-1]))
+                       note="; ".join(x for x in [reused, *tried[:-1]] if x))
         if timeout and time.time() - T_START > timeout:
             tried.append("time budget spent")
             break
@@ -314,7 +324,8 @@ def _report_bpw(report: Path) -> float | None:
         data = json.loads(report.read_text())
     except (OSError, ValueError):
         return None
-    for path in (("totals", "bits_per_weight"), ("bits_per_weight",),
+    for path in (("coding", "artifact_bits_per_weight"), ("totals", "bits_per_weight"),
+                 ("bits_per_weight",),
                  ("summary", "bits_per_weight")):
         node = data
         for key in path:
@@ -327,8 +338,9 @@ def _report_bpw(report: Path) -> float | None:
 T_START = time.time()
 
 
-def bench_model(ad: Adapter, cache: Path, args) -> list[Row]:
-    """Every row of one model prepared under ``cache / ad.name``."""
+def bench_model(ad: Adapter, cache: Path, args, on_rows=None) -> list[Row]:
+    """Every row of one model prepared under ``cache / ad.name``; ``on_rows(rows)`` after each
+    step, so that a long run leaves what it has measured."""
     name = ad.name
     prep = Prepared(cache / name)
     if not prep.onnx.exists():
@@ -342,20 +354,28 @@ def bench_model(ad: Adapter, cache: Path, args) -> list[Row]:
                      f"{len(_first(scorer.feeds['calib']))} calib samples; forward "
                      f"{scorer.forward_seconds:.1f} s")]
     work = Path(tempfile.mkdtemp(prefix=f"zoo-{name}-", dir=args.work))
+
+    def progress() -> None:
+        for r in rows:
+            r.primary = ad.primary
+        if on_rows:
+            on_rows(rows)
+
     try:
         rows += baseline_rows(ad, prep, scorer, work, original, weights)
+        progress()
         if not ad.nncodec:
             rows.append(Row(name, "NNCodec", note="not run for this model (see docs/ZOO.md)"))
         elif not args.skip_nncodec:
             rows.append(nncodec_row(ad, prep, scorer, work, original, weights,
                                     Path(args.nncodec_python)))
+        progress()
         if not args.skip_rdonnx:
             rows.append(rdonnx_row(ad, prep, scorer, work, original, weights, args.time_budget))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    for r in rows:
-        r.primary = ad.primary
+    progress()
     return rows
 
 
@@ -413,11 +433,16 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     for name in args.models.split(","):
         t0 = time.time()
-        got = bench_model(adapter(name), cache, args)
+
+        def save(got: list[Row], done: bool = False, name: str = name, t0: float = t0) -> None:
+            previous[name] = {"rows": [asdict(r) for r in got], "complete": done,
+                              "seconds": round(time.time() - t0),
+                              "date": time.strftime("%Y-%m-%d %H:%M")}
+            out.write_text(json.dumps(previous, indent=1))
+
+        got = bench_model(adapter(name), cache, args, on_rows=save)
         rows += got
-        previous[name] = {"rows": [asdict(r) for r in got], "seconds": round(time.time() - t0),
-                          "date": time.strftime("%Y-%m-%d %H:%M")}
-        out.write_text(json.dumps(previous, indent=1))
+        save(got, done=True)
         print(table(got), flush=True)
     print("\n" + table(rows))
     print(f"\nJSON: {out}", file=sys.stderr)

@@ -135,8 +135,9 @@ class Adapter:
         calib_samples: calibration samples rdonnx is given (None: the whole split).
         extra_args: further rdonnx arguments (a coarser grid, a metric...).
         batch: samples per ONNX Runtime run when scoring.
-        fallback: rdonnx targets tried (without curves) when no bound of ``ladder`` gives a
-            transparent artifact: no pruning, a fixed value width, smallest first.
+        fallback: rdonnx targets tried (with the ladder's curves, when there is a ladder) when
+            no bound of ``ladder`` gives a transparent artifact: no pruning, a fixed value
+            width, smallest first.
         fallback_args: further rdonnx arguments for the fallback runs.
         nncodec: whether the NNCodec row is attempted.
     """
@@ -157,7 +158,8 @@ class Adapter:
     subset: str = ""
     fallback: tuple[tuple[str, ...], ...] = (
         ("--rate", "1", "--value-bits", "8"), ("--rate", "1", "--value-bits", "10"),
-        ("--rate", "1", "--value-bits", "12"))
+        ("--rate", "1", "--value-bits", "12"), ("--rate", "1", "--value-bits", "14"),
+        ("--rate", "1", "--value-bits", "16"))
     fallback_args: tuple[str, ...] = ("--no-layer-distortion",)
     nncodec: bool = True
 

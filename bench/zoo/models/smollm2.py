@@ -74,7 +74,8 @@ ADAPTER = Adapter(
     # a session here (docs/ZOO.md gives the projection); only the unpruned value widths run.
     ladder=(), calib_samples=4, batch=2,
     fallback=(("--rate", "1", "--value-bits", "8"), ("--rate", "1", "--value-bits", "10")),
-    fallback_args=("--no-layer-distortion", "--no-simplify"), nncodec=False,
+    fallback_args=("--no-layer-distortion", "--no-simplify", "--method", "uniform"),
+    nncodec=False,
     subset=f"{SEQ}-token windows of /usr/share/doc and common-licenses text, one per document "
            "(8 calib, 4 val, 16 test); rdonnx sees 4 calib windows",
 )
