@@ -718,3 +718,38 @@ def test_workers_argument_and_serial_fallbacks(tmp_path, monkeypatch):
     monkeypatch.setattr(parallel, "can_fork", lambda: False)
     assert parallel.worker_count(None) == parallel.worker_count(8) == 1
     _same_tensors(decode_all(read_artifact(path), workers=8), serial)
+
+
+def test_log_scale_steps_are_coded_compactly_in_format_version_3(tmp_path):
+    """Per-row steps on the log scale: "quantized-channels", a few bits a row, version 3 in
+    the header; decoded exactly; a damaged index section is one FormatError."""
+    from conftest import write_coded
+
+    from rdonnx.algo import grids
+    from rdonnx.algo.quantize import dequantize
+
+    rng = np.random.default_rng(6)
+    q = rng.integers(-7, 8, size=(40, 9)).astype(np.int32)
+    steps = grids.step_of(rng.integers(-200, -100, 40))
+    path = write_coded(tmp_path, q, steps, step_axis=0)
+    artifact = read_artifact(path)
+    entry = artifact.tensors[0]
+    assert entry.encoding == "quantized-channels" and HEADER.unpack_from(path.read_bytes())[1] == 3
+    assert entry.steps.length <= 2 * 40 + 8
+    assert parallel.decode_all(artifact)["w"].tobytes() == \
+        dequantize(q, steps, np.float32, 0).tobytes()
+    raw = write_coded(tmp_path, q, steps * np.float32(1.001), step_axis=0)  # off the log scale
+    assert read_artifact(raw).tensors[0].encoding == "quantized-rows"
+    blob = bytearray(path.read_bytes())
+    at = len(blob) - entry.steps.length + 2  # inside the index section ...
+    blob[at] ^= 0xFF
+    length = HEADER.unpack_from(bytes(blob))[3]
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(
+        bytes(blob[HEADER.size:HEADER.size + length])))
+    section = manifest["tensors"][0]["steps"]  # ... re-checksummed, so the decoder must refuse
+    start = HEADER.size + length + section["offset"]
+    section["crc32"] = zlib.crc32(bytes(blob[start:start + section["length"]]))
+    damaged = tmp_path / "damaged.rdonnx"
+    damaged.write_bytes(_rebuild(manifest, bytes(blob[HEADER.size + length:]), version=3))
+    with pytest.raises(FormatError):
+        parallel.decode_all(read_artifact(damaged))

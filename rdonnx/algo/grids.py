@@ -152,6 +152,16 @@ def round_to(weight: np.ndarray, grid: Grid, bits: int) -> np.ndarray:
     return np.clip(np.rint(w / grid.broadcast(w.ndim)), -levels, levels).astype(np.int32)
 
 
+def steps_bits(grid: Grid) -> int:
+    """Bits an artifact spends on the grid's steps: none for one step (the manifest holds it),
+    the coded log-scale indices when every step lies on the log scale, else 32 a step."""
+    if grid.axis is None:
+        return 0
+    if np.array_equal(step_of(grid.index), grid.steps):
+        return side_bits(grid)
+    return 32 * grid.steps.size
+
+
 def side_bits(grid: Grid) -> int:
     """Coded size of the grid's step indices in bits (see `encode_steps`)."""
     return 8 * len(encode_steps(grid.index))
