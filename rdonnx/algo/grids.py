@@ -140,11 +140,6 @@ def _unclipped(rows: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
     return top, live
 
 
-def unclipped(weight: np.ndarray, bits: int, axis: int | None) -> Grid:
-    """Steps whose top level reaches each channel's largest magnitude (no clipping)."""
-    return Grid(step_of(_unclipped(_rows(weight, axis), 2 ** (bits - 1) - 1)[0]), axis)
-
-
 def round_to(weight: np.ndarray, grid: Grid, bits: int) -> np.ndarray:
     """Integer levels of `weight` on `grid` (int32; zeros stay zero)."""
     levels = 2 ** (bits - 1) - 1

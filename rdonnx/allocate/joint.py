@@ -45,8 +45,8 @@ def estimate_bits(weight: np.ndarray, mask: np.ndarray, bits: int,
     q = quantized.q
     nnz = int(np.count_nonzero(q))
     table = 0 if quantized.codebook is None else 32 * quantized.codebook.size
-    if quantized.axis is not None:  # per-channel steps on the log scale
-        table += grids.side_bits(grids.Grid(np.ravel(quantized.step), quantized.axis))
+    if quantized.axis is not None:  # per-channel steps (coded log-scale indices, or float32)
+        table += grids.steps_bits(grids.Grid(np.ravel(quantized.step), quantized.axis))
     return grids.entropy_bits(np.array([nnz, q.size - nnz])) + table + grids.level_bits(q)
 
 
