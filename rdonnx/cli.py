@@ -184,7 +184,8 @@ def rd_options(func: Callable) -> Callable:
     names = ("criterion", "metric", "reconstruct", "sequential", "damp", "channel_axis", "grid",
              "min_params", "include", "exclude", "simplify")
     return apply(func, [*(option_of(CompressConfig, n) for n in names), CALIB,
-                        option_of(CompressConfig, "replay_mb")])
+                        *(option_of(CompressConfig, n) for n in
+                          ("replay_mb", "jobs", "downstream"))])
 
 
 def _config(kw: dict[str, Any]) -> CompressConfig:
@@ -210,6 +211,7 @@ COMPRESS_OPTIONS = [
                  help="Labelled .npz to report accuracy before and after (with --labels)."),
     click.option("--labels", default=None, help="Key of the labels array in --test data."),
     option_of(CompressConfig, "layer_distortion"),
+    option_of(CompressConfig, "adaptive"),
     click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
                  help="Write the JSON report here."),
     click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,

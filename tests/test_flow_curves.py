@@ -29,6 +29,7 @@ from rdonnx.graph.model import load_model
 from rdonnx.graph.weights import find_weights
 from rdonnx.runtime.data import DataOptions, input_specs, make_batches
 from rdonnx.runtime.measure import Replay
+from rdonnx.runtime.probe import Prober
 from rdonnx.runtime.session import Runner
 
 GRID = (1.0, 0.5, 0.2, 0.05)
@@ -81,7 +82,8 @@ def tiny():
     replay, moments, data_digest = record(runner, batches, {})
     originals = {n: arrays[n] for n in ("W1", "W2")}
     rankings = {n: Ranking(magnitude(a)) for n, a in originals.items()}
-    curves = measure_curves(runner, replay, weights, _variant(originals, rankings), GRID, "nmse")
+    curves = measure_curves(Prober(runner, replay), weights, _variant(originals, rankings), GRID,
+                            "nmse")
     return dict(proto=proto, arrays=arrays, x=x, replay=replay, moments=moments,
                 digest=data_digest, curves=curves, weights=weights, runner=runner,
                 originals=originals, rankings=rankings)
@@ -132,7 +134,7 @@ def test_curve_equals_the_distortion_of_pruning_that_weight_alone(tiny):
 
 def test_curves_on_another_metric(tiny):
     """The metric argument is the one measured: cosine differs from nmse at the same points."""
-    cosine = measure_curves(tiny["runner"], tiny["replay"], tiny["weights"],
+    cosine = measure_curves(Prober(tiny["runner"], tiny["replay"]), tiny["weights"],
                             _variant(tiny["originals"], tiny["rankings"]), GRID, "cosine")
     assert cosine["W1"][0] == 0.0
     assert cosine["W1"][1:] != tiny["curves"]["W1"][1:]
@@ -281,7 +283,7 @@ def test_record_with_a_small_budget_spills_and_curves_do_not_change(tiny):
     replay, _, data_digest = record(runner, batches, {}, replay_bytes=100)
     assert replay._folder is not None and replay._bytes <= 100
     assert data_digest == tiny["digest"]
-    curves = measure_curves(runner, replay, weights,
+    curves = measure_curves(Prober(runner, replay), weights,
                             _variant(tiny["originals"], tiny["rankings"]), GRID, "nmse")
     assert curves == tiny["curves"]
 

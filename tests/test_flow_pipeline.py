@@ -196,8 +196,8 @@ def test_matching_curves_are_used_and_give_identical_output(curves_case, tmp_pat
     reused.save(tmp_path / "reused.onnx")
     measured.save(tmp_path / "measured.onnx")
     assert (tmp_path / "reused.onnx").read_bytes() == (tmp_path / "measured.onnx").read_bytes()
-    assert reused.report.to_json() == measured.report.to_json().replace(
-        "measured.onnx", "reused.onnx")
+    assert reused.report.to_json(timings=False) == \
+        measured.report.to_json(timings=False).replace("measured.onnx", "reused.onnx")
 
 
 def test_the_same_grid_written_differently_is_the_same_setting(mlp, tmp_path):

@@ -27,11 +27,14 @@ from rdonnx.flow.curves import (
     Curves,
     Fingerprint,
     check_grid,
+    coarse_indices,
     digest,
     exposed_tensors,
+    interpolated,
     measure_curves,
     model_digest,
     record,
+    refinement,
     scores_for,
 )
 from rdonnx.flow.target import Realized
@@ -41,11 +44,17 @@ from rdonnx.graph.weights import Weight, find_codable, find_weights, read_weight
 from rdonnx.runtime.data import Batches, DataOptions, input_specs, make_batches, open_npz
 from rdonnx.runtime.distortion import Distortion, is_class_scores
 from rdonnx.runtime.measure import Replay
-from rdonnx.runtime.session import Runner
+from rdonnx.runtime.probe import Prober, cut_tensors
+from rdonnx.runtime.session import Runner, measurement_model
 
 ModelSource = str | os.PathLike | onnx.ModelProto | bytes
 CLIP_SCALES = (1.0, 0.9, 0.8, 0.7)  # error-compensated quantization: exact spans tried
 ORIGINAL_INPUTS_MB = 256  # sequential mode: the last layer's original inputs kept up to this
+ADAPTIVE_MIN_POINTS = 9  # grids with fewer points are measured whole
+ADAPTIVE_STRIDE = 3  # the adaptive grid's first pass: every third point (and the last)
+ADAPTIVE_ROUNDS = 4  # refinements at most (each measures the points around the allocation)
+PROBE_OPTIMIZE = False  # ORT graph optimisations in downstream slices (see docs/SPEED.md)
+Focus = Callable[[Curves], list[Mapping[str, int]]]  # kept counts where curves must be exact
 DataSource = str | os.PathLike | Mapping[str, np.ndarray] | None
 
 
@@ -67,6 +76,7 @@ class Calibration:
     notices: list[str] = field(default_factory=list)
     importance: dict[str, np.ndarray] = field(default_factory=dict)  # E[x^2] vs each weight
     axes: dict[str, int | None] = field(default_factory=dict)  # output axis: a step each
+    prober: Prober | None = None  # downstream-only, threaded probes (None: whole graph)
     _hessians: dict[str, obs.Hessian] = field(default_factory=dict)
     _reconstructed: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     _original_inputs: tuple[str, list[list[np.ndarray]]] | None = None  # the last layer's
@@ -79,6 +89,14 @@ class Calibration:
     def distortion(self, values: Mapping[str, np.ndarray], config: CompressConfig,
                    only: str | None = None) -> Distortion:
         return self.replay.distortion(self.run_with(values), config.channel_axis, only)
+
+    def probe(self, values: Mapping[str, np.ndarray], config: CompressConfig,
+              only: str | None = None) -> Distortion:
+        """`distortion` of a variant that changes a few weights, through the prober (only the
+        graph downstream of them runs)."""
+        if self.prober is None:
+            return self.distortion(values, config, only)
+        return self.prober.probe(values, only, config.channel_axis)
 
     def supports(self, name: str) -> bool:
         """Whether the weight's layer input is seen and its layout known (matrix views)."""
@@ -97,7 +115,7 @@ class Calibration:
         if earlier is None and name in self._hessians:
             return self._hessians[name]
         entry = self.inputs[name]
-        h = obs.Hessian(entry)
+        h = obs.Hessian(entry, self.runner.device.ort_device)  # --device cuda: on the GPU
         prepared = {n: self.runner.weight_value(n, a) for n, a in (earlier or {}).items()}
         held = self._original_inputs[1] if earlier and self._original_inputs is not None \
             and self._original_inputs[0] == name else None
@@ -412,11 +430,16 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
         given = {v.name for v in loaded.proto.graph.output}
         exposed = sorted(set(exposed) | {t for t, _ in consumer_outputs(loaded, weights)
                                          .values()} - given)
-    runner = Runner(loaded, weights + extra, config.device, exposed)
+    proto = measurement_model(loaded, weights + extra)
+    cuts = cut_tensors(proto, [w.name for w in weights]) if config.downstream else {}
+    recorded = Prober.tensors(cuts)
+    given = {v.name for v in proto.graph.output} | {v.name for v in proto.graph.input}
+    runner = Runner(loaded, weights + extra, config.device,
+                    sorted((set(exposed) | set(recorded)) - given), proto=proto)
     if runner.device.notice:
         notices.append(runner.device.notice)
     replay, moments, data_digest = record(runner, batches, inputs, quiet,
-                                          config.replay_mb * 2**20)
+                                          config.replay_mb * 2**20, recorded)
     if config.metric == "kl" and not any(is_class_scores(o) for o in next(iter(replay))[1]):
         raise UsageError("--metric kl needs an output of class scores [batch, classes]; "
                          "use --metric nmse, nmse-channel or cosine")
@@ -432,16 +455,45 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
     return Calibration(loaded, weights, originals, runner, replay, scores,
                        {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
                        inputs, read_weights(loaded, extra), notices,
-                       importance=importance, axes=output_axes(loaded, weights + extra))
+                       importance=importance, axes=output_axes(loaded, weights + extra),
+                       prober=Prober(runner, replay, cuts, config.jobs, PROBE_OPTIMIZE,
+                                     notices))
 
 
-def measure_all_curves(cal: Calibration, config: CompressConfig, quiet: bool = True) -> Curves:
-    """Per-weight R-D curves on the configured grid."""
+def measure_all_curves(cal: Calibration, config: CompressConfig, quiet: bool = True,
+                       focus: Focus | None = None) -> Curves:
+    """Per-weight R-D curves on the configured grid: every point, or (`focus` given,
+    `config.adaptive` and a grid of at least `ADAPTIVE_MIN_POINTS`) the adaptive grid: every
+    `ADAPTIVE_STRIDE`-th point first, then, until the allocations `focus` returns land
+    between measured points only, the points around each weight's chosen density. Points
+    not measured are interpolated (`interpolated`) and listed in `Curves.measured`."""
     grid = check_grid(config.grid)
-    measured = measure_curves(cal.runner, cal.replay, cal.weights, cal.variant(config), grid,
-                              config.metric, config.channel_axis, quiet)
-    return Curves(grid, measured, {w.name: w.size for w in cal.weights},
-                  config.curve_settings(), cal.fingerprint)
+    prober = cal.prober or Prober(cal.runner, cal.replay, notices=cal.notices)
+    variant = cal.variant(config)
+    sizes = {w.name: w.size for w in cal.weights}
+    if focus is None or not config.adaptive or len(grid) < ADAPTIVE_MIN_POINTS:
+        measured = measure_curves(prober, cal.weights, variant, grid, config.metric,
+                                  config.channel_axis, quiet)
+        return Curves(grid, measured, sizes, config.curve_settings(), cal.fingerprint)
+    wanted = {w.name: coarse_indices(grid, ADAPTIVE_STRIDE) for w in cal.weights}
+    points: dict[str, dict[int, float]] = {w.name: {} for w in cal.weights}
+    for _ in range(ADAPTIVE_ROUNDS + 1):
+        found = measure_curves(prober, cal.weights, variant, grid, config.metric,
+                               config.channel_axis, quiet, wanted)
+        for name, values in found.items():
+            points[name].update(values)
+        curves = Curves(grid, {n: interpolated(grid, p) for n, p in points.items()}, sizes,
+                        config.curve_settings(), cal.fingerprint,
+                        measured={n: tuple(sorted(p)) for n, p in points.items()})
+        wanted = {}
+        for keep in focus(curves):
+            for name, kept in keep.items():
+                more = refinement(grid, list(points[name]), kept / max(sizes[name], 1))
+                wanted.setdefault(name, set()).update(more)
+        wanted = {n: sorted(v) for n, v in wanted.items() if v}
+        if not wanted:
+            break
+    return curves
 
 
 def check_curves(curves: Curves, cal: Calibration) -> None:

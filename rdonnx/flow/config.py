@@ -107,6 +107,17 @@ class CompressConfig:
     device: str = option(
         "auto", "auto: CUDA when its execution provider really works, else CPU.",
         choices=DEVICES)
+    jobs: int = option(  # probe threads; results do not depend on it
+        1, "Probe threads, one ONNX Runtime session each (with N > 1 each session runs on "
+        "cores/N threads); the results do not depend on N.", range=(1, 256))
+    adaptive: bool = option(  # coarse grid, refined where the allocation lands (rd at a rate
+        # or a distortion bound, grids of more than ADAPTIVE_MIN_POINTS points)
+        True, "Measure every density of the grid instead of a coarse pass refined around the "
+        "densities the allocation chooses.", flag="--full-grid", negate=True)
+    downstream: bool = option(  # probes run only the graph downstream of the changed weight
+        True, "Run every probe on the whole graph instead of only the part downstream of the "
+        "changed weight (fed with tensors recorded by the reference pass, within --replay-mb, "
+        "spilled past it).", flag="--whole-graph-probes", negate=True)
     layer_distortion: bool = option(  # measure each weight pruned alone at its chosen density
         True, "Skip measuring each weight pruned alone (one pass per weight).",
         flag="--no-layer-distortion", negate=True)
@@ -211,6 +222,8 @@ class CompressConfig:
             raise UsageError("k-means values (--quantizer kmeans, --method gao) do not combine "
                              "with --reconstruct, --sequential or --criterion obs (GPTQ error "
                              "feedback needs a uniform grid); drop one of them")
+        if not 1 <= self.jobs <= 256:
+            raise UsageError(f"--jobs must be in 1..256, got {self.jobs}")
         if self.channel_axis < 0:
             raise UsageError(f"--channel-axis must be >= 0, got {self.channel_axis}")
         if self.method == "surp":

@@ -21,17 +21,19 @@ from rdonnx.errors import UsageError
 from rdonnx.flow.calibration import (
     Calibration,
     DataSource,
+    Focus,
     ModelSource,
     calibrate_model,
     check_curves,
     make_data,
     measure_all_curves,
 )
-from rdonnx.flow.config import CompressConfig
+from rdonnx.flow.config import CompressConfig, Target
 from rdonnx.flow.curves import Curves, check_grid, measure_value_curves
 from rdonnx.flow.methods.registry import METHODS
 from rdonnx.flow.result import CompressResult, finish_report
-from rdonnx.flow.target import Realized, meet_budget, meet_target
+from rdonnx.flow.target import Realized, meet_budget, meet_target, predicted_rate
+from rdonnx.progress import Stages
 from rdonnx.report.records import RatePoint
 
 JOINT_BITS = (4, 5, 6, 8)  # value widths tried when a bound picks the smallest artifact
@@ -51,40 +53,79 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
     config.check()  # unknown methods are refused here
     if labels and test is None:
         raise UsageError("labels need test data (--test DATA --labels KEY)")
-    cal = calibrate_model(model, config, calib, quiet, consumers=method.consumers)
+    stages = Stages()
+    with stages.stage("reference"):
+        cal = calibrate_model(model, config, calib, quiet, consumers=method.consumers)
     test_data = make_data(cal.model, test, config.data, labels) if test is not None else None
     if method.run is not None:
         return method.run(cal, config, test_data, labels, quiet)
     target = config.target
-    need_curves = (method.curves or target.kind == "distortion") and target.kind != "pattern"
+    scores = {n: s.values for n, s in cal.scores.items()}
+    allocator = SOLVERS[config.solver] if method.allocator == "rd" else \
+        ALLOCATORS[method.allocator]
     if curves is not None:
         curves = curves if isinstance(curves, Curves) else Curves.load(curves)
         check_curves(curves, cal)
-    elif need_curves:
-        curves = measure_all_curves(cal, config, quiet)
-    allocation = Allocation({n: s.values for n, s in cal.scores.items()},
-                            {n: curves.curve(n) for n in curves.distortion} if curves else {},
-                            config.normalize)
-    if method.prepare is not None:
-        cal, allocation = method.prepare(cal, config, allocation)
-    allocator = SOLVERS[config.solver] if method.allocator == "rd" else \
-        ALLOCATORS[method.allocator]
-    chosen, steps, curves = _choose(cal, config, allocation, allocator, curves, quiet,
-                                    joint=method.allocator == "rd")
+    elif needs_curves(method.curves, target):
+        with stages.stage("curves"):
+            curves = measure_all_curves(cal, config, quiet,
+                                        _focus(scores, allocator, config, target, frontier))
+    if target.kind == "rate" and target.value >= 1:
+        allocator = ALLOCATORS["uniform"]  # every weight kept whole: nothing to allocate
+    allocation = Allocation(scores, {n: curves.curve(n) for n in curves.distortion}
+                            if curves else {}, config.normalize)
+    with stages.stage("allocate and measure"):
+        if method.prepare is not None:
+            cal, allocation = method.prepare(cal, config, allocation)
+        chosen, steps, curves = _choose(cal, config, allocation, allocator, curves, quiet,
+                                        joint=method.allocator == "rd", stages=stages)
     lowest = min(check_grid(config.grid)) if curves is not None else 0.0
     points = []
-    for rate in (r for r in frontier if r >= lowest):
-        d = cal.realize(rate, allocator(allocation, rate), config).distortion
-        points.append(RatePoint(rate, d.value(config.metric), d.top1_agreement))
-    report = finish_report(cal, config, chosen, curves, allocation, test_data, labels, quiet)
+    with stages.stage("frontier"):
+        for rate in (r for r in frontier if r >= lowest):
+            d = cal.realize(rate, allocator(allocation, rate), config).distortion
+            points.append(RatePoint(rate, d.value(config.metric), d.top1_agreement))
+    with stages.stage("report"):
+        report = finish_report(cal, config, chosen, curves, allocation, test_data, labels,
+                               quiet)
     report.search, report.frontier = steps, points
+    report.timings = {name: round(seconds, 3) for name, seconds in stages.seconds.items()}
     return CompressResult(cal.model, chosen.values, chosen.quantized, report, curves,
                           chosen.pruned)
 
 
+def needs_curves(rd: bool, target: Target) -> bool:
+    """Whether a run measures R-D curves: only a method that allocates with them (`rd`), and
+    only when something is pruned (not at `--rate 1`, not for a `--pattern`). Other methods
+    search a bound by measuring candidates and need none."""
+    if target.kind == "pattern" or target.kind == "rate" and target.value >= 1:
+        return False
+    return rd
+
+
+def _focus(scores: dict[str, np.ndarray], allocator: Callable, config: CompressConfig,
+           target: Target, frontier: Sequence[float]) -> Focus | None:
+    """Where the adaptive grid must be exact: the allocations at the target rate, or at the
+    rate the curves predict for a distortion bound, and at the `frontier` rates (None: other
+    targets measure the whole grid)."""
+    if target.kind not in ("rate", "distortion"):
+        return None
+    low = min(check_grid(config.grid))
+
+    def focus(curves: Curves) -> list[dict[str, int]]:
+        allocation = Allocation(scores, {n: curves.curve(n) for n in curves.distortion},
+                                config.normalize)
+        rate = target.value if target.kind == "rate" else \
+            predicted_rate(allocation, allocator, target.value, low)
+        return [allocator(allocation, r) for r in (rate, *(f for f in frontier if f >= low))]
+
+    return focus
+
+
 def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
             allocator: Callable, curves: Curves | None, quiet: bool,
-            joint: bool) -> tuple[Realized, list[RatePoint], Curves | None]:
+            joint: bool, stages: Stages | None = None
+            ) -> tuple[Realized, list[RatePoint], Curves | None]:
     """The realized candidate for the target, the probes measured on the way, and the curves
     (with value curves added when the joint allocation needed them). `joint`: a bound or bits
     target with free value widths allocates density and value bits together (rd)."""
@@ -108,7 +149,8 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
         return cal.realize(sum(keep.values()) / sum(sizes.values()), keep, config), [], curves
     free_bits = config.quantized and config.value_bits is None
     if target.kind != "rate" and free_bits and joint:
-        curves = _with_value_curves(cal, config, curves, quiet)
+        with (stages or Stages()).stage("value curves"):
+            curves = _with_value_curves(cal, config, curves, quiet)
         options = {w.name: options_for(cal.originals[w.name], cal.rankings[w.name],
                                        curves.grid, curves.distortion[w.name],
                                        with_wide_widths(curves.values[w.name]),
@@ -160,7 +202,7 @@ def _with_value_curves(cal: Calibration, config: CompressConfig, curves: Curves,
     if curves.values_quantizer == config.quantizer and \
             all(set(JOINT_VALUE_BITS) <= set(curves.values.get(w.name, {})) for w in cal.weights):
         return curves
-    measured = measure_value_curves(cal.runner, cal.replay, cal.weights,
+    measured = measure_value_curves(cal.prober, cal.weights,
                                     cal.value_variant(config), JOINT_VALUE_BITS, config.metric,
                                     config.channel_axis, quiet)
     return replace(curves, values=measured, values_quantizer=config.quantizer)

@@ -25,6 +25,7 @@ from rdonnx.flow.config import FORMATS, CompressConfig
 from rdonnx.flow.curves import Curves
 from rdonnx.flow.target import Realized
 from rdonnx.graph.model import Model, check_output, iter_graphs, write_model
+from rdonnx.progress import progress_bar
 from rdonnx.report.records import Evaluation, Report, WeightReport
 from rdonnx.runtime.measure import measure
 from rdonnx.runtime.session import max_runtime_ir_version
@@ -100,10 +101,9 @@ def finish_report(cal: Calibration, config: CompressConfig, chosen: Realized,
     """The report of the chosen candidate: each weight's distortion alone (when configured)
     and the test evaluation (with test data) measured now; search and frontier are the
     caller's."""
-    layer = [None] * len(cal.weights)
+    layer: list[float | None] = [None] * len(cal.weights)
     if config.layer_distortion:
-        layer = [cal.distortion({w.name: chosen.pruned[w.name]}, config, config.metric)
-                 .value(config.metric) for w in cal.weights]
+        layer = layer_distortions(cal, config, chosen.pruned, quiet)
     report = _report(cal, config, chosen, curves, allocation, layer)
     if test_data is not None:
         data, name = test_data
@@ -113,6 +113,21 @@ def finish_report(cal: Calibration, config: CompressConfig, chosen: Realized,
                                                  result.distortions[0],
                                                  result.reference_accuracy, result.accuracies[0])
     return report
+
+
+def layer_distortions(cal: Calibration, config: CompressConfig,
+                      pruned: dict[str, np.ndarray], quiet: bool = True) -> list[float]:
+    """The distortion of each weight pruned alone as chosen (0 without a probe where it is
+    unchanged), in graph order."""
+    changed = [w.name for w in cal.weights
+               if not np.array_equal(pruned[w.name], cal.originals[w.name])]
+    groups = [[(name, lambda name=name: {name: pruned[name]})] for name in changed]
+    with progress_bar(len(groups), "layer distortion", quiet) as bar:
+        found = cal.prober.sweep(groups, config.metric, config.channel_axis, bar.update) \
+            if cal.prober is not None else \
+            {n: cal.distortion({n: pruned[n]}, config, config.metric) for n in changed}
+    return [found[w.name].value(config.metric) if w.name in found else 0.0
+            for w in cal.weights]
 
 
 def _report(cal: Calibration, config: CompressConfig, chosen: Realized, curves: Curves | None,

@@ -114,15 +114,19 @@ class Report:
     output_format: str | None = None
     output_bytes: int | None = None
     notices: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds of each stage
     schema_version: int = SCHEMA_VERSION
 
     @property
     def density(self) -> float:
         return self.params_kept / self.params_total if self.params_total else 1.0
 
-    def to_json(self) -> str:
-        """Deterministic JSON (sorted keys, no timings) with the schema version."""
+    def to_json(self, timings: bool = True) -> str:
+        """JSON with sorted keys and the schema version; deterministic but for `timings`
+        (the seconds of each stage; left out with `timings=False`)."""
         data = asdict(self)
+        if not timings:
+            del data["timings"]
         data["density"] = self.density
         return strictjson.dumps(_rounded(data), indent=2, sort_keys=True) + "\n"
 
