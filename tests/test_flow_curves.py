@@ -22,8 +22,11 @@ from rdonnx.flow.curves import (
     CURVES_VERSION,
     Curves,
     check_grid,
+    coarse_indices,
+    interpolated,
     measure_curves,
     record,
+    refinement,
 )
 from rdonnx.graph.model import load_model
 from rdonnx.graph.weights import find_weights
@@ -33,6 +36,7 @@ from rdonnx.runtime.probe import Prober
 from rdonnx.runtime.session import Runner
 
 GRID = (1.0, 0.5, 0.2, 0.05)
+ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------------
 # check_grid
@@ -302,3 +306,60 @@ def test_compress_with_no_replay_memory_gives_identical_results(tmp_path):
         outputs.append(((tmp_path / f"{mb}.onnx").read_bytes(), result.report.calibration,
                         result.curves.distortion))
     assert outputs[0] == outputs[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The adaptive grid
+
+
+TWENTY = tuple(float(f"{0.002 ** (i / 19):.3g}") for i in range(20))
+
+
+def test_coarse_pass_takes_every_third_point_and_both_ends():
+    assert coarse_indices(TWENTY, 3) == [0, 3, 6, 9, 12, 15, 18, 19]
+    assert coarse_indices((1.0, 0.5), 3) == [0, 1]
+
+
+def test_unmeasured_points_are_linear_in_density_between_measured_neighbours():
+    grid = (1.0, 0.8, 0.5, 0.2)
+    curve = interpolated(grid, {0: 0.0, 2: 0.3, 3: 0.9})
+    assert curve[0] == 0.0 and curve[2] == 0.3 and curve[3] == 0.9
+    assert curve[1] == pytest.approx(0.3 * (1.0 - 0.8) / (1.0 - 0.5))
+
+
+@pytest.mark.parametrize("density,expected", [
+    (0.3, [4, 5]),  # between measured 3 (0.4) and 6 (0.1): the points between
+    (0.4, [1, 2, 4, 5]),  # on a measured point: both neighbouring gaps
+    (1.0, [1, 2]),
+    (0.05, []),  # below the last gap's points, all measured
+])
+def test_refinement_measures_the_points_around_the_chosen_density(density, expected):
+    grid = (1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1, 0.05)
+    assert refinement(grid, [0, 3, 6, 7], density) == expected
+
+
+@pytest.fixture(scope="module")
+def adaptive_pair():
+    """digits_cnn at rate 0.3 on the default 20-point grid: adaptive and full."""
+    config = CompressConfig(rate=0.3, layer_distortion=False, format="dense")
+    model, calib = ROOT / "models/digits_cnn.onnx", ROOT / "models/digits_calib.npz"
+    return (rdonnx.compress(model, calib=calib, config=config),
+            rdonnx.compress(model, calib=calib, config=replace(config, adaptive=False)))
+
+
+def test_adaptive_grid_measures_fewer_points_and_lands_within_5_percent(adaptive_pair):
+    adaptive, full = adaptive_pair
+    assert full.curves.measured == {}
+    measured = sum(len(v) for v in adaptive.curves.measured.values())
+    assert 0 < measured < 0.7 * len(TWENTY) * len(full.curves.distortion)
+    for name, indices in adaptive.curves.measured.items():  # measured points are exact
+        for i in indices:
+            assert adaptive.curves.distortion[name][i] == full.curves.distortion[name][i]
+    a, f = adaptive.report.calibration.nmse, full.report.calibration.nmse
+    assert abs(a - f) <= 0.05 * f
+
+
+def test_adaptive_curves_round_trip_with_their_measured_points(adaptive_pair, tmp_path):
+    curves = adaptive_pair[0].curves
+    (tmp_path / "c.json").write_text(curves.to_json())
+    assert Curves.load(tmp_path / "c.json").measured == curves.measured

@@ -522,3 +522,61 @@ def test_a_bound_only_exact_values_meet_is_met_with_exact_values(mlp, method):
     originals = {t.name: numpy_helper.to_array(t) for t in onnx.load(mlp.path).graph.initializer}
     for name, value in result.weights.items():
         assert np.array_equal(value[value != 0], originals[name][value != 0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Fewer probes: curves only where the method allocates with them and something is pruned
+
+
+def test_rate_one_measures_no_curves_and_keeps_every_weight():
+    result = rdonnx.compress(DIGITS_MLP, rate=1.0, calib=DIGITS_CALIB,
+                             config=replace(FAST, values="quantized", value_bits=8,
+                                            layer_distortion=True))
+    assert result.curves is None and result.report.grid is None
+    assert result.report.params_kept == result.report.params_total
+    assert "curves" not in result.report.timings
+    assert all(w.distortion == 0.0 for w in result.report.weights)  # measured without probes
+
+
+def test_a_bound_with_a_method_that_needs_no_curves_measures_none():
+    result = rdonnx.compress(DIGITS_MLP, max_distortion=0.05, calib=DIGITS_CALIB,
+                             method="uniform", config=FAST)
+    assert result.curves is None
+    assert result.report.calibration.nmse <= 0.05
+    rd = rdonnx.compress(DIGITS_MLP, max_distortion=0.05, calib=DIGITS_CALIB, config=FAST)
+    assert rd.curves is not None
+
+
+def test_the_report_records_the_seconds_of_each_stage():
+    result = rdonnx.compress(DIGITS_MLP, rate=0.3, calib=DIGITS_CALIB,
+                             config=replace(FAST, layer_distortion=True))
+    timings = result.report.timings
+    assert list(timings)[:2] == ["reference", "curves"]
+    assert {"allocate and measure", "report"} <= set(timings)
+    assert all(v >= 0 for v in timings.values())
+    assert json.loads(result.report.to_json())["timings"] == timings
+    assert "timings" not in json.loads(result.report.to_json(timings=False))
+
+
+def test_jobs_give_the_same_file_and_report(tmp_path):
+    paths = []
+    for jobs in (1, 2):
+        result = rdonnx.compress(DIGITS_MLP, rate=0.3, calib=DIGITS_CALIB,
+                                 config=replace(FAST, jobs=jobs, layer_distortion=True))
+        paths.append(tmp_path / f"{jobs}.onnx")
+        result.save(paths[-1])
+        paths.append(result.report.to_json(timings=False).replace(f"{jobs}.onnx", "x")
+                     .replace(f'"jobs": {jobs}', '"jobs": N'))
+    assert paths[0].read_bytes() == paths[2].read_bytes()
+    assert paths[1] == paths[3]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--jobs", "0"], "jobs"),
+    (["--jobs", "x"], "jobs"),
+])
+def test_bad_jobs_is_a_usage_error(capsys, tmp_path, argv, match):
+    code, _, err = cli(capsys, "compress", DIGITS_MLP, "--rate", "0.5", *argv,
+                       "-o", tmp_path / "m.onnx")
+    assert code == 2 and match in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()

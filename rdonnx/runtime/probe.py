@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,7 +25,14 @@ from rdonnx.graph.cut import Cut, downstream
 from rdonnx.graph.model import fit_ir_version
 from rdonnx.runtime.distortion import DistortionMeter
 from rdonnx.runtime.measure import Replay
-from rdonnx.runtime.session import Runner, create_session, max_runtime_ir_version, run_session
+from rdonnx.runtime.session import (
+    CUDA,
+    Runner,
+    create_session,
+    max_runtime_ir_version,
+    ortvalue,
+    run_session,
+)
 
 SESSIONS_PER_JOB = 2  # slice sessions kept per worker thread (a weight's sweep reuses one)
 
@@ -144,8 +151,7 @@ class Prober:
                 wanted = self._slice(frozenset(arrays))
                 if wanted is not part:
                     part = wanted
-                    cuts = list(self.replay.cuts(part.cut.tensors)) \
-                        if part.session is not None else None
+                    cuts = self._recorded(part)
                 out[label] = self._measure(part, arrays, cuts, metric, channel_axis)
                 if done is not None:
                     done(1)
@@ -161,16 +167,42 @@ class Prober:
                 results.update(part)
         return results
 
+    def outputs(self, arrays: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:
+        """The model's outputs with `arrays` in place of those weights, batch by batch, as
+        the probes compute them (the slice's outputs, the reference for the others)."""
+        part = self._slice(frozenset(arrays))
+        cuts = self._recorded(part)
+        return [candidate for _, candidate, _ in self._runs(part, arrays, cuts)]
+
+    def _recorded(self, part: _Slice) -> list[dict[str, object]] | None:
+        """The slice's cut tensors of every batch (on CUDA uploaded once, for all the probes
+        of a group)."""
+        if part.session is None:
+            return None
+        cuts = list(self.replay.cuts(part.cut.tensors))
+        if self.runner.device.provider == CUDA:
+            cuts = [{n: ortvalue(a, onnx.helper.np_dtype_to_tensor_dtype(a.dtype),
+                                 self.runner.device.ort_device) for n, a in c.items()}
+                    for c in cuts]
+        return cuts
+
     def _measure(self, part: _Slice, arrays: Mapping[str, np.ndarray],
                  cuts: list[dict[str, np.ndarray]] | None, metric: str | None,
                  channel_axis: int) -> object:
+        meter = DistortionMeter(channel_axis, metric)
+        for expected, candidate, energy in self._runs(part, arrays, cuts):
+            meter.add(expected, candidate, energy)
+        return meter.result()
+
+    def _runs(self, part: _Slice, arrays: Mapping[str, np.ndarray],
+              cuts: list[dict[str, np.ndarray]] | None) -> Iterator[tuple[list, list, list]]:
+        """(reference outputs, candidate outputs, reference energies) of every batch."""
         runner = self.runner
         values = {n: runner.weight_value(n, a) for n, a in arrays.items()}
-        meter = DistortionMeter(channel_axis, metric)
         if part.session is None:
             for (feed, expected), energy in zip(self.replay, self.replay.energies):
-                meter.add(expected, runner.run(feed, values), energy)
-            return meter.result()
+                yield expected, runner.run(feed, values), energy
+            return
         cut = part.cut
         weights = {n: values.get(n, runner.weights[n]) for n in cut.inputs
                    if n in runner.weights}
@@ -180,6 +212,5 @@ class Prober:
             inputs.update(recorded)
             produced = dict(zip(cut.outputs, run_session(part.session, cut.outputs, inputs,
                                                          runner.device)))
-            meter.add(expected, [produced.get(n, expected[i]) for i, n in
-                                 enumerate(runner.output_names)], energy)
-        return meter.result()
+            yield expected, [produced.get(n, expected[i]) for i, n in
+                             enumerate(runner.output_names)], energy
