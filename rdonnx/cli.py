@@ -9,6 +9,7 @@ options come from the light settings modules, and each command imports the API i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import traceback
@@ -26,6 +27,7 @@ from rdonnx.flow.config import CompressConfig
 from rdonnx.fs import write_text
 from rdonnx.option import spec_of
 from rdonnx.outputs import user_error
+from rdonnx.progress import Stages, heartbeat
 from rdonnx.signals import EXIT_TERMINATED, clean_aborts, was_terminated
 from rdonnx.version import __version__
 
@@ -134,6 +136,11 @@ def data_options(func: Callable) -> Callable:
 def _data(kw: dict[str, Any]) -> DataOptions:
     """The data options given on the command line (popped from `kw`)."""
     return DataOptions(**settings(DataOptions, kw))
+
+
+def _log_progress(quiet: bool):
+    """In a log (stderr not a terminal), a progress line at least every ~10 s."""
+    return heartbeat() if not quiet and not sys.stderr.isatty() else contextlib.nullcontext()
 
 
 def _note(message: str, quiet: bool) -> None:
@@ -264,9 +271,12 @@ def compress_cmd(model: Path, output: Path | None, report_path: Path | None,
         grid = ",".join(str(d) for d in Curves.load(curves_path).grid)
         config = replace(config, grid=_grid(grid))
     frontier = PLOT_RATES if plot_path is not None else ()
-    result = compress(model, calib=calib, test=test_data, labels=labels, curves=curves_path,
-                      config=config, quiet=quiet, frontier=frontier)
-    result.save(output, config.format, force=force)
+    with _log_progress(quiet):
+        result = compress(model, calib=calib, test=test_data, labels=labels,
+                          curves=curves_path, config=config, quiet=quiet, frontier=frontier)
+        with Stages(result.report.timings).stage("save"):
+            result.save(output, config.format, force=force)
+        result.report.timings["save"] = round(result.report.timings["save"], 3)
     for notice in result.report.notices:
         _note(notice, quiet)
     if report_path is not None:
@@ -296,7 +306,8 @@ def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bo
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
     check_output(output, model, force)
-    curves = calibrate(model, calib=calib, config=config, quiet=quiet)
+    with _log_progress(quiet):
+        curves = calibrate(model, calib=calib, config=config, quiet=quiet)
     write_text(output, curves.to_json())
     if not quiet:
         click.echo(f"rdonnx: {len(curves.distortion)} curves x {len(curves.grid)} densities "

@@ -11,8 +11,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from tqdm import tqdm
-
 LOG_EVERY_S = 10.0  # seconds between two progress lines when stderr is not a terminal
 
 
@@ -26,12 +24,13 @@ def _clock(seconds: float) -> str:
 class LogProgress:
     """A progress counter that prints `rdonnx: STAGE done/total (P%), elapsed M:SS, about
     M:SS left` at most every `every` seconds (and once at the end), for logs without a
-    terminal. Thread-safe: probe workers update one counter."""
+    terminal. Thread-safe: probe workers update one counter. While a `heartbeat` runs, it
+    repeats the line of the open counter when updates are slower than `every`."""
 
     def __init__(self, total: int, description: str, stream: TextIO,
-                 every: float = LOG_EVERY_S, clock=time.monotonic):
+                 every: float | None = None, clock=time.monotonic):
         self.total, self.description, self.stream = max(int(total), 0), description, stream
-        self.every, self.clock = every, clock
+        self.every, self.clock = every if every is not None else LOG_EVERY_S, clock
         self.n = 0
         self.start = self.last = clock()
         self._lock = threading.Lock()
@@ -41,32 +40,88 @@ class LogProgress:
             self.n += n
             now = self.clock()
             if now - self.last >= self.every:
-                self.last = now
                 self._line(now)
 
     def _line(self, now: float) -> None:
+        self.last = now
         elapsed = now - self.start
         share = self.n / self.total if self.total else 1.0
         left = f", about {_clock(elapsed * (1 - share) / share)} left" if 0 < share < 1 else ""
-        print(f"rdonnx: {self.description} {self.n}/{self.total} ({share:.0%}), elapsed "
-              f"{_clock(elapsed)}{left}", file=self.stream, flush=True)
+        _LOG.say(f"rdonnx: {self.description} {self.n}/{self.total} ({share:.0%}), elapsed "
+                 f"{_clock(elapsed)}{left}", self.stream)
+
+    def beat(self) -> None:
+        """Print the line now if none was printed for `every` seconds (the heartbeat)."""
+        with self._lock:
+            now = self.clock()
+            if now - self.last >= self.every:
+                self._line(now)
 
     def close(self) -> None:
         with self._lock:
+            if self in _LOG.bars:
+                _LOG.bars.remove(self)
             if self.clock() - self.start >= self.every:  # a long stage says that it ended
                 self._line(self.clock())
 
     def __enter__(self) -> LogProgress:
+        _LOG.bars.append(self)  # the heartbeat repeats the line of the innermost open one
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
+class _Log:
+    """The process's progress log: the open counters, the current stage and the time of the
+    last line (so a heartbeat speaks only when nothing else did)."""
+
+    def __init__(self) -> None:
+        self.bars: list[LogProgress] = []
+        self.stage: tuple[str, float] | None = None  # name, start
+        self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def say(self, line: str, stream: TextIO) -> None:
+        with self.lock:
+            self.last = time.monotonic()
+            print(line, file=stream, flush=True)
+
+
+_LOG = _Log()
+
+
+@contextmanager
+def heartbeat(every: float | None = None, stream: TextIO | None = None) -> Iterator[None]:
+    """While the block runs, a line at least every `every` seconds: the open counter's, else
+    the current stage and its elapsed time (stages without a counter: the search, saving).
+    For logs without a terminal; the CLI starts it unless --quiet or stderr is a terminal."""
+    stop = threading.Event()
+    out = stream or sys.stderr
+    every = every if every is not None else LOG_EVERY_S
+
+    def run() -> None:
+        while not stop.wait(min(1.0, every / 4)):
+            bars = list(_LOG.bars)
+            if bars:
+                bars[-1].beat()
+            elif _LOG.stage is not None and time.monotonic() - _LOG.last >= every:
+                name, start = _LOG.stage
+                _LOG.say(f"rdonnx: {name}, elapsed {_clock(time.monotonic() - start)}", out)
+
+    thread = threading.Thread(target=run, name="rdonnx-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 class _Locked:
     """A tqdm bar whose updates may come from several threads."""
 
-    def __init__(self, bar: tqdm):
+    def __init__(self, bar: object):
         self.bar, self._lock = bar, threading.Lock()
 
     def update(self, n: int = 1) -> None:
@@ -84,6 +139,8 @@ def progress_bar(total: int, description: str, quiet: bool = False) -> _Locked |
     """A bar at a terminal, timed lines in a log (`LOG_EVERY_S`), silent with `quiet`."""
     if not quiet and not sys.stderr.isatty():
         return LogProgress(total, description, sys.stderr)
+    from tqdm import tqdm  # not at import: `rdonnx --help` stays light
+
     return _Locked(tqdm(total=total, desc=description, unit="run", leave=False,
                         file=sys.stderr, disable=quiet, dynamic_ncols=True))
 
@@ -98,7 +155,9 @@ class Stages:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.monotonic()
+        outer, _LOG.stage = _LOG.stage, (name, start)
         try:
             yield
         finally:
+            _LOG.stage = outer
             self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - start

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import sys
+import time
+from pathlib import Path
 
-from rdonnx.progress import LogProgress, Stages, progress_bar
+from rdonnx import progress
+from rdonnx.cli import main
+from rdonnx.progress import LogProgress, Stages, heartbeat, progress_bar
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 class Clock:
@@ -54,3 +61,30 @@ def test_stages_add_up_the_seconds_of_each_stage():
         pass
     assert list(stages.seconds) == ["curves", "report"]
     assert all(v >= 0 for v in stages.seconds.values())
+
+
+def test_heartbeat_speaks_during_a_stage_without_a_counter():
+    stream = io.StringIO()
+    stages = Stages()
+    with heartbeat(every=0.05, stream=stream), stages.stage("allocate and measure"):
+        time.sleep(0.4)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) >= 2
+    assert all(re.fullmatch(r"rdonnx: allocate and measure, elapsed 0:00", x) for x in lines)
+
+
+def test_a_ci_log_gets_progress_lines_and_the_report_its_stage_times(capsys, tmp_path,
+                                                                     monkeypatch):
+    """`rdonnx compress ... 2>log`: captured stderr is no terminal; the interval is shortened
+    so that a run of a few seconds shows the lines a long run prints every 10 s."""
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.01)
+    report = tmp_path / "report.json"
+    code = main(["compress", str(MODELS / "digits_mlp.onnx"), "--calib",
+                 str(MODELS / "digits_calib.npz"), "--rate", "0.3", "--format", "dense",
+                 "-o", str(tmp_path / "m.onnx"), "--report", str(report)])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert re.search(r"^rdonnx: R-D curves \d+/\d+ \(\d+%\), elapsed \d:\d\d", err, re.M)
+    assert "\r" not in err  # no bar redrawn in place
+    timings = json.loads(report.read_text())["timings"]
+    assert {"reference", "curves", "allocate and measure", "report", "save"} <= set(timings)
