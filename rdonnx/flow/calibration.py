@@ -115,7 +115,7 @@ class Calibration:
         if earlier is None and name in self._hessians:
             return self._hessians[name]
         entry = self.inputs[name]
-        h = obs.Hessian(entry, self.runner.device.ort_device)  # --device cuda: on the GPU
+        h = obs.Hessian(entry, obs.torch_device(self.runner.device.ort_device))  # CUDA: GPU
         prepared = {n: self.runner.weight_value(n, a) for n, a in (earlier or {}).items()}
         held = self._original_inputs[1] if earlier and self._original_inputs is not None \
             and self._original_inputs[0] == name else None
