@@ -66,12 +66,14 @@ class Replay:
         self._folder: tempfile.TemporaryDirectory | None = None
         self._energy: list[list[float]] = []  # per batch: sum of squares of each float output
         self._keys: dict[str, int] = {}  # cut tensor name -> its key in spilled files
+        self.recorded: frozenset[str] | None = None  # the cut tensors of every batch
 
     def append(self, feed: Feed, outputs: list[np.ndarray],
                cuts: Mapping[str, np.ndarray] | None = None) -> None:
         """One batch: its feed, the reference outputs and the tensors named in `cuts`."""
         self._energy.append(energy_of(outputs))
-        cuts = {k: np.asarray(v) for k, v in (cuts or {}).items()}
+        cuts = {k: v for k, v in (cuts or {}).items() if isinstance(v, np.ndarray)}  # tensors
+        self.recorded = frozenset(cuts) if self.recorded is None else self.recorded & set(cuts)
         size = sum(a.nbytes for a in feed.values()) + \
             sum(np.asarray(o).nbytes for o in outputs) + sum(a.nbytes for a in cuts.values())
         if self._bytes + size <= self.budget:

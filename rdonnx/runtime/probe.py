@@ -101,7 +101,7 @@ class Prober:
         single = next(iter(names)) if len(names) == 1 else None
         cut = self.cuts[single] if single in self.cuts else \
             downstream(self.runner.proto.graph, sorted(names))
-        recorded = set(Prober.tensors(self.cuts))
+        recorded = self.replay.recorded or frozenset()
         made = _Slice(None, cut)
         if not self.cuts:  # downstream probes are off: the whole graph, silently
             pass
