@@ -105,9 +105,11 @@ def heartbeat(every: float | None = None, stream: TextIO | None = None) -> Itera
             bars = list(_LOG.bars)
             if bars:
                 bars[-1].beat()
-            elif _LOG.stage is not None and time.monotonic() - _LOG.last >= every:
+            elif _LOG.stage is not None:
                 name, start = _LOG.stage
-                _LOG.say(f"rdonnx: {name}, elapsed {_clock(time.monotonic() - start)}", out)
+                now = time.monotonic()
+                if now - max(_LOG.last, start) >= every:  # the stage ran `every` in silence
+                    _LOG.say(f"rdonnx: {name}, elapsed {_clock(now - start)}", out)
 
     thread = threading.Thread(target=run, name="rdonnx-heartbeat", daemon=True)
     thread.start()
