@@ -363,7 +363,7 @@ def test_inspect_bad_input(cli, bad_files, tmp_path):
 def pruned_cnn(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cli_eval") / "pruned.onnx"
     rdonnx.compress(CNN, rate=0.3, calib=CALIB,
-                    config=rdonnx.CompressConfig(rate=0.3, layer_distortion=False)).save(path)
+                    config=rdonnx.CompressConfig.of(rate=0.3, layer_distortion=False)).save(path)
     return path
 
 

@@ -111,7 +111,7 @@ def mlp_path(tmp_path_factory):
 
 def test_compress_surp_artifact_decodes_what_was_measured(mlp_path, tmp_path):
     path, calib = mlp_path
-    result = compress(path, CompressConfig(rate=0.3, method="surp"), calib=calib)
+    result = compress(path, CompressConfig.of(rate=0.3, method="surp"), calib=calib)
     assert abs(result.report.rate - 0.3) < 1e-3
     out = tmp_path / "a.rdonnx"
     result.save(out)
@@ -136,11 +136,11 @@ def test_compress_surp_artifact_decodes_what_was_measured(mlp_path, tmp_path):
 
 def test_compress_surp_bits_target_and_refusals(mlp_path):
     path, calib = mlp_path
-    result = compress(path, CompressConfig(bits_per_weight=1.5, method="surp"), calib=calib)
+    result = compress(path, CompressConfig.of(bits_per_weight=1.5, method="surp"), calib=calib)
     assert result.surp.stream.bits <= 1.5 * 3072
     assert result.surp.stream.bits > 1.2 * 3072  # the longest prefix within the budget
-    for bad in (CompressConfig(rate=0.3, method="surp", value_bits=4),
-                CompressConfig(rate=0.3, method="surp", reconstruct=True)):
+    for bad in (CompressConfig.of(rate=0.3, method="surp", value_bits=4),
+                CompressConfig.of(rate=0.3, method="surp", reconstruct=True)):
         with pytest.raises(UsageError):
             bad.check()
 
@@ -148,13 +148,13 @@ def test_compress_surp_bits_target_and_refusals(mlp_path):
 def test_distortion_bound_beyond_half_density_extends_the_stream(mlp_path):
     """A bound that rate 0.5 misses is met by a denser prefix (the next cap), measured."""
     path, calib = mlp_path
-    half = compress(path, CompressConfig(rate=0.5, method="surp"), calib=calib)
+    half = compress(path, CompressConfig.of(rate=0.5, method="surp"), calib=calib)
     bound = 0.5 * half.report.calibration.nmse
-    result = compress(path, CompressConfig(max_distortion=bound, method="surp"), calib=calib)
+    result = compress(path, CompressConfig.of(max_distortion=bound, method="surp"), calib=calib)
     assert result.report.calibration.nmse <= bound
     assert result.report.rate > 0.5
     with pytest.raises(UsageError, match="longest prefix"):
-        compress(path, CompressConfig(max_distortion=0.0, method="surp"), calib=calib)
+        compress(path, CompressConfig.of(max_distortion=0.0, method="surp"), calib=calib)
 
 
 def test_cli_compress_truncate(cli, mlp_path, tmp_path):
