@@ -154,7 +154,7 @@ def test_cli_compress_hsic_bundled(cli, tmp_path):
     assert report["method"] == "hsic" and report["settings"]["method_options"]["budget"] == "flops"
     config = _cfg(rate=0.2, method="hsic", budget="flops")
     cal = calibrate_model(CNN, config, CALIB, consumers=True)
-    costs = hsic_prepare(cal, config, Allocation({}))[1].costs
+    costs = hsic_prepare(cal, config.method_options, Allocation({}))[1].costs
     conv = next(w for w in cal.weights if w.name == "3.weight")
     assert costs["3.weight"] > conv.size  # MACs: the weight times its output positions
     spent = sum(costs[w["name"]] * w["density"] for w in report["weights"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -14,6 +16,7 @@ from rdonnx.artifact.parallel import decode_all
 from rdonnx.codec import surp as codec
 from rdonnx.errors import UsageError
 from rdonnx.flow.config import CompressConfig
+from rdonnx.flow.methods.surp import truncate_artifact
 from rdonnx.flow.pipeline import compress
 
 
@@ -189,3 +192,42 @@ def test_cli_compress_truncate(cli, mlp_path, tmp_path):
                "-q").code == 0
     assert_usage_error(cli("truncate", other, "--rate", "0.2", "-o", tmp_path / "f.rdonnx"),
                        "no SuRP")
+
+
+def _with_settings(path, settings: dict) -> None:
+    """Rewrite the artifact's manifest with other `settings` (sections are addressed from the
+    end of the manifest, so they stay valid)."""
+    import zlib
+
+    import zstandard
+
+    from rdonnx.artifact.format import HEADER
+
+    blob = path.read_bytes()
+    magic, version, flags, length, _ = HEADER.unpack_from(blob)
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(
+        blob[HEADER.size:HEADER.size + length]))
+    manifest["settings"] = settings
+    raw = zstandard.ZstdCompressor().compress(json.dumps(manifest).encode())
+    path.write_bytes(HEADER.pack(magic, version, flags, len(raw), zlib.crc32(raw)) + raw +
+                     blob[HEADER.size + length:])
+
+
+def test_truncate_reads_the_settings_of_version_1_artifacts(mlp_path, tmp_path):
+    """An artifact written before the settings were grouped (version 1: one flat object) is
+    cut by the metric and weights it records."""
+    path, calib = mlp_path
+    config = CompressConfig.of(rate=0.5, method="surp", metric="cosine", min_params=16)
+    art = tmp_path / "a.rdonnx"
+    result = compress(path, config, calib=calib)
+    result.save(art)
+    bound = 1.01 * result.report.calibration.distortion  # cosine at rate 0.5
+    flat = {"version": 1, "method": "surp", "data": config.as_dict()["data"]}
+    for group in ("target", "selection", "measure", "prune", "coding"):
+        flat.update(config.as_dict()[group])
+    _with_settings(art, flat)
+    out = tmp_path / "b.rdonnx"
+    cut = truncate_artifact(art, out, max_distortion=bound, calib=calib)
+    metrics = read_artifact(out).manifest["metrics"]
+    assert metrics["metric"] == "cosine" and cut.distortion == metrics["distortion"] <= bound
+    assert read_artifact(out).manifest["settings"] == json.loads(json.dumps(flat))  # as recorded
