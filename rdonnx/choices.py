@@ -29,6 +29,10 @@ GRANULARITIES = ("layer", "neuron")
 DEVICES = ("auto", "cpu", "cuda")
 
 DEFAULT_MIN_PARAMS = 256  # smallest prunable weight (elements)
+DEFAULT_CHANNEL_AXIS = 1  # nmse-channel: the channel axis of every output
+DEFAULT_CRITERION = "magnitude"  # |w|
+DEFAULT_QUANTIZER = "uniform"  # a uniform grid
+DEFAULT_DEVICE = "auto"  # CUDA where its execution provider really works, else CPU
 DEFAULT_DAMP = 0.01  # dampening: share of the mean diagonal of H added to it (SparseGPT's 1%)
 DEFAULT_REPLAY_MB = 512  # MiB of batches and reference outputs a Replay keeps in memory
 DEFAULT_SYNTHETIC_SAMPLES = 64

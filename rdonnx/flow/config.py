@@ -16,9 +16,13 @@ from typing import Any
 
 from rdonnx.choices import (  # plain data: importing this module (the CLI does) stays light
     CRITERIA,
+    DEFAULT_CHANNEL_AXIS,
+    DEFAULT_CRITERION,
     DEFAULT_DAMP,
+    DEFAULT_DEVICE,
     DEFAULT_GRID,
     DEFAULT_MIN_PARAMS,
+    DEFAULT_QUANTIZER,
     DEFAULT_REPLAY_MB,
     DEVICES,
     FORMATS,
@@ -34,7 +38,7 @@ from rdonnx.errors import UsageError
 from rdonnx.flow.methods.options import METHOD_OPTIONS, MethodOptions
 from rdonnx.option import key_of, option
 
-CONFIG_VERSION = 2  # 1: flat settings (docs/REPORT.md); 2: grouped as below
+CONFIG_VERSION = 2  # 1: flat settings; 2: grouped as below (docs/FORMAT.md, "Settings")
 TARGETS = ("rate", "distortion", "agreement", "bits", "pattern")
 
 
@@ -153,13 +157,13 @@ class Measurement:
         "nmse", "Output distortion: nmse (sum over outputs of ||y-y'||^2/||y||^2), "
         "nmse-channel (per channel along --channel-axis, averaged), kl of class scores, cosine.",
         choices=METRICS)
-    channel_axis: int = option(  # nmse-channel: the channel axis of every output
-        1, "Channel axis of the outputs for --metric nmse-channel.")
+    channel_axis: int = option(
+        DEFAULT_CHANNEL_AXIS, "Channel axis of the outputs for --metric nmse-channel.")
     grid: tuple[float, ...] = option(
         DEFAULT_GRID, "Densities of the R-D curves [default: 20 from 1 down to 0.002, "
         "log-spaced].", value_type=str, metavar="D1,D2,..", show_default=False)
     device: str = option(
-        "auto", "auto: CUDA when its execution provider really works, else CPU.",
+        DEFAULT_DEVICE, "auto: CUDA when its execution provider really works, else CPU.",
         choices=DEVICES)
     replay_mb: int = option(  # calibration batches + reference outputs in memory; rest on disk
         DEFAULT_REPLAY_MB, "MiB of calibration batches and reference outputs kept in memory for "
@@ -179,9 +183,9 @@ class Pruning:
     """How entries are chosen within a weight, and whether survivors are reconstructed."""
 
     criterion: str = option(
-        "magnitude", "In-layer criterion: |w|; w^2 * E[x^2] of the layer input compared within "
-        "output rows (Wanda / Gao et al.); or obs, SparseGPT's selection during reconstruction "
-        "(implies --reconstruct).", choices=CRITERIA)
+        DEFAULT_CRITERION, "In-layer criterion: |w|; w^2 * E[x^2] of the layer input compared "
+        "within output rows (Wanda / Gao et al.); or obs, SparseGPT's selection during "
+        "reconstruction (implies --reconstruct).", choices=CRITERIA)
     reconstruct: bool = option(
         False, "Update surviving weights to reconstruct each layer's output on the calibration "
         "data (OBS / SparseGPT; GPTQ error feedback when quantizing).")
@@ -216,7 +220,7 @@ class Coding:
     value_budget: float = option(
         0.02, "Share of the measured distortion that quantization may add.")
     quantizer: str = option(
-        "uniform", "Quantized values: a uniform grid (a step per output channel where that "
+        DEFAULT_QUANTIZER, "Quantized values: a uniform grid (a step per output channel where that "
         "pays, clipped by measured error), or a k-means codebook of 2^b - 1 centroids weighted "
         "by E[x^2] of the layer input (Gao et al.; plain k-means where no input is seen). Not "
         "with --reconstruct.", choices=QUANTIZERS)
@@ -376,7 +380,7 @@ class CompressConfig:
     @classmethod
     def from_dict(cls, settings: Mapping[str, Any]) -> CompressConfig:
         """The config a report or artifact recorded: version 2 (grouped) or version 1 (flat,
-        docs/REPORT.md); keys this version does not know are ignored."""
+        docs/FORMAT.md, "Settings"); keys this version does not know are ignored."""
         if settings.get("version", 1) == 1:
             method = settings.get("method", cls.method)
             flat = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
