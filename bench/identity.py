@@ -53,15 +53,17 @@ def digest(value: object) -> str:
 
 
 def normalized(artifact: Path, report: Path) -> tuple[str, str]:
-    """(payload sha256, settings sha256): see the module's docstring."""
+    """(payload sha256, settings sha256): see the module's docstring. The folder's path (in
+    a SuRP artifact's source) is replaced by a placeholder, so `--folder` keeps them too."""
     import zstandard
 
     blob = artifact.read_bytes()
     _, _, _, length, _ = HEADER.unpack_from(blob)
+    folder = json.dumps(str(artifact.parent.resolve()))[1:-1]
     manifest = json.loads(zstandard.ZstdDecompressor().decompress(
-        blob[HEADER.size:HEADER.size + length]))
+        blob[HEADER.size:HEADER.size + length]).decode().replace(folder, "<folder>"))
     settings = manifest.pop("settings")
-    data = json.loads(report.read_text())
+    data = json.loads(report.read_text().replace(folder, "<folder>"))
     if json.dumps(data.pop("settings"), sort_keys=True) != json.dumps(settings, sort_keys=True):
         raise SystemExit(f"{report}: the report's settings differ from the artifact's")
     data.pop("output_bytes")
@@ -91,9 +93,12 @@ def run_case(folder: Path, model: str, rate: str, method: str) -> tuple[str, ...
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="Run only cases whose name contains this.")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="Work here instead (the SuRP artifacts' hashes then differ; "
+                        "`payload` and `settings` do not).")
     args = parser.parse_args()
     # a fixed folder: a SuRP artifact records the resolved path of its source model
-    folder = Path(tempfile.gettempdir()) / "rdonnx-identity"
+    folder = args.folder or Path(tempfile.gettempdir()) / "rdonnx-identity"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
     try:
