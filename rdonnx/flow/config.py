@@ -314,9 +314,6 @@ class CompressConfig:
         if "method" not in options or options["method"] == self.method:
             current["method_options"] = self.method_options
         current["method"] = self.method
-        for key in options:
-            if key in GROUPS or key == "method_options":
-                current.pop(key, None)
         return CompressConfig.of(**{**current, **options})
 
     def check(self) -> None:
