@@ -11,11 +11,12 @@ PYTHONPATH to check another checkout with the same environment).
 
 Each line also gives two hashes that a change of the settings' schema (`CompressConfig`
 version 1 -> 2) leaves alone: `payload`, of the artifact's data sections and its manifest
-without `settings`, and of the report without `settings` and the figures that follow from the
-file's size (the manifest holds the settings: `output_bytes`, `coding.artifact_*`,
-`coding.smaller_than_*`); `settings`, of the settings read back by this checkout's
-`CompressConfig.from_dict` (versions 1 and 2 alike) and written as version 2. Two checkouts
-whose outputs differ only by the settings' layout print the same `payload` and `settings`.
+without `settings`, and of the report without `settings`, its `schema_version` and the
+figures that follow from the file's size (the manifest holds the settings: `output_bytes`,
+`coding.artifact_*`, `coding.smaller_than_*`); `settings`, of the settings read back by this
+checkout's `CompressConfig.from_dict` (versions 1 and 2 alike) and written as version 2. Two
+checkouts whose outputs differ only by the settings' layout print the same `payload` and
+`settings`.
 
 Run: .venv/bin/python bench/identity.py [--only SUBSTRING]    (a few minutes on 2 cores)
 """
@@ -67,6 +68,7 @@ def normalized(artifact: Path, report: Path) -> tuple[str, str]:
     if json.dumps(data.pop("settings"), sort_keys=True) != json.dumps(settings, sort_keys=True):
         raise SystemExit(f"{report}: the report's settings differ from the artifact's")
     data.pop("output_bytes")
+    data.pop("schema_version")
     for key in SIZE_FIGURES:
         data["coding"].pop(key, None)
     h = hashlib.sha256(blob[HEADER.size + length:])
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=None,
                         help="Work here instead (the SuRP artifacts' hashes then differ; "
                         "`payload` and `settings` do not).")
+    parser.add_argument("--keep", action="store_true", help="Keep the folder and its files.")
     args = parser.parse_args()
     # a fixed folder: a SuRP artifact records the resolved path of its source model
     folder = args.folder or Path(tempfile.gettempdir()) / "rdonnx-identity"
@@ -114,7 +117,8 @@ def main() -> None:
                     print(f"{model:<11} {method:<10} {rate:<4} artifact {art}  report {rep}  "
                           f"payload {payload}  settings {settings}", flush=True)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
