@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import rdonnx  # noqa: E402
 from rdonnx.algo.prune import prune  # noqa: E402
-from rdonnx.flow.calibration import calibrate_model, measure_all_curves  # noqa: E402
+from rdonnx.flow.calibration import calibrate_model  # noqa: E402
 from rdonnx.flow.config import CompressConfig  # noqa: E402
+from rdonnx.flow.pipeline import make_realizer, measure_all_curves  # noqa: E402
 from rdonnx.runtime.data import DataOptions  # noqa: E402
 from rdonnx.runtime.probe import Prober  # noqa: E402
 
@@ -67,17 +68,18 @@ def probe_costs(model: Path, calib: Path, config: CompressConfig) -> dict:
     cal = calibrate_model(model, config, calib)
     reference = time.monotonic() - start
     whole = Prober(cal.runner, cal.replay)
+    metric = config.measure.metric
     half = {w.name: prune(cal.originals[w.name], w.size // 2) for w in cal.weights}
     loads = [load()]
     forward, down = [], []
     for w in cal.weights:
         arrays = {w.name: half[w.name]}
-        cal.prober.probe(arrays, config.metric)  # builds the slice
+        cal.prober.probe(arrays, metric)  # builds the slice
         start = time.monotonic()
-        whole.probe(arrays, config.metric)
+        whole.probe(arrays, metric)
         forward.append(time.monotonic() - start)
         start = time.monotonic()
-        cal.prober.probe(arrays, config.metric)
+        cal.prober.probe(arrays, metric)
         down.append(time.monotonic() - start)
     loads.append(load())
     return {"weights": len(cal.weights), "params": sum(w.size for w in cal.weights),
@@ -99,7 +101,7 @@ def timed_compress(model: Path, calib: Path, config: CompressConfig) -> dict:
     if curves is not None:
         measured = curves.measured or {n: range(len(curves.grid)) for n in curves.distortion}
         probes = sum(1 for n, idx in measured.items() for i in idx if curves.grid[i] < 1)
-    full = len(result.report.weights) * sum(1 for d in config.grid if d < 1)
+    full = len(result.report.weights) * sum(1 for d in config.measure.grid if d < 1)
     return {"seconds": seconds, "cpu_s": cpu, "stages": result.report.timings, "probes": probes,
             "full_grid_probes": full, "bytes": size, "rate": result.report.rate,
             "distortion": result.report.calibration.distortion,
@@ -114,18 +116,19 @@ def adaptive_accuracy(model: Path, calib: Path, config: CompressConfig) -> dict:
 
     scores = {n: s.values for n, s in cal.scores.items()}
     out = {}
+    rate, metric = config.target.rate, config.measure.metric
     for adaptive in (True, False):
-        run = replace(config, adaptive=adaptive)
+        run = config.updated(adaptive=adaptive)
+        realizer = make_realizer(cal, run)
 
-        def focus(curves, rate=config.rate):
+        def focus(curves, rate=rate):
             return [rd(Allocation(scores, {n: curves.curve(n) for n in curves.distortion}), rate)]
 
         start = time.monotonic()
-        curves = measure_all_curves(cal, run, True, focus)
-        keep = rd(Allocation(scores, {n: curves.curve(n) for n in curves.distortion}),
-                  config.rate)
-        pruned, _ = cal.compress_all(keep, run)
-        d = cal.distortion(pruned, run, run.metric).value(run.metric)
+        curves = measure_all_curves(realizer, run.measure, run.curve_settings(), True, focus)
+        keep = rd(Allocation(scores, {n: curves.curve(n) for n in curves.distortion}), rate)
+        pruned, _ = realizer.compress_all(keep)
+        d = cal.distortion(pruned, run.measure.channel_axis, metric).value(metric)
         out["adaptive" if adaptive else "full"] = {"distortion": d,
                                                    "seconds": time.monotonic() - start}
     out["relative_difference"] = out["adaptive"]["distortion"] / out["full"]["distortion"] - 1
@@ -139,7 +142,7 @@ def calibrate_jobs(model: Path, calib: Path, config: CompressConfig) -> dict:
         for jobs in (1, 2):
             out["load"].append(load())
             start = time.monotonic()
-            rdonnx.calibrate(model, calib=calib, config=replace(config, jobs=jobs))
+            rdonnx.calibrate(model, calib=calib, config=config.updated(jobs=jobs))
             out[str(jobs)].append(time.monotonic() - start)
             out["load"].append(load())
     out["speedup"] = min(out["1"]) / min(out["2"])
@@ -197,8 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         data = DataOptions(samples=args.samples)
         if args.batch_size:
             data = replace(data, batch_size=args.batch_size)
-        base = CompressConfig(rate=0.5, metric=metric, data=data, jobs=args.jobs,
-                              layer_distortion=False)
+        base = CompressConfig.of(rate=0.5, metric=metric, data=data, jobs=args.jobs,
+                                 layer_distortion=False)
         with np.load(calib) as arrays:
             total = len(arrays[arrays.files[0]])
         r: dict = {"samples": min(total, args.samples or total), "metric": metric,
@@ -209,14 +212,14 @@ def main(argv: list[str] | None = None) -> None:
         if "rate" in runs:
             r["rate"] = timed_compress(model, calib, base)
         if "bound" in runs:
-            r["bound_run"] = timed_compress(model, calib, replace(base, rate=None,
-                                                              max_distortion=bound))
+            r["bound_run"] = timed_compress(model, calib, base.updated(rate=None,
+                                                                    max_distortion=bound))
         if "sequential" in runs:
-            r["sequential"] = timed_compress(model, calib, replace(base, sequential=True))
+            r["sequential"] = timed_compress(model, calib, base.updated(sequential=True))
         if "accuracy" in runs:
             r["accuracy"] = adaptive_accuracy(model, calib, base)
         if args.jobs_compare:
-            r["jobs"] = calibrate_jobs(model, calib, replace(base, jobs=1))
+            r["jobs"] = calibrate_jobs(model, calib, base.updated(jobs=1))
         print(f"{name}: {json.dumps(r, default=float)}", file=sys.stderr, flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1, default=float))

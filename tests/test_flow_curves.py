@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +159,7 @@ def curves():
     proto, arrays = tiny_mlp(seed=7)
     x = np.random.default_rng(8).standard_normal((12, 8)).astype(np.float32)
     return rdonnx.calibrate(proto, calib={"x": x},
-                            config=CompressConfig(grid=GRID, min_params=1))
+                            config=CompressConfig.of(grid=GRID, min_params=1))
 
 
 def test_curves_json_round_trip(curves, tmp_path):
@@ -296,12 +295,12 @@ def test_compress_with_no_replay_memory_gives_identical_results(tmp_path):
     """replay_mb=0 spills every batch; the pruned model and its report do not change."""
     proto, _ = tiny_mlp(seed=11)
     x = np.random.default_rng(12).standard_normal((40, 8)).astype(np.float32)
-    config = CompressConfig(grid=GRID, min_params=1, layer_distortion=False,
+    config = CompressConfig.of(grid=GRID, min_params=1, layer_distortion=False,
                             data=DataOptions(batch_size=8), format="dense")
     outputs = []
     for mb in (512, 0):
         result = rdonnx.compress(proto, calib={"x": x}, rate=0.3,
-                                 config=replace(config, replay_mb=mb))
+                                 config=config.updated(replay_mb=mb))
         result.save(tmp_path / f"{mb}.onnx")
         outputs.append(((tmp_path / f"{mb}.onnx").read_bytes(), result.report.calibration,
                         result.curves.distortion))
@@ -341,10 +340,10 @@ def test_refinement_measures_the_points_around_the_chosen_density(density, expec
 @pytest.fixture(scope="module")
 def adaptive_pair():
     """digits_cnn at rate 0.3 on the default 20-point grid: adaptive and full."""
-    config = CompressConfig(rate=0.3, layer_distortion=False, format="dense")
+    config = CompressConfig.of(rate=0.3, layer_distortion=False, format="dense")
     model, calib = ROOT / "models/digits_cnn.onnx", ROOT / "models/digits_calib.npz"
     return (rdonnx.compress(model, calib=calib, config=config),
-            rdonnx.compress(model, calib=calib, config=replace(config, adaptive=False)))
+            rdonnx.compress(model, calib=calib, config=config.updated(adaptive=False)))
 
 
 def test_adaptive_grid_measures_fewer_points_and_lands_within_5_percent(adaptive_pair):

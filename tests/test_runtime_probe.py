@@ -4,8 +4,6 @@ threads."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import onnx
 import pytest
@@ -13,6 +11,7 @@ from _graphs import if_model, make_model, vi
 from conftest import PRUNABLE_CASES
 from onnx import TensorProto, helper
 
+import rdonnx
 import rdonnx.runtime.probe as probe_module
 from rdonnx.flow.calibration import calibrate_model
 from rdonnx.flow.config import CompressConfig
@@ -20,7 +19,7 @@ from rdonnx.graph.cut import downstream, subgraph_reads
 from rdonnx.runtime.probe import Prober
 from rdonnx.runtime.session import Device, bound_run, create_session
 
-CONFIG = CompressConfig(rate=0.5, min_params=1, device="cpu")
+CONFIG = CompressConfig.of(rate=0.5, min_params=1, device="cpu")
 
 
 def _variant(array: np.ndarray, seed: int) -> np.ndarray:
@@ -64,7 +63,7 @@ def test_downstream_probes_give_the_whole_graphs_outputs(case):
 def test_two_weights_at_once_and_spilled_cuts_give_the_same_outputs(case):
     """A variant that changes two weights (sequential mode's probes) slices their union; with
     no replay memory every recorded tensor comes back from disk."""
-    spilled = calibrate_model(case.path, replace(CONFIG, replay_mb=0), case.calib)
+    spilled = calibrate_model(case.path, CONFIG.updated(replay_mb=0), case.calib)
     cal = calibrate_model(case.path, CONFIG, case.calib)
     names = [w.name for w in cal.weights]
     arrays = {n: _variant(cal.originals[n], k) for k, n in enumerate(names[-2:])}
@@ -84,13 +83,23 @@ def test_a_slice_that_does_not_load_falls_back_to_the_whole_graph_and_says_so(ml
     arrays = {w.name: _variant(cal.originals[w.name], 3)}
     assert cal.prober.probe(arrays, "nmse") == _whole(cal).probe(arrays, "nmse")
     assert any(w.name in n and "whole graph" in n and "no slice today" in n
-               for n in cal.notices)
+               for n in cal.prober.notices)
+
+
+def test_a_fallback_notice_reaches_the_report(mlp, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no slice today")
+
+    monkeypatch.setattr(probe_module, "slice_model", broken)
+    result = rdonnx.compress(mlp.path, calib=mlp.calib,
+                             config=CONFIG.updated(format="dense", layer_distortion=False))
+    assert any("whole graph" in n and "no slice today" in n for n in result.report.notices)
 
 
 @pytest.mark.parametrize("case", ["cnn", "subgraph"], indirect=True)
 def test_probes_in_threads_give_identical_figures(case):
     one = calibrate_model(case.path, CONFIG, case.calib)
-    three = calibrate_model(case.path, replace(CONFIG, jobs=3), case.calib)
+    three = calibrate_model(case.path, CONFIG.updated(jobs=3), case.calib)
     assert three.prober.jobs == 3
 
     def sweep(cal):
@@ -102,7 +111,7 @@ def test_probes_in_threads_give_identical_figures(case):
 
 
 def test_whole_graph_probes_when_downstream_is_off(cnn):
-    cal = calibrate_model(cnn.path, replace(CONFIG, downstream=False), cnn.calib)
+    cal = calibrate_model(cnn.path, CONFIG.updated(downstream=False), cnn.calib)
     assert cal.prober.cuts == {}
     w = cal.weights[0]
     arrays = {w.name: _variant(cal.originals[w.name], 0)}

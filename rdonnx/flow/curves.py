@@ -19,7 +19,7 @@ from rdonnx import strictjson
 from rdonnx.algo.layout import LayerInput, SecondMoments
 from rdonnx.algo.prune import Scores, activation, magnitude
 from rdonnx.allocate.allocators import Curve
-from rdonnx.choices import DEFAULT_GRID, check_grid
+from rdonnx.choices import DEFAULT_CHANNEL_AXIS, DEFAULT_GRID, DEFAULT_QUANTIZER, check_grid
 from rdonnx.errors import UsageError
 from rdonnx.graph.model import Model
 from rdonnx.graph.weights import Weight
@@ -56,7 +56,7 @@ class Curves:
     settings: dict
     fingerprint: Fingerprint
     values: dict[str, dict[int, float]] = field(default_factory=dict)  # Q(b): whole weight
-    values_quantizer: str = "uniform"  # the quantizer `values` were measured with
+    values_quantizer: str = DEFAULT_QUANTIZER  # the quantizer `values` were measured with
     measured: dict[str, tuple[int, ...]] = field(default_factory=dict)  # adaptive grid: the
     # grid points measured per weight (the others interpolated); empty: every point measured
 
@@ -162,9 +162,9 @@ Variant = Callable[[Weight, int], Mapping[str, np.ndarray]]
 
 
 def measure_points(prober: Prober, weights: Sequence[Weight], variant: Variant,
-                   points: Mapping[str, Sequence[int]], metric: str, channel_axis: int = 1,
-                   description: str = "R-D curves", quiet: bool = True
-                   ) -> dict[str, dict[int, float]]:
+                   points: Mapping[str, Sequence[int]], metric: str,
+                   channel_axis: int = DEFAULT_CHANNEL_AXIS, description: str = "R-D curves",
+                   quiet: bool = True) -> dict[str, dict[int, float]]:
     """The distortion of each `variant(weight, p)` for every weight and each p in
     `points[weight.name]` (changing only that weight; see `Prober.sweep`)."""
     groups = [[((w.name, p), lambda w=w, p=p: variant(w, p)) for p in points[w.name]]
@@ -179,8 +179,9 @@ def measure_points(prober: Prober, weights: Sequence[Weight], variant: Variant,
 
 
 def measure_curves(prober: Prober, weights: Sequence[Weight], variant: Variant,
-                   grid: Sequence[float], metric: str, channel_axis: int = 1,
-                   quiet: bool = True, indices: Mapping[str, Sequence[int]] | None = None,
+                   grid: Sequence[float], metric: str,
+                   channel_axis: int = DEFAULT_CHANNEL_AXIS, quiet: bool = True,
+                   indices: Mapping[str, Sequence[int]] | None = None,
                    ) -> dict[str, dict[int, float]] | dict[str, tuple[float, ...]]:
     """D_l(d) for every weight l and grid density d (prune only l, replay all batches).
 
@@ -203,7 +204,8 @@ def measure_curves(prober: Prober, weights: Sequence[Weight], variant: Variant,
 
 
 def measure_value_curves(prober: Prober, weights: Sequence[Weight], variant: Variant,
-                         widths: Sequence[int], metric: str, channel_axis: int = 1,
+                         widths: Sequence[int], metric: str,
+                         channel_axis: int = DEFAULT_CHANNEL_AXIS,
                          quiet: bool = True) -> dict[str, dict[int, float]]:
     """Q_l(b): the distortion of quantizing only weight l, unpruned, to b bits (`variant(w, b)`
     gives the weights that realise it, as for `measure_curves`)."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from rdonnx.choices import DEFAULT_CHANNEL_AXIS
 from rdonnx.graph.cut import Cut, downstream
 from rdonnx.graph.model import fit_ir_version
 from rdonnx.runtime.distortion import DistortionMeter
@@ -132,13 +133,14 @@ class Prober:
                                     f"{why}")
 
     def probe(self, arrays: Mapping[str, np.ndarray], metric: str | None,
-              channel_axis: int = 1) -> object:
+              channel_axis: int = DEFAULT_CHANNEL_AXIS) -> object:
         """The `Distortion` of the model with `arrays` in place of those weights (`metric`:
         the one figure to compute, None for all)."""
         return self.sweep([[(0, lambda: arrays)]], metric, channel_axis)[0]
 
     def sweep(self, groups: Sequence[Sequence[tuple[Hashable, Callable[
-            [], Mapping[str, np.ndarray]]]]], metric: str | None, channel_axis: int = 1,
+            [], Mapping[str, np.ndarray]]]]], metric: str | None,
+              channel_axis: int = DEFAULT_CHANNEL_AXIS,
               done: Callable[[int], None] | None = None) -> dict[Hashable, object]:
         """Every probe of every group, as {label: `Distortion`}: a group lists (label, make
         the variant) pairs that mostly replace the same weights (one weight's curve), so

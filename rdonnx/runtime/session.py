@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from rdonnx.causes import caused
-from rdonnx.choices import DEVICES
+from rdonnx.choices import DEFAULT_DEVICE, DEVICES
 from rdonnx.errors import UsageError
 from rdonnx.graph.model import Model, fit_ir_version, slot_array, tensor_slots, uses_external_data
 from rdonnx.graph.weights import Weight
@@ -165,8 +165,9 @@ def ortvalue(array: np.ndarray, data_type: int, device: str = "cpu") -> object:
 class Runner:
     """One ONNX Runtime session that runs the model with any variant of its prunable weights."""
 
-    def __init__(self, model: Model, weights: Sequence[Weight], device: str | Device = "auto",
-                 extra_outputs: Sequence[str] = (), proto: onnx.ModelProto | None = None):
+    def __init__(self, model: Model, weights: Sequence[Weight],
+                 device: str | Device = DEFAULT_DEVICE, extra_outputs: Sequence[str] = (),
+                 proto: onnx.ModelProto | None = None):
         """`proto`: the model's `measurement_model` for these weights, when the caller built
         it already (it keeps it: downstream probes slice it); extra outputs are added to the
         session only."""
