@@ -37,7 +37,7 @@ from bench.zoo.common import Adapter, Prepared, cache_dir, load_inputs, run_outp
 from bench.zoo.models import NAMES, adapter  # noqa: E402
 
 RDONNX = [str(Path(sys.executable).with_name("rdonnx"))]
-NNCODEC_QPS = (-20, -26, -32, -38, -44)  # coarse to fine (step 2^(qp/4))
+NNCODEC_QPS = (-20, -26, -32, -38, -44, -50, -56)  # coarse to fine (step 2^(qp/4))
 
 
 @dataclass
@@ -57,6 +57,25 @@ class Row:
     setting: str = ""
     note: str = ""
     primary: str = ""
+
+
+def git(*args: str) -> str:
+    """``git args`` in the checkout this script is in ('' when that fails)."""
+    proc = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def rdonnx_tree() -> str:
+    """The git tree of ``rdonnx/`` (+ '-dirty' with uncommitted changes there)."""
+    tree = git("rev-parse", "HEAD:rdonnx") or "unknown"
+    return tree + ("-dirty" if git("status", "--porcelain", "rdonnx") else "")
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def file_bytes(onnx_path: Path) -> int:
@@ -132,13 +151,37 @@ def _cut(d: dict, n: int) -> dict:
     return {k: v[:n] for k, v in d.items()}
 
 
-def zstd_bytes(paths: list[Path]) -> tuple[int, float]:
+ZSTD_LEVEL, ZSTD_LARGE_LEVEL, ZSTD_LARGE = 19, 9, 128 << 20
+
+
+def zstd_level(size: int) -> int:
+    """``zstd -19`` up to 128 MiB of input; ``-9`` above (-19 of the LM's 651 MB took 75 minutes
+    on the shared 2-core machine; -9 is within a few percent of its size on float weights)."""
+    return ZSTD_LEVEL if size <= ZSTD_LARGE else ZSTD_LARGE_LEVEL
+
+
+def zstd_bytes(paths: list[Path], cache: Path | None = None) -> tuple[int, float, int, bool]:
+    """Bytes of ``paths`` concatenated and zstd-compressed (all cores, ``-T0``): (bytes, seconds,
+    level, whether the result came from ``cache``, a JSON file keyed by the input's sha256 and
+    the level; the seconds are then those of the run that measured it)."""
+    import hashlib
+
     import zstandard
 
-    t0 = time.time()
     data = b"".join(p.read_bytes() for p in paths if p.exists())
-    size = len(zstandard.ZstdCompressor(level=19).compress(data))
-    return size, time.time() - t0
+    level = zstd_level(len(data))
+    key = f"{hashlib.sha256(data).hexdigest()}:{level}"
+    known = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
+    if key in known:
+        return known[key]["bytes"], known[key]["seconds"], level, True
+    t0 = time.time()
+    size = len(zstandard.ZstdCompressor(level=level, threads=-1).compress(data))
+    secs = time.time() - t0
+    if cache is not None:
+        known = json.loads(cache.read_text()) if cache.exists() else {}
+        known[key] = {"bytes": size, "seconds": round(secs, 1)}
+        cache.write_text(json.dumps(known, indent=1))
+    return size, secs, level, False
 
 
 def baseline_rows(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original: int,
@@ -147,10 +190,12 @@ def baseline_rows(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origi
 
     onnx_path = prep.onnx
     files = [onnx_path, onnx_path.with_name(onnx_path.name + ".data")]
-    z, zs = zstd_bytes(files)
-    rows = [Row(ad.name, "zstd -19", z, original / z, 8 * z / weights,
+    zcache = prep.root.parent / "zstd-cache.json"
+    z, zs, level, hit = zstd_bytes(files, zcache)
+    rows = [Row(ad.name, f"zstd -{level}", z, original / z, 8 * z / weights,
                 test=scorer.ad.score(scorer.ref["test"], scorer.ref["test"], scorer.truth["test"]),
-                transparent=True, seconds=zs, note="lossless")]
+                transparent=True, seconds=zs,
+                note="lossless" + ("; size cached from an earlier run" if hit else ""))]
     q = work / "qdyn.onnx"
     external = onnx_path.with_name(onnx_path.name + ".data").exists()
     t0 = time.time()
@@ -171,14 +216,14 @@ def baseline_rows(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origi
     ok = ad.transparent(test) if test else None
     rows.append(Row(ad.name, "quantize_dynamic int8/ch", qb, original / qb, 8 * qb / weights,
                     test=test, transparent=ok, seconds=qs, note=note))
-    qz, qzs = zstd_bytes(qfiles)
-    rows.append(Row(ad.name, "quantize_dynamic + zstd -19", qz, original / qz, 8 * qz / weights,
-                    test=test, transparent=ok, seconds=qs + qzs, note=note))
+    qz, qzs, level, _ = zstd_bytes(qfiles, zcache)
+    rows.append(Row(ad.name, f"quantize_dynamic + zstd -{level}", qz, original / qz,
+                    8 * qz / weights, test=test, transparent=ok, seconds=qs + qzs, note=note))
     return rows
 
 
 def nncodec_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original: int,
-                weights: int, python: Path) -> Row:
+                weights: int, python: Path, timeout: float | None = None) -> Row:
     """NNCodec on every float initializer of >= 256 elements (the rest and the graph stored as
     plain ONNX beside the bitstream), the coarsest transparent qp of the ladder by bisection."""
     import onnx
@@ -230,6 +275,9 @@ def nncodec_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origina
     # step never hurts; about log2(len) codings instead of len
     lo, hi = 0, len(NNCODEC_QPS) - 1
     while lo <= hi:
+        if timeout and time.time() - T_START > timeout:
+            tried.append("time budget spent")
+            break
         mid = (lo + hi) // 2
         row = attempt(NNCODEC_QPS[mid])
         if row is None:
@@ -261,13 +309,14 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
         # curves are kept beside the prepared model, keyed by the calibrate arguments, so that
         # a rerun does not probe every weight again
         kept, key = prep.root / "curves.json", prep.root / "curves.args.json"
-        cal_args = [*calib, *ad.extra_args]
+        # the key includes the rdonnx source tree: curves of older code are measured again
+        cal_args = [*calib, *ad.extra_args, f"rdonnx tree {rdonnx_tree()}"]
         if kept.exists() and key.exists() and json.loads(key.read_text()) == cal_args:
             shutil.copy(kept, curves)
             reused = "curves reused from an earlier run (calibrate time not included)"
         else:
             code, cal_s, cal_rss, err = timed(
-                [*RDONNX, "calibrate", str(prep.onnx), *cal_args, "-o", str(curves)],
+                [*RDONNX, "calibrate", str(prep.onnx), *cal_args[:-1], "-o", str(curves)],
                 work / "calibrate.log")
             if code != 0:
                 return Row(ad.name, "rdonnx", seconds=cal_s, peak_rss_mb=cal_rss,
@@ -364,14 +413,15 @@ def bench_model(ad: Adapter, cache: Path, args, on_rows=None) -> list[Row]:
     try:
         rows += baseline_rows(ad, prep, scorer, work, original, weights)
         progress()
-        if not ad.nncodec:
-            rows.append(Row(name, "NNCodec", note="not run for this model (see docs/ZOO.md)"))
-        elif not args.skip_nncodec:
-            rows.append(nncodec_row(ad, prep, scorer, work, original, weights,
-                                    Path(args.nncodec_python)))
-        progress()
+        # rdonnx before NNCodec: on a model too slow for both, the row this bench is about
         if not args.skip_rdonnx:
             rows.append(rdonnx_row(ad, prep, scorer, work, original, weights, args.time_budget))
+            progress()
+        if not ad.nncodec:
+            rows.append(Row(name, "NNCodec", note=ad.nncodec_note or "not run for this model"))
+        elif not args.skip_nncodec:
+            rows.append(nncodec_row(ad, prep, scorer, work, original, weights,
+                                    Path(args.nncodec_python), args.time_budget))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -412,9 +462,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="python of a virtual environment with nncodec [default: "
                              "<cache>/nncodec-venv/bin/python]")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds after which the rdonnx ladder stops trying tighter bounds")
+                        help="seconds (from the start of this run) after which the rdonnx "
+                        "ladder and NNCodec's qp search start no further step")
     parser.add_argument("--show", default=None, metavar="JSON[,JSON]",
-                        help="only print the table of results saved by earlier runs")
+                        help="only print the table of results saved by earlier runs (later "
+                        "files win for a model in several); with --json, also write them there "
+                        "as one file")
     args = parser.parse_args(argv)
     if args.show:
         saved: dict = {}
@@ -425,19 +478,28 @@ def main(argv: list[str] | None = None) -> None:
         for r in rows:
             r.primary = r.primary or (adapter(r.model).primary if r.model in NAMES else "")
         print(table(rows))
+        if args.json:  # merge the saved results into one file
+            Path(args.json).write_text(json.dumps({n: saved[n] for n in order}, indent=1))
+            print(f"\nJSON: {args.json}", file=sys.stderr)
         return
     cache = cache_dir(args.cache)
     args.nncodec_python = args.nncodec_python or str(cache / "nncodec-venv/bin/python")
     out = Path(args.json) if args.json else cache / "results.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     rows: list[Row] = []
+    commit = (git("rev-parse", "--short", "HEAD") or "unknown") + (
+        "-dirty" if git("status", "--porcelain", "rdonnx", "bench") else "")
     for name in args.models.split(","):
         t0 = time.time()
+        loads = [load_average()]
 
-        def save(got: list[Row], done: bool = False, name: str = name, t0: float = t0) -> None:
+        def save(got: list[Row], done: bool = False, name: str = name, t0: float = t0,
+                 loads: list[str] = loads) -> None:
+            loads.append(load_average())
             previous[name] = {"rows": [asdict(r) for r in got], "complete": done,
                               "seconds": round(time.time() - t0),
-                              "date": time.strftime("%Y-%m-%d %H:%M")}
+                              "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
+                              "load_average": loads}
             out.write_text(json.dumps(previous, indent=1))
 
         got = bench_model(adapter(name), cache, args, on_rows=save)
