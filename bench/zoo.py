@@ -223,9 +223,10 @@ def baseline_rows(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origi
 
 
 def nncodec_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original: int,
-                weights: int, python: Path, timeout: float | None = None) -> Row:
+                weights: int, python: Path, deadline: float | None = None) -> Row:
     """NNCodec on every float initializer of >= 256 elements (the rest and the graph stored as
-    plain ONNX beside the bitstream), the coarsest transparent qp of the ladder by bisection."""
+    plain ONNX beside the bitstream), the coarsest transparent qp of the ladder by bisection;
+    no further qp is started after ``deadline`` (a ``time.time()``)."""
     import onnx
     from onnx import numpy_helper
 
@@ -275,7 +276,7 @@ def nncodec_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origina
     # step never hurts; about log2(len) codings instead of len
     lo, hi = 0, len(NNCODEC_QPS) - 1
     while lo <= hi:
-        if timeout and time.time() - T_START > timeout:
+        if deadline and time.time() > deadline:
             tried.append("time budget spent")
             break
         mid = (lo + hi) // 2
@@ -295,10 +296,15 @@ def nncodec_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origina
     return Row(ad.name, "NNCodec", note="no qp transparent: " + "; ".join(tried))
 
 
+FALLBACK_GRACE = 1800.0  # seconds past the budget the fallback's value widths may still start
+
+
 def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original: int,
-               weights: int, timeout: float | None) -> Row:
+               weights: int, deadline: float | None) -> Row:
     """``rdonnx calibrate`` once, then ``rdonnx compress --curves`` along the ladder (loosest
-    first); the first artifact transparent on the test split is kept."""
+    first), then the fallback's value widths; the first artifact transparent on the test split
+    is kept. After ``deadline`` no further bound of the ladder starts; the fallback (no search,
+    so much cheaper) may still start for ``FALLBACK_GRACE`` seconds."""
     calib = ["--calib", str(prep.inputs("calib")), "--seed", "0", "-q"]
     if ad.calib_samples:
         calib += ["--calib-samples", str(ad.calib_samples)]
@@ -327,10 +333,15 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
         with_curves = ["--curves", str(curves)]
     tried: list[str] = []
     ladder = [(b, True) for b in ad.ladder] + [(b, False) for b in ad.fallback]
-    skip_bounds = False
+    skip_bounds = ""
     for step, (bound, uses_curves) in enumerate(ladder):
+        if uses_curves and deadline and time.time() > deadline and not skip_bounds:
+            skip_bounds = "time budget spent"
         if uses_curves and skip_bounds:
-            tried.append(f"{' '.join(bound)}: skipped (a looser bound was not met)")
+            tried.append(f"{' '.join(bound)}: skipped ({skip_bounds})")
+            continue
+        if not uses_curves and deadline and time.time() > deadline + FALLBACK_GRACE:
+            tried.append(f"{' '.join(bound)}: skipped (time budget spent)")
             continue
         out = work / f"rd{step}.rdonnx"
         report = work / f"rd{step}.json"
@@ -345,7 +356,8 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
                          if err.strip() else f"{setting}: exit {code}")
             print(f"  {ad.name} rdonnx {tried[-1]}", file=sys.stderr, flush=True)
             if uses_curves and "meets the bound" in err:
-                skip_bounds = True  # loosest first: a tighter bound cannot be met either
+                # loosest first: a tighter bound cannot be met either
+                skip_bounds = "a looser bound was not met"
             continue
         size = out.stat().st_size
         test = scorer.score_file(out, "test")
@@ -361,9 +373,6 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
                        calib=calib_m, transparent=True, seconds=cal_s + secs,
                        peak_rss_mb=max(cal_rss, rss), setting=setting,
                        note="; ".join(x for x in [reused, *tried[:-1]] if x))
-        if timeout and time.time() - T_START > timeout:
-            tried.append("time budget spent")
-            break
     return Row(ad.name, "rdonnx", note="no bound transparent on test: " + "; ".join(tried),
                seconds=cal_s, peak_rss_mb=cal_rss)
 
@@ -384,7 +393,9 @@ def _report_bpw(report: Path) -> float | None:
     return None
 
 
-T_START = time.time()
+def budget(seconds: float | None) -> float | None:
+    """The deadline ``seconds`` from now (None: none)."""
+    return time.time() + seconds if seconds else None
 
 
 def bench_model(ad: Adapter, cache: Path, args, on_rows=None) -> list[Row]:
@@ -415,13 +426,14 @@ def bench_model(ad: Adapter, cache: Path, args, on_rows=None) -> list[Row]:
         progress()
         # rdonnx before NNCodec: on a model too slow for both, the row this bench is about
         if not args.skip_rdonnx:
-            rows.append(rdonnx_row(ad, prep, scorer, work, original, weights, args.time_budget))
+            rows.append(rdonnx_row(ad, prep, scorer, work, original, weights,
+                                   budget(args.time_budget)))
             progress()
         if not ad.nncodec:
             rows.append(Row(name, "NNCodec", note=ad.nncodec_note or "not run for this model"))
         elif not args.skip_nncodec:
             rows.append(nncodec_row(ad, prep, scorer, work, original, weights,
-                                    Path(args.nncodec_python), args.time_budget))
+                                    Path(args.nncodec_python), budget(args.time_budget)))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -462,8 +474,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="python of a virtual environment with nncodec [default: "
                              "<cache>/nncodec-venv/bin/python]")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds (from the start of this run) after which the rdonnx "
-                        "ladder and NNCodec's qp search start no further step")
+                        help="seconds after which the rdonnx ladder (counted from its start, "
+                        "calibrate included) and, separately, NNCodec's qp search start no "
+                        "further step")
     parser.add_argument("--show", default=None, metavar="JSON[,JSON]",
                         help="only print the table of results saved by earlier runs (later "
                         "files win for a model in several); with --json, also write them there "

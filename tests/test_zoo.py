@@ -221,3 +221,20 @@ def test_show_merges_saved_results(tmp_path, capsys):
     assert "| g2p | original | 10 |" in text and "| crepe | original | 7 |" in text
     merged = json.loads(out.read_text())
     assert list(merged) == ["g2p", "crepe"] and merged["crepe"]["rows"][0]["bytes"] == 7
+
+
+def test_time_budget_skips_the_ladder_not_the_fallback(tmp_path):
+    from dataclasses import replace
+
+    root = tmp_path / "tiny"
+    root.mkdir()
+    _tiny_prepare({}, root, seed=0)
+    ad = replace(TINY, fallback=(("--rate", "1", "--value-bits", "16"),), nncodec=False,
+                 nncodec_note="not for the tiny model")
+    args = argparse.Namespace(work=str(tmp_path), keep=False, skip_nncodec=False,
+                              skip_rdonnx=False, time_budget=1e-6, nncodec_python="")
+    rows = {r.method: r for r in zoo_bench.bench_model(ad, tmp_path, args)}
+    rd = rows["rdonnx"]
+    assert rd.setting == "--rate 1 --value-bits 16" and rd.transparent, rd.note
+    assert rd.note.count("skipped (time budget spent)") == len(TINY.ladder)
+    assert rows["NNCodec"].note == "not for the tiny model"
