@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -372,8 +372,9 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
                        bpw if bpw is not None else 8 * size / weights, test=test,
                        calib=calib_m, transparent=True, seconds=cal_s + secs,
                        peak_rss_mb=max(cal_rss, rss), setting=setting,
-                       note="; ".join(x for x in [reused, *tried[:-1]] if x))
-    return Row(ad.name, "rdonnx", note="no bound transparent on test: " + "; ".join(tried),
+                       note="; ".join(x for x in [ad.notes, reused, *tried[:-1]] if x))
+    return Row(ad.name, "rdonnx", note="; ".join(x for x in [
+        ad.notes, "no bound transparent on test: " + "; ".join(tried)] if x),
                seconds=cal_s, peak_rss_mb=cal_rss)
 
 
@@ -391,6 +392,15 @@ def _report_bpw(report: Path) -> float | None:
         if isinstance(node, (int, float)):
             return float(node)
     return None
+
+
+def with_ladder(ad: Adapter, ladder: str | None) -> Adapter:
+    """``ad`` with the ladder given on the command line (``;``-separated bounds, 'none')."""
+    if ladder is None:
+        return ad
+    bounds = () if ladder.strip() == "none" else tuple(
+        tuple(b.split()) for b in ladder.split(";") if b.strip())
+    return replace(ad, ladder=bounds, notes=f"ladder from the command line: {ladder}")
 
 
 def budget(seconds: float | None) -> float | None:
@@ -477,6 +487,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds after which the rdonnx ladder (counted from its start, "
                         "calibrate included) and, separately, NNCodec's qp search start no "
                         "further step")
+    parser.add_argument("--ladder", default=None, metavar="BOUND[;BOUND...]",
+                        help="rdonnx bounds to try instead of each model's own ladder, loosest "
+                        "first, e.g. '--max-distortion 3e-3;--max-distortion 1e-3' ('none': "
+                        "only the fallback's value widths); the rdonnx row's note says so")
     parser.add_argument("--show", default=None, metavar="JSON[,JSON]",
                         help="only print the table of results saved by earlier runs (later "
                         "files win for a model in several); with --json, also write them there "
@@ -515,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
                               "load_average": loads}
             out.write_text(json.dumps(previous, indent=1))
 
-        got = bench_model(adapter(name), cache, args, on_rows=save)
+        got = bench_model(with_ladder(adapter(name), args.ladder), cache, args, on_rows=save)
         rows += got
         save(got, done=True)
         print(table(got), flush=True)

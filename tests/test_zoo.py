@@ -238,3 +238,11 @@ def test_time_budget_skips_the_ladder_not_the_fallback(tmp_path):
     assert rd.setting == "--rate 1 --value-bits 16" and rd.transparent, rd.note
     assert rd.note.count("skipped (time budget spent)") == len(TINY.ladder)
     assert rows["NNCodec"].note == "not for the tiny model"
+
+
+def test_ladder_from_the_command_line():
+    ad = zoo_bench.with_ladder(TINY, "--rate 0.5; --max-distortion 1e-3")
+    assert ad.ladder == (("--rate", "0.5"), ("--max-distortion", "1e-3"))
+    assert "command line" in ad.notes and ad.fallback == TINY.fallback
+    assert zoo_bench.with_ladder(TINY, "none").ladder == ()
+    assert zoo_bench.with_ladder(TINY, None) is TINY

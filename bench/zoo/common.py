@@ -148,6 +148,8 @@ class Adapter:
         fallback_args: further rdonnx arguments for the fallback runs.
         nncodec: whether the NNCodec row is attempted.
         nncodec_note: why not, when it is not.
+        notes: a remark carried into the rdonnx row's note (e.g. a ladder given on the command
+            line).
     """
 
     name: str
