@@ -470,6 +470,23 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def merge(into: dict, results: dict) -> None:
+    """Merge saved results (model -> record) into ``into``: a model's rows of a later file
+    replace its rows of the same method, the others stay; each record's run (date, commit,
+    load average, methods) is listed under ``runs``."""
+    for name, rec in results.items():
+        run = {k: v for k, v in rec.items() if k not in ("rows", "runs")}
+        run["methods"] = [r["method"] for r in rec["rows"]]
+        runs = rec.get("runs", [run])
+        if name not in into:
+            into[name] = {**rec, "runs": runs}
+            continue
+        rows = {r["method"]: r for r in into[name]["rows"]}
+        rows.update({r["method"]: r for r in rec["rows"]})
+        into[name] = {**into[name], **run, "rows": list(rows.values()),
+                      "runs": into[name]["runs"] + runs}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -492,14 +509,14 @@ def main(argv: list[str] | None = None) -> None:
                         "first, e.g. '--max-distortion 3e-3;--max-distortion 1e-3' ('none': "
                         "only the fallback's value widths); the rdonnx row's note says so")
     parser.add_argument("--show", default=None, metavar="JSON[,JSON]",
-                        help="only print the table of results saved by earlier runs (later "
-                        "files win for a model in several); with --json, also write them there "
-                        "as one file")
+                        help="only print the table of results saved by earlier runs (a "
+                        "model's rows of a later file replace its rows of the same method); "
+                        "with --json, also write them there as one file")
     args = parser.parse_args(argv)
     if args.show:
         saved: dict = {}
         for path in args.show.split(","):
-            saved.update(json.loads(Path(path).read_text()))
+            merge(saved, json.loads(Path(path).read_text()))
         order = [n for n in NAMES if n in saved] + [n for n in saved if n not in NAMES]
         rows = [Row(**r) for n in order for r in saved[n]["rows"]]
         for r in rows:

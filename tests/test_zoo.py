@@ -214,13 +214,21 @@ def test_show_merges_saved_results(tmp_path, capsys):
 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({**saved("g2p", "original", 10), **saved("crepe", "original", 5)}))
-    b.write_text(json.dumps(saved("crepe", "original", 7)))
+    later = saved("crepe", "original", 7)
+    later["crepe"]["rows"].append(saved("crepe", "NNCodec", 3)["crepe"]["rows"][0])
+    b.write_text(json.dumps(later))
     out = tmp_path / "all.json"
     zoo_bench.main(["--show", f"{a},{b}", "--json", str(out)])
     text = capsys.readouterr().out
     assert "| g2p | original | 10 |" in text and "| crepe | original | 7 |" in text
+    assert "| crepe | NNCodec | 3 |" in text and "| crepe | original | 5 |" not in text
     merged = json.loads(out.read_text())
     assert list(merged) == ["g2p", "crepe"] and merged["crepe"]["rows"][0]["bytes"] == 7
+    assert [r["methods"] for r in merged["crepe"]["runs"]] == [["original"],
+                                                               ["original", "NNCodec"]]
+    # a merged file merges again the same way
+    zoo_bench.main(["--show", str(out), "--json", str(tmp_path / "again.json")])
+    assert json.loads((tmp_path / "again.json").read_text()) == merged
 
 
 def test_time_budget_skips_the_ladder_not_the_fallback(tmp_path):
