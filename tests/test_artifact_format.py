@@ -29,8 +29,8 @@ from rdonnx.errors import UsageError
 
 # no bias correction: the crafted cases below address tensor 0 as a quantized weight (a
 # corrected bias would be an exact tensor sorting first)
-CONFIG = rdonnx.CompressConfig(layer_distortion=False, grid=(1.0, 0.5, 0.2, 0.1, 0.05),
-                               bias_correction=False)
+CONFIG = rdonnx.CompressConfig.of(layer_distortion=False, grid=(1.0, 0.5, 0.2, 0.1, 0.05),
+                                  bias_correction=False)
 
 
 
