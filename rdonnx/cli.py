@@ -220,7 +220,8 @@ COMPRESS_OPTIONS = [
                  help="Output file [default: <model>.rdonnx, or <model>.pruned.onnx for dense "
                  "and sparse, beside the input]."),
     *(config_option(n) for n in
-      ("format", "values", "value_bits", "value_budget", "quantizer", "rdoq", "lossless_unpruned",
+      ("format", "values", "value_bits", "value_budget", "quantizer", "rdoq", "bias_correction",
+       "lossless_unpruned",
        "pattern", "method", "solver", "normalize", "pqi_p", "pqi_q", "pqi_eta", "pqi_gamma",
        "pqi_mode", "granularity", "budget", "hsic_samples", "hsic_beta")),
     click.option("--curves", "curves_path", type=click.Path(dir_okay=False, path_type=Path),

@@ -210,7 +210,11 @@ def test_value_bits_reported(mlp, tmp_path):
         pruned = plain.pruned[name]
         unclipped = quantize(pruned, 8).values(np.float32)
         assert np.sum((q.values(np.float32) - pruned) ** 2) <= np.sum((unclipped - pruned) ** 2)
-    assert {t["encoding"] for t in manifest["tensors"]} == {"quantized"}
+    encodings = {t["name"]: t["encoding"] for t in manifest["tensors"]}
+    assert {encodings[n] for n in result.quantized} == {"quantized"}
+    # the rest are the biases that bias correction changed, stored exactly
+    assert {n for n, e in encodings.items() if e != "quantized"} == \
+        set(result.weights) - set(result.quantized)
     # 8 bits: the values stream costs more than at the automatic (fewer) bits
     auto = _compress(mlp)
     assert auto.report.value_bits < 8
@@ -447,7 +451,8 @@ def test_quantize_reference_matches_artifact_levels(mlp, tmp_path):
     """The artifact's levels are the fitted grid's (`grids.choose`), RD-rounded, of the pruned
     weights; without RDOQ plain rounding on that grid."""
     for rdoq in (False, True):
-        result = _compress(mlp, value_bits=6, rdoq=rdoq)
+        # no bias correction: no layer-input moments, so `grids.choose` is unweighted
+        result = _compress(mlp, value_bits=6, rdoq=rdoq, bias_correction=False)
         for name, pruned in result.pruned.items():
             grid = grids.choose(pruned, 6, 1)  # MatMul [in, out]: output channels on axis 1
             q = grids.round_to(pruned, grid, 6)

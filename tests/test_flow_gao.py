@@ -40,12 +40,16 @@ def _check_artifact(result, path: Path, feed: dict[str, np.ndarray], tmp_path: P
     result.save(path)
     artifact = read_artifact(path)
     decoded = decode_all(artifact)
-    assert set(decoded) == set(result.quantized)
+    assert set(decoded) == set(result.weights)  # the codebooks and the corrected biases
     for name, q in result.quantized.items():
         assert q.codebook is not None
         assert decoded[name].tobytes() == result.weights[name].tobytes() == \
             q.values(result.weights[name].dtype).tobytes()
-    assert {t["encoding"] for t in artifact.manifest["tensors"]} == {"codebook"}
+    encodings = {t["name"]: t["encoding"] for t in artifact.manifest["tensors"]}
+    assert {encodings[n] for n in result.quantized} == {"codebook"}
+    for name in set(result.weights) - set(result.quantized):  # biases, exact
+        assert encodings[name] == "exact"
+        assert decoded[name].tobytes() == result.weights[name].tobytes()
     expected = _ort(result.model, feed)
     _same(rdonnx.open_session(path).run(None, feed), expected)
     _same(_ort(rdonnx.load(path), feed), expected)

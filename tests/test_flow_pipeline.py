@@ -579,3 +579,32 @@ def test_bad_jobs_is_a_usage_error(capsys, tmp_path, argv, match):
                        "-o", tmp_path / "m.onnx")
     assert code == 2 and match in err and "Traceback" not in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_bias_correction_cancels_the_output_mean_shift_of_quantization(correct, tmp_path):
+    """One Gemm with a bias, 2-bit values: with bias correction the quantized model's output
+    mean over the calibration data equals the original's per output row (and the artifact
+    holds the corrected bias); without it, quantization shifts the means."""
+    rng = np.random.default_rng(21)
+    w = rng.standard_normal((16, 12)).astype(np.float32)
+    proto = make_model([helper.make_node("Gemm", ["x", "W", "c"], ["y"], transB=1)],
+                       [vi("x", TensorProto.FLOAT, ["N", 12])],
+                       [vi("y", TensorProto.FLOAT, ["N", 16])],
+                       {"W": w, "c": rng.standard_normal(16).astype(np.float32)})
+    x = (rng.standard_normal((64, 12)) + 1.5).astype(np.float32)
+    config = CompressConfig.of(value_bits=2, min_params=100, layer_distortion=False,
+                               bias_correction=correct)
+    result = rdonnx.compress(proto, rate=1.0, calib={"x": x}, config=config)
+    assert ("c" in result.weights) == correct
+    path = tmp_path / "m.rdonnx"
+    result.save(path)
+    got = rdonnx.open_session(path).run(None, {"x": x})[0].astype(np.float64)
+    import onnxruntime as ort
+    ref = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]
+                               ).run(None, {"x": x})[0].astype(np.float64)
+    shift = np.abs((got - ref).mean(axis=0)).max()
+    if correct:
+        assert shift < 1e-4
+    else:
+        assert shift > 1e-2

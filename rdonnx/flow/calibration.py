@@ -30,7 +30,7 @@ from rdonnx.flow.curves import (
     record,
     scores_for,
 )
-from rdonnx.graph.layers import consumer_outputs, layer_inputs, output_axes
+from rdonnx.graph.layers import consumer_outputs, layer_biases, layer_inputs, output_axes
 from rdonnx.graph.model import Model, simplify
 from rdonnx.graph.weights import Weight, find_codable, find_weights, read_weights
 from rdonnx.runtime.data import Batches, DataOptions, input_specs, make_batches, open_npz
@@ -63,6 +63,9 @@ class Calibration:
     notices: tuple[str, ...]
     importance: dict[str, np.ndarray]  # E[x^2] of the layer input against each weight
     axes: dict[str, int | None]  # each tensor's output axis: a quantization step each
+    means: dict[str, np.ndarray]  # E[x] of the layer input against each weight
+    biases: dict[str, str]  # weight -> the bias of its layer (bias correction)
+    bias_values: dict[str, np.ndarray]  # those biases' original values
     prober: Prober | None = None  # downstream-only, threaded probes (None: whole graph); it
     # keeps its own notices (which probes run the whole graph)
 
@@ -153,21 +156,25 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
     weights = graph_order(loaded, weights)
     coding, prune = config.coding, config.prune
     kmeans = coding.quantized and coding.quantizer == "kmeans"
+    correcting = coding.quantized and coding.bias_correction
     inputs = layer_inputs(loaded, weights) if prune.criterion == "activation" or \
-        prune.reconstructs or config.target.pattern or kmeans else {}
+        prune.reconstructs or config.target.pattern or kmeans or correcting else {}
     extra = find_codable(loaded, weights, config.selection.min_params) \
         if coding.quantized and not coding.lossless_unpruned else []
+    biases = layer_biases(loaded, weights) if correcting else {}
+    taken = {w.name for w in weights + extra}
+    swapped = list({b.name: b for b in biases.values() if b.name not in taken}.values())
     exposed = exposed_tensors(loaded, inputs)
     if consumers:
         given = {v.name for v in loaded.proto.graph.output}
         exposed = sorted(set(exposed) | {t for t, _ in consumer_outputs(loaded, weights)
                                          .values()} - given)
     measure = config.measure
-    proto = measurement_model(loaded, weights + extra)
+    proto = measurement_model(loaded, weights + extra + swapped)
     cuts = cut_tensors(proto, [w.name for w in weights]) if measure.downstream else {}
     recorded = Prober.tensors(cuts)
     given = {v.name for v in proto.graph.output} | {v.name for v in proto.graph.input}
-    runner = Runner(loaded, weights + extra, measure.device,
+    runner = Runner(loaded, weights + extra + swapped, measure.device,
                     sorted((set(exposed) | set(recorded)) - given), proto=proto)
     if runner.device.notice:
         notices.append(runner.device.notice)
@@ -190,6 +197,9 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                        {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
                        inputs, read_weights(loaded, extra), tuple(notices),
                        importance=importance, axes=output_axes(loaded, weights + extra),
+                       means={n: m.means(originals[n].shape) for n, m in moments.items()},
+                       biases={n: b.name for n, b in biases.items()},
+                       bias_values=read_weights(loaded, list(biases.values())),
                        prober=Prober(runner, replay, cuts, measure.jobs, PROBE_OPTIMIZE))
 
 

@@ -241,6 +241,10 @@ class Coding:
         False, "Uniform grid: round each value to the neighbouring level (or zero) that lowers "
         "distortion + lambda x coded bits (lambda: the grid's own slope); smaller files, but "
         "more output distortion per bit saved on the digits models.")
+    bias_correction: bool = option(
+        True, "Keep biases as they are. By default each layer's bias absorbs the shift of its "
+        "output mean that quantizing its weight causes on the calibration data (bias "
+        "correction; Conv, Gemm, MatMul + Add).", flag="--no-bias-correction", negate=True)
     lossless_unpruned: bool = option(
         False, "Keep large unpruned tensors (embeddings...) exact instead of quantized.")
 

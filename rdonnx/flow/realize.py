@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from rdonnx.algo import grids, obs
+from rdonnx.algo.layout import output_shift
 from rdonnx.algo.kmeans import kmeans_quantize
 from rdonnx.algo.quantize import Quantized, choose_bits
 from rdonnx.errors import UsageError
@@ -22,6 +23,16 @@ from rdonnx.graph.weights import Weight
 from rdonnx.runtime.distortion import Distortion
 
 CLIP_SCALES = (1.0, 0.9, 0.8, 0.7)  # error-compensated quantization: exact spans tried
+VECTOR_BITS = 16  # coded vectors (biases) get at least this width (`extra_bits`)
+
+
+def extra_bits(array: np.ndarray, bits: int | None) -> int:
+    """The width of a coded tensor that is not pruned (`Calibration.extra`): `bits` (8 when
+    None), but at least `VECTOR_BITS` for a vector: a bias adds its error to every output of
+    its channel, nothing averages it (8-bit biases alone cost EfficientNet-Lite0 5.7 points of
+    top-1 agreement on the zoo's test split)."""
+    bits = 8 if bits is None else bits
+    return max(bits, VECTOR_BITS) if np.ndim(array) <= 1 else bits
 
 
 def pattern_mask(cal: Calibration, name: str, n_m: tuple[int, int]) -> np.ndarray:
@@ -96,6 +107,28 @@ class Realizer:
             q = grids.rdoq(array, q, grid, bits, importance)
         steps = grid.steps
         return Quantized(q, float(steps[0]) if grid.axis is None else steps, axis=grid.axis)
+
+    def corrected_biases(self, before: Mapping[str, np.ndarray],
+                         after: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Bias correction: the bias of each layer whose weight went from `before` to `after`
+        (quantization), less the shift of the layer's output mean that the change causes on
+        the calibration data (`output_shift`, E[x] measured in the reference pass). Weights
+        that are reconstructed (their update already aims at the original output), without a
+        bias or without measured means get none."""
+        if not self.coding.bias_correction:
+            return {}
+        cal, out = self.cal, {}
+        for name, value in after.items():
+            bias = cal.biases.get(name)
+            if bias is None or name not in cal.means or name not in before or \
+                    self.reconstructs(name):
+                continue
+            delta = value.astype(np.float64) - np.asarray(before[name], np.float64)
+            shift = output_shift(delta, cal.means[name], cal.inputs[name].row_axis)
+            original = cal.bias_values[bias]
+            out[bias] = (original.astype(np.float64) - shift.reshape(original.shape)).astype(
+                original.dtype)
+        return out
 
     def compress_weight(self, w: Weight, keep: int, bits: int | None = None,
                         hessian: obs.Hessian | None = None) -> tuple[np.ndarray, Quantized | None]:
@@ -205,7 +238,9 @@ class Realizer:
         def weights(w: Weight, bits: int) -> dict[str, np.ndarray]:
             original = self.cal.originals[w.name]
             quantized = self.quantize(w.name, original, bits).values(original.dtype)
-            return self._aim_next(w, quantized)
+            out = self._aim_next(w, quantized)
+            out.update(self.corrected_biases({w.name: original}, {w.name: quantized}))
+            return out
 
         return weights
 
@@ -237,15 +272,20 @@ class Realizer:
 
         def make(bits_for) -> tuple[dict, dict]:
             values, quantized = self.compress_all(keep, bits_for)
+            biases = self.corrected_biases(pruned, values)
             for name, array in extra.items():
-                quantized[name] = self.quantize(name, array, bits_for(name) or 8)
+                array = biases.pop(name, array)  # a corrected bias is quantized as corrected
+                quantized[name] = self.quantize(name, array, extra_bits(array, bits_for(name)))
                 values[name] = quantized[name].values(array.dtype)
+            values.update(biases)
             return values, quantized
 
         if widths is not None:  # extras (not pruned, no curves) get 8 bits
             values, quantized = make(lambda n: widths.get(n, 8))
             return Realized(rate, keep, pruned, values, quantized,
-                            {n: widths.get(n, 8) for n in quantized}, self.distortion(values))
+                            {n: widths.get(n, 8) if n not in extra else
+                             extra_bits(extra[n], widths.get(n, 8)) for n in quantized},
+                            self.distortion(values))
         limit = None
         if coding.value_bits is None:
             base = self.distortion(pruned, metric).value(metric)
@@ -265,4 +305,6 @@ class Realizer:
                 self.notices.append(notice)
             return Realized(rate, keep, pruned, pruned, {}, {}, self.distortion(pruned))
         return Realized(rate, keep, pruned, choice.values, choice.quantized,
-                        {n: choice.bits for n in choice.quantized}, choice.distortion)
+                        {n: choice.bits if n not in extra else
+                         extra_bits(extra[n], choice.bits) for n in choice.quantized},
+                        choice.distortion)
