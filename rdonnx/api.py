@@ -60,7 +60,7 @@ def compress(model: ModelSource, *, rate: float | None = None, calib: DataSource
     targets = {"rate": rate, "max_distortion": max_distortion, "min_agreement": min_agreement,
                "bits_per_weight": bits_per_weight}
     if any(v is not None for v in targets.values()):
-        overrides["target"] = Target(**targets)
+        overrides["target"] = Target(**targets, pattern=config.target.pattern)  # still refused
     return pipeline.compress(model, config.updated(**overrides), calib, test, labels, curves,
                              quiet, frontier)
 
