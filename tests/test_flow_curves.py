@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +153,7 @@ def curves():
     proto, arrays = tiny_mlp(seed=7)
     x = np.random.default_rng(8).standard_normal((12, 8)).astype(np.float32)
     return rdonnx.calibrate(proto, calib={"x": x},
-                            config=CompressConfig(grid=GRID, min_params=1))
+                            config=CompressConfig.of(grid=GRID, min_params=1))
 
 
 def test_curves_json_round_trip(curves, tmp_path):
@@ -290,12 +289,12 @@ def test_compress_with_no_replay_memory_gives_identical_results(tmp_path):
     """replay_mb=0 spills every batch; the pruned model and its report do not change."""
     proto, _ = tiny_mlp(seed=11)
     x = np.random.default_rng(12).standard_normal((40, 8)).astype(np.float32)
-    config = CompressConfig(grid=GRID, min_params=1, layer_distortion=False,
+    config = CompressConfig.of(grid=GRID, min_params=1, layer_distortion=False,
                             data=DataOptions(batch_size=8), format="dense")
     outputs = []
     for mb in (512, 0):
         result = rdonnx.compress(proto, calib={"x": x}, rate=0.3,
-                                 config=replace(config, replay_mb=mb))
+                                 config=config.updated(replay_mb=mb))
         result.save(tmp_path / f"{mb}.onnx")
         outputs.append(((tmp_path / f"{mb}.onnx").read_bytes(), result.report.calibration,
                         result.curves.distortion))

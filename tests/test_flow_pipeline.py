@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from rdonnx.cli import main
 
 GRID = (1.0, 0.5, 0.2, 0.1, 0.05)
 GRID_TEXT = "1,0.5,0.2,0.1,0.05"
-FAST = CompressConfig(grid=GRID, layer_distortion=False, format="dense")
+FAST = CompressConfig.of(grid=GRID, layer_distortion=False, format="dense")
 DIGITS_MLP = BUNDLED / "digits_mlp.onnx"
 DIGITS_CALIB = BUNDLED / "digits_calib.npz"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -184,7 +183,7 @@ def test_curves_from_other_data_are_refused(curves_case):
 def test_curves_with_other_settings_are_refused(curves_case, change):
     with pytest.raises(UsageError, match=r"\(settings differ"):
         rdonnx.compress(curves_case["model"], calib=curves_case["calib"], rate=0.3,
-                        curves=curves_case["curves"], config=replace(FAST, **change))
+                        curves=curves_case["curves"], config=FAST.updated(**change))
 
 
 def test_matching_curves_are_used_and_give_identical_output(curves_case, tmp_path):
@@ -204,7 +203,7 @@ def test_the_same_grid_written_differently_is_the_same_setting(mlp, tmp_path):
     """Grids are normalised by check_grid (1.0 added, sorted, duplicates dropped): curves
     calibrated with --grid 0.05,0.1,0.2,0.5 serve a run with grid (1, 0.5, 0.2, 0.1, 0.05)."""
     curves = rdonnx.calibrate(mlp.path, calib=mlp.calib,
-                              config=replace(FAST, grid=(0.05, 0.1, 0.2, 0.5)))
+                              config=FAST.updated(grid=(0.05, 0.1, 0.2, 0.5)))
     assert curves.grid == GRID
     result = rdonnx.compress(mlp.path, calib=mlp.calib, rate=0.3, curves=curves, config=FAST)
     assert result.curves is curves
@@ -306,7 +305,7 @@ def test_predicted_distortion_is_the_sum_of_the_curves_and_calibration_is_measur
 # ---------------------------------------------------------------------------------------------
 # Targets: --max-distortion and --min-agreement, measured on the saved model
 
-TARGET_CONFIG = CompressConfig(layer_distortion=False, grid=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05),
+TARGET_CONFIG = CompressConfig.of(layer_distortion=False, grid=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05),
                                format="dense")
 
 
@@ -326,7 +325,7 @@ def test_max_distortion_is_met_at_a_near_minimal_rate(method, bound, tmp_path):
     chosen = min(s.rate for s in steps if s.meets)
     assert result.report.rate == pytest.approx(chosen, abs=1e-3)
     assert chosen < 1.0  # the bound allows pruning
-    if chosen > min(TARGET_CONFIG.grid):
+    if chosen > min(TARGET_CONFIG.measure.grid):
         below = [s.rate for s in steps if not s.meets and s.rate < chosen]
         assert below, "no probe below the chosen rate misses the bound"
         assert chosen - max(below) <= 0.02  # bisected down to a narrow bracket
@@ -337,7 +336,7 @@ def test_a_loose_max_distortion_goes_down_to_the_grid_minimum(method, tmp_path):
     """Any rate meets nmse <= 10: the search stops at the grid's smallest density."""
     result = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, max_distortion=10.0,
                              method=method, config=TARGET_CONFIG)
-    assert result.report.rate == pytest.approx(min(TARGET_CONFIG.grid), abs=1e-3)
+    assert result.report.rate == pytest.approx(min(TARGET_CONFIG.measure.grid), abs=1e-3)
     path = tmp_path / "pruned.onnx"
     result.save(path)
     assert rdonnx.evaluate(DIGITS_MLP, path, DIGITS_CALIB).distortion <= 10.0
@@ -370,7 +369,7 @@ def method_runs(request) -> dict:
     """compress(rate=0.3) for each (model, method, criterion), run once."""
     cases = {name: request.getfixturevalue(name)
              for name in ("mlp", "cnn", "attention", "bundled_cnn")}
-    config = replace(FAST, data=DataOptions(samples=32))
+    config = FAST.updated(data=DataOptions(samples=32))
     runs = {}
     for name, case in cases.items():
         for method in ("rd", "uniform", "global", "lamp"):
@@ -463,9 +462,9 @@ def test_nmse_channel_sees_a_destroyed_small_channel():
 def test_compress_measures_curves_in_nmse_channel():
     proto, _ = _two_channel_model()
     x = {"input": np.random.default_rng(15).standard_normal((40, 64)).astype(np.float32)}
-    config = replace(FAST, min_params=16)
+    config = FAST.updated(min_params=16)
     by_channel = rdonnx.compress(proto, calib=x, rate=0.5,
-                                 config=replace(config, metric="nmse-channel"))
+                                 config=config.updated(metric="nmse-channel"))
     report = by_channel.report
     assert report.calibration.metric == "nmse-channel"
     # density 0.5 keeps the 64 large entries of channel 0: channel 1 is lost entirely
@@ -515,7 +514,7 @@ def test_a_bound_only_exact_values_meet_is_met_with_exact_values(mlp, method):
     """No value width up to 16 bits meets a bound of 1e-15: the result keeps the values exact
     (the original model here, losslessly coded) with a notice, instead of exit 2."""
     result = rdonnx.compress(mlp.path, max_distortion=1e-15, calib=mlp.calib, method=method,
-                             config=replace(FAST, format="rdonnx"))
+                             config=FAST.updated(format="rdonnx"))
     assert result.quantized == {}
     assert any("kept exact" in n for n in result.report.notices)
     assert result.report.calibration.distortion <= 1e-15

@@ -19,7 +19,7 @@ from rdonnx import strictjson
 from rdonnx.algo.layout import LayerInput, SecondMoments
 from rdonnx.algo.prune import Scores, activation, magnitude
 from rdonnx.allocate.allocators import Curve
-from rdonnx.choices import DEFAULT_GRID, check_grid
+from rdonnx.choices import DEFAULT_CHANNEL_AXIS, DEFAULT_GRID, DEFAULT_QUANTIZER, check_grid
 from rdonnx.errors import UsageError
 from rdonnx.graph.model import Model
 from rdonnx.graph.weights import Weight
@@ -55,7 +55,7 @@ class Curves:
     settings: dict
     fingerprint: Fingerprint
     values: dict[str, dict[int, float]] = field(default_factory=dict)  # Q(b): whole weight
-    values_quantizer: str = "uniform"  # the quantizer `values` were measured with
+    values_quantizer: str = DEFAULT_QUANTIZER  # the quantizer `values` were measured with
 
     def curve(self, name: str) -> Curve:
         return Curve(self.grid, self.distortion[name])
@@ -150,7 +150,7 @@ def scores_for(weights: Sequence[Weight], originals: Mapping[str, np.ndarray], c
 
 
 def probe(runner: Runner, replay: Replay, arrays: Mapping[str, np.ndarray], metric: str,
-          channel_axis: int = 1) -> float:
+          channel_axis: int = DEFAULT_CHANNEL_AXIS) -> float:
     """Distortion of the model with some weights replaced: the variant is uploaded once and
     replayed over every batch."""
     values = {name: runner.weight_value(name, a) for name, a in arrays.items()}
@@ -161,7 +161,7 @@ def probe(runner: Runner, replay: Replay, arrays: Mapping[str, np.ndarray], metr
 def measure_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
                    variant: Callable[[Weight, int], Mapping[str, np.ndarray]],
                    grid: Sequence[float],
-                   metric: str, channel_axis: int = 1,
+                   metric: str, channel_axis: int = DEFAULT_CHANNEL_AXIS,
                    quiet: bool = True) -> dict[str, tuple[float, ...]]:
     """D_l(d) for every weight l and grid density d (prune only l, replay all batches).
 
@@ -186,7 +186,8 @@ def measure_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
 
 def measure_value_curves(runner: Runner, replay: Replay, weights: Sequence[Weight],
                          variant: Callable[[Weight, int], Mapping[str, np.ndarray]],
-                         widths: Sequence[int], metric: str, channel_axis: int = 1,
+                         widths: Sequence[int], metric: str,
+                         channel_axis: int = DEFAULT_CHANNEL_AXIS,
                          quiet: bool = True) -> dict[str, dict[int, float]]:
     """Q_l(b): the distortion of quantizing only weight l, unpruned, to b bits (`variant(w, b)`
     gives the weights that realise it, as for `measure_curves`)."""

@@ -25,11 +25,13 @@ from rdonnx.flow.calibration import (
     calibrate_model,
     check_curves,
     make_data,
-    measure_all_curves,
 )
-from rdonnx.flow.config import CompressConfig
-from rdonnx.flow.curves import Curves, check_grid, measure_value_curves
+from rdonnx.flow.config import Coding, CompressConfig, Measurement
+from rdonnx.flow.curves import Curves, check_grid, measure_curves, measure_value_curves
+from rdonnx.flow.hessians import Hessians
+from rdonnx.flow.methods.options import GlobalOptions
 from rdonnx.flow.methods.registry import METHODS
+from rdonnx.flow.realize import Realizer, pattern_mask
 from rdonnx.flow.result import CompressResult, finish_report
 from rdonnx.flow.target import Realized, meet_budget, meet_target
 from rdonnx.report.records import RatePoint
@@ -55,114 +57,148 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
     test_data = make_data(cal.model, test, config.data, labels) if test is not None else None
     if method.run is not None:
         return method.run(cal, config, test_data, labels, quiet)
+    realizer = make_realizer(cal, config)
     target = config.target
     need_curves = (method.curves or target.kind == "distortion") and target.kind != "pattern"
     if curves is not None:
         curves = curves if isinstance(curves, Curves) else Curves.load(curves)
         check_curves(curves, cal)
     elif need_curves:
-        curves = measure_all_curves(cal, config, quiet)
+        curves = measure_all_curves(realizer, config.measure, config.curve_settings(), quiet)
+    options = config.method_options
     allocation = Allocation({n: s.values for n, s in cal.scores.items()},
                             {n: curves.curve(n) for n in curves.distortion} if curves else {},
-                            config.normalize)
+                            isinstance(options, GlobalOptions) and options.normalize)
     if method.prepare is not None:
-        cal, allocation = method.prepare(cal, config, allocation)
-    allocator = SOLVERS[config.solver] if method.allocator == "rd" else \
+        cal, allocation = method.prepare(cal, options, allocation)
+        realizer = realizer.on(cal)
+    allocator = SOLVERS[options.solver] if method.allocator == "rd" else \
         ALLOCATORS[method.allocator]
-    chosen, steps, curves = _choose(cal, config, allocation, allocator, curves, quiet,
+    chosen, steps, curves = _choose(realizer, config, allocation, allocator, curves, quiet,
                                     joint=method.allocator == "rd")
-    lowest = min(check_grid(config.grid)) if curves is not None else 0.0
+    metric = config.measure.metric
+    lowest = min(check_grid(config.measure.grid)) if curves is not None else 0.0
     points = []
     for rate in (r for r in frontier if r >= lowest):
-        d = cal.realize(rate, allocator(allocation, rate), config).distortion
-        points.append(RatePoint(rate, d.value(config.metric), d.top1_agreement))
-    report = finish_report(cal, config, chosen, curves, allocation, test_data, labels, quiet)
+        d = realizer.realize(rate, allocator(allocation, rate)).distortion
+        points.append(RatePoint(rate, d.value(metric), d.top1_agreement))
+    report = finish_report(cal, config, chosen, curves, allocation, test_data, labels, quiet,
+                           realizer.notices)
     report.search, report.frontier = steps, points
     return CompressResult(cal.model, chosen.values, chosen.quantized, report, curves,
                           chosen.pruned)
 
 
-def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
+def make_realizer(cal: Calibration, config: CompressConfig) -> Realizer:
+    """The realizer of a run: the option groups it prunes, codes and measures with."""
+    return Realizer(cal, Hessians(cal), config.prune, config.coding, config.measure,
+                    config.target.n_m)
+
+
+def calibrate(model: ModelSource, config: CompressConfig, calib: DataSource = None,
+              quiet: bool = True) -> Curves:
+    """Measure the per-weight R-D curves of `model` (`rdonnx calibrate`)."""
+    cal = calibrate_model(model, config, calib, quiet)
+    return measure_all_curves(make_realizer(cal, config), config.measure,
+                              config.curve_settings(), quiet)
+
+
+def measure_all_curves(realizer: Realizer, measure: Measurement, settings: dict,
+                       quiet: bool = True) -> Curves:
+    """Per-weight R-D curves on the grid of `measure` (`settings`: what they depend on,
+    `CompressConfig.curve_settings`)."""
+    cal = realizer.cal
+    grid = check_grid(measure.grid)
+    measured = measure_curves(cal.runner, cal.replay, cal.weights, realizer.variant(), grid,
+                              measure.metric, measure.channel_axis, quiet)
+    return Curves(grid, measured, {w.name: w.size for w in cal.weights}, settings,
+                  cal.fingerprint)
+
+
+def _choose(realizer: Realizer, config: CompressConfig, allocation: Allocation,
             allocator: Callable, curves: Curves | None, quiet: bool,
             joint: bool) -> tuple[Realized, list[RatePoint], Curves | None]:
     """The realized candidate for the target, the probes measured on the way, and the curves
     (with value curves added when the joint allocation needed them). `joint`: a bound or bits
-    target with free value widths allocates density and value bits together (rd)."""
+    target with free value widths allocates density and value bits together (rd). (It
+    dispatches on the target and the coding, so it takes the whole config.)"""
+    cal = realizer.cal
     prunable = {w.name for w in cal.weights}
     sizes = {w.name: w.size for w in cal.weights}
+    target, metric, coding = config.target, config.measure.metric, config.coding
+    lowest = min(check_grid(config.measure.grid))
 
     def coded_bits(r: Realized) -> float:
         return sum(stream_bits(r.quantized.get(n), r.values[n]) for n in prunable)
 
-    def search(run_config: CompressConfig) -> tuple[Realized, list[RatePoint]]:
+    def search(values: Coding) -> tuple[Realized, list[RatePoint]]:
+        run = realizer.with_coding(values)
+
         def realize(rate: float) -> Realized:
-            return cal.realize(rate, allocator(allocation, rate), run_config)
+            return run.realize(rate, allocator(allocation, rate))
 
-        return meet_target(run_config.target, run_config.metric, realize, allocation, allocator,
-                           min(check_grid(config.grid)), curves is not None, coded_bits)
+        return meet_target(target, metric, realize, allocation, allocator, lowest,
+                           curves is not None, coded_bits)
 
-    target = config.target
     if target.kind == "pattern":  # the pattern fixes every supported weight's density
-        keep = {w.name: int(np.count_nonzero(cal.pattern_mask(w.name, config.n_m)))
+        keep = {w.name: int(np.count_nonzero(pattern_mask(cal, w.name, target.n_m)))
                 if cal.supports(w.name) else w.size for w in cal.weights}
-        return cal.realize(sum(keep.values()) / sum(sizes.values()), keep, config), [], curves
-    free_bits = config.quantized and config.value_bits is None
+        return realizer.realize(sum(keep.values()) / sum(sizes.values()), keep), [], curves
+    free_bits = coding.quantized and coding.value_bits is None
     if target.kind != "rate" and free_bits and joint:
-        curves = _with_value_curves(cal, config, curves, quiet)
+        curves = _with_value_curves(realizer, curves, quiet)
         options = {w.name: options_for(cal.originals[w.name], cal.rankings[w.name],
                                        curves.grid, curves.distortion[w.name],
                                        with_wide_widths(curves.values[w.name]),
-                                       lambda a, b, n=w.name: cal.quantize(n, a, b, config))
+                                       lambda a, b, n=w.name: realizer.quantize(n, a, b))
                    for w in cal.weights}
 
         def realize_budget(budget: float) -> Realized:
             choice = allocate_joint(options, budget)
             keep = {n: int(round(o.density * sizes[n])) for n, o in choice.items()}
-            r = cal.realize(sum(keep.values()) / sum(sizes.values()), keep, config,
-                            {n: o.bits for n, o in choice.items()})
+            r = realizer.realize(sum(keep.values()) / sum(sizes.values()), keep,
+                                 {n: o.bits for n, o in choice.items()})
             r.coded_bits = coded_bits(r)
             return r
 
         try:
-            return (*meet_budget(config.target, config.metric, realize_budget,
-                                 cost_range(options), sum(sizes.values())), curves)
+            return (*meet_budget(target, metric, realize_budget, cost_range(options),
+                                 sum(sizes.values())), curves)
         except UsageError:
             if target.kind == "bits":
                 raise
-            return (*_exact_values(cal, search, config), curves)
+            return (*_exact_values(realizer, search, coding), curves)
     if target.bound and free_bits:  # other allocators: one value width for all, the smallest file
         candidates = []
         for bits in JOINT_BITS:
             try:
-                candidates.append(search(replace(config, value_bits=bits)))
+                candidates.append(search(replace(coding, value_bits=bits)))
             except UsageError:  # this width cannot meet the bound at any rate
                 continue
         if not candidates:
-            return (*_exact_values(cal, search, config), curves)
+            return (*_exact_values(realizer, search, coding), curves)
         chosen, steps = min(candidates, key=lambda c: coded_bits(c[0]))
         chosen.coded_bits = coded_bits(chosen)
         return chosen, steps, curves
-    return (*search(config), curves)
+    return (*search(coding), curves)
 
 
-def _exact_values(cal: Calibration, search: Callable, config: CompressConfig
+def _exact_values(realizer: Realizer, search: Callable, coding: Coding
                   ) -> tuple[Realized, list[RatePoint]]:
     """The smallest rate that meets the bound with exact values (at worst every weight kept:
     the original model, losslessly coded), when no quantized candidate does."""
-    cal.notices.append("no quantized candidate meets the bound (value widths up to 16 bits): "
-                       "values are kept exact, losslessly coded")
-    return search(replace(config, values="exact"))
+    realizer.notices.append("no quantized candidate meets the bound (value widths up to 16 "
+                            "bits): values are kept exact, losslessly coded")
+    return search(replace(coding, values="exact"))
 
 
-def _with_value_curves(cal: Calibration, config: CompressConfig, curves: Curves,
-                       quiet: bool) -> Curves:
+def _with_value_curves(realizer: Realizer, curves: Curves, quiet: bool) -> Curves:
     """`curves` with Q_l(b) for every joint value width (measured now if missing)."""
-    if curves.values_quantizer == config.quantizer and \
+    cal, quantizer = realizer.cal, realizer.coding.quantizer
+    if curves.values_quantizer == quantizer and \
             all(set(JOINT_VALUE_BITS) <= set(curves.values.get(w.name, {})) for w in cal.weights):
         return curves
     measured = measure_value_curves(cal.runner, cal.replay, cal.weights,
-                                    cal.value_variant(config), JOINT_VALUE_BITS, config.metric,
-                                    config.channel_axis, quiet)
-    return replace(curves, values=measured, values_quantizer=config.quantizer)
-
-
+                                    realizer.value_variant(), JOINT_VALUE_BITS,
+                                    realizer.measure.metric, realizer.measure.channel_axis, quiet)
+    return replace(curves, values=measured, values_quantizer=quantizer)

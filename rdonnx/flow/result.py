@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,15 +19,13 @@ from rdonnx.artifact.io import save_artifact
 from rdonnx.artifact.sizes import coding_report
 from rdonnx.artifact.surp_stream import Coded
 from rdonnx.errors import UsageError
-from rdonnx.flow.calibration import (
-    Calibration,
-)
+from rdonnx.flow.calibration import Calibration
 from rdonnx.flow.config import FORMATS, CompressConfig
 from rdonnx.flow.curves import Curves
 from rdonnx.flow.target import Realized
 from rdonnx.graph.model import Model, check_output, iter_graphs, write_model
 from rdonnx.report.records import Evaluation, Report, WeightReport
-from rdonnx.runtime.measure import measure
+from rdonnx.runtime.measure import measure as measure_outputs
 from rdonnx.runtime.session import max_runtime_ir_version
 from rdonnx.version import __version__
 
@@ -60,7 +59,7 @@ class CompressResult:
 
         The format defaults to the one the result was compressed for.
         """
-        format = format or self.report.settings.get("format", "rdonnx")
+        format = format or CompressConfig.from_dict(self.report.settings).coding.format
         if format not in FORMATS:
             raise UsageError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
         path = Path(path)
@@ -96,51 +95,53 @@ class CompressResult:
 def finish_report(cal: Calibration, config: CompressConfig, chosen: Realized,
                   curves: Curves | None, allocation: Allocation,
                   test_data: tuple[object, str] | None, labels: str | None,
-                  quiet: bool) -> Report:
+                  quiet: bool, notices: Sequence[str] = ()) -> Report:
     """The report of the chosen candidate: each weight's distortion alone (when configured)
     and the test evaluation (with test data) measured now; search and frontier are the
-    caller's."""
+    caller's. `notices`: those of the run after calibration's. (It takes the whole config:
+    the report records it.)"""
+    measure = config.measure
     layer = [None] * len(cal.weights)
-    if config.layer_distortion:
-        layer = [cal.distortion({w.name: chosen.pruned[w.name]}, config, config.metric)
-                 .value(config.metric) for w in cal.weights]
-    report = _report(cal, config, chosen, curves, allocation, layer)
+    if measure.layer_distortion:
+        layer = [cal.distortion({w.name: chosen.pruned[w.name]}, measure.channel_axis,
+                                measure.metric).value(measure.metric) for w in cal.weights]
+    report = _report(cal, config, chosen, curves, allocation, layer, [*cal.notices, *notices])
     if test_data is not None:
         data, name = test_data
-        result = measure(cal.runner.run, [cal.run_with(chosen.values)], data, labels, "test",
-                         quiet, config.channel_axis)
-        report.test = Evaluation.from_distortion(f"test ({name})", config.metric,
+        result = measure_outputs(cal.runner.run, [cal.run_with(chosen.values)], data, labels,
+                                 "test", quiet, measure.channel_axis)
+        report.test = Evaluation.from_distortion(f"test ({name})", measure.metric,
                                                  result.distortions[0],
                                                  result.reference_accuracy, result.accuracies[0])
     return report
 
 
 def _report(cal: Calibration, config: CompressConfig, chosen: Realized, curves: Curves | None,
-            allocation: Allocation, layer: list[float | None]) -> Report:
+            allocation: Allocation, layer: list[float | None], notices: list[str]) -> Report:
     """The report of the chosen candidate (search, frontier and test are added by the caller)."""
     keep = chosen.keep
+    obs_selected = config.prune.reconstructs and config.prune.criterion == "obs"
     weights = [WeightReport(
         w.name, w.op, list(w.shape), w.dtype, w.size, keep[w.name],
         keep[w.name] / w.size if w.size else 1.0, d,
-        "obs" if cal.reconstructs(w.name, config) and config.criterion == "obs"
-        else cal.scores[w.name].criterion,
+        "obs" if obs_selected and cal.supports(w.name) else cal.scores[w.name].criterion,
         list(curves.distortion[w.name]) if curves else None,
         value_bits=chosen.widths.get(w.name))
         for w, d in zip(cal.weights, layer)]
     total = sum(w.size for w in cal.weights)
     return Report(
         model=str(cal.model.path.name) if cal.model.path else "<in-memory model>",
-        method=config.method, criterion=config.criterion, rate=sum(keep.values()) / total,
-        device=cal.runner.device.provider,
-        simplified=any("simplified with onnxsim" in n for n in cal.notices),
+        method=config.method, criterion=config.prune.criterion,
+        rate=sum(keep.values()) / total, device=cal.runner.device.provider,
+        simplified=any("simplified with onnxsim" in n for n in notices),
         params_total=total, params_kept=sum(keep.values()),
         input_bytes=_source_bytes(cal.model),
-        calibration=Evaluation.from_distortion(f"calibration ({cal.data_name})", config.metric,
-                                               chosen.distortion),
+        calibration=Evaluation.from_distortion(f"calibration ({cal.data_name})",
+                                               config.measure.metric, chosen.distortion),
         value_bits=_common(chosen.widths.get(w.name) for w in cal.weights),
         predicted_distortion=predicted(allocation, keep) if curves else None,
         grid=list(curves.grid) if curves else None, weights=weights,
-        settings=config.as_dict(), rdonnx_version=__version__, notices=cal.notices)
+        settings=config.as_dict(), rdonnx_version=__version__, notices=notices)
 
 
 def _common(values) -> int | None:

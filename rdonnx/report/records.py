@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rdonnx import strictjson
+from rdonnx.choices import DEFAULT_CRITERION
 from rdonnx.runtime.distortion import Distortion
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: `settings` flat (config version 1); 2: grouped (docs/FORMAT.md, "Settings")
 
 
 @dataclass
@@ -24,7 +25,7 @@ class WeightReport:
     kept: int
     density: float
     distortion: float | None = None  # output distortion with only this weight pruned
-    criterion: str = "magnitude"  # the in-layer criterion really used for this weight
+    criterion: str = DEFAULT_CRITERION  # the in-layer criterion really used for this weight
     curve: list[float] | None = None  # measured D(d) on the report's grid
     bits_per_weight: float | None = None  # coded bits per entry in the .rdonnx artifact
     value_bits: int | None = None  # quantization width of its survivors (None: exact)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rdonnx.choices import DEFAULT_REPLAY_MB
+from rdonnx.choices import DEFAULT_CHANNEL_AXIS, DEFAULT_REPLAY_MB
 from rdonnx.progress import progress_bar
 from rdonnx.runtime.data import Batches, Feed, split_labels
 from rdonnx.runtime.distortion import AccuracyMeter, Distortion, DistortionMeter, energy_of
@@ -29,7 +29,7 @@ class Measurement:
 
 def measure(reference: Predict, candidates: Sequence[Predict], batches: Batches,
             labels: str | None = None, description: str = "measuring",
-            quiet: bool = True, channel_axis: int = 1) -> Measurement:
+            quiet: bool = True, channel_axis: int = DEFAULT_CHANNEL_AXIS) -> Measurement:
     """Stream `batches` once: the reference runs once per batch, every candidate after it."""
     meters = [DistortionMeter(channel_axis) for _ in candidates]
     ref_acc = AccuracyMeter()
@@ -93,7 +93,7 @@ class Replay:
     def __len__(self) -> int:
         return len(self._held)
 
-    def distortion(self, run: Predict, channel_axis: int = 1,
+    def distortion(self, run: Predict, channel_axis: int = DEFAULT_CHANNEL_AXIS,
                    only: str | None = None) -> Distortion:
         """Distortion of `run`'s outputs against the recorded ones (`only` one metric)."""
         meter = DistortionMeter(channel_axis, only)

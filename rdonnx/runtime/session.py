@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from rdonnx.causes import caused
-from rdonnx.choices import DEVICES
+from rdonnx.choices import DEFAULT_DEVICE, DEVICES
 from rdonnx.errors import UsageError
 from rdonnx.graph.model import Model, fit_ir_version, slot_array, tensor_slots, uses_external_data
 from rdonnx.graph.weights import Weight
@@ -162,8 +162,8 @@ def ortvalue(array: np.ndarray, data_type: int, device: str = "cpu") -> object:
 class Runner:
     """One ONNX Runtime session that runs the model with any variant of its prunable weights."""
 
-    def __init__(self, model: Model, weights: Sequence[Weight], device: str | Device = "auto",
-                 extra_outputs: Sequence[str] = ()):
+    def __init__(self, model: Model, weights: Sequence[Weight],
+                 device: str | Device = DEFAULT_DEVICE, extra_outputs: Sequence[str] = ()):
         proto = measurement_model(model, weights, extra_outputs)
         if any(uses_external_data(t) for t in proto.graph.initializer) and model.base_dir is None:
             raise UsageError("the model keeps tensors in external data: load it from its path")
