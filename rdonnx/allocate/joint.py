@@ -88,6 +88,9 @@ def allocate_joint(options: Mapping[str, Sequence[Option]], budget: float,
         if picks is not None and sum(options[n][j].cost for n, j in zip(names, picks)) <= \
                 budget * (1 + 1e-12):
             return {n: options[n][j] for n, j in zip(names, picks)}
+    cheapest = {n: min(options[n], key=lambda o: (o.cost, o.distortion)) for n in names}
+    if sum(o.cost for o in cheapest.values()) <= budget * (1 + 1e-12):  # rounded out above
+        return cheapest
     raise UsageError("the bits budget is below the smallest coded size the grid allows; "
                      "raise --bits-per-weight or calibrate a --grid that reaches lower")
 

@@ -68,6 +68,13 @@ class Calibration:
     bias_values: dict[str, np.ndarray]  # those biases' original values
     prober: Prober | None = None  # downstream-only, threaded probes (None: whole graph); it
     # keeps its own notices (which probes run the whole graph)
+    extra_weights: tuple[Weight, ...] = ()  # the records of `extra`
+
+    @property
+    def extra_matrices(self) -> list[Weight]:
+        """The coded tensors that are not pruned and not vectors (their widths are chosen;
+        vectors get `realize.VECTOR_BITS` or more)."""
+        return [w for w in self.extra_weights if len(w.shape) >= 2]
 
     def run_with(self, values: Mapping[str, np.ndarray]) -> Callable:
         prepared = {n: self.runner.weight_value(n, a) for n, a in values.items()}
@@ -171,7 +178,9 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                                          .values()} - given)
     measure = config.measure
     proto = measurement_model(loaded, weights + extra + swapped)
-    cuts = cut_tensors(proto, [w.name for w in weights]) if measure.downstream else {}
+    probed = weights + ([w for w in extra if len(w.shape) >= 2]
+                        if config.target.bound and coding.value_bits is None else [])
+    cuts = cut_tensors(proto, [w.name for w in probed]) if measure.downstream else {}
     recorded = Prober.tensors(cuts)
     given = {v.name for v in proto.graph.output} | {v.name for v in proto.graph.input}
     runner = Runner(loaded, weights + extra + swapped, measure.device,
@@ -200,7 +209,8 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                        means={n: m.means(originals[n].shape) for n, m in moments.items()},
                        biases={n: b.name for n, b in biases.items()},
                        bias_values=read_weights(loaded, list(biases.values())),
-                       prober=Prober(runner, replay, cuts, measure.jobs, PROBE_OPTIMIZE))
+                       prober=Prober(runner, replay, cuts, measure.jobs, PROBE_OPTIMIZE),
+                       extra_weights=tuple(extra))
 
 
 def check_curves(curves: Curves, cal: Calibration) -> None:

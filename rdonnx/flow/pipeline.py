@@ -11,8 +11,10 @@ import numpy as np
 from rdonnx.allocate.allocators import ALLOCATORS, SOLVERS, Allocation
 from rdonnx.allocate.joint import (
     JOINT_VALUE_BITS,
+    Option,
     allocate_joint,
     cost_range,
+    estimate_bits,
     options_for,
     with_wide_widths,
 )
@@ -42,11 +44,12 @@ from rdonnx.flow.methods.registry import METHODS
 from rdonnx.flow.realize import Realizer, pattern_mask
 from rdonnx.flow.result import CompressResult, finish_report
 from rdonnx.flow.target import Realized, meet_budget, meet_target, predicted_rate
+from rdonnx.graph.weights import Weight
 from rdonnx.progress import Stages
 from rdonnx.report.records import RatePoint
 from rdonnx.runtime.probe import Prober
 
-JOINT_BITS = (4, 5, 6, 8)  # value widths tried when a bound picks the smallest artifact
+JOINT_BITS = (4, 5, 6, 8, 10, 12, 16)  # value widths tried when a bound picks the smallest file
 ADAPTIVE_MIN_POINTS = 9  # grids with fewer points are measured whole
 ADAPTIVE_STRIDE = 3  # the adaptive grid's first pass: every third point (and the last)
 ADAPTIVE_ROUNDS = 4  # refinements at most (each measures the points around the allocation)
@@ -233,10 +236,14 @@ def _choose(realizer: Realizer, config: CompressConfig, allocation: Allocation,
                                        with_wide_widths(curves.values[w.name]),
                                        lambda a, b, n=w.name: realizer.quantize(n, a, b))
                    for w in cal.weights}
+        if target.kind != "bits":  # the bits budget counts the prunable weights only
+            with (stages or Stages()).stage("value curves"):
+                options.update(_extra_options(realizer, quiet))
 
         def realize_budget(budget: float) -> Realized:
             choice = allocate_joint(options, budget)
-            keep = {n: int(round(o.density * sizes[n])) for n, o in choice.items()}
+            keep = {n: int(round(o.density * sizes[n])) for n, o in choice.items()
+                    if n in prunable}
             r = realizer.realize(sum(keep.values()) / sum(sizes.values()), keep,
                                  {n: o.bits for n, o in choice.items()})
             r.coded_bits = coded_bits(r)
@@ -248,8 +255,10 @@ def _choose(realizer: Realizer, config: CompressConfig, allocation: Allocation,
         except UsageError:
             if target.kind == "bits":
                 raise
-            return (*_exact_values(realizer, search, coding), curves)
-    if target.bound and free_bits:  # other allocators: one value width for all, the smallest file
+            realizer.notices.append("no joint density / value-width allocation meets the "
+                                    "bound; one value width for all tensors instead")
+    if target.bound and free_bits:  # one value width for all (other allocators, or the joint
+        # allocation missed: its predicted distortions add up differently), the smallest file
         candidates = []
         for bits in JOINT_BITS:
             try:
@@ -271,6 +280,27 @@ def _exact_values(realizer: Realizer, search: Callable, coding: Coding
     realizer.notices.append("no quantized candidate meets the bound (value widths up to 16 "
                             "bits): values are kept exact, losslessly coded")
     return search(replace(coding, values="exact"))
+
+
+def _extra_options(realizer: Realizer, quiet: bool) -> dict[str, list[Option]]:
+    """Width options (nothing pruned) of the coded matrices that are not pruned (embedding
+    tables...), from their measured Q(b), so that a bound chooses their widths with the pruned
+    weights' (fixed at 8 bits, g2p's two embedding tables alone give output nmse 0.047)."""
+    cal = realizer.cal
+    matrices = cal.extra_matrices
+
+    def variant(w: Weight, bits: int) -> dict[str, np.ndarray]:
+        array = cal.extra[w.name]
+        return {w.name: realizer.quantize(w.name, array, bits).values(array.dtype)}
+
+    measured = measure_value_curves(cal.prober, matrices, variant, JOINT_VALUE_BITS,
+                                    realizer.measure.metric, realizer.measure.channel_axis, quiet)
+    everything = {w.name: np.ones(cal.extra[w.name].shape, dtype=bool) for w in matrices}
+    return {w.name: [Option(1.0, bits, estimate_bits(cal.extra[w.name], everything[w.name], bits,
+                                                     lambda a, b, n=w.name:
+                                                     realizer.quantize(n, a, b)), q)
+                     for bits, q in with_wide_widths(measured[w.name]).items()]
+            for w in matrices}
 
 
 def _with_value_curves(realizer: Realizer, curves: Curves, quiet: bool) -> Curves:

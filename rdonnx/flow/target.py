@@ -142,13 +142,13 @@ def meet_budget(target: Target, metric: str, realize: Callable[[float], Realized
         return meets(target, metric, r, params)
 
     def probe(budget: float) -> bool:
-        budget = float(f"{budget:.6g}")
-        if budget not in seen:
+        key = float(f"{budget:.6g}")  # (rounding the budget itself could undercut the lowest)
+        if key not in seen:
             r = realize(budget)
-            seen[budget] = r
+            seen[key] = r
             points.append(RatePoint(r.rate, r.distortion.value(metric),
                                     r.distortion.top1_agreement, ok(r), r.coded_bits / params))
-        return ok(seen[budget])
+        return ok(seen[key])
 
     low, high = budgets
     if target.kind == "bits":
