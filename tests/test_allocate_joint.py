@@ -89,3 +89,14 @@ def test_options_cover_the_grid_and_widths():
                                              o.density * quantization[o.bits])
     cost = {(o.density, o.bits): o.cost for o in options}
     assert cost[(1.0, 8)] > cost[(1.0, 4)] > cost[(0.1, 4)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_lowest_budget_gives_the_cheapest_choice(seed):
+    """At exactly the smallest total cost (the joint search's first probe), rounding the costs
+    to budget steps must not make the cheapest choice look over budget."""
+    rng = np.random.default_rng(seed)
+    options = {f"w{i}": _random_options(rng, 4) for i in range(40)}
+    low, _ = cost_range(options)
+    chosen = allocate_joint(options, low)
+    assert sum(o.cost for o in chosen.values()) <= low * (1 + 1e-12)

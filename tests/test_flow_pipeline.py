@@ -608,3 +608,26 @@ def test_bias_correction_cancels_the_output_mean_shift_of_quantization(correct, 
         assert shift < 1e-4
     else:
         assert shift > 1e-2
+
+
+def test_a_bound_chooses_the_width_of_an_unpruned_table(tmp_path):
+    """An embedding table is coded, not pruned; at 8 bits it alone misses the bound. The bound
+    search chooses its width with the pruned weight's (wider than 8 bits) instead of keeping
+    every value exact."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((64, 32)).astype(np.float32)
+    weight = rng.standard_normal((32, 16)).astype(np.float32)
+    model = make_model([helper.make_node("Gather", ["table", "ids"], ["e"]),
+                        helper.make_node("MatMul", ["e", "W"], ["y"])],
+                       [vi("ids", TensorProto.INT64, ["N", 4])],
+                       [vi("y", TensorProto.FLOAT, ["N", 4, 16])],
+                       {"table": table, "W": weight})
+    calib = {"ids": rng.integers(0, 64, (64, 4)).astype(np.int64)}
+    config = FAST.updated(format="rdonnx")
+    eight = rdonnx.compress(model, rate=1.0, calib=calib, config=config.updated(value_bits=8))
+    bound = eight.report.calibration.nmse / 10
+    result = rdonnx.compress(model, max_distortion=bound, calib=calib, config=config)
+    assert not any("kept exact" in n for n in result.report.notices)
+    assert result.report.calibration.nmse <= bound
+    levels = np.abs(result.quantized["table"].q).max()
+    assert levels > 127  # wider than 8 bits

@@ -134,8 +134,11 @@ class Target:
 
     @property
     def bound(self) -> bool:
-        """Whether the rate is searched for by measuring (a distortion or agreement bound)."""
-        return self.kind in ("distortion", "agreement")
+        """Whether the rate is searched for by measuring (a distortion or agreement bound;
+        False without a target, as for `rdonnx calibrate`)."""
+        given = self._given()
+        return self.pattern is None and bool(given) and given[0][0] in ("distortion",
+                                                                          "agreement")
 
 
 @dataclass(frozen=True)
