@@ -35,7 +35,7 @@ def compress(model: ModelSource, *, rate: float | None = None, calib: DataSource
              test: DataSource = None, labels: str | None = None,
              curves: Curves | str | os.PathLike | None = None,
              config: CompressConfig | None = None, quiet: bool = True,
-             frontier: Sequence[float] = ()) -> CompressResult:
+             frontier: Sequence[float] = (), verify: DataSource = None) -> CompressResult:
     """Prune `model` to a target and measure what that costs on its outputs.
 
     Args:
@@ -53,6 +53,8 @@ def compress(model: ModelSource, *, rate: float | None = None, calib: DataSource
         config: every other setting; the arguments above override its fields.
         quiet: no progress bars.
         frontier: other rates at which to measure the same method too (for plots).
+        verify: held-out data on which every bound is checked (instead of the held-out part
+            of `calib`, `config.verify.holdout`).
     """
     config = config or CompressConfig()
     overrides = {k: v for k, v in (("method", method), ("criterion", criterion)) if v is not None}
@@ -61,15 +63,17 @@ def compress(model: ModelSource, *, rate: float | None = None, calib: DataSource
     if any(v is not None for v in targets.values()):
         overrides.update(targets)
     return pipeline.compress(model, replace(config, **overrides), calib, test, labels, curves,
-                             quiet, frontier)
+                             quiet, frontier, verify)
 
 
 def calibrate(model: ModelSource, *, calib: DataSource = None,
-              config: CompressConfig | None = None, quiet: bool = True) -> Curves:
-    """Measure per-weight R-D curves once, to reuse with `compress(..., curves=...)`."""
+              config: CompressConfig | None = None, quiet: bool = True,
+              verify: DataSource = None) -> Curves:
+    """Measure per-weight R-D curves once, to reuse with `compress(..., curves=...)` (on the
+    fit part of `calib`, split as compress splits it: give both the same holdout / verify)."""
     config = config or CompressConfig()
-    return pipeline.measure_all_curves(pipeline.calibrate_model(model, config, calib, quiet),
-                                       config, quiet)
+    return pipeline.measure_all_curves(
+        pipeline.calibrate_model(model, config, calib, quiet, verify=verify), config, quiet)
 
 
 @dataclass(frozen=True)
@@ -150,4 +154,5 @@ def evaluate(reference: ModelSource, candidate: ModelSource, data: DataSource, *
     if metric == "kl" and distortion.kl is None:
         raise UsageError("--metric kl needs an output of class scores; use nmse or cosine")
     return Evaluation.from_distortion(name, metric, distortion, result.reference_accuracy,
-                                      result.accuracies[0])
+                                      result.accuracies[0], labelled=distortion.samples
+                                      if result.reference_accuracy is not None else None)

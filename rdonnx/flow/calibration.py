@@ -38,7 +38,16 @@ from rdonnx.flow.target import Realized
 from rdonnx.graph.layers import consumer_outputs, layer_inputs, output_axes
 from rdonnx.graph.model import Model, simplify
 from rdonnx.graph.weights import Weight, find_codable, find_weights, read_weights
-from rdonnx.runtime.data import Batches, DataOptions, input_specs, make_batches, open_npz
+from rdonnx.report.records import DataReport
+from rdonnx.runtime.data import (
+    Batches,
+    DataOptions,
+    input_specs,
+    make_batches,
+    open_npz,
+    split_holdout,
+)
+from rdonnx.runtime.diagnose import describe_outputs
 from rdonnx.runtime.distortion import Distortion, is_class_scores
 from rdonnx.runtime.measure import Replay
 from rdonnx.runtime.session import Runner
@@ -47,6 +56,7 @@ ModelSource = str | os.PathLike | onnx.ModelProto | bytes
 CLIP_SCALES = (1.0, 0.9, 0.8, 0.7)  # error-compensated quantization: exact spans tried
 ORIGINAL_INPUTS_MB = 256  # sequential mode: the last layer's original inputs kept up to this
 DataSource = str | os.PathLike | Mapping[str, np.ndarray] | None
+DAMPS = (0.01, 0.1, 1.0)  # dampening tried per layer (with --damp), chosen on held-out data
 
 
 @dataclass
@@ -62,15 +72,21 @@ class Calibration:
     rankings: dict[str, Ranking]
     fingerprint: Fingerprint
     data_name: str
+    data: DataReport | None = None
+    check: Replay | None = None  # the held-out reference outputs (None: no holdout)
     inputs: dict[str, LayerInput] = field(default_factory=dict)  # where layer inputs are seen
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # coded, not pruned
     notices: list[str] = field(default_factory=list)
     importance: dict[str, np.ndarray] = field(default_factory=dict)  # E[x^2] vs each weight
     axes: dict[str, int | None] = field(default_factory=dict)  # output axis: a step each
-    _hessians: dict[str, obs.Hessian] = field(default_factory=dict)
-    _reconstructed: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
-    _original_inputs: tuple[str, list[list[np.ndarray]]] | None = None  # the last layer's
-    # original inputs per batch (sequential mode), while at most ORIGINAL_INPUTS_MB
+    # (weight, kept count): how it was reconstructed, and why an update was dropped
+    reconstruction: dict[tuple[str, int], str] = field(default_factory=dict)
+    _hessians: dict[tuple[str, bool], obs.Hessian] = field(default_factory=dict)
+    _reconstructed: dict[tuple[str, int], tuple[np.ndarray, float | None, str | None]] = \
+        field(default_factory=dict)
+    _original_inputs: dict[bool, tuple[str, list[list[np.ndarray]]]] = \
+        field(default_factory=dict)  # fit / held-out: the last layer's original inputs per
+    # batch (sequential mode), while at most ORIGINAL_INPUTS_MB
 
     def run_with(self, values: Mapping[str, np.ndarray]) -> Callable:
         prepared = {n: self.runner.weight_value(n, a) for n, a in values.items()}
@@ -78,7 +94,17 @@ class Calibration:
 
     def distortion(self, values: Mapping[str, np.ndarray], config: CompressConfig,
                    only: str | None = None) -> Distortion:
-        return self.replay.distortion(self.run_with(values), config.channel_axis, only)
+        """Distortion on the data bounds are checked on: the held-out part when there is one
+        (with per-sample terms of the metric, for its confidence bound)."""
+        replay = self.check if self.check is not None else self.replay
+        terms = config.metric if config.verify.confidence > 0 and config.target.kind == \
+            "distortion" else None
+        return replay.distortion(self.run_with(values), config.channel_axis, only, terms)
+
+    def fit_distortion(self, values: Mapping[str, np.ndarray],
+                       config: CompressConfig) -> Distortion:
+        """Distortion on the fit part (the data the curves and reconstruction saw)."""
+        return self.replay.distortion(self.run_with(values), config.channel_axis)
 
     def supports(self, name: str) -> bool:
         """Whether the weight's layer input is seen and its layout known (matrix views)."""
@@ -89,21 +115,24 @@ class Calibration:
         """Whether this weight is reconstructed."""
         return config.reconstructs and self.supports(name)
 
-    def hessian(self, name: str, earlier: Mapping[str, np.ndarray] | None = None) -> obs.Hessian:
+    def hessian(self, name: str, earlier: Mapping[str, np.ndarray] | None = None,
+                held_out: bool = False) -> obs.Hessian:
         """E[x x^T] of the weight's layer input: from the original model (cached), or with
         the `earlier` weights already compressed (sequential mode), paired with the original
-        input so that reconstruction aims at the original output (`obs.Target`)."""
+        input so that reconstruction aims at the original output (`obs.Target`). On the fit
+        part of the data, or with `held_out` on the held-out part."""
         earlier = earlier or None  # nothing compressed yet: the original inputs
-        if earlier is None and name in self._hessians:
-            return self._hessians[name]
+        key = (name, held_out)
+        if earlier is None and key in self._hessians:
+            return self._hessians[key]
         entry = self.inputs[name]
         h = obs.Hessian(entry)
         prepared = {n: self.runner.weight_value(n, a) for n, a in (earlier or {}).items()}
-        held = self._original_inputs[1] if earlier and self._original_inputs is not None \
-            and self._original_inputs[0] == name else None
+        last = self._original_inputs.get(held_out)
+        held = last[1] if earlier and last is not None and last[0] == name else None
         kept: list[list[np.ndarray]] | None = [] if earlier and held is None else None
         size = 0
-        for i, (feed, _) in enumerate(self.replay):
+        for i, (feed, _) in enumerate(self.check if held_out else self.replay):
             missing = [t for t in entry.tensors if t not in feed]
             computed = dict(zip(missing, self.runner.run(feed, prepared, outputs=missing))) \
                 if missing else {}
@@ -125,9 +154,9 @@ class Calibration:
                     h.add_pair(feed[tensor] if tensor in feed else original[tensor],
                                feed[tensor] if tensor in feed else computed[tensor])
         if earlier is None:
-            self._hessians[name] = h
+            self._hessians[key] = h
         elif kept is not None:  # sequential curves ask for the same layer many times
-            self._original_inputs = (name, kept)
+            self._original_inputs[held_out] = (name, kept)
         return h
 
     def quantize(self, name: str, array: np.ndarray, bits: int,
@@ -148,27 +177,20 @@ class Calibration:
 
     def compress_weight(self, w: Weight, keep: int, config: CompressConfig,
                         bits: int | None = None,
-                        hessian: obs.Hessian | None = None) -> tuple[np.ndarray, Quantized | None]:
+                        earlier: Mapping[str, np.ndarray] | None = None
+                        ) -> tuple[np.ndarray, Quantized | None]:
         """One weight pruned to `keep` entries (reconstructed when configured), quantized to
-        `bits` when given (with error feedback when reconstructed)."""
+        `bits` when given (with error feedback when reconstructed). `earlier`: the weights
+        before it already compressed (sequential mode)."""
         original = self.originals[w.name]
         if not self.reconstructs(w.name, config):
             patterned = config.n_m is not None and self.supports(w.name)
             mask = self.pattern_mask(w.name, config.n_m) if patterned else \
                 self.rankings[w.name].mask(keep)
-            pruned = np.where(mask, original, np.zeros((), original.dtype)).astype(
-                original.dtype, copy=False)
-            if bits is None:
-                return pruned, None
-            q = self.quantize(w.name, pruned, bits, config)
-            # a survivor never rounds to 0 (k-means never maps one to 0): N:M is kept
-            if patterned and q.codebook is None:
-                lost = mask & (q.q == 0) & (pruned != 0)
-                q.q[lost] = np.sign(pruned[lost]).astype(np.int32)
-            return q.values(original.dtype), q
-        sequential = hessian is not None
-        hessian = hessian or self.hessian(w.name)
-        options: dict = {"percdamp": config.damp}
+            return self._masked(w.name, mask, bits, config, patterned)
+        sequential = earlier is not None
+        hessian = self.hessian(w.name, earlier)
+        options: dict = {}
         n_m = config.n_m
         if config.criterion == "obs" and n_m is None:
             options["sparsity"] = 1.0 - keep / max(original.size, 1)
@@ -180,11 +202,19 @@ class Calibration:
             if n_m is not None:
                 options["n_m"] = n_m
         key = (w.name, keep)
-        exact = None if sequential else self._reconstructed.get(key)
-        if exact is None:
-            exact = obs.reconstruct_weight(original, self.inputs[w.name], hessian, **options)
+        found = None if sequential else self._reconstructed.get(key)
+        held = self.hessian(w.name, earlier, held_out=True) if self.check is not None and \
+            (found is None or bits is not None) else None
+        if found is None:
+            found = self._reconstruct(w.name, hessian, held, options, config)
             if not sequential:
-                self._reconstructed[key] = exact
+                self._reconstructed[key] = found
+        exact, damp, note = found
+        if note is not None:
+            self.reconstruction[key] = note
+        if damp is None:  # the update does not generalise: the mask alone
+            return self._masked(w.name, options.get("keep", exact != 0), bits, config,
+                                n_m is not None)
         if bits is None:
             return exact, None
         # candidate grids (`gptq_grids`) fitted to the reconstructed survivors (updates can
@@ -196,7 +226,7 @@ class Calibration:
         for grid in self.gptq_grids(w.name, exact, bits):
             step = grid.broadcast(exact.ndim)
             new = obs.reconstruct_weight(original, entry, hessian, step=step, levels=levels,
-                                         **options)
+                                         percdamp=damp, **options)
             side = grids.steps_bits(grid) / max(original.size, 1)
             error = obs.weight_error(original, new, entry, hessian) * 4.0 ** side
             if best is None or error < best[0]:
@@ -204,7 +234,58 @@ class Calibration:
         _, grid, step, new = best
         q = Quantized(np.rint(new.astype(np.float32) / step).astype(np.int32),
                       float(grid.steps[0]) if grid.axis is None else grid.steps, axis=grid.axis)
+        if held is not None:  # error feedback kept only where it generalises
+            plain = self._masked(w.name, options.get("keep", exact != 0), bits, config,
+                                 n_m is not None)
+            mine = obs.weight_error(original, q.values(original.dtype), entry, held)
+            alone = obs.weight_error(original, plain[0], entry, held)
+            if not mine < alone:
+                self.reconstruction[key] = (
+                    f"{note + '; ' if note else ''}GPTQ error feedback dropped at {bits} bits: held-out layer error "
+                    f"{mine:.3g}, plain rounding {alone:.3g}")
+                return plain
         return q.values(original.dtype), q
+
+    def _masked(self, name: str, mask: np.ndarray, bits: int | None, config: CompressConfig,
+                patterned: bool) -> tuple[np.ndarray, Quantized | None]:
+        """The weight with `mask` applied (no update), quantized to `bits` when given."""
+        original = self.originals[name]
+        pruned = np.where(mask, original, np.zeros((), original.dtype)).astype(
+            original.dtype, copy=False)
+        if bits is None:
+            return pruned, None
+        q = self.quantize(name, pruned, bits, config)
+        # a survivor never rounds to 0 (k-means never maps one to 0): N:M is kept
+        if patterned and q.codebook is None:
+            lost = mask & (q.q == 0) & (pruned != 0)
+            q.q[lost] = np.sign(pruned[lost]).astype(np.int32)
+        return q.values(original.dtype), q
+
+    def _reconstruct(self, name: str, hessian: obs.Hessian, held: obs.Hessian | None,
+                     options: dict, config: CompressConfig
+                     ) -> tuple[np.ndarray, float | None, str | None]:
+        """The reconstructed weight, its dampening and a note. Without held-out data: --damp.
+        With it: the dampening (--damp and `DAMPS`) whose update has the least layer error on
+        the held-out samples, or None (the mask alone) when no update beats the mask there."""
+        original, entry = self.originals[name], self.inputs[name]
+        if held is None:
+            return obs.reconstruct_weight(original, entry, hessian, percdamp=config.damp,
+                                          **options), config.damp, None
+        best = None
+        for damp in sorted({config.damp, *DAMPS}):
+            new = obs.reconstruct_weight(original, entry, hessian, percdamp=damp, **options)
+            error = obs.weight_error(original, new, entry, held)
+            if best is None or error < best[0]:
+                best = (error, damp, new)
+        error, damp, new = best
+        mask = options.get("keep", new != 0)
+        plain = np.where(mask, original, np.zeros((), original.dtype)).astype(original.dtype)
+        alone = obs.weight_error(original, plain, entry, held)
+        if not error < alone:
+            return new, None, (f"update dropped: held-out layer error {error:.3g} (best "
+                               f"dampening {damp:g}), mask alone {alone:.3g}")
+        return new, damp, (f"dampening {damp:g}: held-out layer error {error:.3g}, mask alone "
+                           f"{alone:.3g}")
 
     def gptq_grids(self, name: str, exact: np.ndarray, bits: int) -> list[grids.Grid]:
         """The grids error-compensated quantization tries: the exact span of each output row
@@ -259,10 +340,9 @@ class Calibration:
         quantized: dict[str, Quantized] = {}
         for w in self.weights:
             bits = widths(w.name) if callable(widths) else (widths or {}).get(w.name)
-            hessian = None
-            if config.sequential and self.reconstructs(w.name, config):
-                hessian = self.hessian(w.name, values)
-            values[w.name], q = self.compress_weight(w, keep[w.name], config, bits, hessian)
+            earlier = values if config.sequential and self.reconstructs(w.name, config) \
+                else None
+            values[w.name], q = self.compress_weight(w, keep[w.name], config, bits, earlier)
             if q is not None:
                 quantized[w.name] = q
         return values, quantized
@@ -377,8 +457,7 @@ def load_and_find(model: ModelSource, config: CompressConfig) -> tuple[Model, li
 def make_data(model: Model, source: DataSource, options: DataOptions,
               labels: str | None = None) -> tuple[Batches, str]:
     """Batches for `model` and a short name of where they come from."""
-    name = "synthetic" if source is None else (
-        "arrays" if isinstance(source, Mapping) else Path(source).name)
+    name = make_data_name(source)
     if labels and source is not None:
         if isinstance(source, Mapping):
             keys = set(source)
@@ -394,12 +473,30 @@ def make_data(model: Model, source: DataSource, options: DataOptions,
 
 
 def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSource,
-                    quiet: bool = True, consumers: bool = False) -> Calibration:
+                    quiet: bool = True, consumers: bool = False,
+                    verify: DataSource = None) -> Calibration:
     """Load, find weights, run the reference pass (outputs, layer-input moments) once.
 
-    `consumers`: also record the output of each weight's consumer (hsic compares them)."""
+    The calibration data is split (`config.verify.holdout`) into a fit part (curves,
+    statistics, reconstruction) and a held-out part (every bound check), unless `verify`
+    names separate held-out data. `consumers`: also record the output of each weight's
+    consumer (hsic compares them)."""
     loaded, weights, notices = load_and_find(model, config)
     batches, data_name = make_data(loaded, calib, config.data)
+    bounds = (config.max_distortion, config.min_agreement, config.min_score, config.max_drop)
+    if batches.synthetic and any(b is not None for b in bounds) and \
+            not config.verify.allow_synthetic:
+        raise UsageError("a bound measured on synthetic inputs says nothing about real data: "
+                         "give --calib DATA (or --allow-synthetic to measure it anyway)")
+    if verify is not None:
+        if config.verify.holdout:
+            raise UsageError("--verify DATA replaces --holdout: give one of them")
+        fit, held = batches, make_data(loaded, verify, config.data)[0]
+        how = f"--verify {make_data_name(verify)}"
+    else:
+        fit, held = split_holdout(batches, config.verify.holdout, config.data.seed)
+        how = f"{held.samples} of {batches.samples} samples of {data_name}, seeded" \
+            if held is not None else "none"
     originals = read_weights(loaded, weights)
     weights = graph_order(loaded, weights)
     kmeans = config.quantized and config.quantizer == "kmeans"
@@ -415,8 +512,10 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
     runner = Runner(loaded, weights + extra, config.device, exposed)
     if runner.device.notice:
         notices.append(runner.device.notice)
-    replay, moments, data_digest = record(runner, batches, inputs, quiet,
+    replay, moments, data_digest = record(runner, fit, inputs, quiet,
                                           config.replay_mb * 2**20)
+    check = record(runner, held, {}, quiet, config.replay_mb * 2**20)[0] \
+        if held is not None else None
     if config.metric == "kl" and not any(is_class_scores(o) for o in next(iter(replay))[1]):
         raise UsageError("--metric kl needs an output of class scores [batch, classes]; "
                          "use --metric nmse, nmse-channel or cosine")
@@ -429,10 +528,88 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                        f"{' ...' if len(plain) > 8 else ''}")
     fingerprint = Fingerprint(model_digest(loaded, originals), data_digest,
                               digest(repr(sorted(config.curve_settings().items()))))
+    data = diagnose(config, data_name, batches.synthetic, replay, check, how, moments, inputs)
+    notices.extend(data.warnings)
     return Calibration(loaded, weights, originals, runner, replay, scores,
                        {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
-                       inputs, read_weights(loaded, extra), notices,
+                       data, check, inputs, read_weights(loaded, extra), notices,
                        importance=importance, axes=output_axes(loaded, weights + extra))
+
+
+def make_data_name(source: DataSource) -> str:
+    """How a data source is named in the report."""
+    return "synthetic" if source is None else (
+        "arrays" if isinstance(source, Mapping) else Path(source).name)
+
+
+SYNTHETIC_NOTICE = ("CALIBRATION INPUTS ARE SYNTHETIC (random values from the input specs): "
+                    "the figures below say nothing about real data; give --calib DATA")
+FEW_CLASSES_SHARE = 0.9  # a class given for this share of the samples makes agreement weak
+FLAT_OUTPUT_NMSE = 1e-2  # a constant output scoring below this: the outputs barely vary
+
+
+def diagnose(config: CompressConfig, name: str, synthetic: bool, replay: Replay,
+             check: Replay | None, how: str, moments: Mapping, inputs: Mapping[str, LayerInput]
+             ) -> DataReport:
+    """What the calibration data can show: synthetic or not, how much the reference outputs
+    vary (warnings when a metric cannot discriminate), and whether the layer inputs seen
+    span the widest layer input (a rank-deficient Hessian otherwise)."""
+    report = DataReport(name, synthetic, replay.samples,
+                        check.samples if check is not None else None, how)
+    if synthetic:
+        report.warnings.append(SYNTHETIC_NOTICE)
+    report.outputs = describe_outputs(replay, config.channel_axis)
+    class_outputs = [o for o in report.outputs if o.classes is not None]
+    if class_outputs:
+        o = class_outputs[0]
+        if o.distinct_top1 == 1:
+            report.warnings.append(
+                f"top-1 agreement cannot discriminate: the original model gives class "
+                f"{o.top_class} for all {o.samples} fit samples (output entropy "
+                f"{o.entropy:.2f} of {o.max_entropy:.2f} bits)")
+        elif o.top_class_share >= FEW_CLASSES_SHARE:
+            report.warnings.append(
+                f"top-1 agreement says little: the original model gives class {o.top_class} "
+                f"for {o.top_class_share:.0%} of the fit samples ({o.distinct_top1} distinct "
+                "classes); a model that always answers it would agree as often")
+    flat = sum(o.constant_nmse for o in report.outputs)
+    if report.outputs and config.metric in ("nmse", "nmse-channel") and flat < FLAT_OUTPUT_NMSE:
+        report.warnings.append(
+            f"the reference outputs barely vary over the fit samples: a model that outputs "
+            f"their mean scores nmse {flat:.3g}, so nmse cannot tell a broken model below that")
+    cos = sum(o.constant_cosine for o in report.outputs)
+    if report.outputs and config.metric == "cosine" and cos < FLAT_OUTPUT_NMSE:
+        report.warnings.append(
+            f"the reference outputs barely vary over the fit samples: a model that outputs "
+            f"their mean scores cosine distance {cos:.3g}")
+    bound = config.max_distortion
+    if bound is not None and config.metric in ("nmse", "cosine") and report.outputs:
+        constant = flat if config.metric == "nmse" else cos
+        if bound >= constant:
+            report.warnings.append(
+                f"--max-distortion {bound:g} is met by a model that outputs the mean "
+                f"reference output ({config.metric} {constant:.3g}): the bound cannot "
+                "discriminate")
+    widths = []
+    for weight, m in moments.items():
+        if m.mean is None:
+            continue
+        entry = inputs[weight]
+        width = int(m.mean.numel()) // (entry.groups if entry.op == "Conv" else 1)
+        widths.append((weight, width, int(m.count)))
+        if m.count < width:
+            report.rank_deficient.append(weight)
+    if widths:
+        report.widest_input = max(widths, key=lambda t: t[1])
+    if report.rank_deficient and config.reconstructs:
+        w, width, columns = max(((n, wd, c) for n, wd, c in widths
+                                 if n in report.rank_deficient), key=lambda t: t[1])
+        report.warnings.append(
+            f"{len(report.rank_deficient)} layer input(s) are wider than the positions x "
+            f"samples seen (widest: {w}, {width} inputs, {columns} seen): their Hessians are "
+            "rank-deficient and reconstruction can fit the calibration samples; give more "
+            "data")
+    return report
 
 
 def measure_all_curves(cal: Calibration, config: CompressConfig, quiet: bool = True) -> Curves:

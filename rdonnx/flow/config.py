@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from rdonnx.choices import (  # plain data: importing this module (the CLI does)
     VALUES,
     DataOptions,
     PQIOptions,
+    VerifyOptions,
     check_grid,
 )
 from rdonnx.errors import UsageError
@@ -41,7 +43,8 @@ class Target:
     distortion is at most `value`; agreement: the smallest rate whose measured top-1
     agreement is at least `value`; bits: the largest rate whose coded positions + values
     take at most `value` bits per prunable weight; pattern: N of every M inputs per row,
-    `value` = (N, M).
+    `value` = (N, M); score / drop: the smallest rate whose task score (--eval) is at least
+    `value` / at most `value` below the original's.
     """
 
     kind: str
@@ -49,11 +52,12 @@ class Target:
 
     @property
     def bound(self) -> bool:
-        """Whether the rate is searched for by measuring (a distortion or agreement bound)."""
-        return self.kind in ("distortion", "agreement")
+        """Whether the rate is searched for by measuring (a distortion, agreement or score
+        bound)."""
+        return self.kind in ("distortion", "agreement", "score", "drop")
 
 
-TARGETS = ("rate", "distortion", "agreement", "bits", "pattern")
+TARGETS = ("rate", "distortion", "agreement", "bits", "pattern", "score", "drop")
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,12 @@ class CompressConfig:
     bits_per_weight: float | None = option(  # coded bits per prunable weight, positions + values
         None, "Instead of --rate: the largest rate whose coded positions + values take at most "
         "B bits per prunable weight.", value_type=float)
+    min_score: float | None = option(
+        None, "Instead of --rate: the smallest rate whose task score (--eval) on the held-out "
+        "data is at least S.", value_type=float)
+    max_drop: float | None = option(
+        None, "Instead of --rate: the smallest rate whose task score (--eval) on the held-out "
+        "data is at most D below the original model's.", value_type=float)
     method: str = option(
         "rd", "How the densities are chosen: one of the methods listed below.",
         choices=METHODS)
@@ -170,11 +180,28 @@ class CompressConfig:
         None, "hsic: importance exp(-beta * s_i) [default: 10 * number of layers].",
         value_type=float)
     data: DataOptions = field(default_factory=DataOptions)
+    verify: VerifyOptions = field(default_factory=VerifyOptions)
     version: int = CONFIG_VERSION
 
     def check(self) -> None:
+        for name in ("rate", "max_distortion", "min_agreement", "bits_per_weight", "min_score",
+                     "max_drop", "value_budget", "damp", "pqi_p", "pqi_q", "pqi_eta",
+                     "pqi_gamma", "hsic_beta"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got "
+                                 f"{value}")
+        if self.min_params < 1:
+            raise UsageError(f"--min-params must be >= 1, got {self.min_params}")
+        self.verify.check()
+        if (self.min_score is not None or self.max_drop is not None) and not self.verify.eval:
+            raise UsageError("--min-score and --max-drop need --eval MODULE:FUNCTION (the task "
+                             "metric they bound)")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise UsageError(f"--max-drop must be >= 0, got {self.max_drop}")
         targets = [t for t in (self.rate, self.max_distortion, self.min_agreement,
-                               self.bits_per_weight) if t is not None]
+                               self.bits_per_weight, self.min_score, self.max_drop)
+                   if t is not None]
         if self.pattern is not None:
             if targets:
                 raise UsageError("--pattern N:M fixes the density; drop --rate and the other "
@@ -182,7 +209,7 @@ class CompressConfig:
             self.n_m  # noqa: B018 - validates the pattern
         elif len(targets) != 1:
             raise UsageError("give exactly one target: --rate, --max-distortion, "
-                             "--min-agreement or --bits-per-weight")
+                             "--min-agreement, --bits-per-weight, --min-score or --max-drop")
         if not 0 <= self.damp < 10:
             raise UsageError(f"--damp must be in [0, 10), got {self.damp}")
         if self.bits_per_weight is not None and self.bits_per_weight <= 0:
@@ -271,7 +298,8 @@ class CompressConfig:
         if self.pattern is not None:
             return Target("pattern", self.n_m)
         for kind, value in (("rate", self.rate), ("distortion", self.max_distortion),
-                            ("agreement", self.min_agreement), ("bits", self.bits_per_weight)):
+                            ("agreement", self.min_agreement), ("bits", self.bits_per_weight),
+                            ("score", self.min_score), ("drop", self.max_drop)):
             if value is not None:
                 return Target(kind, value)
         raise UsageError("give exactly one target: --rate, --max-distortion, --min-agreement "
@@ -300,6 +328,7 @@ class CompressConfig:
         settings = asdict(self)
         settings["data"] = {k: (dict(v) if isinstance(v, dict) or hasattr(v, "items") else v)
                             for k, v in settings["data"].items()}
+        settings["verify"] = dict(settings["verify"])
         return settings
 
 

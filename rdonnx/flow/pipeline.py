@@ -31,7 +31,8 @@ from rdonnx.flow.config import CompressConfig
 from rdonnx.flow.curves import Curves, check_grid, measure_value_curves
 from rdonnx.flow.methods.registry import METHODS
 from rdonnx.flow.result import CompressResult, finish_report
-from rdonnx.flow.target import Realized, meet_budget, meet_target
+from rdonnx.flow.score import Scorer, load_callable
+from rdonnx.flow.target import Check, Realized, check_supported, meet_budget, meet_target
 from rdonnx.report.records import RatePoint
 
 JOINT_BITS = (4, 5, 6, 8)  # value widths tried when a bound picks the smallest artifact
@@ -40,10 +41,11 @@ JOINT_BITS = (4, 5, 6, 8)  # value widths tried when a bound picks the smallest 
 def compress(model: ModelSource, config: CompressConfig, calib: DataSource = None,
              test: DataSource = None, labels: str | None = None,
              curves: Curves | str | os.PathLike | None = None, quiet: bool = True,
-             frontier: Sequence[float] = ()) -> CompressResult:
+             frontier: Sequence[float] = (), verify: DataSource = None) -> CompressResult:
     """Prune `model` to the configured target and measure what that costs.
 
     `frontier` lists other rates at which the same method is measured too (for plots).
+    `verify`: held-out data for every bound check (instead of a part of `calib`).
     """
     method = METHODS[config.method] if config.method in METHODS else None
     if method is not None and method.settings is not None:
@@ -51,11 +53,24 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
     config.check()  # unknown methods are refused here
     if labels and test is None:
         raise UsageError("labels need test data (--test DATA --labels KEY)")
-    cal = calibrate_model(model, config, calib, quiet, consumers=method.consumers)
+    target = config.target
+    function = load_callable(config.verify.eval) if config.verify.eval else None
+    if method.run is not None and target.kind in ("score", "drop"):
+        raise UsageError(f"--method {config.method} does not search on --eval scores; use "
+                         "--max-distortion or another method")
+    cal = calibrate_model(model, config, calib, quiet, consumers=method.consumers,
+                          verify=verify)
+    checked = cal.check if cal.check is not None else cal.replay
+    check_supported(target, config.verify.confidence, checked.samples)
     test_data = make_data(cal.model, test, config.data, labels) if test is not None else None
+    check = Check(config.metric, config.verify.confidence)
+    if function is not None:
+        scorer = Scorer(function, config.verify.eval, cal.model, [f for f, _ in checked],
+                        cal.runner.device.provider)
+        check = Check(config.metric, config.verify.confidence,
+                      lambda r: scorer(r.values), scorer(cal.originals))
     if method.run is not None:
         return method.run(cal, config, test_data, labels, quiet)
-    target = config.target
     need_curves = (method.curves or target.kind == "distortion") and target.kind != "pattern"
     if curves is not None:
         curves = curves if isinstance(curves, Curves) else Curves.load(curves)
@@ -70,20 +85,21 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
     allocator = SOLVERS[config.solver] if method.allocator == "rd" else \
         ALLOCATORS[method.allocator]
     chosen, steps, curves = _choose(cal, config, allocation, allocator, curves, quiet,
-                                    joint=method.allocator == "rd")
+                                    check, joint=method.allocator == "rd")
     lowest = min(check_grid(config.grid)) if curves is not None else 0.0
     points = []
     for rate in (r for r in frontier if r >= lowest):
         d = cal.realize(rate, allocator(allocation, rate), config).distortion
         points.append(RatePoint(rate, d.value(config.metric), d.top1_agreement))
-    report = finish_report(cal, config, chosen, curves, allocation, test_data, labels, quiet)
+    report = finish_report(cal, config, chosen, curves, allocation, test_data, labels, quiet,
+                           check)
     report.search, report.frontier = steps, points
     return CompressResult(cal.model, chosen.values, chosen.quantized, report, curves,
                           chosen.pruned)
 
 
 def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
-            allocator: Callable, curves: Curves | None, quiet: bool,
+            allocator: Callable, curves: Curves | None, quiet: bool, check: Check,
             joint: bool) -> tuple[Realized, list[RatePoint], Curves | None]:
     """The realized candidate for the target, the probes measured on the way, and the curves
     (with value curves added when the joint allocation needed them). `joint`: a bound or bits
@@ -98,7 +114,7 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
         def realize(rate: float) -> Realized:
             return cal.realize(rate, allocator(allocation, rate), run_config)
 
-        return meet_target(run_config.target, run_config.metric, realize, allocation, allocator,
+        return meet_target(run_config.target, check, realize, allocation, allocator,
                            min(check_grid(config.grid)), curves is not None, coded_bits)
 
     target = config.target
@@ -124,7 +140,7 @@ def _choose(cal: Calibration, config: CompressConfig, allocation: Allocation,
             return r
 
         try:
-            return (*meet_budget(config.target, config.metric, realize_budget,
+            return (*meet_budget(config.target, check, realize_budget,
                                  cost_range(options), sum(sizes.values())), curves)
         except UsageError:
             if target.kind == "bits":

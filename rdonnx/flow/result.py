@@ -23,9 +23,9 @@ from rdonnx.flow.calibration import (
 )
 from rdonnx.flow.config import FORMATS, CompressConfig
 from rdonnx.flow.curves import Curves
-from rdonnx.flow.target import Realized
+from rdonnx.flow.target import Check, Realized
 from rdonnx.graph.model import Model, check_output, iter_graphs, write_model
-from rdonnx.report.records import Evaluation, Report, WeightReport
+from rdonnx.report.records import BoundCheck, Evaluation, Report, WeightReport
 from rdonnx.runtime.measure import measure
 from rdonnx.runtime.session import max_runtime_ir_version
 from rdonnx.version import __version__
@@ -96,22 +96,50 @@ class CompressResult:
 def finish_report(cal: Calibration, config: CompressConfig, chosen: Realized,
                   curves: Curves | None, allocation: Allocation,
                   test_data: tuple[object, str] | None, labels: str | None,
-                  quiet: bool) -> Report:
-    """The report of the chosen candidate: each weight's distortion alone (when configured)
-    and the test evaluation (with test data) measured now; search and frontier are the
-    caller's."""
+                  quiet: bool, check: Check | None = None) -> Report:
+    """The report of the chosen candidate: each weight's distortion alone (when configured),
+    its figures on the fit and held-out parts, the final check of a bound, and the test
+    evaluation (with test data) measured now; search and frontier are the caller's."""
+    check = check or Check(config.metric, config.verify.confidence)
     layer = [None] * len(cal.weights)
     if config.layer_distortion:
         layer = [cal.distortion({w.name: chosen.pruned[w.name]}, config, config.metric)
                  .value(config.metric) for w in cal.weights]
     report = _report(cal, config, chosen, curves, allocation, layer)
+    confidence = config.verify.confidence
+    if cal.check is not None:
+        report.calibration = Evaluation.from_distortion(
+            f"calibration, fit part ({cal.data_name})", config.metric,
+            cal.fit_distortion(chosen.values, config), confidence=confidence)
+        report.holdout = Evaluation.from_distortion(
+            f"held-out ({cal.data.holdout if cal.data else cal.data_name})", config.metric,
+            chosen.distortion, confidence=confidence)
+    target = config.target
+    if target.bound:
+        limit = check.limit(target, chosen)
+        measured = chosen.score if target.kind in ("score", "drop") else \
+            chosen.distortion.value(config.metric) if target.kind == "distortion" else \
+            chosen.distortion.top1_agreement
+        met = limit <= target.value if target.kind == "distortion" else \
+            check.reference_score - limit <= target.value if target.kind == "drop" else \
+            limit >= target.value
+        names = {"distortion": "max_distortion", "agreement": "min_agreement",
+                 "score": "min_score", "drop": "max_drop"}
+        report.check = BoundCheck(
+            names[target.kind], float(target.value),
+            "held-out" if cal.check is not None else "calibration", chosen.distortion.samples,
+            float(measured), float(limit), confidence, bool(met), check.reference_score)
+    elif check.score is not None:  # a rate with --eval: the score of the result too
+        report.score, report.reference_score = check.score(chosen), check.reference_score
     if test_data is not None:
         data, name = test_data
         result = measure(cal.runner.run, [cal.run_with(chosen.values)], data, labels, "test",
                          quiet, config.channel_axis)
-        report.test = Evaluation.from_distortion(f"test ({name})", config.metric,
-                                                 result.distortions[0],
-                                                 result.reference_accuracy, result.accuracies[0])
+        d = result.distortions[0]
+        report.test = Evaluation.from_distortion(
+            f"test ({name})", config.metric, d, result.reference_accuracy,
+            result.accuracies[0], confidence,
+            d.samples if result.reference_accuracy is not None else None)
     return report
 
 
@@ -125,7 +153,8 @@ def _report(cal: Calibration, config: CompressConfig, chosen: Realized, curves: 
         "obs" if cal.reconstructs(w.name, config) and config.criterion == "obs"
         else cal.scores[w.name].criterion,
         list(curves.distortion[w.name]) if curves else None,
-        value_bits=chosen.widths.get(w.name))
+        value_bits=chosen.widths.get(w.name),
+        reconstruction=cal.reconstruction.get((w.name, keep[w.name])))
         for w, d in zip(cal.weights, layer)]
     total = sum(w.size for w in cal.weights)
     return Report(
@@ -136,7 +165,9 @@ def _report(cal: Calibration, config: CompressConfig, chosen: Realized, curves: 
         params_total=total, params_kept=sum(keep.values()),
         input_bytes=_source_bytes(cal.model),
         calibration=Evaluation.from_distortion(f"calibration ({cal.data_name})", config.metric,
-                                               chosen.distortion),
+                                               chosen.distortion,
+                                               confidence=config.verify.confidence),
+        data=cal.data,
         value_bits=_common(chosen.widths.get(w.name) for w in cal.weights),
         predicted_distortion=predicted(allocation, keep) if curves else None,
         grid=list(curves.grid) if curves else None, weights=weights,

@@ -64,9 +64,11 @@ class Replay:
         self._bytes = 0
         self._folder: tempfile.TemporaryDirectory | None = None
         self._energy: list[list[float]] = []  # per batch: sum of squares of each float output
+        self._rows: list[int] = []  # per batch: samples
 
     def append(self, feed: Feed, outputs: list[np.ndarray]) -> None:
         self._energy.append(energy_of(outputs))
+        self._rows.append(max((a.shape[0] if a.ndim else 1 for a in feed.values()), default=1))
         size = sum(a.nbytes for a in feed.values()) + sum(np.asarray(o).nbytes for o in outputs)
         if self._bytes + size <= self.budget:
             self._held.append((feed, [np.asarray(o) for o in outputs]))
@@ -93,10 +95,16 @@ class Replay:
     def __len__(self) -> int:
         return len(self._held)
 
+    @property
+    def samples(self) -> int:
+        """Samples recorded (rows along axis 0 of the feeds; a scalar feed counts one)."""
+        return sum(self._rows)
+
     def distortion(self, run: Predict, channel_axis: int = 1,
-                   only: str | None = None) -> Distortion:
-        """Distortion of `run`'s outputs against the recorded ones (`only` one metric)."""
-        meter = DistortionMeter(channel_axis, only)
+                   only: str | None = None, terms: str | None = None) -> Distortion:
+        """Distortion of `run`'s outputs against the recorded ones (`only` one metric; `terms`:
+        keep per-sample sums of that metric, for its confidence bound)."""
+        meter = DistortionMeter(channel_axis, only, terms)
         for (feed, expected), energy in zip(self, self._energy):
             meter.add(expected, run(feed), energy)
         return meter.result()
