@@ -16,10 +16,13 @@ from rdonnx.algo.kmeans import kmeans_quantize, weighted_error
 from rdonnx.artifact.format import FormatError, read_artifact
 from rdonnx.artifact.parallel import decode_all
 from rdonnx.artifact.sizes import stream_bits
+from rdonnx.choices import VerifyOptions
 from rdonnx.flow.calibration import calibrate_model
 
 GRID = (1.0, 0.5, 0.2, 0.1, 0.05)
-CONFIG = rdonnx.CompressConfig(layer_distortion=False, grid=GRID)
+# all 32 calibration samples fit and check (the held-out part: tests/test_flow_verify.py)
+CONFIG = rdonnx.CompressConfig(layer_distortion=False, grid=GRID,
+                               verify=VerifyOptions(holdout=0.0))
 FAST_CLI = ["--no-layer-distortion", "--grid", ",".join(map(str, GRID)), "--quiet"]
 
 

@@ -19,11 +19,15 @@ from onnx import TensorProto, helper, numpy_helper
 import rdonnx
 from rdonnx import CompressConfig, DataOptions, UsageError
 from rdonnx.allocate.allocators import Allocation, Curve, predicted, rd, rd_dp, uniform
+from rdonnx.choices import VerifyOptions
 from rdonnx.cli import main
 
 GRID = (1.0, 0.5, 0.2, 0.1, 0.05)
 GRID_TEXT = "1,0.5,0.2,0.1,0.05"
-FAST = CompressConfig(grid=GRID, layer_distortion=False, format="dense")
+# these tests check the search and its figures on all the calibration data (no holdout, bounds
+# checked as measured); tests/test_flow_verify.py checks the held-out part and the confidence
+ALL_DATA = VerifyOptions(holdout=0.0, confidence=0.0)
+FAST = CompressConfig(grid=GRID, layer_distortion=False, format="dense", verify=ALL_DATA)
 DIGITS_MLP = BUNDLED / "digits_mlp.onnx"
 DIGITS_CALIB = BUNDLED / "digits_calib.npz"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -307,7 +311,7 @@ def test_predicted_distortion_is_the_sum_of_the_curves_and_calibration_is_measur
 # Targets: --max-distortion and --min-agreement, measured on the saved model
 
 TARGET_CONFIG = CompressConfig(layer_distortion=False, grid=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05),
-                               format="dense")
+                               format="dense", verify=ALL_DATA)
 
 
 @pytest.mark.parametrize("method", ["rd", "uniform"])

@@ -31,13 +31,16 @@ from rdonnx.algo.obs import Hessian, supports, to_matrices, weight_error
 from rdonnx.algo.quantize import row_view
 from rdonnx.artifact.format import read_artifact
 from rdonnx.artifact.parallel import decode_all
+from rdonnx.choices import VerifyOptions
 from rdonnx.flow.calibration import Calibration, calibrate_model
 
 GRID = (1.0, 0.5, 0.2, 0.1)
 SAMPLES = 64  # calibration samples (the bundled models have 256; the fixtures 32)
 DATA = DataOptions(samples=SAMPLES)
+# the reconstruction itself, on the data it fits: no holdout here (tests/test_flow_verify.py
+# checks what the held-out part changes)
 FAST = ["--no-layer-distortion", "--grid", ",".join(map(str, GRID)),
-        "--calib-samples", str(SAMPLES), "-q"]
+        "--calib-samples", str(SAMPLES), "-q", "--holdout", "0"]
 
 # mode -> (CLI flags, CompressConfig fields); every mode prunes with method uniform (no curves)
 MODES: dict[str, tuple[list[str], dict]] = {
@@ -57,7 +60,7 @@ MODES: dict[str, tuple[list[str], dict]] = {
 def config(**fields) -> CompressConfig:
     """Small grid, no per-layer passes, 64 samples; dense exact values unless told."""
     base = {"grid": GRID, "layer_distortion": False, "data": DATA, "method": "uniform",
-            "format": "dense"}
+            "format": "dense", "verify": VerifyOptions(holdout=0.0)}
     return CompressConfig(**{**base, **fields})
 
 

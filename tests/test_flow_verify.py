@@ -145,13 +145,14 @@ def test_verify_data_is_the_held_out_part(tmp_path):
     assert "--verify verify.npz" in r.data.holdout
 
 
-def test_agreement_bound_the_samples_cannot_show_is_refused(capsys):
+def test_agreement_bound_the_samples_cannot_show_is_refused(capsys, tmp_path):
     # 64 held-out samples: even 64 of 64 only show 95.4% at 95% confidence; 99% needs 299
     with pytest.raises(UsageError, match="needs at least 299"):
         rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, min_agreement=0.99, config=FAST)
     code, _, err = cli(capsys, "compress", DIGITS_MLP, "--min-agreement", "0.99", "--calib",
-                       DIGITS_CALIB, "-o", Path("/nonexistent-dir") / "x.onnx")
-    assert code == 2
+                       DIGITS_CALIB, "-o", tmp_path / "x.onnx")
+    assert code == 2 and "needs at least 299" in one_error_line(err)
+    assert not (tmp_path / "x.onnx").exists()
     # lowering the confidence is the user's choice, and then it runs
     config = replace(FAST, method="uniform", verify=VerifyOptions(confidence=0.0))
     r = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, min_agreement=0.99, config=config)
@@ -170,14 +171,14 @@ def test_agreement_bound_uses_the_lower_confidence_bound():
 # Diagnostics
 
 
-def test_synthetic_data_gets_a_notice_and_bounds_are_refused(capsys):
+def test_synthetic_data_gets_a_notice_and_bounds_are_refused(capsys, tmp_path):
     r = rdonnx.compress(DIGITS_MLP, rate=0.5, config=FAST).report
     assert r.data.synthetic
     assert any("SYNTHETIC" in n for n in r.notices)
     with pytest.raises(UsageError, match="synthetic"):
         rdonnx.compress(DIGITS_MLP, max_distortion=0.1, config=FAST)
     code, _, err = cli(capsys, "compress", DIGITS_MLP, "--max-distortion", "0.1", "-o",
-                       "/nonexistent-dir/x.onnx")
+                       tmp_path / "x.onnx")
     assert code == 2 and "synthetic" in one_error_line(err)
     allowed = replace(FAST, method="uniform", verify=VerifyOptions(allow_synthetic=True))
     assert rdonnx.compress(DIGITS_MLP, max_distortion=0.1, config=allowed).report.data.synthetic

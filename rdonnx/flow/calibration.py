@@ -241,8 +241,8 @@ class Calibration:
             alone = obs.weight_error(original, plain[0], entry, held)
             if not mine < alone:
                 self.reconstruction[key] = (
-                    f"{note + '; ' if note else ''}GPTQ error feedback dropped at {bits} bits: held-out layer error "
-                    f"{mine:.3g}, plain rounding {alone:.3g}")
+                    f"{note + '; ' if note else ''}GPTQ error feedback dropped at {bits} "
+                    f"bits: held-out layer error {mine:.3g}, plain rounding {alone:.3g}")
                 return plain
         return q.values(original.dtype), q
 

@@ -34,6 +34,7 @@ from rdonnx.flow.result import CompressResult, finish_report
 from rdonnx.flow.score import Scorer, load_callable
 from rdonnx.flow.target import Check, Realized, check_supported, meet_budget, meet_target
 from rdonnx.report.records import RatePoint
+from rdonnx.runtime.distortion import is_class_scores
 
 JOINT_BITS = (4, 5, 6, 8)  # value widths tried when a bound picks the smallest artifact
 
@@ -61,7 +62,8 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
     cal = calibrate_model(model, config, calib, quiet, consumers=method.consumers,
                           verify=verify)
     checked = cal.check if cal.check is not None else cal.replay
-    check_supported(target, config.verify.confidence, checked.samples)
+    if any(is_class_scores(o) for o in next(iter(checked))[1]):  # else: refused when measured
+        check_supported(target, config.verify.confidence, checked.samples)
     test_data = make_data(cal.model, test, config.data, labels) if test is not None else None
     check = Check(config.metric, config.verify.confidence)
     if function is not None:

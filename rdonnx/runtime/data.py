@@ -296,11 +296,15 @@ def split_holdout(batches: CheckedBatches, fraction: float | None, seed: int
     source = batches.source
     fixed = isinstance(source, SampleBatches) and source.fixed
     units = len(source) if fixed or isinstance(source, SyntheticBatches) else source.samples
-    if fraction is None:
-        fraction = AUTO_HOLDOUT if batches.samples >= AUTO_HOLDOUT_MIN else 0.0
+    auto = fraction is None
+    if auto:  # synthetic inputs say nothing about real data: nothing to hold out for
+        fraction = AUTO_HOLDOUT if batches.samples >= AUTO_HOLDOUT_MIN and \
+            not batches.synthetic else 0.0
     if fraction <= 0:
         return batches, None
     held = int(round(units * fraction))
+    if auto and (held < 1 or held >= units):  # whole fixed-size batches: too few to split
+        return batches, None
     if held < 1 or held >= units:
         raise UsageError(f"--holdout {fraction:g} of {batches.samples} sample(s) leaves one part "
                          "empty; give more data, --holdout 0 or --verify DATA")
@@ -378,8 +382,9 @@ def _synthetic(specs: Sequence[InputSpec], options: DataOptions) -> SyntheticBat
     size = sum(math.prod(shapes[s.name]) * s.dtype.itemsize for s in specs)
     if size > _memory_bytes() // 2:
         given = ", ".join(f"{s.name}=" + "x".join(map(str, shapes[s.name])) for s in specs)
-        raise UsageError(f"synthetic inputs {given} would take {size / 2**30:.1f} GiB per batch, more than half of this "
-                         "machine's memory; give a smaller --input-shape or --batch-size")
+        raise UsageError(f"synthetic inputs {given} would take {size / 2**30:.1f} GiB per "
+                         "batch, more than half of this machine's memory; give a smaller "
+                         "--input-shape or --batch-size")
     per_batch = max((s[0] for s in shapes.values() if s), default=1)
     samples = options.samples or DEFAULT_SYNTHETIC_SAMPLES
     return SyntheticBatches(shapes, {s.name: s.dtype for s in specs}, dict(options.ranges),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rdonnx.runtime.distortion import log_probs, is_class_scores
+from rdonnx.runtime.distortion import is_class_scores, log_probs
 
 FLAT_CHANNEL = 1e-6  # a channel whose variance over samples is below this share of the mean
 # channel energy is flat

@@ -19,7 +19,7 @@ from rdonnx.errors import UsageError
 from rdonnx.flow.calibration import calibrate_model
 from rdonnx.flow.config import DEFAULTS, CompressConfig
 from rdonnx.flow.result import CompressResult, finish_report
-from rdonnx.flow.target import Realized, meets
+from rdonnx.flow.target import Check, Realized, meets
 from rdonnx.graph.model import check_output
 from rdonnx.report.records import RatePoint
 from rdonnx.version import __version__
@@ -61,7 +61,8 @@ def compress_surp(cal, config, test_data, labels: str | None, quiet: bool):
             def ok(steps: int, prefixes: Prefixes = prefixes):
                 d = measured(prefixes.values(steps))
                 r = Realized(prefixes.nnz(steps) / total, {}, {}, {}, {}, {}, d)
-                passed = meets(target, config.metric, r, total)
+                passed = meets(target, Check(config.metric, config.verify.confidence), r,
+                               total)
                 return passed, (d, prefixes.bits(steps), prefixes.nnz(steps), passed)
 
             try:
