@@ -272,6 +272,10 @@ def agreement(session, data):
         total += len(mine)
     return same / total
 
+def agreement_pair(session, data):
+    share = agreement(session, data)
+    return share, sum(len(f["input"]) for f in data)
+
 def broken(session, data):
     raise RuntimeError("no")
 
@@ -301,6 +305,19 @@ def test_eval_drives_a_min_score_search(eval_file, tmp_path):
     drop = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, config=replace(config,
                            max_drop=0.1)).report
     assert drop.check.target == "max_drop" and 1.0 - drop.check.measured <= 0.1
+
+
+def test_eval_share_of_samples_is_checked_on_its_lower_bound(eval_file):
+    from rdonnx.runtime.confidence import agreement_lower
+
+    config = replace(FAST, method="uniform", min_score=0.9,
+                     verify=VerifyOptions(eval=f"{eval_file}:agreement_pair"))
+    r = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, config=config).report
+    k = r.check
+    assert k.samples == 64 and k.met
+    assert k.limit == pytest.approx(agreement_lower(round(k.measured * 64), 64, 0.95))
+    assert k.limit < k.measured or k.measured == 1.0
+    assert all(s.meets == (s.limit >= 0.9) for s in r.search)
 
 
 def test_eval_with_a_rate_reports_the_score(eval_file, capsys, tmp_path):

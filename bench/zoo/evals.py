@@ -4,9 +4,11 @@
         --eval bench.zoo.evals:g2p_word_agreement --min-score 0.99
 
 Each is called as f(session, data): `session` an onnxruntime.InferenceSession of the candidate,
-`data` the held-out feeds (a list of dicts of arrays). The original model's answers on the same
-feeds are computed once (the model is found in the zoo cache, `bench.zoo.common.cache_dir`) and
-kept by the feeds' digest, so every probe of a search costs one run of the candidate.
+`data` the held-out feeds (a list of dicts of arrays). Agreements are returned as (share,
+samples), so rdonnx checks them on their lower confidence bound. The original model's answers
+on the same feeds are computed once (the model is found in the zoo cache,
+`bench.zoo.common.cache_dir`) and kept by the feeds' digest, so every probe of a search costs
+one run of the candidate.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ def _reference(model: str, data: Sequence[dict]) -> list[np.ndarray]:
     return _REFERENCE[key]
 
 
-def _against_original(model: str, score: Callable[[list[np.ndarray], list[np.ndarray]], float]
-                      ) -> Callable:
-    def evaluate(session, data) -> float:
-        return score(_reference(model, data), _run(session, data))
+def _against_original(model: str, score: Callable[[list[np.ndarray], list[np.ndarray]], float],
+                      share: bool) -> Callable:
+    def evaluate(session, data) -> float | tuple[float, int]:
+        ref = _reference(model, data)
+        value = score(ref, _run(session, data))
+        return (value, len(ref[0])) if share else value
 
     evaluate.__doc__ = f"{model}: {score.__doc__}"
     return evaluate
@@ -71,6 +75,6 @@ def _cosine(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
     return float(cosine_rows(ref[0], cand[0]).mean())
 
 
-g2p_word_agreement = _against_original("g2p", _words)
-efficientnet_top1 = _against_original("efficientnet", _top1)
-minilm_cosine = _against_original("minilm", _cosine)
+g2p_word_agreement = _against_original("g2p", _words, share=True)
+efficientnet_top1 = _against_original("efficientnet", _top1, share=True)
+minilm_cosine = _against_original("minilm", _cosine, share=False)

@@ -70,7 +70,7 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
         scorer = Scorer(function, config.verify.eval, cal.model, [f for f, _ in checked],
                         cal.runner.device.provider)
         check = Check(config.metric, config.verify.confidence,
-                      lambda r: scorer(r.values), scorer(cal.originals))
+                      lambda r: scorer(r.values), scorer(cal.originals)[0])
     if method.run is not None:
         return method.run(cal, config, test_data, labels, quiet)
     need_curves = (method.curves or target.kind == "distortion") and target.kind != "pattern"

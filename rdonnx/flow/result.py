@@ -130,7 +130,7 @@ def finish_report(cal: Calibration, config: CompressConfig, chosen: Realized,
             "held-out" if cal.check is not None else "calibration", chosen.distortion.samples,
             float(measured), float(limit), confidence, bool(met), check.reference_score)
     elif check.score is not None:  # a rate with --eval: the score of the result too
-        report.score, report.reference_score = check.score(chosen), check.reference_score
+        report.score, report.reference_score = check.score(chosen)[0], check.reference_score
     if test_data is not None:
         data, name = test_data
         result = measure(cal.runner.run, [cal.run_with(chosen.values)], data, labels, "test",

@@ -3,7 +3,9 @@
 The callable is called as `f(session, data)`: `session` an `onnxruntime.InferenceSession` of
 the candidate (the original model with some weights replaced), `data` the held-out feeds, a
 list of dicts of arrays keyed by input name (one per batch). It returns a score, higher is
-better (return the negative of an error rate). `--min-score S` / `--max-drop D` make the bound
+better (return the negative of an error rate), or a pair (share, samples) for a share of
+samples in [0, 1] (an agreement, an accuracy): that one is checked on its Clopper-Pearson lower
+confidence bound. `--min-score S` / `--max-drop D` make the bound
 searches look for the smallest rate whose score is at least S / at most D below the original's.
 """
 
@@ -68,7 +70,9 @@ class Scorer:
     data: Sequence[Feed]
     provider: str = CPU
 
-    def __call__(self, values: Mapping[str, np.ndarray]) -> float:
+    def __call__(self, values: Mapping[str, np.ndarray]) -> tuple[float, int | None]:
+        """The score of the model with `values`, and the samples it is a share of (None: a
+        plain score)."""
         ort = import_onnxruntime()
         with tempfile.TemporaryDirectory(prefix="rdonnx-eval-") as tmp:
             path = Path(tmp) / "candidate.onnx"
@@ -80,6 +84,15 @@ class Scorer:
             except Exception as exc:  # noqa: BLE001 - the user's function
                 raise UsageError(f"--eval {self.spec}: the function raised "
                                  f"{type(exc).__name__}: {exc}") from None
+        samples = None
+        if isinstance(score, tuple) and len(score) == 2:
+            score, samples = score
+            if not isinstance(samples, (int, np.integer)) or samples < 1 or \
+                    not 0 <= float(score) <= 1:
+                raise UsageError(f"--eval {self.spec}: a (share, samples) pair needs a share in "
+                                 f"[0, 1] and a positive sample count, got ({score!r}, "
+                                 f"{samples!r})")
+            samples = int(samples)
         try:
             score = float(score)
         except (TypeError, ValueError):
@@ -87,4 +100,4 @@ class Scorer:
                              "number") from None
         if not math.isfinite(score):
             raise UsageError(f"--eval {self.spec}: the function returned {score}")
-        return score
+        return score, samples

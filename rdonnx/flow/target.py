@@ -31,6 +31,7 @@ class Realized:
     distortion: Distortion
     coded_bits: float | None = None  # positions + values bits of the prunable weights
     score: float | None = None  # the task score (--eval), when a score target asks for it
+    score_samples: int | None = None  # the samples a share-of-samples score rests on
 
 
 Realize = Callable[[float], Realized]
@@ -43,7 +44,8 @@ class Check:
 
     metric: str
     confidence: float = 0.0
-    score: Callable[[Realized], float] | None = None  # the --eval score of a candidate
+    score: Callable[[Realized], tuple[float, int | None]] | None = None  # --eval: score and
+    # the samples a share-of-samples score rests on
     reference_score: float | None = None  # the original model's
 
     def limit(self, target: Target, r: Realized) -> float | None:
@@ -58,8 +60,11 @@ class Check:
             return r.distortion.agreement_lower(self.confidence)
         if target.kind in ("score", "drop"):
             if r.score is None:
-                r.score = self.score(r)
-            return r.score
+                r.score, r.score_samples = self.score(r)
+            if r.score_samples is None:
+                return r.score
+            n = r.score_samples
+            return agreement_lower(int(round(r.score * n)), n, self.confidence)
         return None
 
 
@@ -116,7 +121,13 @@ def meet_target(target: Target, check: Check, realize: Realize, allocation: Allo
         lo, hi = _bracket(probe, guess, low, grow=True)
         best = min((r for r, v in seen.items() if ok(v)), default=None)
     if best is None:
-        raise UsageError("no rate meets the target, not even keeping every weight"
+        full = seen.get(1.0)
+        shown = ""
+        if full is not None and full.score_samples is not None:
+            shown = (f" (the score is a share of {full.score_samples} samples: at "
+                     f"--confidence {check.confidence:g} they show at most "
+                     f"{check.limit(target, full):.4g}; give more data or lower it)")
+        raise UsageError("no rate meets the target, not even keeping every weight" + shown
                          if target.kind != "bits" else
                          "no rate fits the --bits-per-weight budget; raise it")
     result = seen[best]

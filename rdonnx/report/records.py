@@ -280,7 +280,7 @@ def render(report: Report) -> str:
         parts.append(ev.describe())
     if report.check is not None:
         k = report.check
-        against = "as measured" if k.confidence <= 0 or k.target in ("min_score", "max_drop") \
+        against = "as measured" if k.confidence <= 0 or k.limit == k.measured \
             else f"{k.confidence:.0%} confidence bound {k.limit:.4g}"
         parts.append(f"check         --{k.target.replace('_', '-')} {k.bound:g} on "
                      f"{k.samples} {k.data} samples: measured {k.measured:.4g}, {against}: "
