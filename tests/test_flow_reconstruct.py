@@ -613,7 +613,7 @@ def test_sequential_hessians_reuse_the_original_inputs_exactly(bundled_cnn):
     cal = calibration(bundled_cnn, mode_config("sequential"))
     first, second = cal.weights[0], cal.weights[1]
     pruned = {first.name: cal.rankings[first.name].apply(cal.originals[first.name], 100)}
-    cal._original_inputs = None  # as if no layer was asked for before
+    cal._original_inputs = {}  # as if no layer was asked for before
     calls = []
     run = cal.runner.run
 
@@ -695,7 +695,7 @@ def test_gptq_beats_plain_rounding_of_the_same_pruning(case):
 
 
 def test_reconstructed_curves_are_lower_and_fingerprinted(bundled_mlp):
-    plain_cfg = CompressConfig(grid=GRID, data=DATA)
+    plain_cfg = CompressConfig(grid=GRID, data=DATA, verify=VerifyOptions(holdout=0.0))
     rebuilt_cfg = replace(plain_cfg, reconstruct=True)
     plain = rdonnx.calibrate(bundled_mlp.path, calib=bundled_mlp.calib, config=plain_cfg)
     rebuilt = rdonnx.calibrate(bundled_mlp.path, calib=bundled_mlp.calib, config=rebuilt_cfg)
@@ -726,7 +726,7 @@ def test_reconstructed_curves_refused_on_the_cli(bundled_mlp, cli, tmp_path):
     curves = tmp_path / "curves.json"
     run = cli("calibrate", bundled_mlp.path, "--calib", bundled_mlp.calib, "--reconstruct",
               "--grid", ",".join(map(str, GRID)), "--calib-samples", str(SAMPLES), "-q",
-              "-o", curves)
+              "--holdout", "0", "-o", curves)
     assert run.code == 0, run.err
     out = tmp_path / "out.onnx"
     run = cli("compress", bundled_mlp.path, "--calib", bundled_mlp.calib, *FAST, "--format",

@@ -34,7 +34,7 @@ from rdonnx.flow.curves import (
     record,
     scores_for,
 )
-from rdonnx.flow.target import Realized
+from rdonnx.flow.target import Realized, check_supported
 from rdonnx.graph.layers import consumer_outputs, layer_inputs, output_axes
 from rdonnx.graph.model import Model, simplify
 from rdonnx.graph.weights import Weight, find_codable, find_weights, read_weights
@@ -497,6 +497,9 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
         fit, held = split_holdout(batches, config.verify.holdout, config.data.seed)
         how = f"{held.samples} of {batches.samples} samples of {data_name}, seeded" \
             if held is not None else "none"
+    if config.min_agreement is not None and _declares_class_scores(loaded):  # refuse early
+        check_supported(config.target, config.verify.confidence,
+                        (held if held is not None else fit).samples)
     originals = read_weights(loaded, weights)
     weights = graph_order(loaded, weights)
     kmeans = config.quantized and config.quantizer == "kmeans"
@@ -534,6 +537,14 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                        {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
                        data, check, inputs, read_weights(loaded, extra), notices,
                        importance=importance, axes=output_axes(loaded, weights + extra))
+
+
+def _declares_class_scores(model: Model) -> bool:
+    """Whether the graph declares a float output of rank 2 ([batch, classes])."""
+    return any(o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                onnx.TensorProto.DOUBLE,
+                                                onnx.TensorProto.BFLOAT16)
+               and len(o.type.tensor_type.shape.dim) == 2 for o in model.proto.graph.output)
 
 
 def make_data_name(source: DataSource) -> str:
@@ -626,6 +637,7 @@ def check_curves(curves: Curves, cal: Calibration) -> None:
     differ = curves.fingerprint.mismatch(cal.fingerprint)
     if differ:
         raise UsageError(f"the curves do not match this run ({', '.join(differ)} differ); "
-                         "rerun rdonnx calibrate with the same model, data and settings")
+                         "rerun rdonnx calibrate with the same model, data (--holdout, "
+                         "--verify) and settings")
 
 
