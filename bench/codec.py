@@ -49,7 +49,7 @@ def bundled() -> None:
         for name in ("digits_mlp", "digits_cnn"):
             model = ROOT / "models" / f"{name}.onnx"
             for rate in RATES:
-                config = CompressConfig(value_bits=8, layer_distortion=False)
+                config = CompressConfig.of(value_bits=8, layer_distortion=False)
                 result = rdonnx.compress(model, rate=rate, calib=CALIB, test=TEST,
                                          labels="label", config=config)
                 result.save(Path(tmp) / "a.rdonnx", force=True)
@@ -156,7 +156,7 @@ def smallest(models: dict[str, Path], bounds: tuple[float, ...],
         for name, model in models.items():
             for label, extra in variants.items():
                 for bound in bounds:
-                    config = CompressConfig(layer_distortion=False, **settings, **extra)
+                    config = CompressConfig.of(layer_distortion=False, **settings, **extra)
                     result = rdonnx.compress(model, max_distortion=bound, calib=CALIB,
                                              test=TEST, labels="label", config=config)
                     result.save(Path(tmp) / "a.rdonnx", force=True)
@@ -182,7 +182,7 @@ def quantizers() -> None:
         for criterion in ("magnitude", "activation"):
             for bits in (4, 3):
                 for quantizer in ("uniform", "kmeans"):
-                    config = CompressConfig(rate=0.3, criterion=criterion, value_bits=bits,
+                    config = CompressConfig.of(rate=0.3, criterion=criterion, value_bits=bits,
                                             quantizer=quantizer, layer_distortion=False)
                     result = rdonnx.compress(ROOT / "models" / f"{name}.onnx", calib=CALIB,
                                              test=TEST, labels="label", config=config)

@@ -34,7 +34,7 @@ def quality_table() -> None:
                     result = rdonnx.compress(
                         model, rate=rate, method=method, calib=ROOT / "models/digits_calib.npz",
                         test=ROOT / "models/digits_test.npz", labels="label",
-                        config=rdonnx.CompressConfig(format="dense"))
+                        config=rdonnx.CompressConfig.of(format="dense"))
                     dense = result.save(Path(tmp) / "d.onnx", "dense", force=True)
                     sparse = result.save(Path(tmp) / "s.onnx", "sparse", force=True)
                     r, t = result.report, result.report.test

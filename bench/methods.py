@@ -38,7 +38,7 @@ def run(path: Path, method: str, rate: float) -> tuple:
 
     `pqi-neuron` is `--method pqi --granularity neuron`."""
     method, _, granularity = method.partition("-")
-    config = CompressConfig(rate=rate, method=method, granularity=granularity or "layer",
+    config = CompressConfig.of(rate=rate, method=method, granularity=granularity or "layer",
                             layer_distortion=False)
     start = time.perf_counter()
     result = rdonnx.compress(path, calib=CALIB, test=TEST, labels="label", config=config)

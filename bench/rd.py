@@ -22,8 +22,9 @@ import numpy as np
 
 import rdonnx
 from rdonnx.allocate.allocators import SOLVERS, Allocation, predicted
-from rdonnx.flow.calibration import calibrate_model, measure_all_curves
+from rdonnx.flow.calibration import calibrate_model
 from rdonnx.flow.config import CompressConfig
+from rdonnx.flow.pipeline import make_realizer, measure_all_curves
 from rdonnx.report.plot import plot_methods
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,10 +53,10 @@ def quality(name: str, path: Path) -> dict:
     """Distortion and accuracy of every method and criterion at every rate."""
     rows, series, timing = [], {}, {}
     for criterion in CRITERIA:
-        config = CompressConfig(criterion=criterion, layer_distortion=False, format="dense")
+        config = CompressConfig.of(criterion=criterion, layer_distortion=False, format="dense")
         start = time.perf_counter()
         cal = calibrate_model(path, config, CALIB)
-        curves = measure_all_curves(cal, config)
+        curves = _curves(cal, config)
         seconds = time.perf_counter() - start
         probes = len(cal.weights) * (len(curves.grid) - 1)
         timing[criterion] = (seconds, _probe_seconds(cal, config) / probes,
@@ -102,13 +103,18 @@ def _forward_seconds(cal) -> float:
     return best
 
 
+def _curves(cal, config):
+    return measure_all_curves(make_realizer(cal, config), config.measure,
+                              config.curve_settings())
+
+
 def _probe_seconds(cal, config) -> float:
     """The curves' probe loop alone (every weight x grid density over all batches; best of 3,
     steady state like the forward passes it is compared with)."""
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        measure_all_curves(cal, config)
+        _curves(cal, config)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -146,9 +152,9 @@ def memory() -> list[tuple[int, float, float]]:
     for samples in (256, 8192):
         cmd = [sys.executable, "-c", (
             "import resource,time,rdonnx;"
-            "from rdonnx.config import CompressConfig;from rdonnx.data import DataOptions;"
+            "from rdonnx import CompressConfig, DataOptions;"
             "t=time.perf_counter();"
-            f"rdonnx.calibrate(r'{path}', config=CompressConfig(data=DataOptions("
+            f"rdonnx.calibrate(r'{path}', config=CompressConfig.of(data=DataOptions("
             f"samples={samples}, batch_size=64), grid=(1.0, 0.5), replay_mb=16));"
             "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")]
         seconds, peak = subprocess.run(cmd, check=True, capture_output=True, text=True) \
@@ -202,9 +208,9 @@ def optimum(path: Path, rates=(0.5, 0.3, 0.2)) -> None:
           "| rd / optimum | optimum / lamp |")
     print("|---|---|---|---|---|---|---|---|")
     for criterion in CRITERIA:
-        config = CompressConfig(criterion=criterion, layer_distortion=False, format="dense")
+        config = CompressConfig.of(criterion=criterion, layer_distortion=False, format="dense")
         cal = calibrate_model(path, config, CALIB)
-        curves = measure_all_curves(cal, config)
+        curves, realizer = _curves(cal, config), make_realizer(cal, config)
         first, middle, last = cal.weights
         total = first.size + middle.size + last.size
         for rate in rates:
@@ -215,9 +221,9 @@ def optimum(path: Path, rates=(0.5, 0.3, 0.2)) -> None:
                     if not 0 <= k2 <= middle.size:
                         continue
                     keep = {first.name: k1, middle.name: k2, last.name: k3}
-                    values = {w.name: cal.compress_weight(w, keep[w.name], config)[0]
+                    values = {w.name: realizer.compress_weight(w, keep[w.name])[0]
                               for w in cal.weights}
-                    nmse = cal.distortion(values, config).nmse
+                    nmse = realizer.distortion(values).nmse
                     if best is None or nmse < best[0]:
                         best = (nmse, k1 / first.size, k2 / middle.size, k3 / last.size)
             rd_, lamp = (rdonnx.compress(path, rate=rate, method=m, calib=CALIB, curves=curves,

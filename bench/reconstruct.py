@@ -36,7 +36,7 @@ GRID = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
 
 
 def _run(path: Path, **settings) -> tuple[rdonnx.CompressResult, float]:
-    config = CompressConfig(layer_distortion=False, grid=GRID, **settings)
+    config = CompressConfig.of(layer_distortion=False, grid=GRID, **settings)
     start = time.perf_counter()
     result = rdonnx.compress(path, calib=CALIB, test=TEST, labels="label", config=config)
     return result, time.perf_counter() - start
@@ -105,7 +105,7 @@ def streaming() -> None:
                 "from rdonnx.config import CompressConfig\n"
                 "from rdonnx.data import DataOptions\n"
                 "t = time.perf_counter()\n"
-                f"rdonnx.compress(r'{path}', rate=0.5, config=CompressConfig(method='uniform', "
+                f"rdonnx.compress(r'{path}', rate=0.5, config=CompressConfig.of(method='uniform', "
                 f"reconstruct=True, format='dense', layer_distortion=False, replay_mb=16, "
                 f"data=DataOptions(samples={samples}, batch_size=64)))\n"
                 "print(time.perf_counter() - t, "
@@ -127,13 +127,13 @@ def large() -> None:
         codec.synthetic_model(path, params=25_000_000)
         data = DataOptions(samples=64, batch_size=16)
         start = time.perf_counter()
-        rdonnx.calibrate(path, config=CompressConfig(data=data, grid=GRID))
+        rdonnx.calibrate(path, config=CompressConfig.of(data=data, grid=GRID))
         curves = time.perf_counter() - start
         print(f"| synthetic 25M (5 MatMul) | R-D calibration, {len(GRID)}-point grid | "
               f"{curves:.1f} |")
         for flag in ("reconstruct", "sequential"):
             start = time.perf_counter()
-            rdonnx.compress(path, rate=0.5, config=CompressConfig(
+            rdonnx.compress(path, rate=0.5, config=CompressConfig.of(
                 method="uniform", format="dense", layer_distortion=False, data=data,
                 **{flag: True}))
             rebuilt = time.perf_counter() - start

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from bench.zoo.common import Adapter, Prepared, cache_dir, load_inputs, run_outp
 from bench.zoo.models import NAMES, adapter  # noqa: E402
 
 RDONNX = [str(Path(sys.executable).with_name("rdonnx"))]
-NNCODEC_QPS = (-20, -26, -32, -38, -44)  # coarse to fine (step 2^(qp/4))
+NNCODEC_QPS = (-20, -26, -32, -38, -44, -50, -56)  # coarse to fine (step 2^(qp/4))
 
 
 @dataclass
@@ -57,6 +57,25 @@ class Row:
     setting: str = ""
     note: str = ""
     primary: str = ""
+
+
+def git(*args: str) -> str:
+    """``git args`` in the checkout this script is in ('' when that fails)."""
+    proc = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def rdonnx_tree() -> str:
+    """The git tree of ``rdonnx/`` (+ '-dirty' with uncommitted changes there)."""
+    tree = git("rev-parse", "HEAD:rdonnx") or "unknown"
+    return tree + ("-dirty" if git("status", "--porcelain", "rdonnx") else "")
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def file_bytes(onnx_path: Path) -> int:
@@ -132,13 +151,37 @@ def _cut(d: dict, n: int) -> dict:
     return {k: v[:n] for k, v in d.items()}
 
 
-def zstd_bytes(paths: list[Path]) -> tuple[int, float]:
+ZSTD_LEVEL, ZSTD_LARGE_LEVEL, ZSTD_LARGE = 19, 9, 128 << 20
+
+
+def zstd_level(size: int) -> int:
+    """``zstd -19`` up to 128 MiB of input; ``-9`` above (-19 of the LM's 651 MB took 75 minutes
+    on the shared 2-core machine; -9 is within a few percent of its size on float weights)."""
+    return ZSTD_LEVEL if size <= ZSTD_LARGE else ZSTD_LARGE_LEVEL
+
+
+def zstd_bytes(paths: list[Path], cache: Path | None = None) -> tuple[int, float, int, bool]:
+    """Bytes of ``paths`` concatenated and zstd-compressed (all cores, ``-T0``): (bytes, seconds,
+    level, whether the result came from ``cache``, a JSON file keyed by the input's sha256 and
+    the level; the seconds are then those of the run that measured it)."""
+    import hashlib
+
     import zstandard
 
-    t0 = time.time()
     data = b"".join(p.read_bytes() for p in paths if p.exists())
-    size = len(zstandard.ZstdCompressor(level=19).compress(data))
-    return size, time.time() - t0
+    level = zstd_level(len(data))
+    key = f"{hashlib.sha256(data).hexdigest()}:{level}"
+    known = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
+    if key in known:
+        return known[key]["bytes"], known[key]["seconds"], level, True
+    t0 = time.time()
+    size = len(zstandard.ZstdCompressor(level=level, threads=-1).compress(data))
+    secs = time.time() - t0
+    if cache is not None:
+        known = json.loads(cache.read_text()) if cache.exists() else {}
+        known[key] = {"bytes": size, "seconds": round(secs, 1)}
+        cache.write_text(json.dumps(known, indent=1))
+    return size, secs, level, False
 
 
 def baseline_rows(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original: int,
@@ -147,10 +190,12 @@ def baseline_rows(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origi
 
     onnx_path = prep.onnx
     files = [onnx_path, onnx_path.with_name(onnx_path.name + ".data")]
-    z, zs = zstd_bytes(files)
-    rows = [Row(ad.name, "zstd -19", z, original / z, 8 * z / weights,
+    zcache = prep.root.parent / "zstd-cache.json"
+    z, zs, level, hit = zstd_bytes(files, zcache)
+    rows = [Row(ad.name, f"zstd -{level}", z, original / z, 8 * z / weights,
                 test=scorer.ad.score(scorer.ref["test"], scorer.ref["test"], scorer.truth["test"]),
-                transparent=True, seconds=zs, note="lossless")]
+                transparent=True, seconds=zs,
+                note="lossless" + ("; size cached from an earlier run" if hit else ""))]
     q = work / "qdyn.onnx"
     external = onnx_path.with_name(onnx_path.name + ".data").exists()
     t0 = time.time()
@@ -171,16 +216,17 @@ def baseline_rows(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origi
     ok = ad.transparent(test) if test else None
     rows.append(Row(ad.name, "quantize_dynamic int8/ch", qb, original / qb, 8 * qb / weights,
                     test=test, transparent=ok, seconds=qs, note=note))
-    qz, qzs = zstd_bytes(qfiles)
-    rows.append(Row(ad.name, "quantize_dynamic + zstd -19", qz, original / qz, 8 * qz / weights,
-                    test=test, transparent=ok, seconds=qs + qzs, note=note))
+    qz, qzs, level, _ = zstd_bytes(qfiles, zcache)
+    rows.append(Row(ad.name, f"quantize_dynamic + zstd -{level}", qz, original / qz,
+                    8 * qz / weights, test=test, transparent=ok, seconds=qs + qzs, note=note))
     return rows
 
 
 def nncodec_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original: int,
-                weights: int, python: Path) -> Row:
+                weights: int, python: Path, deadline: float | None = None) -> Row:
     """NNCodec on every float initializer of >= 256 elements (the rest and the graph stored as
-    plain ONNX beside the bitstream), the coarsest transparent qp of the ladder by bisection."""
+    plain ONNX beside the bitstream), the coarsest transparent qp of the ladder by bisection;
+    no further qp is started after ``deadline`` (a ``time.time()``)."""
     import onnx
     from onnx import numpy_helper
 
@@ -230,6 +276,9 @@ def nncodec_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origina
     # step never hurts; about log2(len) codings instead of len
     lo, hi = 0, len(NNCODEC_QPS) - 1
     while lo <= hi:
+        if deadline and time.time() > deadline:
+            tried.append("time budget spent")
+            break
         mid = (lo + hi) // 2
         row = attempt(NNCODEC_QPS[mid])
         if row is None:
@@ -247,10 +296,15 @@ def nncodec_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, origina
     return Row(ad.name, "NNCodec", note="no qp transparent: " + "; ".join(tried))
 
 
+FALLBACK_GRACE = 1800.0  # seconds past the budget the fallback's value widths may still start
+
+
 def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original: int,
-               weights: int, timeout: float | None) -> Row:
+               weights: int, deadline: float | None) -> Row:
     """``rdonnx calibrate`` once, then ``rdonnx compress --curves`` along the ladder (loosest
-    first); the first artifact transparent on the test split is kept."""
+    first), then the fallback's value widths; the first artifact transparent on the test split
+    is kept. After ``deadline`` no further bound of the ladder starts; the fallback (no search,
+    so much cheaper) may still start for ``FALLBACK_GRACE`` seconds."""
     calib = ["--calib", str(prep.inputs("calib")), "--seed", "0", "-q"]
     if ad.calib_samples:
         calib += ["--calib-samples", str(ad.calib_samples)]
@@ -261,13 +315,14 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
         # curves are kept beside the prepared model, keyed by the calibrate arguments, so that
         # a rerun does not probe every weight again
         kept, key = prep.root / "curves.json", prep.root / "curves.args.json"
-        cal_args = [*calib, *ad.extra_args]
+        # the key includes the rdonnx source tree: curves of older code are measured again
+        cal_args = [*calib, *ad.extra_args, f"rdonnx tree {rdonnx_tree()}"]
         if kept.exists() and key.exists() and json.loads(key.read_text()) == cal_args:
             shutil.copy(kept, curves)
             reused = "curves reused from an earlier run (calibrate time not included)"
         else:
             code, cal_s, cal_rss, err = timed(
-                [*RDONNX, "calibrate", str(prep.onnx), *cal_args, "-o", str(curves)],
+                [*RDONNX, "calibrate", str(prep.onnx), *cal_args[:-1], "-o", str(curves)],
                 work / "calibrate.log")
             if code != 0:
                 return Row(ad.name, "rdonnx", seconds=cal_s, peak_rss_mb=cal_rss,
@@ -278,10 +333,15 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
         with_curves = ["--curves", str(curves)]
     tried: list[str] = []
     ladder = [(b, True) for b in ad.ladder] + [(b, False) for b in ad.fallback]
-    skip_bounds = False
+    skip_bounds = ""
     for step, (bound, uses_curves) in enumerate(ladder):
+        if uses_curves and deadline and time.time() > deadline and not skip_bounds:
+            skip_bounds = "time budget spent"
         if uses_curves and skip_bounds:
-            tried.append(f"{' '.join(bound)}: skipped (a looser bound was not met)")
+            tried.append(f"{' '.join(bound)}: skipped ({skip_bounds})")
+            continue
+        if not uses_curves and deadline and time.time() > deadline + FALLBACK_GRACE:
+            tried.append(f"{' '.join(bound)}: skipped (time budget spent)")
             continue
         out = work / f"rd{step}.rdonnx"
         report = work / f"rd{step}.json"
@@ -296,7 +356,8 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
                          if err.strip() else f"{setting}: exit {code}")
             print(f"  {ad.name} rdonnx {tried[-1]}", file=sys.stderr, flush=True)
             if uses_curves and "meets the bound" in err:
-                skip_bounds = True  # loosest first: a tighter bound cannot be met either
+                # loosest first: a tighter bound cannot be met either
+                skip_bounds = "a looser bound was not met"
             continue
         size = out.stat().st_size
         test = scorer.score_file(out, "test")
@@ -311,11 +372,9 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
                        bpw if bpw is not None else 8 * size / weights, test=test,
                        calib=calib_m, transparent=True, seconds=cal_s + secs,
                        peak_rss_mb=max(cal_rss, rss), setting=setting,
-                       note="; ".join(x for x in [reused, *tried[:-1]] if x))
-        if timeout and time.time() - T_START > timeout:
-            tried.append("time budget spent")
-            break
-    return Row(ad.name, "rdonnx", note="no bound transparent on test: " + "; ".join(tried),
+                       note="; ".join(x for x in [ad.notes, reused, *tried[:-1]] if x))
+    return Row(ad.name, "rdonnx", note="; ".join(x for x in [
+        ad.notes, "no bound transparent on test: " + "; ".join(tried)] if x),
                seconds=cal_s, peak_rss_mb=cal_rss)
 
 
@@ -335,7 +394,18 @@ def _report_bpw(report: Path) -> float | None:
     return None
 
 
-T_START = time.time()
+def with_ladder(ad: Adapter, ladder: str | None) -> Adapter:
+    """``ad`` with the ladder given on the command line (``;``-separated bounds, 'none')."""
+    if ladder is None:
+        return ad
+    bounds = () if ladder.strip() == "none" else tuple(
+        tuple(b.split()) for b in ladder.split(";") if b.strip())
+    return replace(ad, ladder=bounds, notes=f"ladder from the command line: {ladder}")
+
+
+def budget(seconds: float | None) -> float | None:
+    """The deadline ``seconds`` from now (None: none)."""
+    return time.time() + seconds if seconds else None
 
 
 def bench_model(ad: Adapter, cache: Path, args, on_rows=None) -> list[Row]:
@@ -364,14 +434,16 @@ def bench_model(ad: Adapter, cache: Path, args, on_rows=None) -> list[Row]:
     try:
         rows += baseline_rows(ad, prep, scorer, work, original, weights)
         progress()
+        # rdonnx before NNCodec: on a model too slow for both, the row this bench is about
+        if not args.skip_rdonnx:
+            rows.append(rdonnx_row(ad, prep, scorer, work, original, weights,
+                                   budget(args.time_budget)))
+            progress()
         if not ad.nncodec:
-            rows.append(Row(name, "NNCodec", note="not run for this model (see docs/ZOO.md)"))
+            rows.append(Row(name, "NNCodec", note=ad.nncodec_note or "not run for this model"))
         elif not args.skip_nncodec:
             rows.append(nncodec_row(ad, prep, scorer, work, original, weights,
-                                    Path(args.nncodec_python)))
-        progress()
-        if not args.skip_rdonnx:
-            rows.append(rdonnx_row(ad, prep, scorer, work, original, weights, args.time_budget))
+                                    Path(args.nncodec_python), budget(args.time_budget)))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -398,6 +470,23 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def merge(into: dict, results: dict) -> None:
+    """Merge saved results (model -> record) into ``into``: a model's rows of a later file
+    replace its rows of the same method, the others stay; each record's run (date, commit,
+    load average, methods) is listed under ``runs``."""
+    for name, rec in results.items():
+        run = {k: v for k, v in rec.items() if k not in ("rows", "runs")}
+        run["methods"] = [r["method"] for r in rec["rows"]]
+        runs = rec.get("runs", [run])
+        if name not in into:
+            into[name] = {**rec, "runs": runs}
+            continue
+        rows = {r["method"]: r for r in into[name]["rows"]}
+        rows.update({r["method"]: r for r in rec["rows"]})
+        into[name] = {**into[name], **run, "rows": list(rows.values()),
+                      "runs": into[name]["runs"] + runs}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -412,35 +501,52 @@ def main(argv: list[str] | None = None) -> None:
                         help="python of a virtual environment with nncodec [default: "
                              "<cache>/nncodec-venv/bin/python]")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds after which the rdonnx ladder stops trying tighter bounds")
+                        help="seconds after which the rdonnx ladder (counted from its start, "
+                        "calibrate included) and, separately, NNCodec's qp search start no "
+                        "further step")
+    parser.add_argument("--ladder", default=None, metavar="BOUND[;BOUND...]",
+                        help="rdonnx bounds to try instead of each model's own ladder, loosest "
+                        "first, e.g. '--max-distortion 3e-3;--max-distortion 1e-3' ('none': "
+                        "only the fallback's value widths); the rdonnx row's note says so")
     parser.add_argument("--show", default=None, metavar="JSON[,JSON]",
-                        help="only print the table of results saved by earlier runs")
+                        help="only print the table of results saved by earlier runs (a "
+                        "model's rows of a later file replace its rows of the same method); "
+                        "with --json, also write them there as one file")
     args = parser.parse_args(argv)
     if args.show:
         saved: dict = {}
         for path in args.show.split(","):
-            saved.update(json.loads(Path(path).read_text()))
+            merge(saved, json.loads(Path(path).read_text()))
         order = [n for n in NAMES if n in saved] + [n for n in saved if n not in NAMES]
         rows = [Row(**r) for n in order for r in saved[n]["rows"]]
         for r in rows:
             r.primary = r.primary or (adapter(r.model).primary if r.model in NAMES else "")
         print(table(rows))
+        if args.json:  # merge the saved results into one file
+            Path(args.json).write_text(json.dumps({n: saved[n] for n in order}, indent=1))
+            print(f"\nJSON: {args.json}", file=sys.stderr)
         return
     cache = cache_dir(args.cache)
     args.nncodec_python = args.nncodec_python or str(cache / "nncodec-venv/bin/python")
     out = Path(args.json) if args.json else cache / "results.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     rows: list[Row] = []
+    commit = (git("rev-parse", "--short", "HEAD") or "unknown") + (
+        "-dirty" if git("status", "--porcelain", "rdonnx", "bench") else "")
     for name in args.models.split(","):
         t0 = time.time()
+        loads = [load_average()]
 
-        def save(got: list[Row], done: bool = False, name: str = name, t0: float = t0) -> None:
+        def save(got: list[Row], done: bool = False, name: str = name, t0: float = t0,
+                 loads: list[str] = loads) -> None:
+            loads.append(load_average())
             previous[name] = {"rows": [asdict(r) for r in got], "complete": done,
                               "seconds": round(time.time() - t0),
-                              "date": time.strftime("%Y-%m-%d %H:%M")}
+                              "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
+                              "load_average": loads}
             out.write_text(json.dumps(previous, indent=1))
 
-        got = bench_model(adapter(name), cache, args, on_rows=save)
+        got = bench_model(with_ladder(adapter(name), args.ladder), cache, args, on_rows=save)
         rows += got
         save(got, done=True)
         print(table(got), flush=True)

@@ -46,7 +46,7 @@ def main() -> None:
         ad, prep = adapter(name), Prepared(cache_dir(args.cache) / name)
         scorer = zoo.Scorer(ad, prep)
         start = time.time()
-        config = rdonnx.CompressConfig(value_bits=args.bits, layer_distortion=False,
+        config = rdonnx.CompressConfig.of(value_bits=args.bits, layer_distortion=False,
                                        method="uniform", rdoq=args.rdoq)
         result = rdonnx.compress(str(prep.onnx), rate=1.0, calib=str(prep.inputs("calib")),
                                  config=config)

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
         inspect,
     )
     from rdonnx.artifact.io import decompress, load, open_session
-    from rdonnx.choices import DataOptions
+    from rdonnx.choices import DataOptions, PQIOptions
+    from rdonnx.flow.config import Coding, Measurement, Pruning, Selection, Target
+    from rdonnx.flow.methods.options import GlobalOptions, HSICOptions, RDOptions
     from rdonnx.report.records import Evaluation, Report, WeightReport
 
 # The public API, imported on first use, so `import rdonnx.cli` (and `rdonnx --help`) does not
@@ -31,12 +33,19 @@ _LAZY = {
     "open_session": "rdonnx.artifact.io", "DataOptions": "rdonnx.choices",
     "Evaluation": "rdonnx.report.records", "Report": "rdonnx.report.records",
     "WeightReport": "rdonnx.report.records",
+    # the option groups of a CompressConfig (light: plain dataclasses)
+    "Target": "rdonnx.flow.config", "Selection": "rdonnx.flow.config",
+    "Measurement": "rdonnx.flow.config", "Pruning": "rdonnx.flow.config",
+    "Coding": "rdonnx.flow.config", "PQIOptions": "rdonnx.choices",
+    "RDOptions": "rdonnx.flow.methods.options", "GlobalOptions": "rdonnx.flow.methods.options",
+    "HSICOptions": "rdonnx.flow.methods.options",
 }
 
 __all__ = [
-    "CompressConfig", "CompressResult", "Curves", "DataOptions", "Evaluation", "Inspection",
-    "Report", "UsageError", "WeightReport", "__version__", "calibrate", "compress",
-    "decompress", "evaluate", "inspect", "load", "open_session",
+    "Coding", "CompressConfig", "CompressResult", "Curves", "DataOptions", "Evaluation",
+    "GlobalOptions", "HSICOptions", "Inspection", "Measurement", "PQIOptions", "Pruning",
+    "RDOptions", "Report", "Selection", "Target", "UsageError", "WeightReport", "__version__",
+    "calibrate", "compress", "decompress", "evaluate", "inspect", "load", "open_session",
 ]
 
 

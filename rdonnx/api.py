@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -13,7 +13,7 @@ from rdonnx.artifact.io import load_any
 from rdonnx.errors import UsageError
 from rdonnx.flow import pipeline
 from rdonnx.flow.calibration import DataSource, ModelSource, make_data
-from rdonnx.flow.config import DEFAULTS, FORMATS, CompressConfig
+from rdonnx.flow.config import DEFAULTS, FORMATS, CompressConfig, Target
 from rdonnx.flow.curves import Curves
 from rdonnx.flow.result import CompressResult
 from rdonnx.graph.weights import DEFAULT_MIN_PARAMS, find_weights, read_weights
@@ -50,7 +50,8 @@ def compress(model: ModelSource, *, rate: float | None = None, calib: DataSource
         criterion: in-layer criterion: "magnitude" (default) or "activation".
         test: optional labelled data; with `labels` (its label key) accuracy is reported.
         curves: R-D curves from `calibrate` (a `Curves` or its JSON path) to reuse.
-        config: every other setting; the arguments above override its fields.
+        config: every other setting (`CompressConfig.of(...)`); the arguments above override
+            its fields.
         quiet: no progress bars.
         frontier: other rates at which to measure the same method too (for plots).
         verify: held-out data on which every bound is checked (instead of the held-out part
@@ -61,8 +62,8 @@ def compress(model: ModelSource, *, rate: float | None = None, calib: DataSource
     targets = {"rate": rate, "max_distortion": max_distortion, "min_agreement": min_agreement,
                "bits_per_weight": bits_per_weight}
     if any(v is not None for v in targets.values()):
-        overrides.update(targets)
-    return pipeline.compress(model, replace(config, **overrides), calib, test, labels, curves,
+        overrides["target"] = Target(**targets, pattern=config.target.pattern)  # still refused
+    return pipeline.compress(model, config.updated(**overrides), calib, test, labels, curves,
                              quiet, frontier, verify)
 
 
@@ -71,9 +72,7 @@ def calibrate(model: ModelSource, *, calib: DataSource = None,
               verify: DataSource = None) -> Curves:
     """Measure per-weight R-D curves once, to reuse with `compress(..., curves=...)` (on the
     fit part of `calib`, split as compress splits it: give both the same holdout / verify)."""
-    config = config or CompressConfig()
-    return pipeline.measure_all_curves(
-        pipeline.calibrate_model(model, config, calib, quiet, verify=verify), config, quiet)
+    return pipeline.calibrate(model, config or CompressConfig(), calib, quiet, verify)
 
 
 @dataclass(frozen=True)
@@ -135,8 +134,8 @@ def inspect(model: ModelSource, *, min_params: int = DEFAULT_MIN_PARAMS,
 
 
 def evaluate(reference: ModelSource, candidate: ModelSource, data: DataSource, *,
-             labels: str | None = None, metric: str = DEFAULTS.metric,
-             device: str = DEFAULTS.device,
+             labels: str | None = None, metric: str = DEFAULTS.measure.metric,
+             device: str = DEFAULTS.measure.device,
              options: DataOptions | None = None, quiet: bool = True) -> Evaluation:
     """Distortion (and accuracy with `labels`) of `candidate` against `reference` on `data`."""
     if metric not in METRICS:

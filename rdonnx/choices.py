@@ -29,6 +29,10 @@ GRANULARITIES = ("layer", "neuron")
 DEVICES = ("auto", "cpu", "cuda")
 
 DEFAULT_MIN_PARAMS = 256  # smallest prunable weight (elements)
+DEFAULT_CHANNEL_AXIS = 1  # nmse-channel: the channel axis of every output
+DEFAULT_CRITERION = "magnitude"  # |w|
+DEFAULT_QUANTIZER = "uniform"  # a uniform grid
+DEFAULT_DEVICE = "auto"  # CUDA where its execution provider really works, else CPU
 DEFAULT_DAMP = 0.01  # dampening: share of the mean diagonal of H added to it (SparseGPT's 1%)
 DEFAULT_REPLAY_MB = 512  # MiB of batches and reference outputs a Replay keeps in memory
 DEFAULT_SYNTHETIC_SAMPLES = 64
@@ -47,12 +51,23 @@ def check_grid(grid: Sequence[float]) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class PQIOptions:
-    """The PQ index exponents and the SAP step's eta and gamma (the paper's defaults)."""
+    """`--method pqi`: the PQ index exponents and the SAP step's eta and gamma (the paper's
+    defaults), the bound's mode and its granularity."""
 
-    p: float = 0.5
-    q: float = 1.0
-    eta: float = 0.0
-    gamma: float = 1.0
+    p: float = option(0.5, "pqi: PQ index exponent p (0 < p < q).", key="pqi_p")
+    q: float = option(1.0, "pqi: PQ index exponent q.", key="pqi_q")
+    eta: float = option(
+        0.0, "pqi: eta of the retained-fraction bound (>= 0; larger keeps fewer).",
+        key="pqi_eta")
+    gamma: float = option(
+        1.0, "pqi: SAP step size (each step prunes gamma * (1 - r), at most 0.9).",
+        key="pqi_gamma")
+    mode: str = option(
+        "fixed", "pqi: fixed: each weight's kept share where the iterated SAP step stops "
+        "(prunes < 1% of survivors); single: one PQI bound.", choices=PQI_MODES, key="pqi_mode")
+    granularity: str = option(
+        "layer", "pqi: one PQI density per weight, or per output row (neuron).",
+        choices=GRANULARITIES)
 
     def check(self) -> None:
         if not 0 < self.p < self.q:
@@ -61,6 +76,10 @@ class PQIOptions:
             raise UsageError(f"--pqi-eta must be >= 0, got {self.eta}")
         if self.gamma <= 0:
             raise UsageError(f"--pqi-gamma must be > 0, got {self.gamma}")
+        for value, options, what in ((self.mode, PQI_MODES, "--pqi-mode"),
+                                     (self.granularity, GRANULARITIES, "--granularity")):
+            if value not in options:
+                raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(options)}")
 
 
 @dataclass(frozen=True)

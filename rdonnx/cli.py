@@ -9,11 +9,12 @@ options come from the light settings modules, and each command imports the API i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,16 @@ from rdonnx.choices import (
     EXIT_CODES_EPILOG,
     METHODS_EPILOG,
     DataOptions,
-    VerifyOptions,
     check_grid,
     parse_confidence,
 )
 from rdonnx.errors import UsageError
-from rdonnx.flow.config import CompressConfig
+from rdonnx.flow.config import GROUPS, KEYS, CompressConfig, Measurement, Selection
+from rdonnx.flow.methods.options import METHOD_OPTIONS
 from rdonnx.fs import write_text
-from rdonnx.option import spec_of
+from rdonnx.option import key_of, spec_of
 from rdonnx.outputs import user_error
+from rdonnx.progress import Stages, heartbeat
 from rdonnx.signals import EXIT_TERMINATED, clean_aborts, was_terminated
 from rdonnx.version import __version__
 
@@ -76,11 +78,12 @@ def common_options(func: Callable) -> Callable:
 
 
 def option_of(cls: type, name: str, **override: Any) -> Callable:
-    """The click option of field `name` of a settings dataclass (`CompressConfig`,
-    `DataOptions`): flag, help, choices, range and default all come from the field, so no
+    """The click option of field `name` of a settings dataclass (`Measurement`, `DataOptions`,
+    `PQIOptions`...): flag, help, choices, range and default all come from the field, so no
     default is written twice. `override` replaces click arguments (a command's own help)."""
     spec, default = spec_of(cls, name)
-    flag = spec.flag or "--" + name.replace("_", "-")
+    key = spec.key or name
+    flag = spec.flag or "--" + key.replace("_", "-")
     kwargs: dict[str, Any] = {"help": spec.help}
     if spec.negate:
         kwargs.update(is_flag=True, flag_value=False, default=True)
@@ -102,7 +105,16 @@ def option_of(cls: type, name: str, **override: Any) -> Callable:
         else:
             kwargs["type"] = value_type
     kwargs.update(override)
-    return click.option(flag, name, **kwargs)
+    return click.option(flag, key, **kwargs)
+
+
+def config_option(key: str, **override: Any) -> Callable:
+    """The click option of a `CompressConfig` keyword (`KEYS`, or "method")."""
+    if key == "method":
+        return option_of(CompressConfig, key, **override)
+    owner, name = KEYS[key]
+    return option_of(GROUPS[owner] if owner in GROUPS else METHOD_OPTIONS[owner], name,
+                     **override)
 
 
 def apply(func: Callable, options: list[Callable]) -> Callable:
@@ -116,16 +128,17 @@ PARSERS: dict[str, Callable[[Any], Any]] = {}  # field -> parser of its command-
 
 
 def settings(cls: type, kw: dict[str, Any]) -> dict[str, Any]:
-    """Pop the options of dataclass `cls` from `kw` and parse them into field values (absent
-    and unset text options keep the field's default)."""
+    """Pop the options of dataclass `cls` from `kw` and parse them into option values by
+    keyword (absent and unset text options keep the field's default)."""
     values = {}
     for f in fields(cls):
-        if f.name in kw:
-            value = kw.pop(f.name)
-            if f.name in PARSERS:
-                value = PARSERS[f.name](value)
+        key = key_of(f)
+        if "option" in f.metadata and key in kw:
+            value = kw.pop(key)
+            if key in PARSERS:
+                value = PARSERS[key](value)
             if value is not None or f.default is None:
-                values[f.name] = value
+                values[key] = value
     return values
 
 
@@ -135,12 +148,17 @@ DATA_OPTIONS = [option_of(DataOptions, name) for name in
 
 def data_options(func: Callable) -> Callable:
     """Options that say how to read or synthesise input data, and the device."""
-    return apply(func, [*DATA_OPTIONS, option_of(CompressConfig, "device")])
+    return apply(func, [*DATA_OPTIONS, option_of(Measurement, "device")])
 
 
 def _data(kw: dict[str, Any]) -> DataOptions:
     """The data options given on the command line (popped from `kw`)."""
-    return DataOptions(**settings(DataOptions, kw))
+    return DataOptions(**{KEYS[k][1]: v for k, v in settings(DataOptions, kw).items()})
+
+
+def _log_progress(quiet: bool):
+    """In a log (stderr not a terminal), a progress line at least every ~10 s."""
+    return heartbeat() if not quiet and not sys.stderr.isatty() else contextlib.nullcontext()
 
 
 def _note(message: str, quiet: bool) -> None:
@@ -194,27 +212,29 @@ def rd_options(func: Callable) -> Callable:
     """Options that shape the R-D measurement (shared by compress and calibrate)."""
     names = ("criterion", "metric", "reconstruct", "sequential", "damp", "channel_axis", "grid",
              "min_params", "include", "exclude", "simplify")
-    return apply(func, [*(option_of(CompressConfig, n) for n in names), CALIB,
-                        option_of(VerifyOptions, "holdout"), VERIFY,
-                        option_of(CompressConfig, "replay_mb")])
+    return apply(func, [*(config_option(n) for n in names), CALIB,
+                        config_option("holdout"), VERIFY,
+                        *(config_option(n) for n in ("replay_mb", "jobs", "downstream"))])
 
 
 def _config(kw: dict[str, Any]) -> CompressConfig:
     """The settings given on the command line (popped from `kw`); the rest keep defaults."""
-    data = _data(kw)
-    verify = VerifyOptions(**settings(VerifyOptions, kw))
-    return CompressConfig(**settings(CompressConfig, kw), data=data, verify=verify)
+    values = {}
+    for cls in (CompressConfig, *GROUPS.values(), *METHOD_OPTIONS.values()):
+        values.update(settings(cls, kw))
+    return CompressConfig.of(**values)
 
 
 COMPRESS_OPTIONS = [
-    *(option_of(CompressConfig, n) for n in
-      ("rate", "max_distortion", "min_agreement", "bits_per_weight", "min_score", "max_drop")),
-    *(option_of(VerifyOptions, n) for n in ("eval", "confidence", "allow_synthetic")),
+    *(config_option(n) for n in ("rate", "max_distortion", "min_agreement", "bits_per_weight",
+                                 "min_score", "max_drop", "eval", "confidence",
+                                 "allow_synthetic")),
     click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
                  help="Output file [default: <model>.rdonnx, or <model>.pruned.onnx for dense "
                  "and sparse, beside the input]."),
-    *(option_of(CompressConfig, n) for n in
-      ("format", "values", "value_bits", "value_budget", "quantizer", "rdoq", "lossless_unpruned",
+    *(config_option(n) for n in
+      ("format", "values", "value_bits", "value_budget", "quantizer", "rdoq", "bias_correction",
+       "lossless_unpruned",
        "pattern", "method", "solver", "normalize", "pqi_p", "pqi_q", "pqi_eta", "pqi_gamma",
        "pqi_mode", "granularity", "budget", "hsic_samples", "hsic_beta")),
     click.option("--curves", "curves_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -223,7 +243,8 @@ COMPRESS_OPTIONS = [
     click.option("--test", "test_data", type=click.Path(path_type=Path), default=None,
                  help="Labelled .npz to report accuracy before and after (with --labels)."),
     click.option("--labels", default=None, help="Key of the labels array in --test data."),
-    option_of(CompressConfig, "layer_distortion"),
+    config_option("layer_distortion"),
+    config_option("adaptive"),
     click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
                  help="Write the JSON report here."),
     click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
@@ -266,7 +287,7 @@ def compress_cmd(model: Path, output: Path | None, report_path: Path | None,
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
     output = output or model.with_name(
-        model.stem + (".rdonnx" if config.format == "rdonnx" else ".pruned.onnx"))
+        model.stem + (".rdonnx" if config.coding.format == "rdonnx" else ".pruned.onnx"))
     paths = [p for p in (output, report_path, plot_path) if p is not None]
     if len({p.resolve() for p in paths}) < len(paths):
         raise UsageError("-o, --report and --plot must name different files")
@@ -274,11 +295,15 @@ def compress_cmd(model: Path, output: Path | None, report_path: Path | None,
         check_output(path, model, force)
     if curves_path is not None and not grid_given:  # the grid the curves were measured on
         grid = ",".join(str(d) for d in Curves.load(curves_path).grid)
-        config = replace(config, grid=_grid(grid))
+        config = config.updated(grid=_grid(grid))
     frontier = PLOT_RATES if plot_path is not None else ()
-    result = compress(model, calib=calib, test=test_data, labels=labels, curves=curves_path,
-                      config=config, quiet=quiet, frontier=frontier, verify=verify)
-    result.save(output, config.format, force=force)
+    with _log_progress(quiet):
+        result = compress(model, calib=calib, test=test_data, labels=labels,
+                          curves=curves_path, config=config, quiet=quiet, frontier=frontier,
+                          verify=verify)
+        with Stages(result.report.timings).stage("save"):
+            result.save(output, config.coding.format, force=force)
+        result.report.timings["save"] = round(result.report.timings["save"], 3)
     for notice in result.report.notices:
         _note(notice, quiet)
     if report_path is not None:
@@ -309,7 +334,8 @@ def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bo
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
     check_output(output, model, force)
-    curves = calibrate(model, calib=calib, config=config, quiet=quiet, verify=verify)
+    with _log_progress(quiet):
+        curves = calibrate(model, calib=calib, config=config, quiet=quiet, verify=verify)
     write_text(output, curves.to_json())
     if not quiet:
         click.echo(f"rdonnx: {len(curves.distortion)} curves x {len(curves.grid)} densities "
@@ -318,9 +344,9 @@ def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bo
 
 @cli.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@option_of(CompressConfig, "min_params", help="Smallest weight (elements) counted as prunable.")
-@option_of(CompressConfig, "include", help="Also list these tensors.")
-@option_of(CompressConfig, "exclude", help="Leave these tensors out.")
+@option_of(Selection, "min_params", help="Smallest weight (elements) counted as prunable.")
+@option_of(Selection, "include", help="Also list these tensors.")
+@option_of(Selection, "exclude", help="Leave these tensors out.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--suggest-rate", is_flag=True,
               help="Also print a data-free --rate: the PQ index fixed-point density.")
@@ -362,7 +388,7 @@ def inspect_cmd(model: Path, min_params: int, include: tuple[str, ...],
               help="Inputs (.npz or folder of .npz feeds). Default: synthetic inputs.")
 @click.option("--labels", default=None, help="Key of the labels array in --data: reports "
               "accuracy.")
-@option_of(CompressConfig, "metric", help="The distortion that --fail-above checks.")
+@option_of(Measurement, "metric", help="The distortion that --fail-above checks.")
 @click.option("--fail-above", type=float, default=None,
               help="Exit 3 when the distortion exceeds this bound (for CI).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")

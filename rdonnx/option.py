@@ -15,7 +15,8 @@ class OptionSpec:
     """How one setting appears on the command line."""
 
     help: str
-    flag: str | None = None  # default: --field-name
+    key: str | None = None  # its keyword in `CompressConfig.of` and the CLI; default: the field
+    flag: str | None = None  # default: --key (underscores as dashes)
     choices: Sequence[str] | None = None
     metavar: str | None = None
     value_type: type | None = None  # default: the type of the default value
@@ -23,7 +24,6 @@ class OptionSpec:
     multiple: bool = False  # repeatable; the field holds a tuple
     negate: bool = False  # a flag that sets a True-by-default setting to False (--no-x)
     show_default: bool = True
-    cli_default: Any = None  # what the option passes when absent, if not the field's default
 
 
 def option(default: Any = None, help: str = "", *, factory: Callable[[], Any] | None = None,
@@ -33,6 +33,12 @@ def option(default: Any = None, help: str = "", *, factory: Callable[[], Any] | 
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def key_of(field: dataclasses.Field) -> str:
+    """The keyword of a settings field (`OptionSpec.key`, else the field's name)."""
+    spec = field.metadata.get("option")
+    return spec.key if spec is not None and spec.key else field.name
 
 
 def spec_of(cls: type, name: str) -> tuple[OptionSpec, Any]:

@@ -15,9 +15,9 @@ import pytest
 from _graphs import if_model, make_model, ort_run, tiny_mlp, vi
 from onnx import TensorProto, helper
 
-from rdonnx.algo.layout import LayerInput, SecondMoments
+from rdonnx.algo.layout import LayerInput, SecondMoments, output_shift
 from rdonnx.flow.curves import exposed_tensors, record
-from rdonnx.graph.layers import layer_inputs, output_axes
+from rdonnx.graph.layers import layer_biases, layer_inputs, output_axes
 from rdonnx.graph.model import load_model
 from rdonnx.graph.weights import find_weights
 from rdonnx.runtime.data import DataOptions, input_specs, make_batches
@@ -461,3 +461,74 @@ def test_output_axes_follow_the_layer_rows_and_default_to_axis_0():
     model = load_model(proto)
     weights = find_weights(model, min_params=1, include=["b"])
     assert output_axes(model, weights) == {"W": 0, "b": None}
+
+
+@pytest.mark.parametrize("attrs", [dict(pads=[1, 1, 1, 1], group=4), dict(strides=[2, 2]),
+                                   dict(auto_pad="SAME_UPPER", group=2)])
+def test_output_shift_is_the_change_of_the_conv_output_mean(attrs):
+    """Bias correction's figure: E[y'] - E[y] per output channel of a Conv (padding, strides,
+    groups), from the measured E[x] of each (channel, kernel position), equals the mean change
+    ONNX Runtime measures when the weight changes by delta."""
+    rng = _rng(11)
+    groups = attrs.get("group", 1)
+    w = rng.standard_normal((8, 4 // groups, 3, 3)).astype(np.float32)
+    delta = (rng.standard_normal(w.shape) * 0.1).astype(np.float32)
+    x = (rng.standard_normal((5, 4, 7, 7)) + np.arange(1, 5)[None, :, None, None]).astype(
+        np.float32)  # channels of different means
+    node = helper.make_node("Conv", ["x", "W"], ["y"], **attrs)
+    proto = make_model([node], [vi("x", F, ["N", 4, 7, 7])], [_y()], {"W": w})
+    entry = _inputs(proto)["W"]
+    acc = SecondMoments(entry)
+    acc.add_batch(x[:2])
+    acc.add_batch(x[2:])
+    got = output_shift(delta, acc.means(w.shape), entry.row_axis)
+
+    def mean_out(weight):
+        p = make_model([node], [vi("x", F, ["N", 4, 7, 7])], [_y()], {"W": weight})
+        return ort_run(p, {"x": x})[0].astype(np.float64).mean(axis=(0, 2, 3))
+
+    np.testing.assert_allclose(got, mean_out(w + delta) - mean_out(w), rtol=1e-4, atol=1e-5)
+    assert np.abs(got).max() > 0.1  # the shift is not trivially zero
+
+
+def test_output_shift_of_a_matmul_and_the_biases_found():
+    """MatMul [K, N] + Add: the shift per output column; `layer_biases` finds the Add's
+    constant and Gemm's C, and skips a MatMul whose output has two users and an Add whose
+    other input is no constant."""
+    rng = _rng(12)
+    arrays = {"W": rng.standard_normal((6, 5)).astype(np.float32),
+              "b": rng.standard_normal(5).astype(np.float32),
+              "G": rng.standard_normal((3, 5)).astype(np.float32),
+              "c": rng.standard_normal((1, 3)).astype(np.float32),
+              "V": rng.standard_normal((3, 2)).astype(np.float32),
+              "s": rng.standard_normal(2).astype(np.float32),
+              "U": rng.standard_normal((2, 2)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h0"]),
+             helper.make_node("Add", ["b", "h0"], ["h"]),
+             helper.make_node("Gemm", ["h", "G", "c"], ["g"], transB=1),
+             helper.make_node("MatMul", ["g", "V"], ["v"]),
+             helper.make_node("Add", ["v", "s"], ["v1"]),
+             helper.make_node("Add", ["v", "s"], ["v2"]),  # V's output has two users
+             helper.make_node("MatMul", ["v1", "U"], ["u"]),
+             helper.make_node("Add", ["u", "v2"], ["y"])]  # U's "bias" is no constant
+    proto = make_model(nodes, [vi("x", F, ["N", 6])], [_y()], arrays)
+    model = load_model(proto)
+    weights = find_weights(model, min_params=1)
+    found = {w: b.name for w, b in layer_biases(model, weights).items()}
+    assert found == {"W": "b", "G": "c"}
+    entry = layer_inputs(model, weights)["W"]
+    x = (rng.standard_normal((40, 6)) + 2.0).astype(np.float32)
+    acc = SecondMoments(entry)
+    acc.add_batch(x)
+    delta = rng.standard_normal(arrays["W"].shape)
+    np.testing.assert_allclose(output_shift(delta, acc.means(arrays["W"].shape), 1),
+                               (x.astype(np.float64) @ delta).mean(axis=0), rtol=1e-9)
+    # an unrolled recurrent layer: one weight, two steps, the same bias after each
+    shared = {"R": arrays["W"][:5], "r": arrays["b"]}
+    nodes = [helper.make_node("MatMul", ["x", "R"], ["a0"]),
+             helper.make_node("Add", ["a0", "r"], ["a"]),
+             helper.make_node("MatMul", ["a", "R"], ["c0"]),
+             helper.make_node("Add", ["c0", "r"], ["y"])]
+    model = load_model(make_model(nodes, [vi("x", F, ["N", 5])], [_y()], shared))
+    found = layer_biases(model, find_weights(model, min_params=1))
+    assert {w: b.name for w, b in found.items()} == {"R": "r"}

@@ -586,3 +586,14 @@ def test_the_sweep_is_sparsegpt_fasterprune():
     got = obs._sweep(W, H, torch.zeros(12, 40, dtype=torch.bool), None, (2, 4), step, levels,
                      16, 0.01)
     np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5 * step)
+
+
+def test_reconstruction_device_follows_what_torch_can_use(monkeypatch):
+    import torch
+
+    from rdonnx.algo.obs import torch_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert torch_device("cuda") == "cpu" and torch_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert torch_device("cuda") == "cuda"

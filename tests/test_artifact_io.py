@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from rdonnx.artifact.parallel import decode_all
 from rdonnx.graph.model import tensor_slots
 
 GRID = (1.0, 0.5, 0.2, 0.1, 0.05)
-CONFIG = rdonnx.CompressConfig(layer_distortion=False, grid=GRID)
+CONFIG = rdonnx.CompressConfig.of(layer_distortion=False, grid=GRID)
 FAST_CLI = ["--no-layer-distortion", "--grid", ",".join(map(str, GRID)), "--quiet"]
 
 
@@ -58,7 +57,7 @@ def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def _compress(case, rate: float = 0.3, **overrides):
     return rdonnx.compress(case.path, rate=rate, calib=case.calib,
-                           config=replace(CONFIG, **overrides))
+                           config=CONFIG.updated(**overrides))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,14 +203,18 @@ def test_value_bits_reported(mlp, tmp_path):
     result.save(path)
     manifest = read_artifact(path).manifest
     assert manifest["metrics"]["value_bits"] == 8
-    assert manifest["settings"]["value_bits"] == 8
+    assert manifest["settings"]["coding"]["value_bits"] == 8
     plain = _compress(mlp, value_bits=8, rdoq=False)  # the fitted grid, nearest levels
     for name, q in plain.quantized.items():  # 8-bit levels, no worse than the unclipped grid
         assert int(np.abs(q.q).max()) <= 127
         pruned = plain.pruned[name]
         unclipped = quantize(pruned, 8).values(np.float32)
         assert np.sum((q.values(np.float32) - pruned) ** 2) <= np.sum((unclipped - pruned) ** 2)
-    assert {t["encoding"] for t in manifest["tensors"]} == {"quantized"}
+    encodings = {t["name"]: t["encoding"] for t in manifest["tensors"]}
+    assert {encodings[n] for n in result.quantized} == {"quantized"}
+    # the rest are the biases that bias correction changed, stored exactly
+    assert {n for n, e in encodings.items() if e != "quantized"} == \
+        set(result.weights) - set(result.quantized)
     # 8 bits: the values stream costs more than at the automatic (fewer) bits
     auto = _compress(mlp)
     assert auto.report.value_bits < 8
@@ -292,7 +295,7 @@ def test_identical_files_across_processes(bundled_cnn, tmp_path):
     """Another interpreter with another hash seed writes the same bytes."""
     script = (
         "import sys, rdonnx\n"
-        f"config = rdonnx.CompressConfig(layer_distortion=False, grid={GRID!r})\n"
+        f"config = rdonnx.CompressConfig.of(layer_distortion=False, grid={GRID!r})\n"
         "rdonnx.compress(sys.argv[1], rate=0.3, calib=sys.argv[2], config=config)"
         ".save(sys.argv[3])\n")
     here = tmp_path / "here.rdonnx"
@@ -378,7 +381,8 @@ def test_cli_compress_inspect_decompress_evaluate(cli, tmp_path):
     assert listing(tmp_path) == ["digits_mlp.onnx", "digits_mlp.rdonnx"]
     assert artifact.read_bytes()[:8] == MAGIC
     manifest = read_artifact(artifact).manifest
-    assert manifest["settings"]["rate"] == 0.3 and manifest["settings"]["format"] == "rdonnx"
+    assert manifest["settings"]["target"]["rate"] == 0.3 and \
+        manifest["settings"]["coding"]["format"] == "rdonnx"
 
     run = cli("inspect", artifact)
     assert run.code == 0, run.err
@@ -447,7 +451,8 @@ def test_quantize_reference_matches_artifact_levels(mlp, tmp_path):
     """The artifact's levels are the fitted grid's (`grids.choose`), RD-rounded, of the pruned
     weights; without RDOQ plain rounding on that grid."""
     for rdoq in (False, True):
-        result = _compress(mlp, value_bits=6, rdoq=rdoq)
+        # no bias correction: no layer-input moments, so `grids.choose` is unweighted
+        result = _compress(mlp, value_bits=6, rdoq=rdoq, bias_correction=False)
         for name, pruned in result.pruned.items():
             grid = grids.choose(pruned, 6, 1)  # MatMul [in, out]: output channels on axis 1
             q = grids.round_to(pruned, grid, 6)

@@ -193,7 +193,7 @@ def artifacts(tmp_path_factory) -> tuple[bytes, bytes]:
     folder = tmp_path_factory.mktemp("fuzz")
     blobs = []
     for values in ("auto", "exact"):
-        config = rdonnx.CompressConfig(rate=0.2, method="uniform", layer_distortion=False,
+        config = rdonnx.CompressConfig.of(rate=0.2, method="uniform", layer_distortion=False,
                                        values=values, format="rdonnx")
         result = rdonnx.compress(MODELS / "digits_mlp.onnx", calib=MODELS / "digits_calib.npz",
                                  config=config)
@@ -293,7 +293,7 @@ def test_a_surp_scale_that_overflows_is_refused(tmp_path, capsys):
     model.ir_version = 8
     calib = tmp_path / "c.npz"
     np.savez(calib, x=rng.standard_normal((64, 32)).astype(np.float32))
-    result = rdonnx.compress(model, calib=calib, config=rdonnx.CompressConfig(
+    result = rdonnx.compress(model, calib=calib, config=rdonnx.CompressConfig.of(
         rate=0.3, method="surp", layer_distortion=False))
     good = tmp_path / "good.rdonnx"
     result.save(good)

@@ -364,7 +364,7 @@ def test_inspect_bad_input(cli, bad_files, tmp_path):
 def pruned_cnn(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cli_eval") / "pruned.onnx"
     rdonnx.compress(CNN, rate=0.3, calib=CALIB,
-                    config=rdonnx.CompressConfig(rate=0.3, layer_distortion=False)).save(path)
+                    config=rdonnx.CompressConfig.of(rate=0.3, layer_distortion=False)).save(path)
     return path
 
 
@@ -491,14 +491,14 @@ def test_console_script(tmp_path, pruned_cnn):
 
 def test_option_defaults_come_from_the_settings_dataclasses():
     """Every CLI option of a setting takes its default from the one place it is written."""
-    from dataclasses import fields
-
     from rdonnx.cli import cli
-    from rdonnx.flow.config import CompressConfig
-    from rdonnx.runtime.data import DataOptions
+    from rdonnx.flow.config import DEFAULTS, GROUPS, KEYS
+    from rdonnx.flow.methods.options import METHOD_OPTIONS
 
-    defaults = {f.name: getattr(cls(), f.name) for cls in (CompressConfig, DataOptions)
-                for f in fields(cls) if "option" in f.metadata}
+    defaults = {key: getattr(getattr(DEFAULTS, owner) if owner in GROUPS
+                             else METHOD_OPTIONS[owner](), name)
+                for key, (owner, name) in KEYS.items()}
+    defaults["method"] = DEFAULTS.method
     seen = 0
     for command in cli.commands.values():
         values = command.make_context(command.name, [], resilient_parsing=True).params

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +21,21 @@ from rdonnx.flow.curves import (
     CURVES_VERSION,
     Curves,
     check_grid,
+    coarse_indices,
+    interpolated,
     measure_curves,
     record,
+    refinement,
 )
 from rdonnx.graph.model import load_model
 from rdonnx.graph.weights import find_weights
 from rdonnx.runtime.data import DataOptions, input_specs, make_batches
 from rdonnx.runtime.measure import Replay
+from rdonnx.runtime.probe import Prober
 from rdonnx.runtime.session import Runner
 
 GRID = (1.0, 0.5, 0.2, 0.05)
+ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------------
 # check_grid
@@ -81,7 +85,8 @@ def tiny():
     replay, moments, data_digest = record(runner, batches, {})
     originals = {n: arrays[n] for n in ("W1", "W2")}
     rankings = {n: Ranking(magnitude(a)) for n, a in originals.items()}
-    curves = measure_curves(runner, replay, weights, _variant(originals, rankings), GRID, "nmse")
+    curves = measure_curves(Prober(runner, replay), weights, _variant(originals, rankings), GRID,
+                            "nmse")
     return dict(proto=proto, arrays=arrays, x=x, replay=replay, moments=moments,
                 digest=data_digest, curves=curves, weights=weights, runner=runner,
                 originals=originals, rankings=rankings)
@@ -132,7 +137,7 @@ def test_curve_equals_the_distortion_of_pruning_that_weight_alone(tiny):
 
 def test_curves_on_another_metric(tiny):
     """The metric argument is the one measured: cosine differs from nmse at the same points."""
-    cosine = measure_curves(tiny["runner"], tiny["replay"], tiny["weights"],
+    cosine = measure_curves(Prober(tiny["runner"], tiny["replay"]), tiny["weights"],
                             _variant(tiny["originals"], tiny["rankings"]), GRID, "cosine")
     assert cosine["W1"][0] == 0.0
     assert cosine["W1"][1:] != tiny["curves"]["W1"][1:]
@@ -154,7 +159,7 @@ def curves():
     proto, arrays = tiny_mlp(seed=7)
     x = np.random.default_rng(8).standard_normal((12, 8)).astype(np.float32)
     return rdonnx.calibrate(proto, calib={"x": x},
-                            config=CompressConfig(grid=GRID, min_params=1))
+                            config=CompressConfig.of(grid=GRID, min_params=1))
 
 
 def test_curves_json_round_trip(curves, tmp_path):
@@ -281,7 +286,7 @@ def test_record_with_a_small_budget_spills_and_curves_do_not_change(tiny):
     replay, _, data_digest = record(runner, batches, {}, replay_bytes=100)
     assert replay._folder is not None and replay._bytes <= 100
     assert data_digest == tiny["digest"]
-    curves = measure_curves(runner, replay, weights,
+    curves = measure_curves(Prober(runner, replay), weights,
                             _variant(tiny["originals"], tiny["rankings"]), GRID, "nmse")
     assert curves == tiny["curves"]
 
@@ -290,13 +295,70 @@ def test_compress_with_no_replay_memory_gives_identical_results(tmp_path):
     """replay_mb=0 spills every batch; the pruned model and its report do not change."""
     proto, _ = tiny_mlp(seed=11)
     x = np.random.default_rng(12).standard_normal((40, 8)).astype(np.float32)
-    config = CompressConfig(grid=GRID, min_params=1, layer_distortion=False,
+    config = CompressConfig.of(grid=GRID, min_params=1, layer_distortion=False,
                             data=DataOptions(batch_size=8), format="dense")
     outputs = []
     for mb in (512, 0):
         result = rdonnx.compress(proto, calib={"x": x}, rate=0.3,
-                                 config=replace(config, replay_mb=mb))
+                                 config=config.updated(replay_mb=mb))
         result.save(tmp_path / f"{mb}.onnx")
         outputs.append(((tmp_path / f"{mb}.onnx").read_bytes(), result.report.calibration,
                         result.curves.distortion))
     assert outputs[0] == outputs[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The adaptive grid
+
+
+TWENTY = tuple(float(f"{0.002 ** (i / 19):.3g}") for i in range(20))
+
+
+def test_coarse_pass_takes_every_third_point_and_both_ends():
+    assert coarse_indices(TWENTY, 3) == [0, 3, 6, 9, 12, 15, 18, 19]
+    assert coarse_indices((1.0, 0.5), 3) == [0, 1]
+
+
+def test_unmeasured_points_are_linear_in_density_between_measured_neighbours():
+    grid = (1.0, 0.8, 0.5, 0.2)
+    curve = interpolated(grid, {0: 0.0, 2: 0.3, 3: 0.9})
+    assert curve[0] == 0.0 and curve[2] == 0.3 and curve[3] == 0.9
+    assert curve[1] == pytest.approx(0.3 * (1.0 - 0.8) / (1.0 - 0.5))
+
+
+@pytest.mark.parametrize("density,expected", [
+    (0.3, [4, 5]),  # between measured 3 (0.4) and 6 (0.1): the points between
+    (0.4, [1, 2, 4, 5]),  # on a measured point: both neighbouring gaps
+    (1.0, [1, 2]),
+    (0.05, []),  # below the last gap's points, all measured
+])
+def test_refinement_measures_the_points_around_the_chosen_density(density, expected):
+    grid = (1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1, 0.05)
+    assert refinement(grid, [0, 3, 6, 7], density) == expected
+
+
+@pytest.fixture(scope="module")
+def adaptive_pair():
+    """digits_cnn at rate 0.3 on the default 20-point grid: adaptive and full."""
+    config = CompressConfig.of(rate=0.3, layer_distortion=False, format="dense")
+    model, calib = ROOT / "models/digits_cnn.onnx", ROOT / "models/digits_calib.npz"
+    return (rdonnx.compress(model, calib=calib, config=config),
+            rdonnx.compress(model, calib=calib, config=config.updated(adaptive=False)))
+
+
+def test_adaptive_grid_measures_fewer_points_and_lands_within_5_percent(adaptive_pair):
+    adaptive, full = adaptive_pair
+    assert full.curves.measured == {}
+    measured = sum(len(v) for v in adaptive.curves.measured.values())
+    assert 0 < measured < 0.7 * len(TWENTY) * len(full.curves.distortion)
+    for name, indices in adaptive.curves.measured.items():  # measured points are exact
+        for i in indices:
+            assert adaptive.curves.distortion[name][i] == full.curves.distortion[name][i]
+    a, f = adaptive.report.calibration.nmse, full.report.calibration.nmse
+    assert abs(a - f) <= 0.05 * f
+
+
+def test_adaptive_curves_round_trip_with_their_measured_points(adaptive_pair, tmp_path):
+    curves = adaptive_pair[0].curves
+    (tmp_path / "c.json").write_text(curves.to_json())
+    assert Curves.load(tmp_path / "c.json").measured == curves.measured

@@ -3,7 +3,6 @@ container, and the CLI."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,11 @@ from rdonnx.algo.kmeans import kmeans_quantize, weighted_error
 from rdonnx.artifact.format import FormatError, read_artifact
 from rdonnx.artifact.parallel import decode_all
 from rdonnx.artifact.sizes import stream_bits
-from rdonnx.choices import VerifyOptions
 from rdonnx.flow.calibration import calibrate_model
 
 GRID = (1.0, 0.5, 0.2, 0.1, 0.05)
 # all 32 calibration samples fit and check (the held-out part: tests/test_flow_verify.py)
-CONFIG = rdonnx.CompressConfig(layer_distortion=False, grid=GRID,
-                               verify=VerifyOptions(holdout=0.0))
+CONFIG = rdonnx.CompressConfig.of(layer_distortion=False, grid=GRID, holdout=0.0)
 FAST_CLI = ["--no-layer-distortion", "--grid", ",".join(map(str, GRID)), "--quiet"]
 
 
@@ -44,12 +41,16 @@ def _check_artifact(result, path: Path, feed: dict[str, np.ndarray], tmp_path: P
     result.save(path)
     artifact = read_artifact(path)
     decoded = decode_all(artifact)
-    assert set(decoded) == set(result.quantized)
+    assert set(decoded) == set(result.weights)  # the codebooks and the corrected biases
     for name, q in result.quantized.items():
         assert q.codebook is not None
         assert decoded[name].tobytes() == result.weights[name].tobytes() == \
             q.values(result.weights[name].dtype).tobytes()
-    assert {t["encoding"] for t in artifact.manifest["tensors"]} == {"codebook"}
+    encodings = {t["name"]: t["encoding"] for t in artifact.manifest["tensors"]}
+    assert {encodings[n] for n in result.quantized} == {"codebook"}
+    for name in set(result.weights) - set(result.quantized):  # biases, exact
+        assert encodings[name] == "exact"
+        assert decoded[name].tobytes() == result.weights[name].tobytes()
     expected = _ort(result.model, feed)
     _same(rdonnx.open_session(path).run(None, feed), expected)
     _same(_ort(rdonnx.load(path), feed), expected)
@@ -67,8 +68,8 @@ def test_gao_same_density_in_every_layer(cnn, tmp_path):
     result = rdonnx.compress(cnn.path, rate=0.3, calib=cnn.calib, method="gao", config=CONFIG)
     report = result.report
     assert report.method == "gao" and report.criterion == "activation"
-    assert report.settings["criterion"] == "activation"
-    assert report.settings["quantizer"] == "kmeans"
+    assert report.settings["prune"]["criterion"] == "activation"
+    assert report.settings["coding"]["quantizer"] == "kmeans"
     for w in report.weights:
         assert abs(w.kept - 0.3 * w.params) <= 1, (w.name, w.kept, w.params)
         assert w.criterion == "activation"
@@ -81,8 +82,8 @@ def test_gao_uses_activation_weighted_codebooks(mlp):
     """The codebooks compress measured are the activation-weighted ones: lower weighted error
     than plain k-means on the same survivors, with E[x^2] as the weights."""
     result = rdonnx.compress(mlp.path, rate=0.5, calib=mlp.calib, method="gao",
-                             config=replace(CONFIG, value_bits=3))
-    cal = calibrate_model(mlp.path, replace(CONFIG, criterion="activation",
+                             config=CONFIG.updated(value_bits=3))
+    cal = calibrate_model(mlp.path, CONFIG.updated(criterion="activation",
                                                             quantizer="kmeans"), mlp.calib)
     assert set(cal.importance) == {w.name for w in result.report.weights}
     for name, q in result.quantized.items():
@@ -97,9 +98,9 @@ def test_gao_uses_activation_weighted_codebooks(mlp):
 
 def test_gao_with_exact_values_is_uniform_activation_pruning(mlp):
     result = rdonnx.compress(mlp.path, rate=0.3, calib=mlp.calib, method="gao",
-                             config=replace(CONFIG, format="dense"))
+                             config=CONFIG.updated(format="dense"))
     assert not result.quantized and result.report.criterion == "activation"
-    assert result.report.settings["quantizer"] == "uniform"
+    assert result.report.settings["coding"]["quantizer"] == "uniform"
 
 
 @pytest.mark.parametrize("target", [{"max_distortion": 0.05}, {"min_agreement": 0.9},
@@ -127,7 +128,7 @@ def test_gao_meets_other_targets(mlp, target):
 def test_kmeans_quantizer_rd_method_and_extras(int64_model, tmp_path):
     """rd allocation with k-means values; the unpruned embedding gets a plain codebook."""
     result = rdonnx.compress(int64_model.path, rate=0.3, calib=int64_model.calib,
-                             config=replace(CONFIG, quantizer="kmeans"))
+                             config=CONFIG.updated(quantizer="kmeans"))
     assert "embedding" in result.quantized and result.report.value_bits is not None
     assert any("plain k-means" in n and "embedding" in n for n in result.report.notices)
     _check_artifact(result, tmp_path / "k.rdonnx", calib_feed(int64_model), tmp_path)
@@ -136,7 +137,7 @@ def test_kmeans_quantizer_rd_method_and_extras(int64_model, tmp_path):
 def test_kmeans_joint_bits_budget(mlp):
     """The joint (density, bits) allocation prices k-means codebooks; the budget holds."""
     result = rdonnx.compress(mlp.path, bits_per_weight=2.5, calib=mlp.calib,
-                             config=replace(CONFIG, quantizer="kmeans"))
+                             config=CONFIG.updated(quantizer="kmeans"))
     assert all(q.codebook is not None for q in result.quantized.values())
     bits = sum(stream_bits(result.quantized[w.name], None)
                for w in result.report.weights)
@@ -148,11 +149,11 @@ def test_value_curves_are_not_reused_across_quantizers(mlp, tmp_path):
     uniform = rdonnx.compress(mlp.path, bits_per_weight=2.5, calib=mlp.calib, config=CONFIG)
     assert uniform.curves.values_quantizer == "uniform" and uniform.curves.values
     kmeans = rdonnx.compress(mlp.path, bits_per_weight=2.5, calib=mlp.calib,
-                             curves=uniform.curves, config=replace(CONFIG, quantizer="kmeans"))
+                             curves=uniform.curves, config=CONFIG.updated(quantizer="kmeans"))
     assert kmeans.curves.values_quantizer == "kmeans"
     assert kmeans.curves.values != uniform.curves.values
     again = rdonnx.compress(mlp.path, bits_per_weight=2.5, calib=mlp.calib,
-                            curves=kmeans.curves, config=replace(CONFIG, quantizer="kmeans"))
+                            curves=kmeans.curves, config=CONFIG.updated(quantizer="kmeans"))
     assert again.curves is kmeans.curves  # same quantizer: reused as they are
     saved = tmp_path / "curves.json"
     saved.write_text(kmeans.curves.to_json())
@@ -162,7 +163,7 @@ def test_value_curves_are_not_reused_across_quantizers(mlp, tmp_path):
 def test_kmeans_not_worse_than_uniform_on_a_layer(mlp):
     """Same model, rate and bits: each k-means layer has no larger weighted error."""
     runs = {q: rdonnx.compress(mlp.path, rate=0.3, calib=mlp.calib, criterion="activation",
-                               method="uniform", config=replace(CONFIG, value_bits=4,
+                               method="uniform", config=CONFIG.updated(value_bits=4,
                                                                 quantizer=q))
             for q in ("uniform", "kmeans")}
     for name, pruned in runs["kmeans"].pruned.items():

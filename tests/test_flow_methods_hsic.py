@@ -129,7 +129,7 @@ def test_widths_keep_the_quadratic_budget_and_floor():
 
 
 def _cfg(**kw) -> CompressConfig:
-    return CompressConfig(values="exact", layer_distortion=False, format="dense", **kw)
+    return CompressConfig.of(values="exact", layer_distortion=False, format="dense", **kw)
 
 
 def test_compress_hsic_on_test_models(mlp, cnn):
@@ -142,7 +142,7 @@ def test_compress_hsic_on_test_models(mlp, cnn):
                             config=_cfg(rate=0.3, method="hsic", budget="flops",
                                         hsic_samples=16))
     assert any("multiply-accumulates" in n for n in flops.report.notices)
-    assert flops.report.settings["budget"] == "flops"
+    assert flops.report.settings["method_options"]["budget"] == "flops"
 
 
 def test_cli_compress_hsic_bundled(cli, tmp_path):
@@ -151,10 +151,10 @@ def test_cli_compress_hsic_bundled(cli, tmp_path):
               "--no-layer-distortion", "-o", tmp_path / "c.onnx", "--report", tmp_path / "c.json")
     assert run.code == 0, run.err
     report = json.loads((tmp_path / "c.json").read_text())
-    assert report["method"] == "hsic" and report["settings"]["budget"] == "flops"
+    assert report["method"] == "hsic" and report["settings"]["method_options"]["budget"] == "flops"
     config = _cfg(rate=0.2, method="hsic", budget="flops")
     cal = calibrate_model(CNN, config, CALIB, consumers=True)
-    costs = hsic_prepare(cal, config, Allocation({}))[1].costs
+    costs = hsic_prepare(cal, config.method_options, Allocation({}))[1].costs
     conv = next(w for w in cal.weights if w.name == "3.weight")
     assert costs["3.weight"] > conv.size  # MACs: the weight times its output positions
     spent = sum(costs[w["name"]] * w["density"] for w in report["weights"])
@@ -207,7 +207,7 @@ def _folded_model() -> bytes:
 def test_outputs_without_a_batch_axis_get_the_median_importance():
     x = np.random.default_rng(4).standard_normal((64, 4, 32)).astype(np.float32)
     result = rdonnx.compress(_folded_model(), rate=0.3, method="hsic", calib={"x": x},
-                             config=CompressConfig(layer_distortion=False, format="dense",
+                             config=CompressConfig.of(layer_distortion=False, format="dense",
                                                    simplify=False))
     assert any("1 weight(s) without an observable output" in n for n in result.report.notices)
     assert result.report.rate == pytest.approx(0.3, abs=0.005)

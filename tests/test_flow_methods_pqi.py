@@ -154,7 +154,7 @@ def test_suggest_rate_is_size_weighted_fixed_point(laplace, gauss):
 
 
 def _cfg(**kw) -> CompressConfig:
-    return CompressConfig(values="exact", layer_distortion=False, format="dense", **kw)
+    return CompressConfig.of(values="exact", layer_distortion=False, format="dense", **kw)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(pqi_mode="single"), dict(granularity="neuron"),
@@ -182,7 +182,7 @@ def test_config_refuses_bad_pqi_settings():
                         (dict(method="rd", pqi_p=0.3), "--method pqi only"),
                         (dict(method="pqi", granularity="neuron", criterion="obs"), "neuron")):
         with pytest.raises(UsageError, match=pattern):
-            CompressConfig(rate=0.5, **kw).check()
+            CompressConfig.of(rate=0.5, **kw).check()
 
 
 def test_cli_compress_pqi_bundled_and_test_models(cli, tmp_path, cnn):
@@ -191,7 +191,7 @@ def test_cli_compress_pqi_bundled_and_test_models(cli, tmp_path, cnn):
               "-o", tmp_path / "c.onnx", "--report", tmp_path / "c.json")
     assert run.code == 0, run.err
     report = json.loads((tmp_path / "c.json").read_text())
-    assert report["method"] == "pqi" and report["settings"]["pqi_mode"] == "fixed"
+    assert report["method"] == "pqi" and report["settings"]["method_options"]["mode"] == "fixed"
     assert abs(report["rate"] - 0.2) < 1e-3
     run = cli("compress", MLP, "--method", "pqi", "--granularity", "neuron", "--max-distortion",
               "0.2", "--calib", CALIB, "--calib-samples", "64", "--format", "dense",

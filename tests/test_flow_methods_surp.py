@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -14,6 +16,7 @@ from rdonnx.artifact.parallel import decode_all
 from rdonnx.codec import surp as codec
 from rdonnx.errors import UsageError
 from rdonnx.flow.config import CompressConfig
+from rdonnx.flow.methods.surp import truncate_artifact
 from rdonnx.flow.pipeline import compress
 
 
@@ -111,7 +114,7 @@ def mlp_path(tmp_path_factory):
 
 def test_compress_surp_artifact_decodes_what_was_measured(mlp_path, tmp_path):
     path, calib = mlp_path
-    result = compress(path, CompressConfig(rate=0.3, method="surp"), calib=calib)
+    result = compress(path, CompressConfig.of(rate=0.3, method="surp"), calib=calib)
     assert abs(result.report.rate - 0.3) < 1e-3
     out = tmp_path / "a.rdonnx"
     result.save(out)
@@ -136,11 +139,11 @@ def test_compress_surp_artifact_decodes_what_was_measured(mlp_path, tmp_path):
 
 def test_compress_surp_bits_target_and_refusals(mlp_path):
     path, calib = mlp_path
-    result = compress(path, CompressConfig(bits_per_weight=1.5, method="surp"), calib=calib)
+    result = compress(path, CompressConfig.of(bits_per_weight=1.5, method="surp"), calib=calib)
     assert result.surp.stream.bits <= 1.5 * 3072
     assert result.surp.stream.bits > 1.2 * 3072  # the longest prefix within the budget
-    for bad in (CompressConfig(rate=0.3, method="surp", value_bits=4),
-                CompressConfig(rate=0.3, method="surp", reconstruct=True)):
+    for bad in (CompressConfig.of(rate=0.3, method="surp", value_bits=4),
+                CompressConfig.of(rate=0.3, method="surp", reconstruct=True)):
         with pytest.raises(UsageError):
             bad.check()
 
@@ -148,13 +151,13 @@ def test_compress_surp_bits_target_and_refusals(mlp_path):
 def test_distortion_bound_beyond_half_density_extends_the_stream(mlp_path):
     """A bound that rate 0.5 misses is met by a denser prefix (the next cap), measured."""
     path, calib = mlp_path
-    half = compress(path, CompressConfig(rate=0.5, method="surp"), calib=calib)
+    half = compress(path, CompressConfig.of(rate=0.5, method="surp"), calib=calib)
     bound = 0.5 * half.report.calibration.nmse
-    result = compress(path, CompressConfig(max_distortion=bound, method="surp"), calib=calib)
+    result = compress(path, CompressConfig.of(max_distortion=bound, method="surp"), calib=calib)
     assert result.report.calibration.nmse <= bound
     assert result.report.rate > 0.5
     with pytest.raises(UsageError, match="longest prefix"):
-        compress(path, CompressConfig(max_distortion=0.0, method="surp"), calib=calib)
+        compress(path, CompressConfig.of(max_distortion=0.0, method="surp"), calib=calib)
 
 
 def test_cli_compress_truncate(cli, mlp_path, tmp_path):
@@ -189,3 +192,42 @@ def test_cli_compress_truncate(cli, mlp_path, tmp_path):
                "-q").code == 0
     assert_usage_error(cli("truncate", other, "--rate", "0.2", "-o", tmp_path / "f.rdonnx"),
                        "no SuRP")
+
+
+def _with_settings(path, settings: dict) -> None:
+    """Rewrite the artifact's manifest with other `settings` (sections are addressed from the
+    end of the manifest, so they stay valid)."""
+    import zlib
+
+    import zstandard
+
+    from rdonnx.artifact.format import HEADER
+
+    blob = path.read_bytes()
+    magic, version, flags, length, _ = HEADER.unpack_from(blob)
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(
+        blob[HEADER.size:HEADER.size + length]))
+    manifest["settings"] = settings
+    raw = zstandard.ZstdCompressor().compress(json.dumps(manifest).encode())
+    path.write_bytes(HEADER.pack(magic, version, flags, len(raw), zlib.crc32(raw)) + raw +
+                     blob[HEADER.size + length:])
+
+
+def test_truncate_reads_the_settings_of_version_1_artifacts(mlp_path, tmp_path):
+    """An artifact written before the settings were grouped (version 1: one flat object) is
+    cut by the metric and weights it records."""
+    path, calib = mlp_path
+    config = CompressConfig.of(rate=0.5, method="surp", metric="cosine", min_params=16)
+    art = tmp_path / "a.rdonnx"
+    result = compress(path, config, calib=calib)
+    result.save(art)
+    bound = 1.01 * result.report.calibration.distortion  # cosine at rate 0.5
+    flat = {"version": 1, "method": "surp", "data": config.as_dict()["data"]}
+    for group in ("target", "selection", "measure", "prune", "coding"):
+        flat.update(config.as_dict()[group])
+    _with_settings(art, flat)
+    out = tmp_path / "b.rdonnx"
+    cut = truncate_artifact(art, out, max_distortion=bound, calib=calib)
+    metrics = read_artifact(out).manifest["metrics"]
+    assert metrics["metric"] == "cosine" and cut.distortion == metrics["distortion"] <= bound
+    assert read_artifact(out).manifest["settings"] == json.loads(json.dumps(flat))  # as recorded

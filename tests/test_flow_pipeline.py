@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +18,14 @@ from onnx import TensorProto, helper, numpy_helper
 import rdonnx
 from rdonnx import CompressConfig, DataOptions, UsageError
 from rdonnx.allocate.allocators import Allocation, Curve, predicted, rd, rd_dp, uniform
-from rdonnx.choices import VerifyOptions
 from rdonnx.cli import main
 
 GRID = (1.0, 0.5, 0.2, 0.1, 0.05)
 GRID_TEXT = "1,0.5,0.2,0.1,0.05"
 # these tests check the search and its figures on all the calibration data (no holdout, bounds
 # checked as measured); tests/test_flow_verify.py checks the held-out part and the confidence
-ALL_DATA = VerifyOptions(holdout=0.0, confidence=0.0)
-FAST = CompressConfig(grid=GRID, layer_distortion=False, format="dense", verify=ALL_DATA)
+ALL_DATA = {"holdout": 0.0, "confidence": 0.0}
+FAST = CompressConfig.of(grid=GRID, layer_distortion=False, format="dense", **ALL_DATA)
 DIGITS_MLP = BUNDLED / "digits_mlp.onnx"
 DIGITS_CALIB = BUNDLED / "digits_calib.npz"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -188,7 +186,7 @@ def test_curves_from_other_data_are_refused(curves_case):
 def test_curves_with_other_settings_are_refused(curves_case, change):
     with pytest.raises(UsageError, match=r"\(settings differ"):
         rdonnx.compress(curves_case["model"], calib=curves_case["calib"], rate=0.3,
-                        curves=curves_case["curves"], config=replace(FAST, **change))
+                        curves=curves_case["curves"], config=FAST.updated(**change))
 
 
 def test_matching_curves_are_used_and_give_identical_output(curves_case, tmp_path):
@@ -200,15 +198,15 @@ def test_matching_curves_are_used_and_give_identical_output(curves_case, tmp_pat
     reused.save(tmp_path / "reused.onnx")
     measured.save(tmp_path / "measured.onnx")
     assert (tmp_path / "reused.onnx").read_bytes() == (tmp_path / "measured.onnx").read_bytes()
-    assert reused.report.to_json() == measured.report.to_json().replace(
-        "measured.onnx", "reused.onnx")
+    assert reused.report.to_json(timings=False) == \
+        measured.report.to_json(timings=False).replace("measured.onnx", "reused.onnx")
 
 
 def test_the_same_grid_written_differently_is_the_same_setting(mlp, tmp_path):
     """Grids are normalised by check_grid (1.0 added, sorted, duplicates dropped): curves
     calibrated with --grid 0.05,0.1,0.2,0.5 serve a run with grid (1, 0.5, 0.2, 0.1, 0.05)."""
     curves = rdonnx.calibrate(mlp.path, calib=mlp.calib,
-                              config=replace(FAST, grid=(0.05, 0.1, 0.2, 0.5)))
+                              config=FAST.updated(grid=(0.05, 0.1, 0.2, 0.5)))
     assert curves.grid == GRID
     result = rdonnx.compress(mlp.path, calib=mlp.calib, rate=0.3, curves=curves, config=FAST)
     assert result.curves is curves
@@ -310,8 +308,8 @@ def test_predicted_distortion_is_the_sum_of_the_curves_and_calibration_is_measur
 # ---------------------------------------------------------------------------------------------
 # Targets: --max-distortion and --min-agreement, measured on the saved model
 
-TARGET_CONFIG = CompressConfig(layer_distortion=False, grid=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05),
-                               format="dense", verify=ALL_DATA)
+TARGET_CONFIG = CompressConfig.of(layer_distortion=False, grid=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05),
+                                  format="dense", **ALL_DATA)
 
 
 @pytest.mark.parametrize("method", ["rd", "uniform"])
@@ -330,7 +328,7 @@ def test_max_distortion_is_met_at_a_near_minimal_rate(method, bound, tmp_path):
     chosen = min(s.rate for s in steps if s.meets)
     assert result.report.rate == pytest.approx(chosen, abs=1e-3)
     assert chosen < 1.0  # the bound allows pruning
-    if chosen > min(TARGET_CONFIG.grid):
+    if chosen > min(TARGET_CONFIG.measure.grid):
         below = [s.rate for s in steps if not s.meets and s.rate < chosen]
         assert below, "no probe below the chosen rate misses the bound"
         assert chosen - max(below) <= 0.02  # bisected down to a narrow bracket
@@ -341,7 +339,7 @@ def test_a_loose_max_distortion_goes_down_to_the_grid_minimum(method, tmp_path):
     """Any rate meets nmse <= 10: the search stops at the grid's smallest density."""
     result = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, max_distortion=10.0,
                              method=method, config=TARGET_CONFIG)
-    assert result.report.rate == pytest.approx(min(TARGET_CONFIG.grid), abs=1e-3)
+    assert result.report.rate == pytest.approx(min(TARGET_CONFIG.measure.grid), abs=1e-3)
     path = tmp_path / "pruned.onnx"
     result.save(path)
     assert rdonnx.evaluate(DIGITS_MLP, path, DIGITS_CALIB).distortion <= 10.0
@@ -374,7 +372,7 @@ def method_runs(request) -> dict:
     """compress(rate=0.3) for each (model, method, criterion), run once."""
     cases = {name: request.getfixturevalue(name)
              for name in ("mlp", "cnn", "attention", "bundled_cnn")}
-    config = replace(FAST, data=DataOptions(samples=32))
+    config = FAST.updated(data=DataOptions(samples=32))
     runs = {}
     for name, case in cases.items():
         for method in ("rd", "uniform", "global", "lamp"):
@@ -467,9 +465,9 @@ def test_nmse_channel_sees_a_destroyed_small_channel():
 def test_compress_measures_curves_in_nmse_channel():
     proto, _ = _two_channel_model()
     x = {"input": np.random.default_rng(15).standard_normal((40, 64)).astype(np.float32)}
-    config = replace(FAST, min_params=16)
+    config = FAST.updated(min_params=16)
     by_channel = rdonnx.compress(proto, calib=x, rate=0.5,
-                                 config=replace(config, metric="nmse-channel"))
+                                 config=config.updated(metric="nmse-channel"))
     report = by_channel.report
     assert report.calibration.metric == "nmse-channel"
     # density 0.5 keeps the 64 large entries of channel 0: channel 1 is lost entirely
@@ -519,10 +517,97 @@ def test_a_bound_only_exact_values_meet_is_met_with_exact_values(mlp, method):
     """No value width up to 16 bits meets a bound of 1e-15: the result keeps the values exact
     (the original model here, losslessly coded) with a notice, instead of exit 2."""
     result = rdonnx.compress(mlp.path, max_distortion=1e-15, calib=mlp.calib, method=method,
-                             config=replace(FAST, format="rdonnx"))
+                             config=FAST.updated(format="rdonnx"))
     assert result.quantized == {}
     assert any("kept exact" in n for n in result.report.notices)
     assert result.report.calibration.distortion <= 1e-15
     originals = {t.name: numpy_helper.to_array(t) for t in onnx.load(mlp.path).graph.initializer}
     for name, value in result.weights.items():
         assert np.array_equal(value[value != 0], originals[name][value != 0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Fewer probes: curves only where the method allocates with them and something is pruned
+
+
+def test_rate_one_measures_no_curves_and_keeps_every_weight():
+    result = rdonnx.compress(DIGITS_MLP, rate=1.0, calib=DIGITS_CALIB,
+                             config=FAST.updated(values="quantized", value_bits=8,
+                                                 layer_distortion=True))
+    assert result.curves is None and result.report.grid is None
+    assert result.report.params_kept == result.report.params_total
+    assert "curves" not in result.report.timings
+    assert all(w.distortion == 0.0 for w in result.report.weights)  # measured without probes
+
+
+def test_a_bound_with_a_method_that_needs_no_curves_measures_none():
+    result = rdonnx.compress(DIGITS_MLP, max_distortion=0.05, calib=DIGITS_CALIB,
+                             method="uniform", config=FAST)
+    assert result.curves is None
+    assert result.report.calibration.nmse <= 0.05
+    rd = rdonnx.compress(DIGITS_MLP, max_distortion=0.05, calib=DIGITS_CALIB, config=FAST)
+    assert rd.curves is not None
+
+
+def test_the_report_records_the_seconds_of_each_stage():
+    result = rdonnx.compress(DIGITS_MLP, rate=0.3, calib=DIGITS_CALIB,
+                             config=FAST.updated(layer_distortion=True))
+    timings = result.report.timings
+    assert list(timings)[:2] == ["reference", "curves"]
+    assert {"allocate and measure", "report"} <= set(timings)
+    assert all(v >= 0 for v in timings.values())
+    assert json.loads(result.report.to_json())["timings"] == timings
+    assert "timings" not in json.loads(result.report.to_json(timings=False))
+
+
+def test_jobs_give_the_same_file_and_report(tmp_path):
+    paths = []
+    for jobs in (1, 2):
+        result = rdonnx.compress(DIGITS_MLP, rate=0.3, calib=DIGITS_CALIB,
+                                 config=FAST.updated(jobs=jobs, layer_distortion=True))
+        paths.append(tmp_path / f"{jobs}.onnx")
+        result.save(paths[-1])
+        paths.append(result.report.to_json(timings=False).replace(f"{jobs}.onnx", "x")
+                     .replace(f'"jobs": {jobs}', '"jobs": N'))
+    assert paths[0].read_bytes() == paths[2].read_bytes()
+    assert paths[1] == paths[3]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--jobs", "0"], "jobs"),
+    (["--jobs", "x"], "jobs"),
+])
+def test_bad_jobs_is_a_usage_error(capsys, tmp_path, argv, match):
+    code, _, err = cli(capsys, "compress", DIGITS_MLP, "--rate", "0.5", *argv,
+                       "-o", tmp_path / "m.onnx")
+    assert code == 2 and match in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_bias_correction_cancels_the_output_mean_shift_of_quantization(correct, tmp_path):
+    """One Gemm with a bias, 2-bit values: with bias correction the quantized model's output
+    mean over the calibration data equals the original's per output row (and the artifact
+    holds the corrected bias); without it, quantization shifts the means."""
+    rng = np.random.default_rng(21)
+    w = rng.standard_normal((16, 12)).astype(np.float32)
+    proto = make_model([helper.make_node("Gemm", ["x", "W", "c"], ["y"], transB=1)],
+                       [vi("x", TensorProto.FLOAT, ["N", 12])],
+                       [vi("y", TensorProto.FLOAT, ["N", 16])],
+                       {"W": w, "c": rng.standard_normal(16).astype(np.float32)})
+    x = (rng.standard_normal((64, 12)) + 1.5).astype(np.float32)
+    config = CompressConfig.of(value_bits=2, min_params=100, layer_distortion=False,
+                               bias_correction=correct)
+    result = rdonnx.compress(proto, rate=1.0, calib={"x": x}, config=config)
+    assert ("c" in result.weights) == correct
+    path = tmp_path / "m.rdonnx"
+    result.save(path)
+    got = rdonnx.open_session(path).run(None, {"x": x})[0].astype(np.float64)
+    import onnxruntime as ort
+    ref = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]
+                               ).run(None, {"x": x})[0].astype(np.float64)
+    shift = np.abs((got - ref).mean(axis=0)).max()
+    if correct:
+        assert shift < 1e-4
+    else:
+        assert shift > 1e-2

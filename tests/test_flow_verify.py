@@ -4,7 +4,6 @@ user (--eval), and bad data refused before anything is measured."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,9 @@ from conftest import BUNDLED
 import rdonnx
 from rdonnx import CompressConfig, DataOptions, UsageError
 from rdonnx.algo import obs
-from rdonnx.choices import VerifyOptions
 from rdonnx.cli import main
 from rdonnx.flow.calibration import calibrate_model, make_data
+from rdonnx.flow.pipeline import make_realizer
 from rdonnx.runtime.data import split_holdout
 
 DIGITS_MLP = BUNDLED / "digits_mlp.onnx"
@@ -24,7 +23,7 @@ DIGITS_CNN = BUNDLED / "digits_cnn.onnx"
 DIGITS_CALIB = BUNDLED / "digits_calib.npz"
 DIGITS_TEST = BUNDLED / "digits_test.npz"
 GRID = (1.0, 0.5, 0.2, 0.1, 0.05)
-FAST = CompressConfig(grid=GRID, layer_distortion=False, format="dense")
+FAST = CompressConfig.of(grid=GRID, layer_distortion=False, format="dense")
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -100,7 +99,7 @@ def test_holdout_of_an_npz_file_reads_the_same_rows(tmp_path):
 
 def test_a_bound_is_checked_on_the_held_out_part(tmp_path):
     result = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, max_distortion=0.05,
-                             config=replace(FAST, method="uniform"))
+                             config=FAST.updated(method="uniform"))
     r = result.report
     assert (r.calibration.samples, r.holdout.samples) == (192, 64)
     assert r.data.fit_samples == 192 and r.data.holdout_samples == 64
@@ -121,16 +120,16 @@ def test_a_bound_is_checked_on_the_held_out_part(tmp_path):
 
 
 def test_confidence_none_checks_the_figure_as_measured():
-    config = replace(FAST, method="uniform", verify=VerifyOptions(confidence=0.0))
+    config = FAST.updated(method="uniform", confidence=0.0)
     r = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, max_distortion=0.05, config=config).report
     assert r.check.limit == r.check.measured
     strict = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, max_distortion=0.05,
-                             config=replace(FAST, method="uniform")).report
+                             config=FAST.updated(method="uniform")).report
     assert strict.rate >= r.rate  # the confidence margin never allows a smaller model
 
 
 def test_holdout_zero_checks_on_the_calibration_data():
-    config = replace(FAST, method="uniform", verify=VerifyOptions(holdout=0.0))
+    config = FAST.updated(method="uniform", holdout=0.0)
     r = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, max_distortion=0.05, config=config).report
     assert r.holdout is None and r.calibration.samples == 256
     assert r.check.data == "calibration" and r.check.samples == 256
@@ -140,7 +139,7 @@ def test_verify_data_is_the_held_out_part(tmp_path):
     verify = tmp_path / "verify.npz"
     np.savez(verify, input=np.load(DIGITS_TEST)["input"])
     r = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, max_distortion=0.05,
-                        config=replace(FAST, method="uniform"), verify=verify).report
+                        config=FAST.updated(method="uniform"), verify=verify).report
     assert r.calibration.samples == 256 and r.holdout.samples == 360
     assert "--verify verify.npz" in r.data.holdout
 
@@ -154,14 +153,14 @@ def test_agreement_bound_the_samples_cannot_show_is_refused(capsys, tmp_path):
     assert code == 2 and "needs at least 299" in one_error_line(err)
     assert not (tmp_path / "x.onnx").exists()
     # lowering the confidence is the user's choice, and then it runs
-    config = replace(FAST, method="uniform", verify=VerifyOptions(confidence=0.0))
+    config = FAST.updated(method="uniform", confidence=0.0)
     r = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, min_agreement=0.99, config=config)
     assert r.report.check.measured >= 0.99
 
 
 def test_agreement_bound_uses_the_lower_confidence_bound():
     r = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, min_agreement=0.9,
-                        config=replace(FAST, method="uniform")).report
+                        config=FAST.updated(method="uniform")).report
     k = r.check
     assert k.limit < k.measured and k.limit >= 0.9 and k.met
     assert r.holdout.top1_lower == pytest.approx(k.limit)
@@ -180,7 +179,7 @@ def test_synthetic_data_gets_a_notice_and_bounds_are_refused(capsys, tmp_path):
     code, _, err = cli(capsys, "compress", DIGITS_MLP, "--max-distortion", "0.1", "-o",
                        tmp_path / "x.onnx")
     assert code == 2 and "synthetic" in one_error_line(err)
-    allowed = replace(FAST, method="uniform", verify=VerifyOptions(allow_synthetic=True))
+    allowed = FAST.updated(method="uniform", allow_synthetic=True)
     assert rdonnx.compress(DIGITS_MLP, max_distortion=0.1, config=allowed).report.data.synthetic
 
 
@@ -208,7 +207,7 @@ def test_outputs_that_barely_vary_are_reported(tmp_path):
 def test_rank_deficient_layer_inputs_are_reported():
     few = np.load(DIGITS_CALIB)["input"][:20]  # 15 fit samples for 64 inputs of the MLP
     r = rdonnx.compress(DIGITS_MLP, calib={"input": few}, rate=0.5,
-                        config=replace(FAST, reconstruct=True)).report
+                        config=FAST.updated(reconstruct=True)).report
     name, width, columns = r.data.widest_input
     assert columns == 15 and width >= 64
     assert name in r.data.rank_deficient
@@ -221,30 +220,30 @@ def test_rank_deficient_layer_inputs_are_reported():
 
 @pytest.mark.parametrize("sequential", [False, True])
 def test_reconstruction_never_loses_to_the_mask_on_held_out_data(sequential):
-    config = replace(FAST, rate=0.3, method="uniform", reconstruct=True, sequential=sequential,
-                     values="exact")
+    config = FAST.updated(rate=0.3, method="uniform", reconstruct=True, sequential=sequential,
+                          values="exact")
     cal = calibrate_model(DIGITS_CNN, config, DIGITS_CALIB)
+    rz = make_realizer(cal, config)
     keep = {w.name: int(0.3 * w.size) for w in cal.weights}
-    values, _ = cal.compress_all(keep, config)
-    plain = {w.name: cal.compress_weight(w, keep[w.name], replace(config, reconstruct=False,
-                                                                  sequential=False))[0]
-             for w in cal.weights}
+    values, _ = rz.compress_all(keep)
+    masked = make_realizer(cal, config.updated(reconstruct=False, sequential=False))
+    plain = {w.name: masked.compress_weight(w, keep[w.name])[0] for w in cal.weights}
     for w in cal.weights:
-        if not cal.reconstructs(w.name, config):
+        if not rz.reconstructs(w.name):
             continue
         earlier = {v.name: values[v.name] for v in cal.weights[:cal.weights.index(w)]} \
             if sequential else None
-        held = cal.hessian(w.name, earlier, held_out=True)
+        held = rz.hessians.hessian(w.name, earlier, held_out=True)
         entry, original = cal.inputs[w.name], cal.originals[w.name]
         mine = obs.weight_error(original, values[w.name], entry, held)
         alone = obs.weight_error(original, plain[w.name], entry, held)
         assert mine <= alone * (1 + 1e-6)
-        assert cal.reconstruction[(w.name, keep[w.name])]
+        assert rz.reconstruction[(w.name, keep[w.name])]
 
 
 def test_reconstruction_notes_are_in_the_report():
     r = rdonnx.compress(DIGITS_CNN, calib=DIGITS_CALIB, rate=0.3,
-                        config=replace(FAST, method="uniform", reconstruct=True)).report
+                        config=FAST.updated(method="uniform", reconstruct=True)).report
     notes = [w.reconstruction for w in r.weights if w.reconstruction]
     assert notes and all("held-out layer error" in n for n in notes)
 
@@ -291,10 +290,8 @@ def eval_file(tmp_path) -> Path:
 
 
 def test_eval_drives_a_min_score_search(eval_file, tmp_path):
-    config = replace(FAST, method="uniform",
-                     verify=VerifyOptions(eval=f"{eval_file}:agreement"))
-    result = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, config=replace(config,
-                             min_score=0.9))
+    config = FAST.updated(method="uniform", eval=f"{eval_file}:agreement")
+    result = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, config=config.updated(min_score=0.9))
     r = result.report
     assert r.check.target == "min_score" and r.check.met and r.check.measured >= 0.9
     assert r.check.reference_score == 1.0
@@ -302,16 +299,15 @@ def test_eval_drives_a_min_score_search(eval_file, tmp_path):
     assert any(s.score is not None and s.score < 0.9 and not s.meets for s in r.search)
     # the score is the callable's figure for the written model on the held-out samples
     assert r.check.measured == pytest.approx(r.holdout.top1_agreement)
-    drop = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, config=replace(config,
-                           max_drop=0.1)).report
+    drop = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB,
+                           config=config.updated(max_drop=0.1)).report
     assert drop.check.target == "max_drop" and 1.0 - drop.check.measured <= 0.1
 
 
 def test_eval_share_of_samples_is_checked_on_its_lower_bound(eval_file):
     from rdonnx.runtime.confidence import agreement_lower
 
-    config = replace(FAST, method="uniform", min_score=0.9,
-                     verify=VerifyOptions(eval=f"{eval_file}:agreement_pair"))
+    config = FAST.updated(method="uniform", min_score=0.9, eval=f"{eval_file}:agreement_pair")
     r = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, config=config).report
     k = r.check
     assert k.samples == 64 and k.met

@@ -1,6 +1,5 @@
 """The CUDA path: runs only where onnxruntime has a working CUDA execution provider."""
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,12 @@ HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
                     "fallback and the --device cuda error are tested in "
                     "test_runtime_session.py)")
 def test_rd_compress_runs_on_cuda_and_matches_cpu(tmp_path):
-    config = CompressConfig(grid=(1.0, 0.5, 0.2, 0.1, 0.05), layer_distortion=False)
+    config = CompressConfig.of(grid=(1.0, 0.5, 0.2, 0.1, 0.05), layer_distortion=False)
     results = {}
     for device in ("cuda", "cpu"):
         result = rdonnx.compress(ROOT / "models/digits_cnn.onnx", rate=0.3,
                                  calib=ROOT / "models/digits_calib.npz",
-                                 config=replace(config, device=device))
+                                 config=config.updated(device=device))
         results[device] = result
     assert results["cuda"].report.device == "CUDAExecutionProvider"
     assert results["cpu"].report.device == "CPUExecutionProvider"

@@ -40,13 +40,15 @@ def test_choices_are_written_once_and_owned_through_rdonnx_choices():
     assert tuple(allocators.SOLVERS) == choices.SOLVERS
     assert config.METHODS is choices.METHODS and set(REGISTERED) == set(choices.METHODS)
     assert tuple(choices.METHOD_HELP) == choices.METHODS
-    for name, owned in (("method", choices.METHODS), ("metric", choices.METRICS),
-                        ("device", choices.DEVICES), ("quantizer", choices.QUANTIZERS)):
-        assert spec_of(config.CompressConfig, name)[0].choices is owned
+    for cls, name, owned in ((config.CompressConfig, "method", choices.METHODS),
+                             (config.Measurement, "metric", choices.METRICS),
+                             (config.Measurement, "device", choices.DEVICES),
+                             (config.Coding, "quantizer", choices.QUANTIZERS)):
+        assert spec_of(cls, name)[0].choices is owned
     defaults = config.CompressConfig()
-    assert defaults.grid is choices.DEFAULT_GRID
-    assert (defaults.pqi_p, defaults.pqi_q, defaults.pqi_eta, defaults.pqi_gamma) == (
-        pqi.DEFAULTS.p, pqi.DEFAULTS.q, pqi.DEFAULTS.eta, pqi.DEFAULTS.gamma)
+    assert defaults.measure.grid is choices.DEFAULT_GRID
+    # the CLI's --pqi-* defaults are the algorithm's: one class holds both
+    assert config.CompressConfig.of(method="pqi").method_options == pqi.DEFAULTS
 
 
 def test_importing_the_cli_imports_no_heavy_module():
@@ -81,7 +83,7 @@ def test_the_api_stays_importable_and_calibrate_stays_a_function():
     from rdonnx import CompressConfig, compress
 
     assert callable(rdonnx.calibrate) and callable(compress)
-    assert CompressConfig().rate is None
+    assert CompressConfig().target.rate is None
     with pytest.raises(AttributeError):
         rdonnx.no_such_name  # noqa: B018
 

@@ -24,7 +24,14 @@ LAYERS = (
     ("rdonnx.runtime",),
     ("rdonnx.report",),
     ("rdonnx.artifact",),
-    ("rdonnx.flow",),
+    # flow, inside: the settings, then the measured state, its engines, the methods, the flow
+    ("rdonnx.flow.methods.options", "rdonnx.flow.curves"),
+    ("rdonnx.flow.config",),
+    ("rdonnx.flow.target", "rdonnx.flow.calibration"),
+    ("rdonnx.flow.hessians",),
+    ("rdonnx.flow.realize", "rdonnx.flow.result"),
+    ("rdonnx.flow.methods",),
+    ("rdonnx.flow.pipeline", "rdonnx.flow"),
     ("rdonnx.api",),
     ("rdonnx.cli",),
     ("rdonnx",),  # the package root re-exports the API

@@ -49,6 +49,18 @@ def test_split_groups_disjoint_whole_groups_and_deterministic():
     assert any(not np.array_equal(a[s], c[s]) for s in counts)
 
 
+def test_split_groups_interleaves_groups_so_a_prefix_spans_them():
+    groups = np.repeat(np.arange(12), 16)  # 12 photos of 16 crops, stored photo by photo
+    split = split_groups(groups, {"calib": 8, "test": 4}, seed=0)
+    calib = groups[split["calib"]]
+    assert len(set(calib[:16].tolist())) == 8  # the first 16 crops: 2 of each calib photo
+    assert len(set(calib[:8].tolist())) == 8
+    assert sorted(split["calib"].tolist()) == sorted(np.flatnonzero(np.isin(groups, calib)))
+    # singletons keep one sample per group, in the shuffled group order
+    words = split_groups(["c", "a", "b", "d"], {"calib": 2, "test": 2}, seed=3)
+    assert sorted(np.concatenate(list(words.values())).tolist()) == [0, 1, 2, 3]
+
+
 def test_split_groups_refuses_too_few_groups():
     with pytest.raises(ValueError):
         split_groups([0, 1, 2], {"calib": 2, "test": 2}, seed=0)
@@ -148,7 +160,9 @@ def _tiny_score(ref, cand, truth):
 
 TINY = Adapter(name="tiny", wheels=(), member="", prepare=_tiny_prepare, score=_tiny_score,
                primary="top1", transparent=lambda m: m["top1"] >= 0.999, threshold=">= 99.9%",
-               ladder=(("--rate", "0.25"), ("--rate", "1")), batch=64,
+               # 12-bit values at rate 1: the 8-bit ones flip 1 of the 200 random decisions
+               # with per-channel steps (0.5%, over the 0.1% allowed), which is not the point here
+               ladder=(("--rate", "0.25"), ("--rate", "1", "--value-bits", "12")), batch=64,
                extra_args=("--grid", "1,0.5,0.25"), fallback=())
 
 
@@ -169,7 +183,7 @@ def test_bench_model_rows_on_a_tiny_model(tmp_path):
     assert q.bytes and q.bytes < original and 0 <= q.test["top1"] <= 1
     rd = rows["rdonnx"]
     # rate 0.25 changes some of the 200 test decisions: the ladder moves on to rate 1
-    assert rd.setting == "--rate 1", rd.note
+    assert rd.setting == "--rate 1 --value-bits 12", rd.note
     assert rd.note.startswith("--rate 0.25: ")
     assert rd.transparent and rd.test["top1"] >= 0.999 and "top1" in rd.calib
     assert rd.bytes < original and rd.ratio == pytest.approx(original / rd.bytes)
@@ -180,3 +194,65 @@ def test_bench_model_rows_on_a_tiny_model(tmp_path):
     assert all(line.count("|") == lines[0].count("|") for line in lines)
     assert f"| tiny | original | {original:,} | 1.00 |" in text
     json.dumps([r.__dict__ for r in rows.values()])  # the JSON record is serialisable
+
+
+def test_zstd_bytes_cached_by_content_and_level(tmp_path):
+    f = tmp_path / "w.bin"
+    f.write_bytes(np.arange(50_000, dtype=np.float32).tobytes())
+    cache = tmp_path / "zstd.json"
+    size, _, level, hit = zoo_bench.zstd_bytes([f, tmp_path / "absent"], cache)
+    assert level == 19 and not hit and 0 < size < f.stat().st_size
+    again = zoo_bench.zstd_bytes([f], cache)
+    assert again[0] == size and again[3]
+    f.write_bytes(f.read_bytes()[::-1])  # other content: measured again
+    assert not zoo_bench.zstd_bytes([f], cache)[3]
+    assert zoo_bench.zstd_level(zoo_bench.ZSTD_LARGE + 1) == zoo_bench.ZSTD_LARGE_LEVEL
+
+
+def test_show_merges_saved_results(tmp_path, capsys):
+    def saved(model, method, nbytes):
+        row = zoo_bench.Row(model, method, nbytes, 1.0, 32.0, primary="top1")
+        return {model: {"rows": [row.__dict__], "complete": True, "commit": "abc"}}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({**saved("g2p", "original", 10), **saved("crepe", "original", 5)}))
+    later = saved("crepe", "original", 7)
+    later["crepe"]["rows"].append(saved("crepe", "NNCodec", 3)["crepe"]["rows"][0])
+    b.write_text(json.dumps(later))
+    out = tmp_path / "all.json"
+    zoo_bench.main(["--show", f"{a},{b}", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "| g2p | original | 10 |" in text and "| crepe | original | 7 |" in text
+    assert "| crepe | NNCodec | 3 |" in text and "| crepe | original | 5 |" not in text
+    merged = json.loads(out.read_text())
+    assert list(merged) == ["g2p", "crepe"] and merged["crepe"]["rows"][0]["bytes"] == 7
+    assert [r["methods"] for r in merged["crepe"]["runs"]] == [["original"],
+                                                               ["original", "NNCodec"]]
+    # a merged file merges again the same way
+    zoo_bench.main(["--show", str(out), "--json", str(tmp_path / "again.json")])
+    assert json.loads((tmp_path / "again.json").read_text()) == merged
+
+
+def test_time_budget_skips_the_ladder_not_the_fallback(tmp_path):
+    from dataclasses import replace
+
+    root = tmp_path / "tiny"
+    root.mkdir()
+    _tiny_prepare({}, root, seed=0)
+    ad = replace(TINY, fallback=(("--rate", "1", "--value-bits", "16"),), nncodec=False,
+                 nncodec_note="not for the tiny model")
+    args = argparse.Namespace(work=str(tmp_path), keep=False, skip_nncodec=False,
+                              skip_rdonnx=False, time_budget=1e-6, nncodec_python="")
+    rows = {r.method: r for r in zoo_bench.bench_model(ad, tmp_path, args)}
+    rd = rows["rdonnx"]
+    assert rd.setting == "--rate 1 --value-bits 16" and rd.transparent, rd.note
+    assert rd.note.count("skipped (time budget spent)") == len(TINY.ladder)
+    assert rows["NNCodec"].note == "not for the tiny model"
+
+
+def test_ladder_from_the_command_line():
+    ad = zoo_bench.with_ladder(TINY, "--rate 0.5; --max-distortion 1e-3")
+    assert ad.ladder == (("--rate", "0.5"), ("--max-distortion", "1e-3"))
+    assert "command line" in ad.notes and ad.fallback == TINY.fallback
+    assert zoo_bench.with_ladder(TINY, "none").ladder == ()
+    assert zoo_bench.with_ladder(TINY, None) is TINY

@@ -70,19 +70,26 @@ def split_groups(groups: Sequence, counts: dict[str, int], seed: int) -> dict[st
     splits so that no group straddles two splits.
 
     ``counts`` gives the number of *groups* per split, in order; groups are shuffled with
-    ``seed``; the result maps each split to the sorted sample indices in it. Raises if there are
-    fewer groups than asked for.
+    ``seed``; the result maps each split to its sample indices, interleaved across groups
+    (round robin: the first sample of each group, in the shuffled order, then the second...),
+    so that the first N samples of a split (``--calib-samples N``) span as many groups as N
+    allows. Raises if there are fewer groups than asked for.
     """
-    labels = np.asarray(groups)
-    unique = sorted(set(labels.tolist()))
+    unique, which = np.unique(np.asarray(groups), return_inverse=True)
     need = sum(counts.values())
     if need > len(unique):
         raise ValueError(f"{need} groups asked for, {len(unique)} available")
     order = np.random.default_rng(seed).permutation(len(unique))
+    slot = np.empty(len(unique), np.int64)  # a group's position in the shuffled order
+    slot[order] = np.arange(len(unique))
+    by_group = np.argsort(which, kind="stable")
+    sizes = np.bincount(which, minlength=len(unique))
+    rank = np.empty(len(which), np.int64)  # a sample's place within its group
+    rank[by_group] = np.arange(len(which)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     out, start = {}, 0
     for name, n in counts.items():
-        chosen = {unique[i] for i in order[start:start + n]}
-        out[name] = np.flatnonzero(np.isin(labels, list(chosen)))
+        idx = np.flatnonzero((slot[which] >= start) & (slot[which] < start + n))
+        out[name] = idx[np.lexsort((slot[which[idx]], rank[idx]))]
         start += n
     return out
 
@@ -140,6 +147,9 @@ class Adapter:
             width, smallest first.
         fallback_args: further rdonnx arguments for the fallback runs.
         nncodec: whether the NNCodec row is attempted.
+        nncodec_note: why not, when it is not.
+        notes: a remark carried into the rdonnx row's note (e.g. a ladder given on the command
+            line).
     """
 
     name: str
@@ -162,6 +172,7 @@ class Adapter:
         ("--rate", "1", "--value-bits", "16"))
     fallback_args: tuple[str, ...] = ("--no-layer-distortion",)
     nncodec: bool = True
+    nncodec_note: str = ""
 
 
 def run_outputs(session, feeds: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:

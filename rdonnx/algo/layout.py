@@ -44,11 +44,13 @@ class LayerInput:
 
 
 class SecondMoments:
-    """Running mean of x^2 per input feature (per channel and kernel position for Conv)."""
+    """Running means of x^2 and of x per input feature (per channel and kernel position for
+    Conv)."""
 
     def __init__(self, entry: LayerInput):
         self.entry = entry
-        self.mean: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None  # E[x^2]
+        self.first: torch.Tensor | None = None  # E[x]
         self.count = 0
 
     def add_batch(self, x: np.ndarray) -> None:
@@ -58,24 +60,33 @@ class SecondMoments:
         else:
             t = t.movedim(self.entry.feature_axis, -1)
             columns = t.reshape(-1, t.shape[-1]).T
-        squares = columns.double().pow(2)
-        n = squares.shape[1]
-        batch_mean = squares.mean(dim=1)
+        columns = columns.double()
+        n = columns.shape[1]
+        batch_mean, batch_first = columns.pow(2).mean(dim=1), columns.mean(dim=1)
         if self.mean is None:
-            self.mean, self.count = batch_mean, n
+            self.mean, self.first, self.count = batch_mean, batch_first, n
         else:  # running-mean rescaling, as in SparseGPT / Wanda's add_batch
             total = self.count + n
             self.mean = self.mean * (self.count / total) + batch_mean * (n / total)
+            self.first = self.first * (self.count / total) + batch_first * (n / total)
             self.count = total
 
     def moments(self, weight_shape: tuple[int, ...]) -> np.ndarray:
-        """E[x^2] broadcastable against the weight (shape [1, in, *kernel] for Conv)."""
-        if self.mean is None:
+        """E[x^2] broadcastable against the weight (shape [out, in/groups, *kernel] for Conv,
+        the input axis alone otherwise)."""
+        return self._against(self.mean, weight_shape)
+
+    def means(self, weight_shape: tuple[int, ...]) -> np.ndarray:
+        """E[x] of each input feature, laid out as `moments`."""
+        return self._against(self.first, weight_shape)
+
+    def _against(self, stat: torch.Tensor | None, weight_shape: tuple[int, ...]) -> np.ndarray:
+        if stat is None:
             raise RuntimeError(f"{self.entry.weight}: no batch was added")
-        mean = self.mean.numpy()
+        values = stat.numpy()
         e = self.entry
         if e.op == "Conv":
-            channels = mean.reshape(-1, *e.kernel)  # [C_in, *kernel]
+            channels = values.reshape(-1, *e.kernel)  # [C_in, *kernel]
             per_group = weight_shape[1]
             out_per_group = weight_shape[0] // e.groups
             groups = np.arange(weight_shape[0]) // out_per_group
@@ -83,7 +94,17 @@ class SecondMoments:
             return channels[index]  # [out, in/groups, *kernel]
         shape = [1] * len(weight_shape)
         shape[e.in_axis] = weight_shape[e.in_axis]
-        return mean.reshape(shape)
+        return values.reshape(shape)
+
+
+def output_shift(delta: np.ndarray, means: np.ndarray, row_axis: int) -> np.ndarray:
+    """E[y' - y] per output row when a weight changes by `delta` (float64 [rows]): the change
+    of a linear layer's output mean, `sum_j delta[row, j] * E[x_j]` (`means` as
+    `SecondMoments.means` lays it out). Subtracted from the layer's bias, it is the bias
+    correction of Nagel et al. (data-free quantization, ICCV 2019) with measured means."""
+    product = np.asarray(delta, np.float64) * np.broadcast_to(np.asarray(means, np.float64),
+                                                              np.shape(delta))
+    return np.moveaxis(product, row_axis, 0).reshape(np.shape(delta)[row_axis], -1).sum(axis=1)
 
 
 def unfold(x: torch.Tensor, e: LayerInput) -> torch.Tensor:

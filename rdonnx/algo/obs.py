@@ -61,6 +61,12 @@ def _check_entry(entry: LayerInput) -> None:
                          "reconstruction")
 
 
+def torch_device(name: str) -> str:
+    """`name` ("cpu" or "cuda") where torch can use it, else "cpu" (a CPU-only torch next to
+    onnxruntime-gpu reconstructs on the CPU)."""
+    return name if name != "cuda" or torch.cuda.is_available() else "cpu"
+
+
 class Hessian:
     """Running mean of x x^T over the input features of one weight (one matrix per conv group).
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rdonnx.choices import DEFAULT_CRITERION
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -19,7 +21,7 @@ class Scores:
 
     values: np.ndarray  # float32, the weight's shape
     row_axis: int | None = None  # compare within rows indexed by this axis; None: whole tensor
-    criterion: str = "magnitude"  # what was really used for this weight
+    criterion: str = DEFAULT_CRITERION  # what was really used for this weight
 
 
 def magnitude(weight: np.ndarray) -> Scores:

@@ -116,7 +116,7 @@ def meet_target(target: Target, check: Check, realize: Realize, allocation: Allo
         lo, hi = _bracket(probe, 0.1, low, grow=False)
         best = max((r for r, v in seen.items() if ok(v)), default=None)
     else:  # distortion falls as the rate grows: the smallest rate that meets the bound
-        guess = _predicted_rate(allocation, allocator, target.value, low) \
+        guess = predicted_rate(allocation, allocator, target.value, low) \
             if has_curves and target.kind == "distortion" else 0.5
         lo, hi = _bracket(probe, guess, low, grow=True)
         best = min((r for r, v in seen.items() if ok(v)), default=None)
@@ -179,7 +179,7 @@ def _bracket(probe: Callable[[float], bool], guess: float, low: float,
     return passing, failing
 
 
-def _predicted_rate(allocation: Allocation, allocator: Callable, bound: float,
+def predicted_rate(allocation: Allocation, allocator: Callable, bound: float,
                     low: float) -> float:
     """The smallest rate whose curve-predicted distortion is within `bound` (bisection)."""
     lo, hi = low, 1.0

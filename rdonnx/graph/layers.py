@@ -10,8 +10,8 @@ from dataclasses import replace
 import onnx
 
 from rdonnx.algo.layout import LayerInput
-from rdonnx.graph.model import Model, iter_graphs
-from rdonnx.graph.weights import LAYOUT_OPS, WEIGHT_INPUTS, Weight
+from rdonnx.graph.model import Model, iter_graphs, tensor_slots
+from rdonnx.graph.weights import FLOAT_TYPES, LAYOUT_OPS, WEIGHT_INPUTS, Weight
 
 
 def layer_inputs(model: Model, weights: Sequence[Weight]) -> dict[str, LayerInput]:
@@ -56,6 +56,53 @@ def output_axes(model: Model, weights: Sequence[Weight]) -> dict[str, int | None
         else:
             axes[w.name] = 0 if len(w.shape) >= 2 else None
     return axes
+
+
+def layer_biases(model: Model, weights: Sequence[Weight]) -> dict[str, Weight]:
+    """The bias each weight's layer adds to its output rows, where one can absorb a change of
+    the output mean (`algo.layout.output_shift`): Conv's B, Gemm's C, or the constant of the
+    one Add that takes a 2-D MatMul's output. A weight used by several such nodes (an unrolled
+    recurrent layer) qualifies when they all add the same bias. The bias must be a main-graph
+    float tensor of one value per output row, used by those nodes alone and not itself among
+    `weights`."""
+    entries = layer_inputs(model, weights)
+    slots = tensor_slots(model.proto)
+    main = model.proto.graph
+    taken = {w.name for w in weights}
+    uses: dict[str, list[onnx.NodeProto]] = {}
+    for node in _all_nodes(model):
+        for name in node.input:
+            uses.setdefault(name, []).append(node)
+    found: dict[str, Weight] = {}
+    for w in weights:
+        entry = entries.get(w.name)
+        if entry is None:
+            continue
+        rows = w.shape[entry.row_axis]
+        candidates = {_bias_of(node, w, uses) for node in uses.get(w.name, ())}
+        bias = candidates.pop() if len(candidates) == 1 else None
+        slot = slots.get(bias) if bias else None
+        if slot is None or slot.graph is not main or slot.sparse is not None or \
+                bias in taken or len(uses.get(bias, ())) != len(uses[w.name]) or \
+                slot.tensor.data_type not in FLOAT_TYPES or \
+                [d for d in slot.dims if d != 1] != [rows]:
+            continue
+        found[w.name] = Weight(bias, slot.dims, onnx.TensorProto.DataType.Name(
+            slot.tensor.data_type), (uses[bias][0].op_type,),
+            "constant" if slot.node is not None else "initializer", False)
+    return found
+
+
+def _bias_of(node: onnx.NodeProto, w: Weight, uses: dict[str, list[onnx.NodeProto]]
+             ) -> str | None:
+    """The bias input of a Conv / Gemm, or the other input of the one Add after a MatMul."""
+    if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[1] == w.name:
+        return node.input[2] or None
+    if node.op_type == "MatMul" and len(w.shape) == 2 and node.input[1] == w.name:
+        after = uses.get(node.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Add":
+            return next((i for i in after[0].input if i != node.output[0]), None)
+    return None
 
 
 def _all_nodes(model: Model):

@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rdonnx import strictjson
+from rdonnx.choices import DEFAULT_CRITERION
 from rdonnx.runtime.diagnose import OutputStats
 from rdonnx.runtime.distortion import Distortion
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: `settings` flat (config version 1); 2: grouped (docs/FORMAT.md, "Settings")
 
 
 @dataclass
@@ -25,7 +26,7 @@ class WeightReport:
     kept: int
     density: float
     distortion: float | None = None  # output distortion with only this weight pruned
-    criterion: str = "magnitude"  # the in-layer criterion really used for this weight
+    criterion: str = DEFAULT_CRITERION  # the in-layer criterion really used for this weight
     curve: list[float] | None = None  # measured D(d) on the report's grid
     bits_per_weight: float | None = None  # coded bits per entry in the .rdonnx artifact
     value_bits: int | None = None  # quantization width of its survivors (None: exact)
@@ -174,15 +175,19 @@ class Report:
     output_format: str | None = None
     output_bytes: int | None = None
     notices: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds of each stage
     schema_version: int = SCHEMA_VERSION
 
     @property
     def density(self) -> float:
         return self.params_kept / self.params_total if self.params_total else 1.0
 
-    def to_json(self) -> str:
-        """Deterministic JSON (sorted keys, no timings) with the schema version."""
+    def to_json(self, timings: bool = True) -> str:
+        """JSON with sorted keys and the schema version; deterministic but for `timings`
+        (the seconds of each stage; left out with `timings=False`)."""
         data = asdict(self)
+        if not timings:
+            del data["timings"]
         data["density"] = self.density
         return strictjson.dumps(_rounded(data), indent=2, sort_keys=True) + "\n"
 

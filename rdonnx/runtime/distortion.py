@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rdonnx.choices import METRICS
+from rdonnx.choices import DEFAULT_CHANNEL_AXIS, METRICS
 from rdonnx.errors import UsageError
 from rdonnx.runtime.confidence import SampleTerms, agreement_lower, concat_terms
 
@@ -88,7 +88,7 @@ _BULK_ELEMENTS = 1 << 20  # output elements of pending batches summed at once (n
 class DistortionMeter:
     """Streams reference / candidate outputs and returns one `Distortion` for all of them."""
 
-    def __init__(self, channel_axis: int = 1, only: str | None = None,
+    def __init__(self, channel_axis: int = DEFAULT_CHANNEL_AXIS, only: str | None = None,
                  terms: str | None = None) -> None:
         """`only` names the one metric to compute (probes); None computes all of them.
         `terms`: a metric whose per-sample sums are kept too (for its confidence bound)."""

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from rdonnx.causes import caused
-from rdonnx.choices import DEVICES
+from rdonnx.choices import DEFAULT_DEVICE, DEVICES
 from rdonnx.errors import UsageError
 from rdonnx.graph.model import Model, fit_ir_version, slot_array, tensor_slots, uses_external_data
 from rdonnx.graph.weights import Weight
@@ -90,12 +90,15 @@ def _options(ort: ModuleType) -> object:
 
 
 def create_session(payload: bytes, model: Model, device: str | Device,
-                   optimize: bool = False) -> tuple[object, Device]:
-    """A session on `device` ("auto", "cpu", "cuda" or a resolved `Device`)."""
+                   optimize: bool = False, threads: int = 0) -> tuple[object, Device]:
+    """A session on `device` ("auto", "cpu", "cuda" or a resolved `Device`); `optimize`:
+    ORT's basic graph optimisations (outputs equal up to float rounding); `threads`: intra-op
+    threads (0: ORT's default, every core)."""
     ort = import_onnxruntime()
     options = _options(ort)
     if optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.intra_op_num_threads = max(int(threads), 0)
     if model.base_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(model.base_dir))
@@ -162,12 +165,26 @@ def ortvalue(array: np.ndarray, data_type: int, device: str = "cpu") -> object:
 class Runner:
     """One ONNX Runtime session that runs the model with any variant of its prunable weights."""
 
-    def __init__(self, model: Model, weights: Sequence[Weight], device: str | Device = "auto",
-                 extra_outputs: Sequence[str] = ()):
-        proto = measurement_model(model, weights, extra_outputs)
-        if any(uses_external_data(t) for t in proto.graph.initializer) and model.base_dir is None:
+    def __init__(self, model: Model, weights: Sequence[Weight],
+                 device: str | Device = DEFAULT_DEVICE, extra_outputs: Sequence[str] = (),
+                 proto: onnx.ModelProto | None = None):
+        """`proto`: the model's `measurement_model` for these weights, when the caller built
+        it already (it keeps it: downstream probes slice it); extra outputs are added to the
+        session only."""
+        self.proto = proto if proto is not None else measurement_model(model, weights)
+        if any(uses_external_data(t) for t in self.proto.graph.initializer) and \
+                model.base_dir is None:
             raise UsageError("the model keeps tensors in external data: load it from its path")
-        self.session, self.device = create_session(proto.SerializeToString(), model, device)
+        self.model = model
+        graph_outputs = self.proto.graph.output
+        count = len(graph_outputs)
+        for name in extra_outputs:
+            graph_outputs.append(onnx.ValueInfoProto(name=name))
+        try:
+            payload = self.proto.SerializeToString()
+        finally:
+            del graph_outputs[count:]
+        self.session, self.device = create_session(payload, model, device)
         self.output_names = [o.name for o in model.proto.graph.output]
         self.extra_outputs = list(extra_outputs)
         slots = tensor_slots(model.proto)
@@ -190,7 +207,36 @@ class Runner:
             full[name] = self.weight_value(name, value) if isinstance(value, np.ndarray) \
                 else value
         names = list(outputs) if outputs is not None else self.output_names
-        try:
-            return self.session.run(names, full)
-        except Exception as exc:  # noqa: BLE001 - ORT's errors carry no common base type
-            raise caused("onnxruntime failed to run the model", exc) from None
+        return run_session(self.session, names, full, self.device)
+
+    @property
+    def weights(self) -> Mapping[str, object]:
+        """The original value of every overridable weight, ready to feed."""
+        return self._weights
+
+
+def run_session(session: object, names: Sequence[str], feed: Mapping[str, object],
+                device: Device) -> list[np.ndarray]:
+    """Run `session`: on CUDA through I/O binding (`bound_run`), elsewhere a plain run."""
+    try:
+        if device.provider == CUDA:
+            return bound_run(session, names, feed, device.ort_device)
+        return session.run(list(names), dict(feed))
+    except Exception as exc:  # noqa: BLE001 - ORT's errors carry no common base type
+        raise caused("onnxruntime failed to run the model", exc) from None
+
+
+def bound_run(session: object, names: Sequence[str], feed: Mapping[str, object],
+              device: str) -> list[np.ndarray]:
+    """One run through I/O binding: OrtValues already on `device` (weights, cached
+    activations) are bound where they are, arrays are copied there once, outputs come back
+    to the host."""
+    binding = session.io_binding()
+    for name, value in feed.items():
+        if isinstance(value, np.ndarray):
+            value = ortvalue(value, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), device)
+        binding.bind_ortvalue_input(name, value)
+    for name in names:
+        binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()

@@ -160,5 +160,6 @@ ADAPTER = Adapter(
     ladder=(("--min-agreement", "0.98"), ("--min-agreement", "0.99"), ("--min-agreement", "1.0")),
     calib_samples=16, batch=32, extra_args=("--grid", "1,0.6,0.35,0.2,0.1"),
     subset=f"{PER_PHOTO} augmented 224x224 crops of each scikit-image photo; photos split "
-           "disjointly (8 calib, 3 val, 11 test); calib limited to 16 crops, a 5-point grid",
+           "disjointly (8 calib, 3 val, 11 test), each split interleaved by photo; calib "
+           "limited to 16 crops (2 of each calibration photo), a 5-point grid",
 )

@@ -12,7 +12,7 @@ import numpy as np
 from rdonnx.algo.hsic import importance, macs, similarity
 from rdonnx.allocate.allocators import Allocation
 from rdonnx.flow.calibration import Calibration
-from rdonnx.flow.config import CompressConfig
+from rdonnx.flow.methods.options import HSICOptions
 from rdonnx.graph.layers import consumer_outputs
 
 
@@ -42,7 +42,7 @@ def collect(cal: Calibration, tensors: Sequence[str], samples: int
     return {t: np.concatenate(p)[:samples] for t, p in parts.items() if p}, shapes
 
 
-def prepare(cal: Calibration, config: CompressConfig, allocation: Allocation
+def prepare(cal: Calibration, options: HSICOptions, allocation: Allocation
             ) -> tuple[Calibration, Allocation]:
     """`allocation` with each weight's importance alpha and budget cost (params or MACs), and
     the calibration with this method's notices. Returns new values; `cal` and `allocation`
@@ -50,11 +50,11 @@ def prepare(cal: Calibration, config: CompressConfig, allocation: Allocation
     notices = []
     found = consumer_outputs(cal.model, cal.weights)
     tensors = sorted({t for t, _ in found.values()})
-    acts, shapes = collect(cal, tensors, config.hsic_samples) if tensors else ({}, {})
+    acts, shapes = collect(cal, tensors, options.samples) if tensors else ({}, {})
     seen = [w for w in cal.weights if w.name in found and found[w.name][0] in acts]
     if len(seen) >= 2:
         alpha = importance(similarity([acts[found[w.name][0]] for w in seen]),
-                           config.hsic_beta)
+                           options.beta)
     else:  # no pair to compare: every layer equally important, the budget still shapes widths
         notices.append("hsic: fewer than two layer outputs are observable, so every layer "
                            "gets the same importance")
@@ -63,17 +63,17 @@ def prepare(cal: Calibration, config: CompressConfig, allocation: Allocation
     neutral = float(np.median(alpha))
     costs: dict[str, float] = {}
     for w in cal.weights:
-        if config.budget == "flops" and w.name in found:
+        if options.budget == "flops" and w.name in found:
             tensor, op = found[w.name]
             costs[w.name] = macs(w.size, shapes[tensor], op)
         else:
             costs[w.name] = float(w.size)
-    if config.budget == "flops":
+    if options.budget == "flops":
         notices.append(f"hsic: --rate counts multiply-accumulates per sample "
                            f"({sum(costs.values()):,.0f} in the prunable layers)")
     if seen and len(seen) < len(cal.weights):
         notices.append(f"hsic: {len(cal.weights) - len(seen)} weight(s) without an "
                            "observable output get the median importance")
-    return replace(cal, notices=[*cal.notices, *notices]), replace(
+    return replace(cal, notices=(*cal.notices, *notices)), replace(
         allocation, importance={w.name: alphas.get(w.name, neutral) for w in cal.weights},
         costs=costs)

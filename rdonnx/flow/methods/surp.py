@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -17,7 +16,7 @@ from rdonnx.artifact.surp_stream import Prefixes, encode, file_digest, shortest_
 from rdonnx.codec import surp as codec
 from rdonnx.errors import UsageError
 from rdonnx.flow.calibration import calibrate_model
-from rdonnx.flow.config import DEFAULTS, CompressConfig
+from rdonnx.flow.config import DEFAULTS, CompressConfig, Measurement, Target
 from rdonnx.flow.result import CompressResult, finish_report
 from rdonnx.flow.target import Check, Realized, meets
 from rdonnx.graph.model import check_output
@@ -29,13 +28,15 @@ from rdonnx.version import __version__
 BOUND_RATES = (0.5, 0.8, 1.0)
 
 
-def compress_surp(cal, config, test_data, labels: str | None, quiet: bool):
+def compress_surp(cal, config: CompressConfig, test_data, labels: str | None, quiet: bool):
     """The SuRP flow of `pipeline.compress`: encode to the target, measure the decoded model
-    (exactly what the artifact holds), report."""
+    (exactly what the artifact holds), report. (The method's whole run: it takes the whole
+    config.)"""
     names = [w.name for w in cal.weights]
     total = sum(w.size for w in cal.weights)
     seed = config.data.seed
-    extras = {} if config.lossless_unpruned or not config.quantized else cal.extra
+    coding, metric = config.coding, config.measure.metric
+    extras = {} if coding.lossless_unpruned or not coding.quantized else cal.extra
     quantized = {n: quantize(a, 8) for n, a in extras.items()}
     extra_values = {n: q.values(a.dtype) for (n, a), q in zip(extras.items(),
                                                                quantized.values())}
@@ -44,8 +45,12 @@ def compress_surp(cal, config, test_data, labels: str | None, quiet: bool):
         path = Path(cal.model.path).resolve()
         source = {"path": str(path), "sha256": file_digest(path)}
 
+    terms = metric if config.target.kind == "distortion" and config.verify.confidence > 0 \
+        else None
+
     def measured(values: dict[str, np.ndarray]):
-        return cal.distortion({**values, **extra_values}, config)
+        return cal.distortion({**values, **extra_values}, config.measure.channel_axis,
+                              terms=terms)
 
     points: list[RatePoint] = []
     target = config.target
@@ -61,8 +66,7 @@ def compress_surp(cal, config, test_data, labels: str | None, quiet: bool):
             def ok(steps: int, prefixes: Prefixes = prefixes):
                 d = measured(prefixes.values(steps))
                 r = Realized(prefixes.nnz(steps) / total, {}, {}, {}, {}, {}, d)
-                passed = meets(target, Check(config.metric, config.verify.confidence), r,
-                               total)
+                passed = meets(target, Check(metric, config.verify.confidence), r, total)
                 return passed, (d, prefixes.bits(steps), prefixes.nnz(steps), passed)
 
             try:
@@ -72,7 +76,7 @@ def compress_surp(cal, config, test_data, labels: str | None, quiet: bool):
                 if cap == BOUND_RATES[-1]:
                     raise
         for _, (d, bits, nnz, passed) in sorted(probes, key=lambda p: p[0]):
-            points.append(RatePoint(nnz / total, d.value(config.metric), d.top1_agreement,
+            points.append(RatePoint(nnz / total, d.value(metric), d.top1_agreement,
                                     passed, bits / total))
         coded = prefixes.truncated(steps)
     coded.source = source
@@ -82,7 +86,7 @@ def compress_surp(cal, config, test_data, labels: str | None, quiet: bool):
     keep = coded.nnz(decoded.uhat)
     chosen = Realized(decoded.nnz / total, keep, values, {**values, **extra_values}, quantized,
                       {n: 8 for n in quantized}, distortion, float(coded.stream.bits))
-    allocation = Allocation({n: s.values for n, s in cal.scores.items()}, {}, config.normalize)
+    allocation = Allocation({n: s.values for n, s in cal.scores.items()}, {})
     report = finish_report(cal, config, chosen, None, allocation, test_data, labels, quiet)
     report.search = points
     return CompressResult(cal.model, chosen.values, quantized, report, None, values,
@@ -119,7 +123,8 @@ def _reference(artifact, reference: Path | None) -> Path:
 def truncate_artifact(path: Path, output: Path, *, rate: float | None = None,
                       bits_per_weight: float | None = None,
                       max_distortion: float | None = None, calib=None,
-                      reference: Path | None = None, data=None, device: str = DEFAULTS.device,
+                      reference: Path | None = None, data=None,
+                      device: str = DEFAULTS.measure.device,
                       quiet: bool = True, force: bool = False) -> Truncation:
     """Cut the SuRP stream of `path` to a shorter prefix and write it to `output`."""
     targets = [t for t in (rate, bits_per_weight, max_distortion) if t is not None]
@@ -141,7 +146,8 @@ def truncate_artifact(path: Path, output: Path, *, rate: float | None = None,
     prefixes = Prefixes.of(coded)
     n = coded.pool.n
     settings = artifact.manifest.get("settings", {})
-    metric = settings.get("metric", DEFAULTS.metric)
+    stored = CompressConfig.from_dict(settings)  # version 1 (flat) or 2
+    metric = stored.measure.metric
     distortion = None
     if rate is not None:
         steps = prefixes.steps_for_nnz(max(1, round(rate * n)))
@@ -149,7 +155,7 @@ def truncate_artifact(path: Path, output: Path, *, rate: float | None = None,
         steps = prefixes.steps_for_bits(bits_per_weight * n)
     else:
         steps, distortion = _by_distortion(artifact, prefixes, max_distortion, calib,
-                                           _reference(artifact, reference), settings, data,
+                                           _reference(artifact, reference), stored, data,
                                            device, quiet)
     cut = prefixes.truncated(steps)
     values = cut.pool.values(prefixes.uhat(steps), prefixes.decoded.negative)
@@ -175,14 +181,13 @@ def truncate_artifact(path: Path, output: Path, *, rate: float | None = None,
 
 
 def _by_distortion(artifact, prefixes: Prefixes, bound: float, calib, reference: Path,
-                   settings: dict[str, Any], data, device: str, quiet: bool):
-    """The shortest prefix whose measured distortion against `reference` is within `bound`."""
+                   stored: CompressConfig, data, device: str, quiet: bool):
+    """The shortest prefix whose measured distortion against `reference` is within `bound`
+    (the weights selected and measured as the artifact's `stored` settings say)."""
     config = CompressConfig(
-        rate=1.0, metric=settings.get("metric", DEFAULTS.metric),
-        channel_axis=int(settings.get("channel_axis", DEFAULTS.channel_axis)),
-        min_params=int(settings.get("min_params", 1)),
-        include=tuple(settings.get("include", ())), exclude=tuple(settings.get("exclude", ())),
-        simplify=bool(settings.get("simplify", DEFAULTS.simplify)), device=device,
+        target=Target(rate=1.0), selection=stored.selection,
+        measure=Measurement(metric=stored.measure.metric,
+                            channel_axis=stored.measure.channel_axis, device=device),
         **({"data": data} if data is not None else {}))
     cal = calibrate_model(reference, config, calib, quiet)
     for t in prefixes.coded.pool.tensors:
@@ -193,8 +198,8 @@ def _by_distortion(artifact, prefixes: Prefixes, bound: float, calib, reference:
               if e.encoding != "surp" and e.name in cal.extra}
 
     def ok(steps: int):
-        d = cal.distortion({**prefixes.values(steps), **extras}, config)
-        return d.value(config.metric) <= bound, d
+        d = cal.distortion({**prefixes.values(steps), **extras}, config.measure.channel_axis)
+        return d.value(config.measure.metric) <= bound, d
 
     steps, probes = shortest_meeting(prefixes, ok)
     return steps, dict(probes)[steps]

@@ -1,4 +1,5 @@
-"""Survivor reconstruction through the public API and the CLI: --reconstruct (SparseGPT / OBS
+"""Realizing candidates (`rdonnx.flow.realize`): survivor reconstruction through the
+`Realizer`, the public API and the CLI: --reconstruct (SparseGPT / OBS
 updates), --criterion obs, --sequential, --pattern N:M and GPTQ error-compensated quantization
 (--reconstruct --value-bits B).
 
@@ -13,13 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import torch
 from _graphs import make_model, vi
 from conftest import PRUNABLE_CASES, Case, assert_usage_error, calib_feed
 from onnx import TensorProto, helper
@@ -31,8 +30,9 @@ from rdonnx.algo.obs import Hessian, supports, to_matrices, weight_error
 from rdonnx.algo.quantize import row_view
 from rdonnx.artifact.format import read_artifact
 from rdonnx.artifact.parallel import decode_all
-from rdonnx.choices import VerifyOptions
 from rdonnx.flow.calibration import Calibration, calibrate_model
+from rdonnx.flow.hessians import Hessians
+from rdonnx.flow.realize import Realizer, pattern_mask
 
 GRID = (1.0, 0.5, 0.2, 0.1)
 SAMPLES = 64  # calibration samples (the bundled models have 256; the fixtures 32)
@@ -60,8 +60,8 @@ MODES: dict[str, tuple[list[str], dict]] = {
 def config(**fields) -> CompressConfig:
     """Small grid, no per-layer passes, 64 samples; dense exact values unless told."""
     base = {"grid": GRID, "layer_distortion": False, "data": DATA, "method": "uniform",
-            "format": "dense", "verify": VerifyOptions(holdout=0.0)}
-    return CompressConfig(**{**base, **fields})
+            "format": "dense", "holdout": 0.0}
+    return CompressConfig.of(**{**base, **fields})
 
 
 def mode_config(mode: str, **fields) -> CompressConfig:
@@ -96,6 +96,7 @@ def kept(array: np.ndarray) -> np.ndarray:
 
 _RESULTS: dict = {}
 _CALIBRATIONS: dict = {}
+_HESSIANS: dict = {}
 
 
 def compressed(case: Case, cfg: CompressConfig) -> rdonnx.CompressResult:
@@ -107,10 +108,18 @@ def compressed(case: Case, cfg: CompressConfig) -> rdonnx.CompressResult:
 
 def calibration(case: Case, cfg: CompressConfig) -> Calibration:
     """The Calibration compress builds for these settings (rankings, layer inputs, Hessians)."""
-    key = (case.name, cfg.criterion, cfg.reconstructs, cfg.pattern)
+    key = (case.name, cfg.prune.criterion, cfg.prune.reconstructs, cfg.target.pattern)
     if key not in _CALIBRATIONS:
         _CALIBRATIONS[key] = calibrate_model(case.path, cfg, case.calib)
+        _HESSIANS[key] = Hessians(_CALIBRATIONS[key])
     return _CALIBRATIONS[key]
+
+
+def realizer(case: Case, cfg: CompressConfig) -> Realizer:
+    """The Realizer compress builds for these settings (Hessians shared per calibration)."""
+    cal = calibration(case, cfg)
+    key = (case.name, cfg.prune.criterion, cfg.prune.reconstructs, cfg.target.pattern)
+    return Realizer(cal, _HESSIANS[key], cfg.prune, cfg.coding, cfg.measure, cfg.target.n_m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,10 +132,10 @@ def calibration(case: Case, cfg: CompressConfig) -> Calibration:
 def test_every_mode_runs_and_reproduces_what_compress_measured(case, mode, cli, tmp_path):
     flags, _ = MODES[mode]
     cfg = mode_config(mode)
-    out = tmp_path / ("out.rdonnx" if cfg.format == "rdonnx" else "out.onnx")
+    out = tmp_path / ("out.rdonnx" if cfg.coding.format == "rdonnx" else "out.onnx")
     report = tmp_path / "report.json"
     run = cli("compress", case.path, "--calib", case.calib, "--method", "uniform",
-              "--format", cfg.format, *FAST, *flags, "-o", out, "--report", report)
+              "--format", cfg.coding.format, *FAST, *flags, "-o", out, "--report", report)
     assert run.code == 0, run.err
     assert out.is_file() and report.is_file()
 
@@ -143,10 +152,10 @@ def test_every_mode_runs_and_reproduces_what_compress_measured(case, mode, cli, 
     measured = result.report.calibration.distortion
     assert json.loads(report.read_text())["calibration"]["distortion"] == pytest.approx(
         measured, rel=2e-5, abs=1e-12)
-    evaluation = rdonnx.evaluate(case.path, out if cfg.format == "dense" else result.model,
+    evaluation = rdonnx.evaluate(case.path, out if cfg.coding.format == "dense" else result.model,
                                  case.calib, options=DATA)
     assert evaluation.distortion == pytest.approx(measured, rel=1e-4, abs=1e-9)
-    if cfg.format == "rdonnx":  # the artifact decodes to exactly the measured weights
+    if cfg.coding.format == "rdonnx":  # the artifact decodes to exactly the measured weights
         decoded = decode_all(read_artifact(out))
         for name, value in result.weights.items():
             np.testing.assert_array_equal(decoded[name], value, err_msg=name)
@@ -181,7 +190,8 @@ LAYER_CASES = ("mlp", "cnn", "attention", "int64_model", "bundled_mlp", "bundled
 def test_reconstruction_keeps_the_mask_and_never_increases_layer_error(case, criterion):
     cfg = mode_config("reconstruct", criterion=criterion)
     result = compressed(case, cfg)
-    cal = calibration(case, cfg)
+    rz = realizer(case, cfg)
+    cal = rz.cal
     improved = 0
     reconstructed = 0
     for w, report in zip(cal.weights, result.report.weights):
@@ -192,12 +202,12 @@ def test_reconstruction_keeps_the_mask_and_never_increases_layer_error(case, cri
         assert not (kept(new) & ~mask).any(), f"{w.name}: nonzero outside the chosen mask"
         assert int(np.count_nonzero(new)) == report.kept == int(mask.sum()), w.name
         plain = np.where(mask, original, 0).astype(original.dtype)
-        if not cal.reconstructs(w.name, cfg):
+        if not rz.reconstructs(w.name):
             np.testing.assert_array_equal(new, plain, err_msg=w.name)
             continue
         reconstructed += 1
         entry = cal.inputs[w.name]
-        hessian = cal.hessian(w.name)
+        hessian = rz.hessians.hessian(w.name)
         e_new = weight_error(original, new, entry, hessian)
         e_plain = weight_error(original, plain, entry, hessian)
         assert e_new <= e_plain * (1 + 1e-6) + 1e-12, (w.name, e_new, e_plain)
@@ -212,7 +222,8 @@ def test_gptq_never_increases_layer_error_over_plain_rounding(case, tmp_path):
     wins."""
     cfg = mode_config("gptq")
     result = compressed(case, cfg)
-    cal = calibration(case, cfg)
+    rz = realizer(case, cfg)
+    cal = rz.cal
     path = tmp_path / "q.rdonnx"
     result.save(path)
     stored = {e.name: e for e in read_artifact(path).tensors}
@@ -226,7 +237,7 @@ def test_gptq_never_increases_layer_error_over_plain_rounding(case, tmp_path):
         assert stored[w.name].step_axis == q.axis in (None, cal.inputs[w.name].row_axis)
         step = np.float32(q.step) if q.axis is None else row_view(q.step, original.ndim, q.axis)
         plain = np.where(mask, np.clip(np.rint(original / step), -7, 7) * step, 0)
-        entry, hessian = cal.inputs[w.name], cal.hessian(w.name)
+        entry, hessian = cal.inputs[w.name], rz.hessians.hessian(w.name)
         e_new = weight_error(original, new, entry, hessian)
         e_plain = weight_error(original, plain.astype(np.float32), entry, hessian)
         assert e_new <= e_plain * (1 + 1e-6) + 1e-12, (w.name, e_new, e_plain)
@@ -241,17 +252,18 @@ def test_gptq_grid_is_the_best_of_the_candidate_grids(bundled_cnn, bundled_mlp):
 
     cfg = mode_config("gptq")
     for case in (bundled_cnn, bundled_mlp):
-        cal = calibration(case, cfg)
+        rz = realizer(case, cfg)
+        cal = rz.cal
         for w in cal.weights:
             keep, entry = int(0.5 * w.size), cal.inputs[w.name]
-            original, hessian = cal.originals[w.name], cal.hessian(w.name)
-            new, q = cal.compress_weight(w, keep, cfg, 4)
-            exact, _ = cal.compress_weight(w, keep, cfg)
-            candidates = cal.gptq_grids(w.name, exact, 4)
+            original, hessian = cal.originals[w.name], rz.hessians.hessian(w.name)
+            new, q = rz.compress_weight(w, keep, 4)
+            exact, _ = rz.compress_weight(w, keep)
+            candidates = rz.gptq_grids(w.name, exact, 4)
             assert {g.axis for g in candidates} == {entry.row_axis, None}
             errors = [weight_error(original, reconstruct_weight(
                 original, entry, hessian, keep=cal.rankings[w.name].mask(keep),
-                step=g.broadcast(exact.ndim), levels=7, percdamp=cfg.damp), entry, hessian)
+                step=g.broadcast(exact.ndim), levels=7, percdamp=cfg.prune.damp), entry, hessian)
                 for g in candidates]
             costs = [e * 4.0 ** (grid_fits.steps_bits(g) / w.size)
                      for e, g in zip(errors, candidates)]
@@ -273,7 +285,7 @@ def test_reconstruction_lowers_measured_distortion_rd(case):
         assert obs.report.rate == pytest.approx(0.5, abs=1e-3)
         assert obs.report.calibration.distortion < plain.report.calibration.distortion
     # the curves the rd allocation used were measured with reconstruction
-    assert rebuilt.report.settings["reconstruct"] is True
+    assert rebuilt.report.settings["prune"]["reconstruct"] is True
     assert rebuilt.curves.settings["reconstruct"] is True
     assert plain.curves.settings["reconstruct"] is False
 
@@ -338,10 +350,10 @@ def _shared_weight_model(folder: Path, seed: int = 0) -> tuple[Path, Path, np.nd
 
 def test_shared_weight_is_reconstructed_for_every_consumer(tmp_path):
     path, calib, w = _shared_weight_model(tmp_path)
-    cfg = CompressConfig(rate=0.5, method="uniform", min_params=16, grid=GRID,
+    cfg = CompressConfig.of(rate=0.5, method="uniform", min_params=16, grid=GRID,
                          layer_distortion=False, format="dense")
     plain = rdonnx.compress(path, calib=calib, config=cfg)
-    rebuilt = rdonnx.compress(path, calib=calib, config=replace(cfg, reconstruct=True))
+    rebuilt = rdonnx.compress(path, calib=calib, config=cfg.updated(reconstruct=True))
     # the error summed over both consumers never exceeds that of the same mask without update
     mask = kept(plain.weights["W"])
     assert not (kept(rebuilt.weights["W"]) & ~mask).any()
@@ -399,7 +411,7 @@ def test_pattern_2_4_in_every_supported_weight(case, mode):
         assert_n_m(new, entry, 2, 4, w.name)
         assert int(np.count_nonzero(new)) == report.kept, w.name
         if mode != "pattern-obs":  # the in-layer scores pick the 2 of 4
-            mask = cal.pattern_mask(w.name, (2, 4))
+            mask = pattern_mask(cal, w.name, (2, 4))
             assert not (kept(new) & ~mask).any(), w.name
         if mode == "pattern":  # no update: survivors keep their values
             np.testing.assert_array_equal(new, np.where(kept(new), cal.originals[w.name], 0),
@@ -459,14 +471,15 @@ def test_reconstruct_prunes_unsupported_layouts_without_update(tmp_path):
     cfg = config(min_params=16, reconstruct=True, rate=0.5)
     result = rdonnx.compress(path, config=cfg)
     cal = calibrate_model(path, cfg, None)
+    rz = Realizer(cal, Hessians(cal), cfg.prune, cfg.coding, cfg.measure)
     for w, report in zip(cal.weights, result.report.weights):
         mask = cal.rankings[w.name].mask(report.kept)
         plain = np.where(mask, cal.originals[w.name], 0)
         if w.name == "W":
-            assert cal.reconstructs(w.name, cfg)
+            assert rz.reconstructs(w.name)
             assert not (kept(result.weights[w.name]) & ~mask).any()
         else:
-            assert not cal.reconstructs(w.name, cfg)
+            assert not rz.reconstructs(w.name)
             np.testing.assert_array_equal(result.weights[w.name], plain, err_msg=w.name)
 
 
@@ -563,7 +576,7 @@ def test_sequential_differs_from_parallel_and_both_are_valid(case):
                for n in names[1:])
     for n in names:  # same criterion, same masks: only the survivors' values differ
         assert np.array_equal(kept(sequential.weights[n]), kept(parallel.weights[n])), n
-    assert sequential.report.settings["sequential"] is True
+    assert sequential.report.settings["prune"]["sequential"] is True
     for result in (parallel, sequential):
         assert result.report.rate == pytest.approx(0.5, abs=1e-3)
         assert np.isfinite(result.report.calibration.distortion)
@@ -586,66 +599,41 @@ def test_sequential_curves_let_the_next_layer_compensate(bundled_cnn):
     """In sequential mode a curve's probe prunes one weight and aims the next one (dense) at
     the original output, as the sequential pass will: the curve measures what is left."""
     cfg = mode_config("sequential")
-    cal = calibration(bundled_cnn, cfg)
+    rz = realizer(bundled_cnn, cfg)
+    cal = rz.cal
     first, second, last = cal.weights[0], cal.weights[1], cal.weights[-1]
-    variant = cal.variant(cfg)
+    variant = rz.variant()
     probe = variant(first, first.size // 4)
     assert set(probe) == {first.name, second.name}
     original, entry = cal.originals[second.name], cal.inputs[second.name]
-    hessian = cal.hessian(second.name, {first.name: probe[first.name]})
+    hessian = rz.hessians.hessian(second.name, {first.name: probe[first.name]})
     assert weight_error(original, probe[second.name], entry, hessian) < \
         0.5 * weight_error(original, original, entry, hessian)
-    alone = cal.distortion({first.name: probe[first.name]}, cfg).nmse
-    assert cal.distortion(probe, cfg).nmse < 0.5 * alone
+    alone = rz.distortion({first.name: probe[first.name]}).nmse
+    assert rz.distortion(probe).nmse < 0.5 * alone
     assert set(variant(last, last.size // 2)) == {last.name}  # nothing after the last one
-    quantized = cal.value_variant(cfg)(first, 3)  # the value curves aim the next one too
+    quantized = rz.value_variant()(first, 3)  # the value curves aim the next one too
     assert set(quantized) == {first.name, second.name}
-    assert cal.distortion(quantized, cfg).nmse < \
-        cal.distortion({first.name: quantized[first.name]}, cfg).nmse
-    assert set(cal.variant(mode_config("reconstruct"))(first, first.size // 4)) == {first.name}
+    assert rz.distortion(quantized).nmse < \
+        rz.distortion({first.name: quantized[first.name]}).nmse
+    per_layer = realizer(bundled_cnn, mode_config("reconstruct"))
+    assert set(per_layer.variant()(first, first.size // 4)) == {first.name}
     # such curves are not those of per-layer reconstruction: their fingerprints differ
     assert cfg.curve_settings() != mode_config("reconstruct").curve_settings()
-
-
-def test_sequential_hessians_reuse_the_original_inputs_exactly(bundled_cnn):
-    """The original inputs of the layer last asked for are kept: asking again (as every probe
-    of a sequential curve does) gives the very same statistics."""
-    cal = calibration(bundled_cnn, mode_config("sequential"))
-    first, second = cal.weights[0], cal.weights[1]
-    pruned = {first.name: cal.rankings[first.name].apply(cal.originals[first.name], 100)}
-    cal._original_inputs = {}  # as if no layer was asked for before
-    calls = []
-    run = cal.runner.run
-
-    def counted(feed, weights=None, outputs=None):
-        calls.append(bool(weights))
-        return run(feed, weights, outputs)
-
-    cal.runner.run = counted
-    try:
-        fresh = cal.hessian(second.name, pruned)
-        assert calls.count(False) == len(cal.replay)  # original inputs: one pass
-        calls.clear()
-        again = cal.hessian(second.name, pruned)
-        assert calls == [True] * len(cal.replay)  # only the compressed model runs again
-    finally:
-        del cal.runner.run
-    for a, b in zip(fresh.matrices + [t for p in fresh.targets for t in p],
-                    again.matrices + [t for p in again.targets for t in p]):
-        assert torch.equal(a, b)
 
 
 def test_sequential_layer_error_not_worse_on_compressed_inputs(bundled_mlp):
     """Each layer's guarantee holds for the Hessian of the inputs it really sees."""
     cfg = mode_config("sequential")
     result = compressed(bundled_mlp, cfg)
-    cal = calibration(bundled_mlp, cfg)
+    rz = realizer(bundled_mlp, cfg)
+    cal = rz.cal
     earlier: dict[str, np.ndarray] = {}
     for w, report in zip(cal.weights, result.report.weights):
         original, new = cal.originals[w.name], result.weights[w.name]
         mask = cal.rankings[w.name].mask(report.kept)
         plain = np.where(mask, original, 0).astype(original.dtype)
-        hessian = cal.hessian(w.name, earlier)
+        hessian = rz.hessians.hessian(w.name, earlier)
         entry = cal.inputs[w.name]
         assert weight_error(original, new, entry, hessian) <= \
             weight_error(original, plain, entry, hessian) * (1 + 1e-6) + 1e-12, w.name
@@ -695,8 +683,8 @@ def test_gptq_beats_plain_rounding_of_the_same_pruning(case):
 
 
 def test_reconstructed_curves_are_lower_and_fingerprinted(bundled_mlp):
-    plain_cfg = CompressConfig(grid=GRID, data=DATA, verify=VerifyOptions(holdout=0.0))
-    rebuilt_cfg = replace(plain_cfg, reconstruct=True)
+    plain_cfg = CompressConfig.of(grid=GRID, data=DATA, holdout=0.0)
+    rebuilt_cfg = plain_cfg.updated(reconstruct=True)
     plain = rdonnx.calibrate(bundled_mlp.path, calib=bundled_mlp.calib, config=plain_cfg)
     rebuilt = rdonnx.calibrate(bundled_mlp.path, calib=bundled_mlp.calib, config=rebuilt_cfg)
     assert list(plain.grid) == list(rebuilt.grid)
@@ -713,7 +701,7 @@ def test_reconstructed_curves_are_lower_and_fingerprinted(bundled_mlp):
     for curves, cfg in ((plain, rebuilt_cfg), (rebuilt, plain_cfg)):
         with pytest.raises(UsageError, match="settings"):
             rdonnx.compress(bundled_mlp.path, calib=bundled_mlp.calib, curves=curves,
-                            config=replace(cfg, rate=0.5, layer_distortion=False,
+                            config=cfg.updated(rate=0.5, layer_distortion=False,
                                            format="dense"))
     # and accepted for their own settings, with the same result as measuring them anew
     reused = rdonnx.compress(bundled_mlp.path, calib=bundled_mlp.calib, curves=rebuilt,

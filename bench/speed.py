@@ -1,0 +1,236 @@
+"""Calibration speed on the zoo's real models (issue 14): the probe cost against a forward pass,
+the number of probes, and the wall time of whole compress runs.
+
+Per model (prepared by ``python -m bench.zoo.fetch``; ``<cache>/<name>/model.onnx`` with
+``calib.npz``), in one process:
+
+- forward: one pass of the whole model over the calibration samples with every weight fed as
+  an input and ORT optimisations off (what every probe cost before downstream probes);
+- probe: the mean over all prunable weights of one downstream-only probe (the weight pruned to
+  half, its slice run over the same samples), and its ratio to the forward pass, both timed in
+  the same run;
+- probes: the probes `compress --rate 0.5` measured (adaptive grid) next to the full grid's;
+- the wall time of `compress --rate 0.5`, of a `--max-distortion` bound and of
+  `--rate 0.5 --sequential`, each written to a temporary `.rdonnx` (stage times from the
+  report);
+- with ``--jobs-compare``: `rdonnx calibrate` (whole 20-point grid) with --jobs 1 and 2.
+
+The machine is shared: the 1-minute load average is printed next to every timing.
+
+    python bench/speed.py --models detector,ocr --samples 8
+    python bench/speed.py --models g2p --jobs-compare --runs probe,rate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import rdonnx  # noqa: E402
+from rdonnx.algo.prune import prune  # noqa: E402
+from rdonnx.flow.calibration import calibrate_model  # noqa: E402
+from rdonnx.flow.config import CompressConfig  # noqa: E402
+from rdonnx.flow.pipeline import make_realizer, measure_all_curves  # noqa: E402
+from rdonnx.runtime.data import DataOptions  # noqa: E402
+from rdonnx.runtime.probe import Prober  # noqa: E402
+
+MODELS = ("detector", "ocr", "efficientnet", "g2p", "minilm", "crepe", "smollm2")
+# per model: the distortion metric and the --max-distortion bound timed (the zoo's loosest)
+SETTINGS = {"minilm": ("cosine", 2e-2)}
+DEFAULT_SETTING = ("nmse", 1e-2)
+RUNS = ("probe", "rate", "bound", "sequential")
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def cache_dir(override: str | None) -> Path:
+    path = override or os.environ.get("RDONNX_ZOO_CACHE") or Path.home() / ".cache/rdonnx-zoo"
+    return Path(path).expanduser()
+
+
+def probe_costs(model: Path, calib: Path, config: CompressConfig) -> dict:
+    """Every weight probed twice back to back, on the whole graph (a forward pass: what every
+    probe cost before) and downstream-only, so load changes hit both alike; the ratio is
+    the sum of the downstream times over the sum of the whole-graph times."""
+    start = time.monotonic()
+    cal = calibrate_model(model, config, calib)
+    reference = time.monotonic() - start
+    whole = Prober(cal.runner, cal.replay)
+    metric = config.measure.metric
+    half = {w.name: prune(cal.originals[w.name], w.size // 2) for w in cal.weights}
+    loads = [load()]
+    forward, down = [], []
+    for w in cal.weights:
+        arrays = {w.name: half[w.name]}
+        cal.prober.probe(arrays, metric)  # builds the slice
+        start = time.monotonic()
+        whole.probe(arrays, metric)
+        forward.append(time.monotonic() - start)
+        start = time.monotonic()
+        cal.prober.probe(arrays, metric)
+        down.append(time.monotonic() - start)
+    loads.append(load())
+    return {"weights": len(cal.weights), "params": sum(w.size for w in cal.weights),
+            "reference_s": reference, "forward_s": float(np.mean(forward)),
+            "probe_mean_s": float(np.mean(down)), "probe_ratio": sum(down) / sum(forward),
+            "whole_graph": len(cal.prober.full), "load": loads}
+
+
+def timed_compress(model: Path, calib: Path, config: CompressConfig) -> dict:
+    """One compress run written to a temporary .rdonnx: seconds, stage seconds, probes."""
+    before = load()
+    start, cpu = time.monotonic(), time.process_time()
+    result = rdonnx.compress(model, calib=calib, config=config)
+    with tempfile.TemporaryDirectory() as tmp:
+        size = result.save(Path(tmp) / "m.rdonnx")
+    seconds, cpu = time.monotonic() - start, time.process_time() - cpu
+    curves = result.curves
+    probes = 0
+    if curves is not None:
+        measured = curves.measured or {n: range(len(curves.grid)) for n in curves.distortion}
+        probes = sum(1 for n, idx in measured.items() for i in idx if curves.grid[i] < 1)
+    full = len(result.report.weights) * sum(1 for d in config.measure.grid if d < 1)
+    return {"seconds": seconds, "cpu_s": cpu, "stages": result.report.timings, "probes": probes,
+            "full_grid_probes": full, "bytes": size, "rate": result.report.rate,
+            "distortion": result.report.calibration.distortion,
+            "load": [before, load()]}
+
+
+def adaptive_accuracy(model: Path, calib: Path, config: CompressConfig) -> dict:
+    """The allocation's measured distortion at --rate 0.5: adaptive grid against full grid
+    (the same calibration, so the two differ only by the curves)."""
+    cal = calibrate_model(model, config, calib)
+    from rdonnx.allocate.allocators import Allocation, rd
+
+    scores = {n: s.values for n, s in cal.scores.items()}
+    out = {}
+    rate, metric = config.target.rate, config.measure.metric
+    for adaptive in (True, False):
+        run = config.updated(adaptive=adaptive)
+        realizer = make_realizer(cal, run)
+
+        def focus(curves, rate=rate):
+            return [rd(Allocation(scores, {n: curves.curve(n) for n in curves.distortion}), rate)]
+
+        start = time.monotonic()
+        curves = measure_all_curves(realizer, run.measure, run.curve_settings(), True, focus)
+        keep = rd(Allocation(scores, {n: curves.curve(n) for n in curves.distortion}), rate)
+        pruned, _ = realizer.compress_all(keep)
+        d = cal.distortion(pruned, run.measure.channel_axis, metric).value(metric)
+        out["adaptive" if adaptive else "full"] = {"distortion": d,
+                                                   "seconds": time.monotonic() - start}
+    out["relative_difference"] = out["adaptive"]["distortion"] / out["full"]["distortion"] - 1
+    return out
+
+
+def calibrate_jobs(model: Path, calib: Path, config: CompressConfig) -> dict:
+    """`rdonnx calibrate` (whole grid) with --jobs 1 and 2, alternating, twice each."""
+    out: dict[str, list] = {"1": [], "2": [], "load": []}
+    for _ in range(2):
+        for jobs in (1, 2):
+            out["load"].append(load())
+            start = time.monotonic()
+            rdonnx.calibrate(model, calib=calib, config=config.updated(jobs=jobs))
+            out[str(jobs)].append(time.monotonic() - start)
+            out["load"].append(load())
+    out["speedup"] = min(out["1"]) / min(out["2"])
+    return out
+
+
+def fmt_table(results: dict) -> str:
+    lines = ["| model | weights | samples | forward s | probe mean s | probe / forward | "
+             "probes at rate 0.5 (full grid) | rate 0.5 s (CPU s) | bound s (CPU s) | "
+             "sequential s (CPU s) | adaptive vs full | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def num(part: dict, key: str, spec: str = ".1f") -> str:
+        return format(part[key], spec) if key in part else "-"
+
+    for name, r in results.items():
+        p, rate, bound, seq, acc = (r.get(k, {}) for k in
+                                    ("probe", "rate", "bound_run", "sequential", "accuracy"))
+        loads = [v for part in (p, rate, bound, seq) for v in part.get("load", [])]
+        cells = [name, num(p, "weights", "d"), str(r["samples"]), num(p, "forward_s", ".2f"),
+                 num(p, "probe_mean_s", ".2f"), num(p, "probe_ratio", ".2f"),
+                 f"{rate['probes']} ({rate['full_grid_probes']})" if rate else "-",
+                 *(f"{num(part, 'seconds')} ({num(part, 'cpu_s')})" if part else "-"
+                   for part in (rate, bound, seq)),
+                 f"{100 * acc['relative_difference']:+.1f}%" if acc else "-",
+                 f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS[:-1]))
+    parser.add_argument("--samples", type=int, default=None,
+                        help="calibration samples (default: the whole calib split)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--runs", default=",".join(RUNS),
+                        help=f"which of {','.join(RUNS)},accuracy to run")
+    parser.add_argument("--jobs", type=int, default=1, help="--jobs of the compress runs")
+    parser.add_argument("--jobs-compare", action="store_true",
+                        help="also time rdonnx calibrate with --jobs 1 and 2")
+    parser.add_argument("--cache", default=None)
+    parser.add_argument("--json", default=None, help="write the results here too")
+    args = parser.parse_args(argv)
+    cache = cache_dir(args.cache)
+    runs = set(args.runs.split(","))
+    results: dict[str, dict] = {}
+    for name in args.models.split(","):
+        folder = cache / name
+        model, calib = folder / "model.onnx", folder / "calib.npz"
+        if not model.is_file() or not calib.is_file():
+            print(f"{name}: not in {cache} (run python -m bench.zoo.fetch)", file=sys.stderr)
+            continue
+        metric, bound = SETTINGS.get(name, DEFAULT_SETTING)
+        data = DataOptions(samples=args.samples)
+        if args.batch_size:
+            data = replace(data, batch_size=args.batch_size)
+        base = CompressConfig.of(rate=0.5, metric=metric, data=data, jobs=args.jobs,
+                                 layer_distortion=False)
+        with np.load(calib) as arrays:
+            total = len(arrays[arrays.files[0]])
+        r: dict = {"samples": min(total, args.samples or total), "metric": metric,
+                   "max_distortion": bound}
+        results[name] = r
+        if "probe" in runs:
+            r["probe"] = probe_costs(model, calib, base)
+        if "rate" in runs:
+            r["rate"] = timed_compress(model, calib, base)
+        if "bound" in runs:
+            r["bound_run"] = timed_compress(model, calib, base.updated(rate=None,
+                                                                    max_distortion=bound))
+        if "sequential" in runs:
+            r["sequential"] = timed_compress(model, calib, base.updated(sequential=True))
+        if "accuracy" in runs:
+            r["accuracy"] = adaptive_accuracy(model, calib, base)
+        if args.jobs_compare:
+            r["jobs"] = calibrate_jobs(model, calib, base.updated(jobs=1))
+        print(f"{name}: {json.dumps(r, default=float)}", file=sys.stderr, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+    print(fmt_table(results))
+    for name, r in results.items():
+        if "jobs" in r:
+            j = r["jobs"]
+            print(f"{name}: rdonnx calibrate --jobs 1 {min(j['1']):.1f} s, --jobs 2 "
+                  f"{min(j['2']):.1f} s: {j['speedup']:.2f}x (load {min(j['load']):.1f}-"
+                  f"{max(j['load']):.1f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Probes: the output distortion of the model with a few weights replaced, measured against the
+replayed reference outputs.
+
+A probe runs only the part of the graph downstream of the replaced weights (a slice of the
+measurement model, built once per set of weights), fed with the tensors that cross the cut,
+which the reference pass recorded; outputs that do not depend on the weights are the reference
+outputs. Probes run in `jobs` threads (ONNX Runtime releases the GIL), one session per slice and
+thread-safe counters; every probe's figure is computed the same way whatever the number of
+threads, so results do not depend on it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from rdonnx.choices import DEFAULT_CHANNEL_AXIS
+from rdonnx.graph.cut import Cut, downstream
+from rdonnx.graph.model import fit_ir_version
+from rdonnx.runtime.distortion import DistortionMeter
+from rdonnx.runtime.measure import Replay
+from rdonnx.runtime.session import (
+    CUDA,
+    Runner,
+    create_session,
+    max_runtime_ir_version,
+    ortvalue,
+    run_session,
+)
+
+SESSIONS_PER_JOB = 2  # slice sessions kept per worker thread (a weight's sweep reuses one)
+
+
+def cut_tensors(proto: onnx.ModelProto, weights: Sequence[str]) -> dict[str, Cut]:
+    """Per weight, what its downstream slice reads from the rest of the measurement model."""
+    return {name: downstream(proto.graph, [name]) for name in weights}
+
+
+def slice_model(proto: onnx.ModelProto, cut: Cut,
+                types: Mapping[str, np.dtype]) -> onnx.ModelProto:
+    """The nodes of `cut` as a model: cut tensors (typed from the recorded arrays), graph inputs
+    and weights in, the graph outputs they produce out, the initializers they read copied."""
+    graph = proto.graph
+    declared = {v.name: v for v in graph.input}
+    inputs = [declared[n] for n in cut.inputs] + [
+        onnx.helper.make_tensor_value_info(
+            n, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(types[n])), None)
+        for n in cut.tensors]
+    wanted = set(cut.initializers)
+    sliced = onnx.helper.make_graph(
+        [graph.node[i] for i in cut.nodes], f"{graph.name}-slice", inputs,
+        [onnx.ValueInfoProto(name=n) for n in cut.outputs],
+        [t for t in graph.initializer if t.name in wanted])
+    model = onnx.helper.make_model(sliced, opset_imports=list(proto.opset_import))
+    model.functions.extend(proto.functions)
+    fit_ir_version(model, max_runtime_ir_version())
+    return model
+
+
+@dataclass(frozen=True)
+class _Slice:
+    session: object | None  # None: the whole graph (the runner's session)
+    cut: Cut
+
+
+class Prober:
+    """Measures weight variants against the reference: downstream-only when `sliced`,
+    over `jobs` threads, ORT graph optimisations in the slices when `optimize`."""
+
+    def __init__(self, runner: Runner, replay: Replay, cuts: Mapping[str, Cut] | None = None,
+                 jobs: int = 1, optimize: bool = False, notices: list[str] | None = None):
+        """`notices`: where to say which probes run the whole graph (a caller's list)."""
+        self.runner, self.replay = runner, replay
+        self.cuts = dict(cuts or {})
+        self.jobs = max(int(jobs), 1)
+        self.optimize = optimize
+        self.threads = 0 if self.jobs == 1 else max(1, (os.cpu_count() or 1) // self.jobs)
+        self.notices = notices if notices is not None else []
+        self.full: set[str] = set()  # weights probed on the whole graph (and why, in notices)
+        self._sessions: OrderedDict[frozenset[str], _Slice] = OrderedDict()
+        self._lock = threading.Lock()
+        self._types: dict[str, np.dtype] = {}
+
+    @classmethod
+    def tensors(cls, cuts: Mapping[str, Cut]) -> list[str]:
+        """The tensors the reference pass must record for these cuts."""
+        return sorted({t for c in cuts.values() if not c.whole for t in c.tensors})
+
+    def _slice(self, names: frozenset[str]) -> _Slice:
+        with self._lock:
+            found = self._sessions.get(names)
+            if found is not None:
+                self._sessions.move_to_end(names)
+                return found
+        single = next(iter(names)) if len(names) == 1 else None
+        cut = self.cuts[single] if single in self.cuts else \
+            downstream(self.runner.proto.graph, sorted(names))
+        recorded = self.replay.recorded or frozenset()
+        made = _Slice(None, cut)
+        if not self.cuts:  # downstream probes are off: the whole graph, silently
+            pass
+        elif not cut.whole and set(cut.tensors) <= recorded:
+            try:
+                if not self._types:
+                    self._types = {n: a.dtype for n, a in next(self.replay.cuts(sorted(recorded)),
+                                                                {}).items()}
+                payload = slice_model(self.runner.proto, cut, self._types).SerializeToString()
+                session, _ = create_session(payload, self.runner.model, self.runner.device,
+                                            self.optimize, self.threads)
+                made = _Slice(session, cut)
+            except Exception as exc:  # noqa: BLE001 - any refusal: the whole graph instead
+                self._fall_back(names, f"its slice does not load ({str(exc)[:120]})")
+        elif not cut.whole:
+            self._fall_back(names, "the reference pass did not record its cut")
+        with self._lock:
+            self._sessions[names] = made
+            while len(self._sessions) > SESSIONS_PER_JOB * self.jobs:
+                self._sessions.popitem(last=False)
+        return made
+
+    def _fall_back(self, names: frozenset[str], why: str) -> None:
+        with self._lock:
+            if not names <= self.full:
+                self.full.update(names)
+                self.notices.append(f"probes of {', '.join(sorted(names))} run the whole graph: "
+                                    f"{why}")
+
+    def probe(self, arrays: Mapping[str, np.ndarray], metric: str | None,
+              channel_axis: int = DEFAULT_CHANNEL_AXIS) -> object:
+        """The `Distortion` of the model with `arrays` in place of those weights (`metric`:
+        the one figure to compute, None for all)."""
+        return self.sweep([[(0, lambda: arrays)]], metric, channel_axis)[0]
+
+    def sweep(self, groups: Sequence[Sequence[tuple[Hashable, Callable[
+            [], Mapping[str, np.ndarray]]]]], metric: str | None,
+              channel_axis: int = DEFAULT_CHANNEL_AXIS,
+              done: Callable[[int], None] | None = None) -> dict[Hashable, object]:
+        """Every probe of every group, as {label: `Distortion`}: a group lists (label, make
+        the variant) pairs that mostly replace the same weights (one weight's curve), so
+        they share a slice and its recorded cut. Groups run in parallel over `jobs`
+        threads; `done(n)` counts probes as they finish."""
+        def run(group) -> dict[Hashable, object]:
+            out, part, cuts = {}, None, None
+            for label, make in group:
+                arrays = make()
+                wanted = self._slice(frozenset(arrays))
+                if wanted is not part:
+                    part = wanted
+                    cuts = self._recorded(part)
+                out[label] = self._measure(part, arrays, cuts, metric, channel_axis)
+                if done is not None:
+                    done(1)
+            return out
+
+        results: dict[Hashable, object] = {}
+        if self.jobs == 1 or len(groups) <= 1:
+            for group in groups:
+                results.update(run(group))
+            return results
+        with ThreadPoolExecutor(self.jobs) as pool:
+            for part in pool.map(run, groups):
+                results.update(part)
+        return results
+
+    def outputs(self, arrays: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:
+        """The model's outputs with `arrays` in place of those weights, batch by batch, as
+        the probes compute them (the slice's outputs, the reference for the others)."""
+        part = self._slice(frozenset(arrays))
+        cuts = self._recorded(part)
+        return [candidate for _, candidate, _ in self._runs(part, arrays, cuts)]
+
+    def _recorded(self, part: _Slice) -> list[dict[str, object]] | None:
+        """The slice's cut tensors of every batch (on CUDA uploaded once, for all the probes
+        of a group)."""
+        if part.session is None:
+            return None
+        cuts = list(self.replay.cuts(part.cut.tensors))
+        if self.runner.device.provider == CUDA:
+            cuts = [{n: ortvalue(a, onnx.helper.np_dtype_to_tensor_dtype(a.dtype),
+                                 self.runner.device.ort_device) for n, a in c.items()}
+                    for c in cuts]
+        return cuts
+
+    def _measure(self, part: _Slice, arrays: Mapping[str, np.ndarray],
+                 cuts: list[dict[str, np.ndarray]] | None, metric: str | None,
+                 channel_axis: int) -> object:
+        meter = DistortionMeter(channel_axis, metric)
+        for expected, candidate, energy in self._runs(part, arrays, cuts):
+            meter.add(expected, candidate, energy)
+        return meter.result()
+
+    def _runs(self, part: _Slice, arrays: Mapping[str, np.ndarray],
+              cuts: list[dict[str, np.ndarray]] | None) -> Iterator[tuple[list, list, list]]:
+        """(reference outputs, candidate outputs, reference energies) of every batch."""
+        runner = self.runner
+        values = {n: runner.weight_value(n, a) for n, a in arrays.items()}
+        if part.session is None:
+            for (feed, expected), energy in zip(self.replay, self.replay.energies):
+                yield expected, runner.run(feed, values), energy
+            return
+        cut = part.cut
+        weights = {n: values.get(n, runner.weights[n]) for n in cut.inputs
+                   if n in runner.weights}
+        for (feed, expected), energy, recorded in zip(self.replay, self.replay.energies, cuts):
+            inputs = {n: feed[n] for n in cut.inputs if n in feed}
+            inputs.update(weights)
+            inputs.update(recorded)
+            produced = dict(zip(cut.outputs, run_session(part.session, cut.outputs, inputs,
+                                                         runner.device)))
+            yield expected, [produced.get(n, expected[i]) for i, n in
+                             enumerate(runner.output_names)], energy

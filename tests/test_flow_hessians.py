@@ -1,0 +1,64 @@
+"""The layer-input engine: Hessians accumulated over the replayed batches, cached for the
+original inputs, recomputed (with the original inputs kept) for compressed earlier layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rdonnx import CompressConfig, DataOptions
+from rdonnx.algo.obs import Hessian
+from rdonnx.flow.calibration import calibrate_model
+from rdonnx.flow.hessians import Hessians
+
+SEQUENTIAL = CompressConfig.of(sequential=True, rate=0.5, method="uniform",
+                               grid=(1.0, 0.5), data=DataOptions(samples=64))
+
+
+def test_original_hessians_are_the_replayed_batches_and_cached(bundled_cnn):
+    cal = calibrate_model(bundled_cnn.path, SEQUENTIAL, bundled_cnn.calib)
+    hessians = Hessians(cal)
+    w = cal.weights[1]
+    first = hessians.hessian(w.name)
+    assert hessians.hessian(w.name) is first  # cached
+    entry, again = cal.inputs[w.name], Hessian(cal.inputs[w.name])
+    for feed, _ in cal.replay:  # the layer input of every replayed batch, once
+        missing = [t for t in entry.tensors if t not in feed]
+        values = {**feed, **dict(zip(missing, cal.runner.run(feed, outputs=missing)))}
+        for tensor in entry.tensors:
+            again.add_batch(values[tensor])
+    for a, b in zip(first.matrices, again.matrices):
+        assert torch.equal(a, b)
+    assert hessians.hessian(w.name, {}) is first  # nothing compressed: the original inputs
+
+
+def test_sequential_hessians_reuse_the_original_inputs_exactly(bundled_cnn):
+    """The original inputs of the layer last asked for are kept: asking again (as every probe
+    of a sequential curve does) gives the very same statistics."""
+    cal = calibrate_model(bundled_cnn.path, SEQUENTIAL, bundled_cnn.calib)
+    hessians = Hessians(cal)  # fresh: no layer asked for before
+    first, second = cal.weights[0], cal.weights[1]
+    pruned = {first.name: cal.rankings[first.name].apply(cal.originals[first.name], 100)}
+    calls = []
+    run = cal.runner.run
+
+    def counted(feed, weights=None, outputs=None):
+        calls.append(bool(weights))
+        return run(feed, weights, outputs)
+
+    cal.runner.run = counted
+    try:
+        fresh = hessians.hessian(second.name, pruned)
+        assert calls.count(False) == len(cal.replay)  # original inputs: one pass
+        calls.clear()
+        again = hessians.hessian(second.name, pruned)
+        assert calls == [True] * len(cal.replay)  # only the compressed model runs again
+    finally:
+        del cal.runner.run
+    assert fresh is not again  # not cached: another earlier layer may be passed next
+    for a, b in zip(fresh.matrices + [t for p in fresh.targets for t in p],
+                    again.matrices + [t for p in again.targets for t in p]):
+        assert torch.equal(a, b)
+    plain = hessians.hessian(second.name)
+    assert not all(np.allclose(a.numpy(), b.numpy()) for a, b in
+                   zip(plain.matrices, fresh.matrices))  # compressed inputs differ
