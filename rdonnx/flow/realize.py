@@ -240,6 +240,8 @@ class Realizer:
         mask = options.get("keep", new != 0)
         plain = np.where(mask, original, np.zeros((), original.dtype)).astype(original.dtype)
         alone = obs.weight_error(original, plain, entry, held)
+        if alone == 0:  # nothing pruned that the held-out inputs see: nothing to choose
+            return new, damp, None
         if not error < alone:
             return new, None, (f"update dropped: held-out layer error {error:.3g} (best "
                                f"dampening {damp:g}), mask alone {alone:.3g}")
