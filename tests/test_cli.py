@@ -507,7 +507,7 @@ def test_option_defaults_come_from_the_settings_dataclasses():
                 continue  # decompress --format is its own option (dense | sparse)
             seen += 1
             default, expected = values[param.name], defaults[param.name]
-            if param.name in ("grid", "shapes", "ranges"):  # text parsed into the field
+            if param.name in ("grid", "shapes", "ranges", "confidence"):  # text parsed
                 assert default in (None, ()), param.name
             elif isinstance(expected, tuple):
                 assert tuple(default or ()) == expected, param.name

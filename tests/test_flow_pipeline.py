@@ -597,7 +597,7 @@ def test_bias_correction_cancels_the_output_mean_shift_of_quantization(correct, 
                        {"W": w, "c": rng.standard_normal(16).astype(np.float32)})
     x = (rng.standard_normal((64, 12)) + 1.5).astype(np.float32)
     config = CompressConfig.of(value_bits=2, min_params=100, layer_distortion=False,
-                               bias_correction=correct)
+                               bias_correction=correct, holdout=0.0)  # E[x] of all the data
     result = rdonnx.compress(proto, rate=1.0, calib={"x": x}, config=config)
     assert ("c" in result.weights) == correct
     path = tmp_path / "m.rdonnx"

@@ -97,10 +97,10 @@ class Calibration:
         its confidence bound)."""
         return self.checked.distortion(self.run_with(values), channel_axis, only, terms)
 
-    def fit_distortion(self, values: Mapping[str, np.ndarray],
-                       channel_axis: int) -> Distortion:
+    def fit_distortion(self, values: Mapping[str, np.ndarray], channel_axis: int,
+                       only: str | None = None) -> Distortion:
         """The distortion on the fit part (the data the curves and reconstruction saw)."""
-        return self.replay.distortion(self.run_with(values), channel_axis)
+        return self.replay.distortion(self.run_with(values), channel_axis, only)
 
     def probe(self, values: Mapping[str, np.ndarray], channel_axis: int,
               only: str | None = None) -> Distortion:

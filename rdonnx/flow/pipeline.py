@@ -171,7 +171,7 @@ def make_realizer(cal: Calibration, config: CompressConfig) -> Realizer:
     a distortion bound checked at a confidence level, the metric whose per-sample sums its
     measurements keep)."""
     terms = config.measure.metric if config.verify.confidence > 0 and \
-        config.target.kind == "distortion" else None
+        config.target.max_distortion is not None else None
     return Realizer(cal, Hessians(cal), config.prune, config.coding, config.measure,
                     config.target.n_m, terms=terms)
 

@@ -342,13 +342,19 @@ class Realizer:
                             {n: widths.get(n, 8) if n not in extra else
                              extra_bits(extra[n], widths.get(n, 8)) for n in quantized},
                             self.distortion(values))
+        # the value width is fitted like the rest: on the fit part (the held-out part, smaller,
+        # checks the chosen candidate; --value-budget is a share of a noisy figure there)
+        axis = self.measure.channel_axis
+        held_out = self.cal.check is not None
         limit = None
         if coding.value_bits is None:
-            base = self.distortion(pruned, metric).value(metric)
+            base = self.cal.fit_distortion(pruned, axis, metric).value(metric) if held_out \
+                else self.distortion(pruned, metric).value(metric)
             limit = base * (1 + coding.value_budget) + coding.value_budget * 1e-2
 
         def measure(values):
-            d = self.distortion(values)
+            d = self.cal.fit_distortion(values, axis, metric) if held_out else \
+                self.distortion(values)
             return d.value(metric), d
 
         try:
@@ -363,4 +369,4 @@ class Realizer:
         return Realized(rate, keep, pruned, choice.values, choice.quantized,
                         {n: choice.bits if n not in extra else
                          extra_bits(extra[n], choice.bits) for n in choice.quantized},
-                        choice.distortion)
+                        self.distortion(choice.values) if held_out else choice.distortion)

@@ -16,7 +16,7 @@ from rdonnx.artifact.surp_stream import Prefixes, encode, file_digest, shortest_
 from rdonnx.codec import surp as codec
 from rdonnx.errors import UsageError
 from rdonnx.flow.calibration import calibrate_model
-from rdonnx.flow.config import DEFAULTS, CompressConfig, Measurement, Target
+from rdonnx.flow.config import DEFAULTS, CompressConfig, Measurement, Target, VerifyOptions
 from rdonnx.flow.result import CompressResult, finish_report
 from rdonnx.flow.target import Check, Realized, meets
 from rdonnx.graph.model import check_output
@@ -186,6 +186,7 @@ def _by_distortion(artifact, prefixes: Prefixes, bound: float, calib, reference:
     (the weights selected and measured as the artifact's `stored` settings say)."""
     config = CompressConfig(
         target=Target(rate=1.0), selection=stored.selection,
+        verify=VerifyOptions(holdout=0.0),  # cutting a stream fits nothing: all of --calib
         measure=Measurement(metric=stored.measure.metric,
                             channel_axis=stored.measure.channel_axis, device=device),
         **({"data": data} if data is not None else {}))
