@@ -35,7 +35,7 @@ def compress(model: ModelSource, *, rate: float | None = None, calib: DataSource
              test: DataSource = None, labels: str | None = None,
              curves: Curves | str | os.PathLike | None = None,
              config: CompressConfig | None = None, quiet: bool = True,
-             frontier: Sequence[float] = ()) -> CompressResult:
+             frontier: Sequence[float] = (), verify: DataSource = None) -> CompressResult:
     """Prune `model` to a target and measure what that costs on its outputs.
 
     Args:
@@ -54,6 +54,8 @@ def compress(model: ModelSource, *, rate: float | None = None, calib: DataSource
             its fields.
         quiet: no progress bars.
         frontier: other rates at which to measure the same method too (for plots).
+        verify: held-out data on which every bound is checked (instead of the held-out part
+            of `calib`, `config.verify.holdout`).
     """
     config = config or CompressConfig()
     overrides = {k: v for k, v in (("method", method), ("criterion", criterion)) if v is not None}
@@ -62,13 +64,15 @@ def compress(model: ModelSource, *, rate: float | None = None, calib: DataSource
     if any(v is not None for v in targets.values()):
         overrides["target"] = Target(**targets, pattern=config.target.pattern)  # still refused
     return pipeline.compress(model, config.updated(**overrides), calib, test, labels, curves,
-                             quiet, frontier)
+                             quiet, frontier, verify)
 
 
 def calibrate(model: ModelSource, *, calib: DataSource = None,
-              config: CompressConfig | None = None, quiet: bool = True) -> Curves:
-    """Measure per-weight R-D curves once, to reuse with `compress(..., curves=...)`."""
-    return pipeline.calibrate(model, config or CompressConfig(), calib, quiet)
+              config: CompressConfig | None = None, quiet: bool = True,
+              verify: DataSource = None) -> Curves:
+    """Measure per-weight R-D curves once, to reuse with `compress(..., curves=...)` (on the
+    fit part of `calib`, split as compress splits it: give both the same holdout / verify)."""
+    return pipeline.calibrate(model, config or CompressConfig(), calib, quiet, verify)
 
 
 @dataclass(frozen=True)
@@ -149,4 +153,5 @@ def evaluate(reference: ModelSource, candidate: ModelSource, data: DataSource, *
     if metric == "kl" and distortion.kl is None:
         raise UsageError("--metric kl needs an output of class scores; use nmse or cosine")
     return Evaluation.from_distortion(name, metric, distortion, result.reference_accuracy,
-                                      result.accuracies[0])
+                                      result.accuracies[0], labelled=distortion.samples
+                                      if result.reference_accuracy is not None else None)

@@ -100,6 +100,51 @@ class DataOptions:
     seed: int = option(0, "Seed for synthetic data; same seed, same output.")
 
 
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How a compress run checks what it promises: the held-out part of the calibration data,
+    the confidence of the bound checks, synthetic data, and a task metric from the user."""
+
+    holdout: float | None = option(
+        None, "Share of the calibration samples held out: curves, statistics and "
+        "reconstruction use the rest, every bound and search step is measured on the held-out "
+        "part [default: 0.25 with at least 16 samples, else 0]; 0: no holdout.",
+        value_type=float, metavar="F")
+    confidence: float = option(
+        0.95, "Bounds are checked on one-sided confidence bounds at this level: top-1 "
+        "agreement's Clopper-Pearson lower bound, the distortion's bootstrap upper bound "
+        "(none or 0: on the figures as measured).", value_type=str, metavar="C|none")
+    allow_synthetic: bool = option(
+        False, "Allow a bound (--max-distortion, --min-agreement, --min-score, --max-drop) "
+        "measured on synthetic inputs, which say nothing about real data.")
+    eval: str | None = option(
+        None, "A task metric: MODULE:FUNCTION or FILE.py:FUNCTION, called as f(session, data) "
+        "with an onnxruntime.InferenceSession and the held-out feeds (a list of dicts of "
+        "arrays), returning a score (higher is better); --min-score / --max-drop search on it.",
+        value_type=str, metavar="MODULE:FUNCTION")
+
+    def check(self) -> None:
+        if self.holdout is not None and not 0 <= self.holdout < 1:
+            raise UsageError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if not 0 <= self.confidence < 1:
+            raise UsageError(f"--confidence must be in [0, 1) or none, got {self.confidence}")
+
+
+def parse_confidence(text: str | float | None) -> float | None:
+    """--confidence: a level in [0, 1), or none (0: bounds checked as measured)."""
+    if text is None or isinstance(text, float):
+        return text
+    if text.strip().lower() == "none":
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--confidence {text!r}: give a level such as 0.95, or none") from None
+    if not 0 <= value < 1:
+        raise UsageError(f"--confidence must be in [0, 1) or none, got {text}")
+    return value
+
+
 METHOD_HELP = {  # one line per --method, in METHODS order (tests/test_help.py)
     "rd": "densities from measured per-weight R-D curves, equal slopes (default)",
     "uniform": "one density for every weight",

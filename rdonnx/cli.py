@@ -21,7 +21,13 @@ from typing import Any
 import click
 
 from rdonnx import strictjson
-from rdonnx.choices import EXIT_CODES_EPILOG, METHODS_EPILOG, DataOptions, check_grid
+from rdonnx.choices import (
+    EXIT_CODES_EPILOG,
+    METHODS_EPILOG,
+    DataOptions,
+    check_grid,
+    parse_confidence,
+)
 from rdonnx.errors import UsageError
 from rdonnx.flow.config import GROUPS, KEYS, CompressConfig, Measurement, Selection
 from rdonnx.flow.methods.options import METHOD_OPTIONS
@@ -192,10 +198,14 @@ def _grid(text: str | None) -> tuple[float, ...] | None:
         raise UsageError(f"--grid {text!r}: write densities as 1,0.5,0.2,0.1") from None
 
 
-PARSERS.update(grid=_grid, shapes=_parse_shape, ranges=_parse_range)
+PARSERS.update(grid=_grid, shapes=_parse_shape, ranges=_parse_range,
+               confidence=parse_confidence)
 CALIB = click.option("--calib", type=click.Path(path_type=Path), default=None,
                      help="Calibration data: .npz (keys = input names, axis 0 = samples) or a "
                      "folder of .npz feeds. Default: synthetic inputs.")
+VERIFY = click.option("--verify", "verify_data", type=click.Path(path_type=Path), default=None,
+                      help="Held-out data for every bound check, instead of --holdout's part "
+                      "of --calib (give calibrate the same).")
 
 
 def rd_options(func: Callable) -> Callable:
@@ -203,6 +213,7 @@ def rd_options(func: Callable) -> Callable:
     names = ("criterion", "metric", "reconstruct", "sequential", "damp", "channel_axis", "grid",
              "min_params", "include", "exclude", "simplify")
     return apply(func, [*(config_option(n) for n in names), CALIB,
+                        config_option("holdout"), VERIFY,
                         *(config_option(n) for n in ("replay_mb", "jobs", "downstream"))])
 
 
@@ -215,7 +226,9 @@ def _config(kw: dict[str, Any]) -> CompressConfig:
 
 
 COMPRESS_OPTIONS = [
-    *(config_option(n) for n in ("rate", "max_distortion", "min_agreement", "bits_per_weight")),
+    *(config_option(n) for n in ("rate", "max_distortion", "min_agreement", "bits_per_weight",
+                                 "min_score", "max_drop", "eval", "confidence",
+                                 "allow_synthetic")),
     click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
                  help="Output file [default: <model>.rdonnx, or <model>.pruned.onnx for dense "
                  "and sparse, beside the input]."),
@@ -265,7 +278,7 @@ def compress_cmd(model: Path, output: Path | None, report_path: Path | None,
     # usage first: a bad option is reported whatever the state of the file system
     if labels and test_data is None:
         raise UsageError("--labels needs --test DATA")
-    calib = kw.pop("calib")
+    calib, verify = kw.pop("calib"), kw.pop("verify_data")
     grid_given = kw["grid"] is not None
     config = _config(kw)
     config.check()
@@ -286,7 +299,8 @@ def compress_cmd(model: Path, output: Path | None, report_path: Path | None,
     frontier = PLOT_RATES if plot_path is not None else ()
     with _log_progress(quiet):
         result = compress(model, calib=calib, test=test_data, labels=labels,
-                          curves=curves_path, config=config, quiet=quiet, frontier=frontier)
+                          curves=curves_path, config=config, quiet=quiet, frontier=frontier,
+                          verify=verify)
         with Stages(result.report.timings).stage("save"):
             result.save(output, config.coding.format, force=force)
         result.report.timings["save"] = round(result.report.timings["save"], 3)
@@ -314,13 +328,14 @@ def calibrate_cmd(model: Path, output: Path, force: bool, quiet: bool, debug: bo
     from rdonnx.api import calibrate
     from rdonnx.graph.model import check_output
 
-    calib = kw.pop("calib")
+    calib, verify = kw.pop("calib"), kw.pop("verify_data")
     config = _config(kw)  # usage first, then the file system
+    config.verify.check()
     if not model.is_file():
         raise UsageError(f"model file not found: {model}")
     check_output(output, model, force)
     with _log_progress(quiet):
-        curves = calibrate(model, calib=calib, config=config, quiet=quiet)
+        curves = calibrate(model, calib=calib, config=config, quiet=quiet, verify=verify)
     write_text(output, curves.to_json())
     if not quiet:
         click.echo(f"rdonnx: {len(curves.distortion)} curves x {len(curves.grid)} densities "
@@ -390,17 +405,22 @@ def evaluate_cmd(reference: Path, candidate: Path, data: Path | None, labels: st
     if as_json:
         click.echo(strictjson.dumps(result.__dict__, indent=2, sort_keys=True))
     else:
-        lines = [f"{metric}: {result.distortion:.6g}"] + [
-            f"{name}: {value:.6g}" for name, value in (("nmse", result.nmse),
-                                                      ("cosine", result.cosine))
+        n = f"({result.samples} samples)"
+        lines = [f"{metric}: {result.distortion:.6g} {n}"] + [
+            f"{name}: {value:.6g} {n}" for name, value in (("nmse", result.nmse),
+                                                          ("cosine", result.cosine))
             if name != metric]
         if result.kl is not None:
-            lines.append(f"kl: {result.kl:.6g}")
+            lines.append(f"kl: {result.kl:.6g} {n}")
         if result.top1_agreement is not None:
-            lines.append(f"top-1 agreement: {result.top1_agreement:.2%}")
+            lower = "" if result.top1_lower is None else \
+                f"; {result.confidence:.0%} lower bound {result.top1_lower:.2%}"
+            lines.append(f"top-1 agreement: {result.top1_agreement:.2%} ({result.samples} "
+                         f"samples{lower})")
         if result.accuracy_original is not None:
             lines.append(f"accuracy: {result.accuracy_original:.2%} (reference) -> "
-                         f"{result.accuracy_compressed:.2%} (candidate)")
+                         f"{result.accuracy_compressed:.2%} (candidate) ({result.labelled} "
+                         "labelled samples)")
         lines.append(f"samples: {result.samples}")
         click.echo("\n".join(lines))
     if fail_above is not None and result.distortion > fail_above:

@@ -100,7 +100,8 @@ def test_report_numbers_are_consistent(mlp_10, mlp):
     assert report.input_bytes == mlp.path.stat().st_size
     assert [w.name for w in report.weights] == \
         [w.name for w in rdonnx.inspect(mlp.path).weights]
-    assert report.calibration.samples == 32
+    # 32 samples: a quarter held out (seeded), the bounds' data; the rest fits
+    assert (report.calibration.samples, report.holdout.samples) == (24, 8)
     assert report.calibration.metric == "nmse"
     assert report.calibration.distortion == report.calibration.nmse > 0
     assert 0 <= report.calibration.top1_agreement <= 1
@@ -343,7 +344,7 @@ def test_calibration_arrays_in_memory(mlp):
     from_file = rdonnx.compress(mlp.path, rate=0.3, calib=mlp.calib, config=fast(0.3))
     from_arrays = rdonnx.compress(mlp.path, rate=0.3, calib=arrays, config=fast(0.3))
     assert from_arrays.report.calibration.nmse == from_file.report.calibration.nmse
-    assert from_arrays.report.calibration.samples == 32
+    assert from_arrays.report.calibration.samples + from_arrays.report.holdout.samples == 32
 
 
 @pytest.mark.parametrize("rate", [0, -0.5, 1.5])

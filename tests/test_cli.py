@@ -108,7 +108,8 @@ def test_compress_writes_model_and_report(compressed_cnn, ort_run):
     assert report["test"]["accuracy_original"] == pytest.approx(358 / 360, abs=1e-5)
     assert 0 <= report["test"]["accuracy_compressed"] <= 1
     assert report["test"]["samples"] == 360
-    assert report["calibration"]["samples"] == 256
+    assert report["calibration"]["samples"] == 192  # the fit part; a quarter is held out
+    assert report["holdout"]["samples"] == 64
     assert report["output"] == str(folder / "out.onnx")
     assert report["output_format"] == "dense"
     assert report["output_bytes"] == (folder / "out.onnx").stat().st_size
@@ -506,7 +507,7 @@ def test_option_defaults_come_from_the_settings_dataclasses():
                 continue  # decompress --format is its own option (dense | sparse)
             seen += 1
             default, expected = values[param.name], defaults[param.name]
-            if param.name in ("grid", "shapes", "ranges"):  # text parsed into the field
+            if param.name in ("grid", "shapes", "ranges", "confidence"):  # text parsed
                 assert default in (None, ()), param.name
             elif isinstance(expected, tuple):
                 assert tuple(default or ()) == expected, param.name

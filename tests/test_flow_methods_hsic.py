@@ -165,7 +165,8 @@ def test_cli_compress_hsic_bundled(cli, tmp_path):
               "1,0.5,0.2,0.1", "-o", tmp_path / "m.onnx", "--report", tmp_path / "m.json")
     assert run.code == 0, run.err
     report = json.loads((tmp_path / "m.json").read_text())
-    assert report["calibration"]["distortion"] <= 0.2
+    assert report["check"]["limit"] <= 0.2 and report["check"]["data"] == "held-out"
+    assert report["holdout"]["distortion"] <= 0.2
 
 
 def test_cli_refuses_hsic_options_elsewhere(cli, tmp_path):

@@ -22,7 +22,10 @@ from rdonnx.cli import main
 
 GRID = (1.0, 0.5, 0.2, 0.1, 0.05)
 GRID_TEXT = "1,0.5,0.2,0.1,0.05"
-FAST = CompressConfig.of(grid=GRID, layer_distortion=False, format="dense")
+# these tests check the search and its figures on all the calibration data (no holdout, bounds
+# checked as measured); tests/test_flow_verify.py checks the held-out part and the confidence
+ALL_DATA = {"holdout": 0.0, "confidence": 0.0}
+FAST = CompressConfig.of(grid=GRID, layer_distortion=False, format="dense", **ALL_DATA)
 DIGITS_MLP = BUNDLED / "digits_mlp.onnx"
 DIGITS_CALIB = BUNDLED / "digits_calib.npz"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -145,7 +148,7 @@ def curves_case(mlp: Case, tmp_path_factory) -> dict[str, Path]:
     np.savez(other_calib, input=x)
     curves = folder / "curves.json"
     assert main(["calibrate", str(mlp.path), "--calib", str(mlp.calib), "--grid", GRID_TEXT,
-                 "-o", str(curves), "-q"]) == 0
+                 "-o", str(curves), "-q", "--holdout", "0"]) == 0  # as FAST
     return {"model": mlp.path, "calib": mlp.calib, "curves": curves,
             "other_model": other_model, "other_calib": other_calib}
 
@@ -306,7 +309,7 @@ def test_predicted_distortion_is_the_sum_of_the_curves_and_calibration_is_measur
 # Targets: --max-distortion and --min-agreement, measured on the saved model
 
 TARGET_CONFIG = CompressConfig.of(layer_distortion=False, grid=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05),
-                               format="dense")
+                                  format="dense", **ALL_DATA)
 
 
 @pytest.mark.parametrize("method", ["rd", "uniform"])
@@ -594,7 +597,7 @@ def test_bias_correction_cancels_the_output_mean_shift_of_quantization(correct, 
                        {"W": w, "c": rng.standard_normal(16).astype(np.float32)})
     x = (rng.standard_normal((64, 12)) + 1.5).astype(np.float32)
     config = CompressConfig.of(value_bits=2, min_params=100, layer_distortion=False,
-                               bias_correction=correct)
+                               bias_correction=correct, holdout=0.0)  # E[x] of all the data
     result = rdonnx.compress(proto, rate=1.0, calib={"x": x}, config=config)
     assert ("c" in result.weights) == correct
     path = tmp_path / "m.rdonnx"

@@ -37,8 +37,10 @@ from rdonnx.flow.realize import Realizer, pattern_mask
 GRID = (1.0, 0.5, 0.2, 0.1)
 SAMPLES = 64  # calibration samples (the bundled models have 256; the fixtures 32)
 DATA = DataOptions(samples=SAMPLES)
+# the reconstruction itself, on the data it fits: no holdout here (tests/test_flow_verify.py
+# checks what the held-out part changes)
 FAST = ["--no-layer-distortion", "--grid", ",".join(map(str, GRID)),
-        "--calib-samples", str(SAMPLES), "-q"]
+        "--calib-samples", str(SAMPLES), "-q", "--holdout", "0"]
 
 # mode -> (CLI flags, CompressConfig fields); every mode prunes with method uniform (no curves)
 MODES: dict[str, tuple[list[str], dict]] = {
@@ -58,7 +60,7 @@ MODES: dict[str, tuple[list[str], dict]] = {
 def config(**fields) -> CompressConfig:
     """Small grid, no per-layer passes, 64 samples; dense exact values unless told."""
     base = {"grid": GRID, "layer_distortion": False, "data": DATA, "method": "uniform",
-            "format": "dense"}
+            "format": "dense", "holdout": 0.0}
     return CompressConfig.of(**{**base, **fields})
 
 
@@ -681,7 +683,7 @@ def test_gptq_beats_plain_rounding_of_the_same_pruning(case):
 
 
 def test_reconstructed_curves_are_lower_and_fingerprinted(bundled_mlp):
-    plain_cfg = CompressConfig.of(grid=GRID, data=DATA)
+    plain_cfg = CompressConfig.of(grid=GRID, data=DATA, holdout=0.0)
     rebuilt_cfg = plain_cfg.updated(reconstruct=True)
     plain = rdonnx.calibrate(bundled_mlp.path, calib=bundled_mlp.calib, config=plain_cfg)
     rebuilt = rdonnx.calibrate(bundled_mlp.path, calib=bundled_mlp.calib, config=rebuilt_cfg)
@@ -712,7 +714,7 @@ def test_reconstructed_curves_refused_on_the_cli(bundled_mlp, cli, tmp_path):
     curves = tmp_path / "curves.json"
     run = cli("calibrate", bundled_mlp.path, "--calib", bundled_mlp.calib, "--reconstruct",
               "--grid", ",".join(map(str, GRID)), "--calib-samples", str(SAMPLES), "-q",
-              "-o", curves)
+              "--holdout", "0", "-o", curves)
     assert run.code == 0, run.err
     out = tmp_path / "out.onnx"
     run = cli("compress", bundled_mlp.path, "--calib", bundled_mlp.calib, *FAST, "--format",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rdonnx.flow.config import Target
-from rdonnx.flow.target import Realized, meet_budget
+from rdonnx.flow.target import Check, Realized, meet_budget
 from rdonnx.runtime.distortion import Distortion
 
 
@@ -21,7 +21,7 @@ def test_the_joint_search_never_realizes_a_budget_below_the_lowest(low):
         return Realized(1.0, {}, {}, {}, {}, {}, Distortion(nmse, None, None, None, None, 8), coded_bits=budget)
 
     bound = 1.0 / (3 * low)
-    chosen, points = meet_budget(Target(max_distortion=bound), "nmse", realize,
+    chosen, points = meet_budget(Target(max_distortion=bound), Check("nmse"), realize,
                                  (low, 10 * low), 100)
     assert min(asked) == low
     assert chosen.distortion.nmse <= bound

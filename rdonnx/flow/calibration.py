@@ -30,10 +30,20 @@ from rdonnx.flow.curves import (
     record,
     scores_for,
 )
+from rdonnx.flow.target import check_supported
 from rdonnx.graph.layers import consumer_outputs, layer_biases, layer_inputs, output_axes
 from rdonnx.graph.model import Model, simplify
 from rdonnx.graph.weights import Weight, find_codable, find_weights, read_weights
-from rdonnx.runtime.data import Batches, DataOptions, input_specs, make_batches, open_npz
+from rdonnx.report.records import DataReport
+from rdonnx.runtime.data import (
+    Batches,
+    DataOptions,
+    input_specs,
+    make_batches,
+    open_npz,
+    split_holdout,
+)
+from rdonnx.runtime.diagnose import describe_outputs
 from rdonnx.runtime.distortion import Distortion, is_class_scores
 from rdonnx.runtime.measure import Replay
 from rdonnx.runtime.probe import Prober, cut_tensors
@@ -68,6 +78,8 @@ class Calibration:
     bias_values: dict[str, np.ndarray]  # those biases' original values
     prober: Prober | None = None  # downstream-only, threaded probes (None: whole graph); it
     # keeps its own notices (which probes run the whole graph)
+    data: DataReport | None = None  # what the calibration data is and can show
+    check: Replay | None = None  # the held-out reference outputs (None: no holdout)
     extra_weights: tuple[Weight, ...] = ()  # the records of `extra`
 
     @property
@@ -80,17 +92,29 @@ class Calibration:
         prepared = {n: self.runner.weight_value(n, a) for n, a in values.items()}
         return lambda feed: self.runner.run(feed, prepared)
 
+    @property
+    def checked(self) -> Replay:
+        """The data bounds are checked on: the held-out part when there is one."""
+        return self.check if self.check is not None else self.replay
+
     def distortion(self, values: Mapping[str, np.ndarray], channel_axis: int,
-                   only: str | None = None) -> Distortion:
-        """The replayed distortion of the model with `values` in place of its weights."""
+                   only: str | None = None, terms: str | None = None) -> Distortion:
+        """The distortion of the model with `values` in place of its weights, on the data
+        bounds are checked on (`checked`; `terms`: per-sample sums of that metric too, for
+        its confidence bound)."""
+        return self.checked.distortion(self.run_with(values), channel_axis, only, terms)
+
+    def fit_distortion(self, values: Mapping[str, np.ndarray], channel_axis: int,
+                       only: str | None = None) -> Distortion:
+        """The distortion on the fit part (the data the curves and reconstruction saw)."""
         return self.replay.distortion(self.run_with(values), channel_axis, only)
 
     def probe(self, values: Mapping[str, np.ndarray], channel_axis: int,
               only: str | None = None) -> Distortion:
-        """`distortion` of a variant that changes a few weights, through the prober (only the
-        graph downstream of them runs)."""
+        """The distortion on the fit part of a variant that changes a few weights (R-D
+        curves), through the prober (only the graph downstream of them runs)."""
         if self.prober is None:
-            return self.distortion(values, channel_axis, only)
+            return self.replay.distortion(self.run_with(values), channel_axis, only)
         return self.prober.probe(values, only, channel_axis)
 
     def supports(self, name: str) -> bool:
@@ -134,8 +158,7 @@ def load_and_find(model: ModelSource, selection: Selection) -> tuple[Model, list
 def make_data(model: Model, source: DataSource, options: DataOptions,
               labels: str | None = None) -> tuple[Batches, str]:
     """Batches for `model` and a short name of where they come from."""
-    name = "synthetic" if source is None else (
-        "arrays" if isinstance(source, Mapping) else Path(source).name)
+    name = make_data_name(source)
     if labels and source is not None:
         if isinstance(source, Mapping):
             keys = set(source)
@@ -151,14 +174,36 @@ def make_data(model: Model, source: DataSource, options: DataOptions,
 
 
 def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSource,
-                    quiet: bool = True, consumers: bool = False) -> Calibration:
+                    quiet: bool = True, consumers: bool = False,
+                    verify: DataSource = None) -> Calibration:
     """Load, find weights, run the reference pass (outputs, layer-input moments) once. (It
     takes the whole config: what is recorded depends on the target, the pruning, the coding and
     the measurement.)
 
-    `consumers`: also record the output of each weight's consumer (hsic compares them)."""
+    The calibration data is split (`config.verify.holdout`) into a fit part (curves,
+    statistics, reconstruction) and a held-out part (every bound check), unless `verify`
+    names separate held-out data. `consumers`: also record the output of each weight's
+    consumer (hsic compares them)."""
     loaded, weights, notices = load_and_find(model, config.selection)
     batches, data_name = make_data(loaded, calib, config.data)
+    target = config.target
+    bounds = (target.max_distortion, target.min_agreement, target.min_score, target.max_drop)
+    if batches.synthetic and any(b is not None for b in bounds) and \
+            not config.verify.allow_synthetic:
+        raise UsageError("a bound measured on synthetic inputs says nothing about real data: "
+                         "give --calib DATA (or --allow-synthetic to measure it anyway)")
+    if verify is not None:
+        if config.verify.holdout:
+            raise UsageError("--verify DATA replaces --holdout: give one of them")
+        fit, held = batches, make_data(loaded, verify, config.data)[0]
+        how = f"--verify {make_data_name(verify)}"
+    else:
+        fit, held = split_holdout(batches, config.verify.holdout, config.data.seed)
+        how = f"{held.samples} of {batches.samples} samples of {data_name}, seeded" \
+            if held is not None else "none"
+    if target.min_agreement is not None and _declares_class_scores(loaded):  # refuse early
+        check_supported(target, config.verify.confidence,
+                        (held if held is not None else fit).samples)
     originals = read_weights(loaded, weights)
     weights = graph_order(loaded, weights)
     coding, prune = config.coding, config.prune
@@ -187,8 +232,10 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                     sorted((set(exposed) | set(recorded)) - given), proto=proto)
     if runner.device.notice:
         notices.append(runner.device.notice)
-    replay, moments, data_digest = record(runner, batches, inputs, quiet,
+    replay, moments, data_digest = record(runner, fit, inputs, quiet,
                                           measure.replay_mb * 2**20, recorded)
+    check = record(runner, held, {}, quiet, measure.replay_mb * 2**20)[0] \
+        if held is not None else None
     if config.measure.metric == "kl" and \
             not any(is_class_scores(o) for o in next(iter(replay))[1]):
         raise UsageError("--metric kl needs an output of class scores [batch, classes]; "
@@ -202,6 +249,8 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                        f"{' ...' if len(plain) > 8 else ''}")
     fingerprint = Fingerprint(model_digest(loaded, originals), data_digest,
                               digest(repr(sorted(config.curve_settings().items()))))
+    data = diagnose(config, data_name, batches.synthetic, replay, check, how, moments, inputs)
+    notices.extend(data.warnings)
     return Calibration(loaded, weights, originals, runner, replay, scores,
                        {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
                        inputs, read_weights(loaded, extra), tuple(notices),
@@ -210,7 +259,93 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                        biases={n: b.name for n, b in biases.items()},
                        bias_values=read_weights(loaded, list(biases.values())),
                        prober=Prober(runner, replay, cuts, measure.jobs, PROBE_OPTIMIZE),
-                       extra_weights=tuple(extra))
+                       data=data, check=check, extra_weights=tuple(extra))
+
+
+def _declares_class_scores(model: Model) -> bool:
+    """Whether the graph declares a float output of rank 2 ([batch, classes])."""
+    return any(o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                onnx.TensorProto.DOUBLE,
+                                                onnx.TensorProto.BFLOAT16)
+               and len(o.type.tensor_type.shape.dim) == 2 for o in model.proto.graph.output)
+
+
+def make_data_name(source: DataSource) -> str:
+    """How a data source is named in the report."""
+    return "synthetic" if source is None else (
+        "arrays" if isinstance(source, Mapping) else Path(source).name)
+
+
+SYNTHETIC_NOTICE = ("CALIBRATION INPUTS ARE SYNTHETIC (random values from the input specs): "
+                    "the figures below say nothing about real data; give --calib DATA")
+FEW_CLASSES_SHARE = 0.9  # a class given for this share of the samples makes agreement weak
+FLAT_OUTPUT_NMSE = 1e-2  # a constant output scoring below this: the outputs barely vary
+
+
+def diagnose(config: CompressConfig, name: str, synthetic: bool, replay: Replay,
+             check: Replay | None, how: str, moments: Mapping, inputs: Mapping[str, LayerInput]
+             ) -> DataReport:
+    """What the calibration data can show: synthetic or not, how much the reference outputs
+    vary (warnings when a metric cannot discriminate), and whether the layer inputs seen
+    span the widest layer input (a rank-deficient Hessian otherwise)."""
+    report = DataReport(name, synthetic, replay.samples,
+                        check.samples if check is not None else None, how)
+    if synthetic:
+        report.warnings.append(SYNTHETIC_NOTICE)
+    report.outputs = describe_outputs(replay, config.measure.channel_axis)
+    class_outputs = [o for o in report.outputs if o.classes is not None]
+    if class_outputs:
+        o = class_outputs[0]
+        if o.distinct_top1 == 1:
+            report.warnings.append(
+                f"top-1 agreement cannot discriminate: the original model gives class "
+                f"{o.top_class} for all {o.samples} fit samples (output entropy "
+                f"{o.entropy:.2f} of {o.max_entropy:.2f} bits)")
+        elif o.top_class_share >= FEW_CLASSES_SHARE:
+            report.warnings.append(
+                f"top-1 agreement says little: the original model gives class {o.top_class} "
+                f"for {o.top_class_share:.0%} of the fit samples ({o.distinct_top1} distinct "
+                "classes); a model that always answers it would agree as often")
+    flat = sum(o.constant_nmse for o in report.outputs)
+    metric = config.measure.metric
+    if report.outputs and metric in ("nmse", "nmse-channel") and flat < FLAT_OUTPUT_NMSE:
+        report.warnings.append(
+            f"the reference outputs barely vary over the fit samples: a model that outputs "
+            f"their mean scores nmse {flat:.3g}, so nmse cannot tell a broken model below that")
+    cos = sum(o.constant_cosine for o in report.outputs)
+    if report.outputs and config.measure.metric == "cosine" and cos < FLAT_OUTPUT_NMSE:
+        report.warnings.append(
+            f"the reference outputs barely vary over the fit samples: a model that outputs "
+            f"their mean scores cosine distance {cos:.3g}")
+    bound = config.target.max_distortion
+    if bound is not None and config.measure.metric in ("nmse", "cosine") and report.outputs:
+        constant = flat if config.measure.metric == "nmse" else cos
+        if bound >= constant:
+            report.warnings.append(
+                f"--max-distortion {bound:g} is met by a model that outputs the mean "
+                f"reference output ({config.measure.metric} {constant:.3g}): the bound cannot "
+                "discriminate")
+    widths = []
+    for weight, m in moments.items():
+        if m.mean is None:
+            continue
+        entry = inputs[weight]
+        width = int(m.mean.numel()) // (entry.groups if entry.op == "Conv" else 1)
+        widths.append((weight, width, int(m.count)))
+        if m.count < width:
+            report.rank_deficient.append(weight)
+    if widths:
+        report.widest_input = max(widths, key=lambda t: t[1])
+    if report.rank_deficient and config.prune.reconstructs:
+        w, width, columns = max(((n, wd, c) for n, wd, c in widths
+                                 if n in report.rank_deficient), key=lambda t: t[1])
+        report.warnings.append(
+            f"{len(report.rank_deficient)} layer input(s) are wider than the positions x "
+            f"samples seen (widest: {w}, {width} inputs, {columns} seen): their Hessians are "
+            "rank-deficient and reconstruction can fit the calibration samples; give more "
+            "data")
+    return report
+
 
 
 def check_curves(curves: Curves, cal: Calibration) -> None:
@@ -218,6 +353,7 @@ def check_curves(curves: Curves, cal: Calibration) -> None:
     differ = curves.fingerprint.mismatch(cal.fingerprint)
     if differ:
         raise UsageError(f"the curves do not match this run ({', '.join(differ)} differ); "
-                         "rerun rdonnx calibrate with the same model, data and settings")
+                         "rerun rdonnx calibrate with the same model, data (--holdout, "
+                         "--verify) and settings")
 
 

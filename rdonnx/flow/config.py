@@ -10,6 +10,7 @@ group they use (`config.measure`, `config.prune`...), not the whole config.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -32,6 +33,7 @@ from rdonnx.choices import (  # plain data: importing this module (the CLI does)
     VALUE_BITS,
     VALUES,
     DataOptions,
+    VerifyOptions,
     check_grid,
 )
 from rdonnx.errors import UsageError
@@ -39,7 +41,7 @@ from rdonnx.flow.methods.options import METHOD_OPTIONS, MethodOptions
 from rdonnx.option import key_of, option
 
 CONFIG_VERSION = 2  # 1: flat settings; 2: grouped as below (docs/FORMAT.md, "Settings")
-TARGETS = ("rate", "distortion", "agreement", "bits", "pattern")
+TARGETS = ("rate", "distortion", "agreement", "bits", "pattern", "score", "drop")
 
 
 def _check_choice(value: str, options, what: str) -> None:
@@ -56,7 +58,8 @@ class Target:
     distortion is at most `value`; agreement: the smallest rate whose measured top-1
     agreement is at least `value`; bits: the largest rate whose coded positions + values
     take at most `value` bits per prunable weight; pattern: N of every M inputs per row,
-    `value` = (N, M).
+    `value` = (N, M); score / drop: the smallest rate whose task score (--eval) is at least
+    `value` / at most `value` below the original's.
     """
 
     rate: float | None = option(
@@ -73,11 +76,18 @@ class Target:
     pattern: str | None = option(
         None, "Structured sparsity instead of a rate: keep N of every M consecutive inputs per "
         "output row (2:4 is what GPUs accelerate).", value_type=str, metavar="N:M")
+    min_score: float | None = option(
+        None, "Instead of --rate: the smallest rate whose task score (--eval) on the held-out "
+        "data is at least S.", value_type=float)
+    max_drop: float | None = option(
+        None, "Instead of --rate: the smallest rate whose task score (--eval) on the held-out "
+        "data is at most D below the original model's.", value_type=float)
 
     def _given(self) -> list[tuple[str, float]]:
         return [(kind, value) for kind, value in (
             ("rate", self.rate), ("distortion", self.max_distortion),
-            ("agreement", self.min_agreement), ("bits", self.bits_per_weight))
+            ("agreement", self.min_agreement), ("bits", self.bits_per_weight),
+            ("score", self.min_score), ("drop", self.max_drop))
             if value is not None]
 
     def check_one(self) -> None:
@@ -89,10 +99,16 @@ class Target:
             self.n_m  # noqa: B018 - validates the pattern
         elif len(self._given()) != 1:
             raise UsageError("give exactly one target: --rate, --max-distortion, "
-                             "--min-agreement or --bits-per-weight")
+                             "--min-agreement, --bits-per-weight, --min-score or --max-drop")
 
     def check_values(self) -> None:
         """Each given target within its range."""
+        for kind, value in self._given():
+            if not math.isfinite(value):
+                name = next(k for k, v in TARGET_FLAGS.items() if v == kind)
+                raise UsageError(f"--{name} must be a finite number, got {value}")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise UsageError(f"--max-drop must be >= 0, got {self.max_drop}")
         if self.bits_per_weight is not None and self.bits_per_weight <= 0:
             raise UsageError(f"--bits-per-weight must be > 0, got {self.bits_per_weight}")
         if self.rate is not None and not 0 < self.rate <= 1:
@@ -125,7 +141,7 @@ class Target:
         given = self._given()
         if not given:
             raise UsageError("give exactly one target: --rate, --max-distortion, "
-                             "--min-agreement or --bits-per-weight")
+                             "--min-agreement, --bits-per-weight, --min-score or --max-drop")
         return given[0][0]
 
     @property
@@ -134,11 +150,15 @@ class Target:
 
     @property
     def bound(self) -> bool:
-        """Whether the rate is searched for by measuring (a distortion or agreement bound;
-        False without a target, as for `rdonnx calibrate`)."""
+        """Whether the rate is searched for by measuring (a distortion, agreement or score
+        bound; False without a target, as for `rdonnx calibrate`)."""
         given = self._given()
-        return self.pattern is None and bool(given) and given[0][0] in ("distortion",
-                                                                          "agreement")
+        return self.pattern is None and bool(given) and given[0][0] in (
+            "distortion", "agreement", "score", "drop")
+
+
+TARGET_FLAGS = {"rate": "rate", "max-distortion": "distortion", "min-agreement": "agreement",
+                "bits-per-weight": "bits", "min-score": "score", "max-drop": "drop"}
 
 
 @dataclass(frozen=True)
@@ -259,6 +279,8 @@ class Coding:
     def check(self) -> None:
         if self.value_bits is not None and self.value_bits not in VALUE_BITS:
             raise UsageError(f"--value-bits must be in 2..16, got {self.value_bits}")
+        if not math.isfinite(self.value_budget):
+            raise UsageError(f"--value-budget must be a finite number, got {self.value_budget}")
         if self.value_budget < 0:
             raise UsageError(f"--value-budget must be >= 0, got {self.value_budget}")
         for value, options, what in ((self.format, FORMATS, "format"),
@@ -268,7 +290,8 @@ class Coding:
 
 
 GROUPS = {"target": Target, "selection": Selection, "measure": Measurement,
-          "prune": Pruning, "coding": Coding, "data": DataOptions}  # CompressConfig's groups
+          "prune": Pruning, "coding": Coding, "data": DataOptions,
+          "verify": VerifyOptions}  # CompressConfig's groups
 
 
 @dataclass(frozen=True)
@@ -289,6 +312,7 @@ class CompressConfig:
     prune: Pruning = field(default_factory=Pruning)
     coding: Coding = field(default_factory=Coding)
     data: DataOptions = field(default_factory=DataOptions)
+    verify: VerifyOptions = field(default_factory=VerifyOptions)  # holdout, confidence, --eval
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -338,6 +362,12 @@ class CompressConfig:
 
     def check(self) -> None:
         self.target.check_one()
+        if self.selection.min_params < 1:
+            raise UsageError(f"--min-params must be >= 1, got {self.selection.min_params}")
+        self.verify.check()
+        if self.target.kind in ("score", "drop") and not self.verify.eval:
+            raise UsageError("--min-score and --max-drop need --eval MODULE:FUNCTION (the task "
+                             "metric they bound)")
         if not 0 <= self.prune.damp < 10:
             raise UsageError(f"--damp must be in [0, 10), got {self.prune.damp}")
         self.target.check_values()

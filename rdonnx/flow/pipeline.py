@@ -43,10 +43,19 @@ from rdonnx.flow.methods.options import GlobalOptions
 from rdonnx.flow.methods.registry import METHODS
 from rdonnx.flow.realize import Realizer, pattern_mask
 from rdonnx.flow.result import CompressResult, finish_report
-from rdonnx.flow.target import Realized, meet_budget, meet_target, predicted_rate
+from rdonnx.flow.score import Scorer, load_callable
+from rdonnx.flow.target import (
+    Check,
+    Realized,
+    check_supported,
+    meet_budget,
+    meet_target,
+    predicted_rate,
+)
 from rdonnx.graph.weights import Weight
 from rdonnx.progress import Stages
 from rdonnx.report.records import RatePoint
+from rdonnx.runtime.distortion import is_class_scores
 from rdonnx.runtime.probe import Prober
 
 JOINT_BITS = (4, 5, 6, 8, 10, 12, 16)  # value widths tried when a bound picks the smallest file
@@ -59,10 +68,11 @@ Focus = Callable[[Curves], list[Mapping[str, int]]]  # kept counts where curves 
 def compress(model: ModelSource, config: CompressConfig, calib: DataSource = None,
              test: DataSource = None, labels: str | None = None,
              curves: Curves | str | os.PathLike | None = None, quiet: bool = True,
-             frontier: Sequence[float] = ()) -> CompressResult:
+             frontier: Sequence[float] = (), verify: DataSource = None) -> CompressResult:
     """Prune `model` to the configured target and measure what that costs.
 
     `frontier` lists other rates at which the same method is measured too (for plots).
+    `verify`: held-out data for every bound check (instead of a part of `calib`).
     """
     method = METHODS[config.method] if config.method in METHODS else None
     if method is not None and method.settings is not None:
@@ -70,14 +80,28 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
     config.check()  # unknown methods are refused here
     if labels and test is None:
         raise UsageError("labels need test data (--test DATA --labels KEY)")
+    target = config.target
+    function = load_callable(config.verify.eval) if config.verify.eval else None
+    if method.run is not None and target.kind in ("score", "drop"):
+        raise UsageError(f"--method {config.method} does not search on --eval scores; use "
+                         "--max-distortion or another method")
     stages = Stages()
     with stages.stage("reference"):
-        cal = calibrate_model(model, config, calib, quiet, consumers=method.consumers)
+        cal = calibrate_model(model, config, calib, quiet, consumers=method.consumers,
+                              verify=verify)
+    checked = cal.checked
+    if any(is_class_scores(o) for o in next(iter(checked))[1]):  # else: refused when measured
+        check_supported(target, config.verify.confidence, checked.samples)
     test_data = make_data(cal.model, test, config.data, labels) if test is not None else None
     if method.run is not None:
         return method.run(cal, config, test_data, labels, quiet)
     realizer = make_realizer(cal, config)
-    target = config.target
+    check = Check(config.measure.metric, config.verify.confidence)
+    if function is not None:
+        scorer = Scorer(function, config.verify.eval, cal.model, [f for f, _ in checked],
+                        cal.runner.device.provider)
+        check = Check(config.measure.metric, config.verify.confidence,
+                      lambda r: scorer(r.values), scorer(cal.originals)[0])
     options = config.method_options
     normalize = isinstance(options, GlobalOptions) and options.normalize
     scores = {n: s.values for n, s in cal.scores.items()}
@@ -100,7 +124,7 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
             cal, allocation = method.prepare(cal, options, allocation)
             realizer = realizer.on(cal)
         chosen, steps, curves = _choose(realizer, config, allocation, allocator, curves, quiet,
-                                        joint=method.allocator == "rd", stages=stages)
+                                        check, joint=method.allocator == "rd", stages=stages)
     metric = config.measure.metric
     lowest = min(check_grid(config.measure.grid)) if curves is not None else 0.0
     points = []
@@ -110,7 +134,7 @@ def compress(model: ModelSource, config: CompressConfig, calib: DataSource = Non
             points.append(RatePoint(rate, d.value(metric), d.top1_agreement))
     with stages.stage("report"):
         report = finish_report(cal, config, chosen, curves, allocation, test_data, labels,
-                               quiet, realizer.notices)
+                               quiet, realizer.notices, check, realizer.reconstruction)
     report.search, report.frontier = steps, points
     report.timings = {name: round(seconds, 3) for name, seconds in stages.seconds.items()}
     return CompressResult(cal.model, chosen.values, chosen.quantized, report, curves,
@@ -146,15 +170,20 @@ def _focus(scores: dict[str, np.ndarray], allocator: Callable, normalize: bool,
 
 
 def make_realizer(cal: Calibration, config: CompressConfig) -> Realizer:
-    """The realizer of a run: the option groups it prunes, codes and measures with."""
+    """The realizer of a run: the option groups it prunes, codes and measures with (and, for
+    a distortion bound checked at a confidence level, the metric whose per-sample sums its
+    measurements keep)."""
+    terms = config.measure.metric if config.verify.confidence > 0 and \
+        config.target.max_distortion is not None else None
     return Realizer(cal, Hessians(cal), config.prune, config.coding, config.measure,
-                    config.target.n_m)
+                    config.target.n_m, terms=terms)
 
 
 def calibrate(model: ModelSource, config: CompressConfig, calib: DataSource = None,
-              quiet: bool = True) -> Curves:
-    """Measure the per-weight R-D curves of `model` (`rdonnx calibrate`)."""
-    cal = calibrate_model(model, config, calib, quiet)
+              quiet: bool = True, verify: DataSource = None) -> Curves:
+    """Measure the per-weight R-D curves of `model` (`rdonnx calibrate`) on the fit part of
+    the data (split as compress splits it)."""
+    cal = calibrate_model(model, config, calib, quiet, verify=verify)
     return measure_all_curves(make_realizer(cal, config), config.measure,
                               config.curve_settings(), quiet)
 
@@ -198,7 +227,7 @@ def measure_all_curves(realizer: Realizer, measure: Measurement, settings: dict,
 
 
 def _choose(realizer: Realizer, config: CompressConfig, allocation: Allocation,
-            allocator: Callable, curves: Curves | None, quiet: bool,
+            allocator: Callable, curves: Curves | None, quiet: bool, check: Check,
             joint: bool, stages: Stages | None = None
             ) -> tuple[Realized, list[RatePoint], Curves | None]:
     """The realized candidate for the target, the probes measured on the way, and the curves
@@ -208,7 +237,7 @@ def _choose(realizer: Realizer, config: CompressConfig, allocation: Allocation,
     cal = realizer.cal
     prunable = {w.name for w in cal.weights}
     sizes = {w.name: w.size for w in cal.weights}
-    target, metric, coding = config.target, config.measure.metric, config.coding
+    target, coding = config.target, config.coding
     lowest = min(check_grid(config.measure.grid))
 
     def coded_bits(r: Realized) -> float:
@@ -220,7 +249,7 @@ def _choose(realizer: Realizer, config: CompressConfig, allocation: Allocation,
         def realize(rate: float) -> Realized:
             return run.realize(rate, allocator(allocation, rate))
 
-        return meet_target(target, metric, realize, allocation, allocator, lowest,
+        return meet_target(target, check, realize, allocation, allocator, lowest,
                            curves is not None, coded_bits)
 
     if target.kind == "pattern":  # the pattern fixes every supported weight's density
@@ -250,7 +279,7 @@ def _choose(realizer: Realizer, config: CompressConfig, allocation: Allocation,
             return r
 
         try:
-            return (*meet_budget(target, metric, realize_budget, cost_range(options),
+            return (*meet_budget(target, check, realize_budget, cost_range(options),
                                  sum(sizes.values())), curves)
         except UsageError:
             if target.kind == "bits":

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from rdonnx.algo import grids, obs
-from rdonnx.algo.layout import output_shift
 from rdonnx.algo.kmeans import kmeans_quantize
+from rdonnx.algo.layout import output_shift
 from rdonnx.algo.quantize import Quantized, choose_bits
 from rdonnx.errors import UsageError
 from rdonnx.flow.calibration import Calibration
@@ -24,6 +24,7 @@ from rdonnx.runtime.distortion import Distortion
 
 CLIP_SCALES = (1.0, 0.9, 0.8, 0.7)  # error-compensated quantization: exact spans tried
 VECTOR_BITS = 16  # coded vectors (biases) get at least this width (`extra_bits`)
+DAMPS = (0.01, 0.1, 1.0)  # dampening tried per layer (with --damp), chosen on held-out data
 
 
 def extra_bits(array: np.ndarray, bits: int | None) -> int:
@@ -73,7 +74,12 @@ class Realizer:
     measure: Measurement
     n_m: tuple[int, int] | None = None  # the --pattern target
     notices: list[str] = field(default_factory=list)
-    reconstructed: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # cache
+    # cache: (weight, kept count) -> reconstructed weight, its dampening (None: dropped), note
+    reconstructed: dict[tuple[str, int], tuple[np.ndarray, float | None, str | None]] = \
+        field(default_factory=dict)
+    # (weight, kept count): how it was reconstructed, and why an update was dropped
+    reconstruction: dict[tuple[str, int], str] = field(default_factory=dict)
+    terms: str | None = None  # a metric whose per-sample sums measurements keep (its bound)
 
     def with_coding(self, coding: Coding) -> Realizer:
         """The same realizer coding values with `coding` (caches and notices shared)."""
@@ -87,7 +93,8 @@ class Realizer:
 
     def distortion(self, values: Mapping[str, np.ndarray], only: str | None = None
                    ) -> Distortion:
-        return self.cal.distortion(values, self.measure.channel_axis, only)
+        """The distortion on the data bounds are checked on (`Calibration.checked`)."""
+        return self.cal.distortion(values, self.measure.channel_axis, only, self.terms)
 
     def reconstructs(self, name: str) -> bool:
         """Whether this weight is reconstructed."""
@@ -131,28 +138,21 @@ class Realizer:
         return out
 
     def compress_weight(self, w: Weight, keep: int, bits: int | None = None,
-                        hessian: obs.Hessian | None = None) -> tuple[np.ndarray, Quantized | None]:
+                        earlier: Mapping[str, np.ndarray] | None = None
+                        ) -> tuple[np.ndarray, Quantized | None]:
         """One weight pruned to `keep` entries (reconstructed when configured), quantized to
-        `bits` when given (with error feedback when reconstructed)."""
+        `bits` when given (with error feedback when reconstructed). `earlier`: the weights
+        before it already compressed (sequential mode)."""
         cal = self.cal
         original = cal.originals[w.name]
         n_m = self.n_m
         if not self.reconstructs(w.name):
             patterned = n_m is not None and cal.supports(w.name)
             mask = pattern_mask(cal, w.name, n_m) if patterned else cal.rankings[w.name].mask(keep)
-            pruned = np.where(mask, original, np.zeros((), original.dtype)).astype(
-                original.dtype, copy=False)
-            if bits is None:
-                return pruned, None
-            q = self.quantize(w.name, pruned, bits)
-            # a survivor never rounds to 0 (k-means never maps one to 0): N:M is kept
-            if patterned and q.codebook is None:
-                lost = mask & (q.q == 0) & (pruned != 0)
-                q.q[lost] = np.sign(pruned[lost]).astype(np.int32)
-            return q.values(original.dtype), q
-        sequential = hessian is not None
-        hessian = hessian or self.hessians.hessian(w.name)
-        options: dict = {"percdamp": self.prune.damp}
+            return self._masked(w.name, mask, bits, patterned)
+        sequential = earlier is not None
+        hessian = self.hessians.hessian(w.name, earlier)
+        options: dict = {}
         criterion = self.prune.criterion
         if criterion == "obs" and n_m is None:
             options["sparsity"] = 1.0 - keep / max(original.size, 1)
@@ -164,11 +164,18 @@ class Realizer:
             if n_m is not None:
                 options["n_m"] = n_m
         key = (w.name, keep)
-        exact = None if sequential else self.reconstructed.get(key)
-        if exact is None:
-            exact = obs.reconstruct_weight(original, cal.inputs[w.name], hessian, **options)
+        found = None if sequential else self.reconstructed.get(key)
+        held = self.hessians.hessian(w.name, earlier, held_out=True) \
+            if cal.check is not None and (found is None or bits is not None) else None
+        if found is None:
+            found = self._reconstruct(w.name, hessian, held, options)
             if not sequential:
-                self.reconstructed[key] = exact
+                self.reconstructed[key] = found
+        exact, damp, note = found
+        if note is not None:
+            self.reconstruction[key] = note
+        if damp is None:  # the update does not generalise: the mask alone
+            return self._masked(w.name, options.get("keep", exact != 0), bits, n_m is not None)
         if bits is None:
             return exact, None
         # candidate grids (`gptq_grids`) fitted to the reconstructed survivors (updates can
@@ -180,7 +187,7 @@ class Realizer:
         for grid in self.gptq_grids(w.name, exact, bits):
             step = grid.broadcast(exact.ndim)
             new = obs.reconstruct_weight(original, entry, hessian, step=step, levels=levels,
-                                         **options)
+                                         percdamp=damp, **options)
             side = grids.steps_bits(grid) / max(original.size, 1)
             error = obs.weight_error(original, new, entry, hessian) * 4.0 ** side
             if best is None or error < best[0]:
@@ -188,7 +195,58 @@ class Realizer:
         _, grid, step, new = best
         q = Quantized(np.rint(new.astype(np.float32) / step).astype(np.int32),
                       float(grid.steps[0]) if grid.axis is None else grid.steps, axis=grid.axis)
+        if held is not None:  # error feedback kept only where it generalises
+            plain = self._masked(w.name, options.get("keep", exact != 0), bits, n_m is not None)
+            mine = obs.weight_error(original, q.values(original.dtype), entry, held)
+            alone = obs.weight_error(original, plain[0], entry, held)
+            if not mine < alone:
+                self.reconstruction[key] = (
+                    f"{note + '; ' if note else ''}GPTQ error feedback dropped at {bits} "
+                    f"bits: held-out layer error {mine:.3g}, plain rounding {alone:.3g}")
+                return plain
         return q.values(original.dtype), q
+
+    def _masked(self, name: str, mask: np.ndarray, bits: int | None,
+                patterned: bool) -> tuple[np.ndarray, Quantized | None]:
+        """The weight with `mask` applied (no update), quantized to `bits` when given."""
+        original = self.cal.originals[name]
+        pruned = np.where(mask, original, np.zeros((), original.dtype)).astype(
+            original.dtype, copy=False)
+        if bits is None:
+            return pruned, None
+        q = self.quantize(name, pruned, bits)
+        # a survivor never rounds to 0 (k-means never maps one to 0): N:M is kept
+        if patterned and q.codebook is None:
+            lost = mask & (q.q == 0) & (pruned != 0)
+            q.q[lost] = np.sign(pruned[lost]).astype(np.int32)
+        return q.values(original.dtype), q
+
+    def _reconstruct(self, name: str, hessian: obs.Hessian, held: obs.Hessian | None,
+                     options: dict) -> tuple[np.ndarray, float | None, str | None]:
+        """The reconstructed weight, its dampening and a note. Without held-out data: --damp.
+        With it: the dampening (--damp and `DAMPS`) whose update has the least layer error on
+        the held-out samples, or None (the mask alone) when no update beats the mask there."""
+        original, entry = self.cal.originals[name], self.cal.inputs[name]
+        if held is None:
+            return obs.reconstruct_weight(original, entry, hessian, percdamp=self.prune.damp,
+                                          **options), self.prune.damp, None
+        best = None
+        for damp in sorted({self.prune.damp, *DAMPS}):
+            new = obs.reconstruct_weight(original, entry, hessian, percdamp=damp, **options)
+            error = obs.weight_error(original, new, entry, held)
+            if best is None or error < best[0]:
+                best = (error, damp, new)
+        error, damp, new = best
+        mask = options.get("keep", new != 0)
+        plain = np.where(mask, original, np.zeros((), original.dtype)).astype(original.dtype)
+        alone = obs.weight_error(original, plain, entry, held)
+        if alone == 0:  # nothing pruned that the held-out inputs see: nothing to choose
+            return new, damp, None
+        if not error < alone:
+            return new, None, (f"update dropped: held-out layer error {error:.3g} (best "
+                               f"dampening {damp:g}), mask alone {alone:.3g}")
+        return new, damp, (f"dampening {damp:g}: held-out layer error {error:.3g}, mask alone "
+                           f"{alone:.3g}")
 
     def gptq_grids(self, name: str, exact: np.ndarray, bits: int) -> list[grids.Grid]:
         """The grids error-compensated quantization tries: the exact span of each output row
@@ -219,10 +277,8 @@ class Realizer:
         quantized: dict[str, Quantized] = {}
         for w in self.cal.weights:
             bits = widths(w.name) if callable(widths) else (widths or {}).get(w.name)
-            hessian = None
-            if self.prune.sequential and self.reconstructs(w.name):
-                hessian = self.hessians.hessian(w.name, values)
-            values[w.name], q = self.compress_weight(w, keep[w.name], bits, hessian)
+            earlier = values if self.prune.sequential and self.reconstructs(w.name) else None
+            values[w.name], q = self.compress_weight(w, keep[w.name], bits, earlier)
             if q is not None:
                 quantized[w.name] = q
         return values, quantized
@@ -286,13 +342,19 @@ class Realizer:
                             {n: widths.get(n, 8) if n not in extra else
                              extra_bits(extra[n], widths.get(n, 8)) for n in quantized},
                             self.distortion(values))
+        # the value width is fitted like the rest: on the fit part (the held-out part, smaller,
+        # checks the chosen candidate; --value-budget is a share of a noisy figure there)
+        axis = self.measure.channel_axis
+        held_out = self.cal.check is not None
         limit = None
         if coding.value_bits is None:
-            base = self.distortion(pruned, metric).value(metric)
+            base = self.cal.fit_distortion(pruned, axis, metric).value(metric) if held_out \
+                else self.distortion(pruned, metric).value(metric)
             limit = base * (1 + coding.value_budget) + coding.value_budget * 1e-2
 
         def measure(values):
-            d = self.distortion(values)
+            d = self.cal.fit_distortion(values, axis, metric) if held_out else \
+                self.distortion(values)
             return d.value(metric), d
 
         try:
@@ -307,4 +369,4 @@ class Realizer:
         return Realized(rate, keep, pruned, choice.values, choice.quantized,
                         {n: choice.bits if n not in extra else
                          extra_bits(extra[n], choice.bits) for n in choice.quantized},
-                        choice.distortion)
+                        self.distortion(choice.values) if held_out else choice.distortion)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +22,10 @@ from rdonnx.errors import UsageError
 from rdonnx.flow.calibration import Calibration
 from rdonnx.flow.config import FORMATS, CompressConfig, Measurement
 from rdonnx.flow.curves import Curves
-from rdonnx.flow.target import Realized
+from rdonnx.flow.target import Check, Realized
 from rdonnx.graph.model import Model, check_output, iter_graphs, write_model
 from rdonnx.progress import progress_bar
-from rdonnx.report.records import Evaluation, Report, WeightReport
+from rdonnx.report.records import BoundCheck, Evaluation, Report, WeightReport
 from rdonnx.runtime.measure import measure as measure_outputs
 from rdonnx.runtime.session import max_runtime_ir_version
 from rdonnx.version import __version__
@@ -96,25 +96,56 @@ class CompressResult:
 def finish_report(cal: Calibration, config: CompressConfig, chosen: Realized,
                   curves: Curves | None, allocation: Allocation,
                   test_data: tuple[object, str] | None, labels: str | None,
-                  quiet: bool, notices: Sequence[str] = ()) -> Report:
-    """The report of the chosen candidate: each weight's distortion alone (when configured)
-    and the test evaluation (with test data) measured now; search and frontier are the
-    caller's. `notices`: those of the run after calibration's. (It takes the whole config:
-    the report records it.)"""
+                  quiet: bool, notices: Sequence[str] = (), check: Check | None = None,
+                  reconstruction: Mapping[tuple[str, int], str] | None = None) -> Report:
+    """The report of the chosen candidate: each weight's distortion alone (when configured),
+    its figures on the fit and held-out parts, the final check of a bound, and the test
+    evaluation (with test data) measured now; search and frontier are the caller's.
+    `notices`: those of the run after calibration's; `reconstruction`: what reconstruction
+    did per (weight, kept count). (It takes the whole config: the report records it.)"""
     measure = config.measure
+    metric, confidence = measure.metric, config.verify.confidence
+    check = check or Check(metric, confidence)
     layer: list[float | None] = [None] * len(cal.weights)
     if measure.layer_distortion:
         layer = layer_distortions(cal, measure, chosen.pruned, quiet)
     probed = cal.prober.notices if cal.prober is not None else []
     report = _report(cal, config, chosen, curves, allocation, layer,
                      [*cal.notices, *probed, *notices])
+    for w in report.weights:
+        w.reconstruction = (reconstruction or {}).get((w.name, w.kept))
+    if cal.check is not None:
+        report.calibration = Evaluation.from_distortion(
+            f"calibration, fit part ({cal.data_name})", metric,
+            cal.fit_distortion(chosen.values, measure.channel_axis), confidence=confidence)
+        report.holdout = Evaluation.from_distortion(
+            f"held-out ({cal.data.holdout if cal.data else cal.data_name})", metric,
+            chosen.distortion, confidence=confidence)
+    target = config.target
+    if target.bound:
+        limit = check.limit(target, chosen)
+        measured = chosen.score if target.kind in ("score", "drop") else \
+            chosen.distortion.value(metric) if target.kind == "distortion" else \
+            chosen.distortion.top1_agreement
+        met = limit <= target.value if target.kind == "distortion" else \
+            check.reference_score - limit <= target.value if target.kind == "drop" else \
+            limit >= target.value
+        names = {"distortion": "max_distortion", "agreement": "min_agreement",
+                 "score": "min_score", "drop": "max_drop"}
+        report.check = BoundCheck(
+            names[target.kind], float(target.value),
+            "held-out" if cal.check is not None else "calibration", chosen.distortion.samples,
+            float(measured), float(limit), confidence, bool(met), check.reference_score)
+    elif check.score is not None:  # a rate with --eval: the score of the result too
+        report.score, report.reference_score = check.score(chosen)[0], check.reference_score
     if test_data is not None:
         data, name = test_data
         result = measure_outputs(cal.runner.run, [cal.run_with(chosen.values)], data, labels,
                                  "test", quiet, measure.channel_axis)
-        report.test = Evaluation.from_distortion(f"test ({name})", measure.metric,
-                                                 result.distortions[0],
-                                                 result.reference_accuracy, result.accuracies[0])
+        d = result.distortions[0]
+        report.test = Evaluation.from_distortion(
+            f"test ({name})", metric, d, result.reference_accuracy, result.accuracies[0],
+            confidence, d.samples if result.reference_accuracy is not None else None)
     return report
 
 
@@ -154,7 +185,9 @@ def _report(cal: Calibration, config: CompressConfig, chosen: Realized, curves: 
         params_total=total, params_kept=sum(keep.values()),
         input_bytes=_source_bytes(cal.model),
         calibration=Evaluation.from_distortion(f"calibration ({cal.data_name})",
-                                               config.measure.metric, chosen.distortion),
+                                               config.measure.metric, chosen.distortion,
+                                               confidence=config.verify.confidence),
+        data=cal.data,
         value_bits=_common(chosen.widths.get(w.name) for w in cal.weights),
         predicted_distortion=predicted(allocation, keep) if curves else None,
         grid=list(curves.grid) if curves else None, weights=weights,

@@ -8,6 +8,7 @@ from typing import Any
 
 from rdonnx import strictjson
 from rdonnx.choices import DEFAULT_CRITERION
+from rdonnx.runtime.diagnose import OutputStats
 from rdonnx.runtime.distortion import Distortion
 
 SCHEMA_VERSION = 2  # 1: `settings` flat (config version 1); 2: grouped (docs/FORMAT.md, "Settings")
@@ -29,6 +30,7 @@ class WeightReport:
     curve: list[float] | None = None  # measured D(d) on the report's grid
     bits_per_weight: float | None = None  # coded bits per entry in the .rdonnx artifact
     value_bits: int | None = None  # quantization width of its survivors (None: exact)
+    reconstruction: str | None = None  # dampening chosen, or why an update was dropped
 
 
 @dataclass
@@ -40,6 +42,39 @@ class RatePoint:
     top1_agreement: float | None
     meets: bool | None = None  # search probes: whether the bound holds
     bits_per_weight: float | None = None  # coded bits per prunable weight (bits targets)
+    samples: int | None = None  # the samples the figures rest on
+    limit: float | None = None  # what the bound was checked against (confidence bound, score)
+    score: float | None = None  # the task score (--eval)
+
+
+@dataclass
+class DataReport:
+    """What the calibration data is and what it can show (the report's diagnostics)."""
+
+    name: str
+    synthetic: bool
+    fit_samples: int  # samples the curves, statistics and reconstruction use
+    holdout_samples: int | None  # samples every bound is checked on (None: no holdout)
+    holdout: str  # how they were held out
+    outputs: list[OutputStats] = field(default_factory=list)
+    widest_input: tuple[str, int, int] | None = None  # weight, input width, columns seen
+    rank_deficient: list[str] = field(default_factory=list)  # weights: columns < width
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BoundCheck:
+    """The final check of a bound: what was measured, on how many samples, against what."""
+
+    target: str  # max_distortion, min_agreement, min_score, max_drop
+    bound: float
+    data: str  # "held-out" or "calibration"
+    samples: int
+    measured: float  # the figure as measured (distortion, agreement or score)
+    limit: float  # what the bound was checked against: the confidence bound, or the score
+    confidence: float  # 0: checked as measured
+    met: bool
+    reference_score: float | None = None  # --eval: the original model's score
 
 
 @dataclass
@@ -57,15 +92,35 @@ class Evaluation:
     top1_agreement: float | None
     accuracy_original: float | None = None
     accuracy_compressed: float | None = None
+    top1_lower: float | None = None  # one-sided lower confidence bound of the agreement
+    confidence: float = 0.0  # its level
+    labelled: int | None = None  # samples the accuracies rest on
 
     @classmethod
     def from_distortion(cls, data: str, metric: str, d: Distortion,
                         accuracy_original: float | None = None,
-                        accuracy_compressed: float | None = None) -> Evaluation:
+                        accuracy_compressed: float | None = None,
+                        confidence: float = 0.95, labelled: int | None = None) -> Evaluation:
         return cls(data=data, samples=d.samples, metric=metric, distortion=d.value(metric),
                    nmse=d.nmse, nmse_channel=d.nmse_channel, cosine=d.cosine, kl=d.kl,
                    top1_agreement=d.top1_agreement,
-                   accuracy_original=accuracy_original, accuracy_compressed=accuracy_compressed)
+                   accuracy_original=accuracy_original, accuracy_compressed=accuracy_compressed,
+                   top1_lower=d.agreement_lower(confidence) if confidence > 0 else None,
+                   confidence=confidence, labelled=labelled)
+
+    def describe(self) -> str:
+        """One line: the figures and the samples each rests on."""
+        line = f"{self.data}: {self.metric} {self.distortion:.4g} ({self.samples} samples)"
+        if self.top1_agreement is not None:
+            line += f", top-1 agreement {_pct(self.top1_agreement)}"
+            if self.top1_lower is not None:
+                line += f" ({self.confidence:.0%} lower bound {_pct(self.top1_lower)})"
+        if self.accuracy_original is not None:
+            line += f", accuracy {_pct(self.accuracy_original)} -> " \
+                    f"{_pct(self.accuracy_compressed)}"
+            if self.labelled is not None:
+                line += f" ({self.labelled} labelled samples)"
+        return line
 
 
 @dataclass
@@ -100,11 +155,16 @@ class Report:
     params_total: int
     params_kept: int
     input_bytes: int
-    calibration: Evaluation
+    calibration: Evaluation  # on the fit part of the calibration data
     weights: list[WeightReport]
     settings: dict[str, Any]
     rdonnx_version: str
     test: Evaluation | None = None
+    holdout: Evaluation | None = None  # on the held-out part (None: no holdout)
+    check: BoundCheck | None = None  # the final check of a bound target
+    data: DataReport | None = None  # what the calibration data is and can show
+    score: float | None = None  # --eval with a rate: the result's task score ...
+    reference_score: float | None = None  # ... and the original model's
     value_bits: int | None = None  # quantization of surviving values (None: exact)
     coding: CodingReport | None = None  # set when an .rdonnx artifact is written
     predicted_distortion: float | None = None  # sum of the curves at the chosen densities
@@ -201,19 +261,54 @@ def render(report: Report) -> str:
         parts.append(f"baselines     original {c.smaller_than_original:.2f}x larger; dense ONNX "
                      f"+ zstd -19 {zstd}; sparse ONNX {c.sparse_bytes:,} B "
                      f"({c.smaller_than_sparse:.2f}x)")
-    for ev in filter(None, (report.calibration, report.test)):
-        line = f"{ev.data}: {ev.metric} {ev.distortion:.4g}, top-1 agreement " \
-               f"{_pct(ev.top1_agreement)} ({ev.samples} samples)"
-        if ev.accuracy_original is not None:
-            line += f", accuracy {_pct(ev.accuracy_original)} -> {_pct(ev.accuracy_compressed)}"
-        parts.append(line)
+    data = report.data
+    if data is not None:
+        parts.append(f"data          {data.name}{' (SYNTHETIC)' if data.synthetic else ''}: "
+                     f"{data.fit_samples} fit samples, held out: {data.holdout}")
+        for o in data.outputs:
+            line = f"outputs       #{o.index}: a constant output scores nmse " \
+                   f"{o.constant_nmse:.3g}, cosine {o.constant_cosine:.3g}; " \
+                   f"{o.flat_channels} of {o.channels} channels flat"
+            if o.classes is not None:
+                line += f"; {o.distinct_top1} of {o.classes} classes seen as top-1 (most " \
+                        f"frequent {o.top_class_share:.0%}), entropy {o.entropy:.2f} of " \
+                        f"{o.max_entropy:.2f} bits"
+            parts.append(line)
+        if data.widest_input is not None:
+            name, width, columns = data.widest_input
+            parts.append(f"layer inputs  widest {name}: {width} inputs, {columns} positions x "
+                         f"samples seen{' (rank-deficient)' if columns < width else ''}; "
+                         f"{len(data.rank_deficient)} rank-deficient")
+        for warning in data.warnings:
+            parts.append(f"WARNING       {warning}")
+    for ev in filter(None, (report.calibration, report.holdout, report.test)):
+        parts.append(ev.describe())
+    if report.check is not None:
+        k = report.check
+        against = "as measured" if k.confidence <= 0 or k.limit == k.measured \
+            else f"{k.confidence:.0%} confidence bound {k.limit:.4g}"
+        parts.append(f"check         --{k.target.replace('_', '-')} {k.bound:g} on "
+                     f"{k.samples} {k.data} samples: measured {k.measured:.4g}, {against}: "
+                     f"{'met' if k.met else 'NOT met'}"
+                     + (f" (original score {k.reference_score:.4g})"
+                        if k.reference_score is not None else ""))
+    if report.score is not None:
+        parts.append(f"score         {report.score:.4g} (--eval; original "
+                     f"{report.reference_score:.4g})")
+    for w in report.weights:
+        if w.reconstruction:
+            parts.append(f"reconstruct   {w.name}: {w.reconstruction}")
     if report.predicted_distortion is not None:
         parts.append(f"additivity    {metric} predicted by the curves "
                      f"{report.predicted_distortion:.4g}, measured "
                      f"{report.calibration.distortion:.4g}")
     for step in report.search:
+        extra = "" if step.score is None else f", score {step.score:.4g}"
+        limit = "" if step.limit is None or step.score is not None else \
+            f", bound checked on {step.limit:.4g}"
         parts.append(f"search        rate {step.rate:.4g}: {metric} {step.distortion:.4g}, "
-                     f"top-1 agreement {_pct(step.top1_agreement)}"
+                     f"top-1 agreement {_pct(step.top1_agreement)}{extra}{limit}"
+                     f"{f' ({step.samples} samples)' if step.samples else ''}"
                      f"{' (meets the bound)' if step.meets else ''}")
     if report.output:
         parts.append(f"written       {report.output}")

@@ -6,6 +6,7 @@ Batches are re-iterable and read lazily, so a pass over the data holds one batch
 from __future__ import annotations
 
 import math
+import os
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from rdonnx.graph.model import Model
 
 Feed = dict[str, np.ndarray]
 Dim = int | str | None  # a fixed size, a symbolic name, or unknown
+AUTO_HOLDOUT = 0.25  # --holdout default: this share is held out ...
+AUTO_HOLDOUT_MIN = 16  # ... when the data holds at least this many samples (files)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,15 @@ class _NpzMember:
     def read(self) -> np.ndarray:
         return self._read_rows(0, 1) if not self.shape else self[:]
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The rows at sorted indices `rows`, read run by run of consecutive indices."""
+        if self.compressed:
+            self[0:0]  # noqa: B018 - reads and keeps the whole member once
+            return self._whole[rows].copy()
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        runs = np.split(rows, breaks)
+        return np.concatenate([self._read_rows(int(r[0]), int(r[-1]) + 1) for r in runs])
+
 
 def open_npz(path: Path) -> dict[str, _NpzMember]:
     """The arrays of an `.npz` file, keyed by name, without reading their data."""
@@ -128,16 +140,27 @@ def open_npz(path: Path) -> dict[str, _NpzMember]:
 
 @dataclass
 class SampleBatches:
-    """Batches cut along axis 0 (the sample axis) of same-length arrays."""
+    """Batches cut along axis 0 (the sample axis) of same-length arrays (of the rows at
+    sorted indices `rows` only, when given: one side of a holdout split)."""
 
     arrays: Mapping[str, np.ndarray | _NpzMember]
     batch_size: int
     samples: int
+    rows: np.ndarray | None = None
+    fixed: bool = False  # the model takes batches of exactly batch_size samples
 
     def __iter__(self) -> Iterator[Feed]:
         for start in range(0, self.samples, self.batch_size):
             stop = min(start + self.batch_size, self.samples)
-            yield {k: a[start:stop] for k, a in self.arrays.items()}
+            if self.rows is None:
+                yield {k: a[start:stop] for k, a in self.arrays.items()}
+                continue
+            rows = self.rows[start:stop]
+            if rows[-1] - rows[0] == len(rows) - 1:  # consecutive: a plain slice
+                yield {k: a[int(rows[0]):int(rows[-1]) + 1] for k, a in self.arrays.items()}
+            else:
+                yield {k: a[rows] if isinstance(a, np.ndarray) else a.take(rows)
+                       for k, a in self.arrays.items()}
 
     def __len__(self) -> int:
         return math.ceil(self.samples / self.batch_size)
@@ -148,6 +171,10 @@ class FeedBatches:
     """One complete feed per `.npz` file of a folder (inputs may differ in shape per file)."""
 
     files: list[Path]
+
+    @property
+    def samples(self) -> int:
+        return len(self.files)
 
     def __iter__(self) -> Iterator[Feed]:
         for path in self.files:
@@ -166,9 +193,15 @@ class SyntheticBatches:
     ranges: dict[str, tuple[float, float]]
     count: int
     seed: int
+    indices: tuple[int, ...] | None = None  # the batches kept (one side of a holdout split)
+
+    @property
+    def samples(self) -> int:
+        per_batch = max((s[0] for s in self.shapes.values() if s), default=1)
+        return len(self) * per_batch
 
     def __iter__(self) -> Iterator[Feed]:
-        for index in range(self.count):
+        for index in self.indices if self.indices is not None else range(self.count):
             rng = np.random.default_rng([self.seed, index])
             feed = {}
             for name, shape in self.shapes.items():
@@ -185,7 +218,7 @@ class SyntheticBatches:
             yield feed
 
     def __len__(self) -> int:
-        return self.count
+        return self.count if self.indices is None else len(self.indices)
 
 
 def make_batches(source: str | Path | Mapping[str, np.ndarray] | None, specs: Sequence[InputSpec],
@@ -221,7 +254,9 @@ def make_batches(source: str | Path | Mapping[str, np.ndarray] | None, specs: Se
             batches = _sample_batches(open_npz(path), specs, options, str(path), extra_keys)
         else:
             raise UsageError(f"calibration data not found: {path}")
-    checked = CheckedBatches(batches, list(specs), tuple(extra_keys))
+    where = "synthetic data" if source is None else "the calibration arrays" \
+        if isinstance(source, Mapping) else str(source)
+    checked = CheckedBatches(batches, list(specs), tuple(extra_keys), where)
     next(iter(checked))  # fail now, not halfway through a long run
     return checked
 
@@ -233,14 +268,65 @@ class CheckedBatches:
     source: Batches
     specs: list[InputSpec]
     extra_keys: tuple[str, ...]
+    where: str = "data"
 
     def __iter__(self) -> Iterator[Feed]:
         for index, feed in enumerate(self.source):
-            check_feed(feed, self.specs, f"batch {index + 1}", self.extra_keys)
+            check_feed(feed, self.specs, f"{self.where}, batch {index + 1}", self.extra_keys)
             yield feed
 
     def __len__(self) -> int:
         return len(self.source)
+
+    @property
+    def samples(self) -> int:
+        """Samples (files, for a folder of feeds)."""
+        return self.source.samples
+
+    @property
+    def synthetic(self) -> bool:
+        return isinstance(self.source, SyntheticBatches)
+
+
+def split_holdout(batches: CheckedBatches, fraction: float | None, seed: int
+                  ) -> tuple[CheckedBatches, CheckedBatches | None]:
+    """(fit, held-out): a seeded random `fraction` of the samples (files of a folder; whole
+    batches when the model's batch axis is fixed) held out. None: `AUTO_HOLDOUT` when there
+    are at least `AUTO_HOLDOUT_MIN` samples, else nothing; 0: nothing held out."""
+    source = batches.source
+    fixed = isinstance(source, SampleBatches) and source.fixed
+    units = len(source) if fixed or isinstance(source, SyntheticBatches) else source.samples
+    auto = fraction is None
+    if auto:  # synthetic inputs say nothing about real data: nothing to hold out for
+        fraction = AUTO_HOLDOUT if batches.samples >= AUTO_HOLDOUT_MIN and \
+            not batches.synthetic else 0.0
+    if fraction <= 0:
+        return batches, None
+    held = int(round(units * fraction))
+    if auto and (held < 1 or held >= units):  # whole fixed-size batches: too few to split
+        return batches, None
+    if held < 1 or held >= units:
+        raise UsageError(f"--holdout {fraction:g} of {batches.samples} sample(s) leaves one part "
+                         "empty; give more data, --holdout 0 or --verify DATA")
+    order = np.random.default_rng([seed, 13]).permutation(units)
+    parts = (np.sort(order[held:]), np.sort(order[:held]))
+
+    def part(kept: np.ndarray) -> CheckedBatches:
+        if isinstance(source, SampleBatches):
+            base = source.rows if source.rows is not None else np.arange(source.samples)
+            size = source.batch_size
+            rows = base[(kept[:, None] * size + np.arange(size)).ravel()] if fixed else \
+                base[kept]
+            new: Batches = SampleBatches(source.arrays, size, len(rows), rows, fixed)
+        elif isinstance(source, FeedBatches):
+            new = FeedBatches([source.files[i] for i in kept])
+        else:
+            indices = source.indices or tuple(range(source.count))
+            new = SyntheticBatches(source.shapes, source.dtypes, source.ranges, source.count,
+                                   source.seed, tuple(indices[i] for i in kept))
+        return CheckedBatches(new, batches.specs, batches.extra_keys, batches.where)
+
+    return part(parts[0]), part(parts[1])
 
 
 def _sample_batches(arrays: Mapping[str, np.ndarray | _NpzMember], specs: Sequence[InputSpec],
@@ -271,7 +357,7 @@ def _sample_batches(arrays: Mapping[str, np.ndarray | _NpzMember], specs: Sequen
             raise UsageError(f"{where}: the model takes batches of exactly {batch} samples but "
                              f"only {samples} are given")
         samples -= samples % batch
-    return SampleBatches(arrays, batch, samples)
+    return SampleBatches(arrays, batch, samples, fixed=len(fixed) == 1)
 
 
 def _synthetic(specs: Sequence[InputSpec], options: DataOptions) -> SyntheticBatches:
@@ -293,10 +379,24 @@ def _synthetic(specs: Sequence[InputSpec], options: DataOptions) -> SyntheticBat
             raise UsageError(f"input {spec.describe()} is not float, so random values would be "
                              f"meaningless; give --calib DATA or --input-range {spec.name}=LO:HI")
         shapes[spec.name] = shape
+    size = sum(math.prod(shapes[s.name]) * s.dtype.itemsize for s in specs)
+    if size > _memory_bytes() // 2:
+        given = ", ".join(f"{s.name}=" + "x".join(map(str, shapes[s.name])) for s in specs)
+        raise UsageError(f"synthetic inputs {given} would take {size / 2**30:.1f} GiB per "
+                         "batch, more than half of this machine's memory; give a smaller "
+                         "--input-shape or --batch-size")
     per_batch = max((s[0] for s in shapes.values() if s), default=1)
     samples = options.samples or DEFAULT_SYNTHETIC_SAMPLES
     return SyntheticBatches(shapes, {s.name: s.dtype for s in specs}, dict(options.ranges),
                             math.ceil(samples / per_batch), options.seed)
+
+
+def _memory_bytes() -> int:
+    """Physical memory of this machine (1 TiB when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
 
 
 def _check_names(keys: set[str], specs: Sequence[InputSpec], where: str,
@@ -330,6 +430,11 @@ def check_feed(feed: Feed, specs: Sequence[InputSpec], where: str,
             if not same_kind:
                 raise UsageError(f"{where}: input {spec.name!r} is {value.dtype}; {expected}")
             feed[spec.name] = value.astype(spec.dtype)
+    for key, value in feed.items():
+        if np.asarray(value).dtype.kind in "fc" and not np.isfinite(value).all():
+            raise UsageError(f"{where}: {'input' if key in {s.name for s in specs} else 'array'}"
+                             f" {key!r} holds NaN or inf values; rdonnx measures finite data "
+                             "only (clean or drop those samples)")
 
 
 def split_labels(feed: Feed, key: str | None) -> tuple[Feed, np.ndarray | None]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from rdonnx.choices import DEFAULT_CHANNEL_AXIS, METRICS
 from rdonnx.errors import UsageError
+from rdonnx.runtime.confidence import SampleTerms, agreement_lower, concat_terms
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Distortion:
     kl: float | None  # mean KL(p_ref || p_cand) over rows of class-score outputs (None: none)
     top1_agreement: float | None  # share of samples whose argmax class is unchanged
     samples: int
+    top1_samples: int = 0  # rows whose argmax was compared
+    terms: SampleTerms | None = field(default=None, compare=False, repr=False)  # per sample
 
     def value(self, metric: str) -> float:
         """The figure named by `metric` (one of `METRICS`)."""
@@ -30,13 +33,28 @@ class Distortion:
                              "scores")
         return float(value)
 
+    def upper(self, metric: str, confidence: float) -> float:
+        """One-sided upper confidence bound of `metric` (bootstrap over samples; the value
+        itself without per-sample terms or at confidence 0)."""
+        if self.terms is None or confidence <= 0:
+            return self.value(metric)
+        return self.terms.upper(confidence)
+
+    def agreement_lower(self, confidence: float) -> float | None:
+        """One-sided Clopper-Pearson lower bound of the top-1 agreement (None: no class
+        scores)."""
+        if self.top1_agreement is None:
+            return None
+        n = self.top1_samples
+        return agreement_lower(int(round(self.top1_agreement * n)), n, confidence)
+
 
 def is_class_scores(array: np.ndarray) -> bool:
     """A float [batch, classes] output with at least two classes."""
     return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] >= 2
 
 
-def _log_probs(scores: np.ndarray) -> np.ndarray:
+def log_probs(scores: np.ndarray) -> np.ndarray:
     """Log-probabilities of rows that already are probabilities, else log-softmax of logits."""
     scores = scores.astype(np.float64)
     if scores.min() >= 0 and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
@@ -70,10 +88,15 @@ _BULK_ELEMENTS = 1 << 20  # output elements of pending batches summed at once (n
 class DistortionMeter:
     """Streams reference / candidate outputs and returns one `Distortion` for all of them."""
 
-    def __init__(self, channel_axis: int = DEFAULT_CHANNEL_AXIS, only: str | None = None) -> None:
-        """`only` names the one metric to compute (probes); None computes all of them."""
+    def __init__(self, channel_axis: int = DEFAULT_CHANNEL_AXIS, only: str | None = None,
+                 terms: str | None = None) -> None:
+        """`only` names the one metric to compute (probes); None computes all of them.
+        `terms`: a metric whose per-sample sums are kept too (for its confidence bound)."""
         self.channel_axis = channel_axis
         self.wants = set(METRICS) | {"top1"} if only is None else {only}
+        self.term_metric = terms
+        self._terms: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
+        self._term_groups: tuple[int, ...] | None = None
         self._err: list[float] = []
         self._ref: list[float] = []
         self._chan_err: list[np.ndarray | float] = []
@@ -91,6 +114,8 @@ class DistortionMeter:
             reference_energy: Sequence[float] | None = None) -> None:
         """Add one batch of outputs (same order and shapes in both lists); `reference_energy`
         (sum of squares of each float reference output, from `energy`) saves recomputing it."""
+        if self.term_metric is not None:
+            self._add_terms([np.asarray(r) for r in reference], [np.asarray(c) for c in candidate])
         if self.wants == {"nmse"}:  # the probes' hot path: batches are summed in bulk
             self._pending.append((reference, candidate, reference_energy))
             if not self._pending_size:  # batches are about the size of the first one
@@ -155,7 +180,7 @@ class DistortionMeter:
                 self._cos[i] += float(np.sum(1.0 - cos))
             if is_class_scores(r):
                 if "kl" in self.wants:
-                    log_p, log_q = _log_probs(r64), _log_probs(c64)
+                    log_p, log_q = log_probs(r64), log_probs(c64)
                     self._kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
                     self._kl_rows += r.shape[0]
                 if "top1" in self.wants and not class_output_seen:  # first class-score output
@@ -170,6 +195,67 @@ class DistortionMeter:
             return np.array([squares.sum()])
         return np.moveaxis(squares, self.channel_axis, 0).reshape(
             squares.shape[self.channel_axis], -1).sum(axis=1)
+
+    def _add_terms(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> None:
+        """Per-sample sums of one batch for `term_metric`: a sample is a row along axis 0 when
+        every float output has the same number of rows, else the whole batch is one."""
+        floats = [i for i, r in enumerate(reference) if r.dtype.kind == "f"]
+        rows = {reference[i].shape[0] if reference[i].ndim else 1 for i in floats}
+        n = rows.pop() if len(rows) == 1 else 1
+        metric = self.term_metric
+        nums: list[np.ndarray] = []
+        dens: list[np.ndarray] = []
+        groups: list[int] = []
+        kl_num, kl_den = np.zeros((n, 1)), np.zeros((n, 1))
+        for i in floats:
+            r = reference[i].astype(np.float64).reshape(n, -1) if reference[i].ndim else \
+                reference[i].astype(np.float64).reshape(1, -1)
+            c = candidate[i].astype(np.float64).reshape(r.shape)
+            if metric == "nmse":
+                nums.append(((c - r) ** 2).sum(axis=1, keepdims=True))
+                dens.append((r ** 2).sum(axis=1, keepdims=True))
+                groups.append(1)
+            elif metric == "nmse-channel":
+                full_r = reference[i].astype(np.float64)
+                full_c = candidate[i].astype(np.float64)
+                err = self._rows_per_channel((full_c - full_r) ** 2, n)
+                nums.append(err)
+                dens.append(self._rows_per_channel(full_r ** 2, n))
+                groups.append(err.shape[1])
+            elif metric == "cosine":
+                batch = reference[i].shape[0] if reference[i].ndim else 1
+                rr = reference[i].astype(np.float64).reshape(batch, -1)
+                cc = candidate[i].astype(np.float64).reshape(rr.shape)
+                norms = np.linalg.norm(rr, axis=1) * np.linalg.norm(cc, axis=1)
+                cos = np.where(norms > 0, (rr * cc).sum(axis=1) / np.where(norms > 0, norms, 1),
+                               np.where(np.all(rr == cc, axis=1), 1.0, 0.0))
+                per = (1.0 - cos).reshape(n, -1)
+                nums.append(per.sum(axis=1, keepdims=True))
+                dens.append(np.full((n, 1), float(per.shape[1])))
+                groups.append(1)
+            elif metric == "kl" and is_class_scores(reference[i]):
+                log_p = log_probs(reference[i].astype(np.float64))
+                log_q = log_probs(candidate[i].astype(np.float64))
+                per = (np.exp(log_p) * (log_p - log_q)).sum(axis=1).reshape(n, -1)
+                kl_num += per.sum(axis=1, keepdims=True)
+                kl_den += per.shape[1]
+        if metric == "kl":
+            nums, dens, groups = [kl_num], [kl_den], [1]
+        if self._term_groups is None:
+            self._term_groups = tuple(groups)
+        elif self._term_groups != tuple(groups):  # outputs change shape: no per-sample terms
+            self.term_metric = None
+            self._terms = []
+            return
+        self._terms.append((nums, dens))
+
+    def _rows_per_channel(self, squares: np.ndarray, n: int) -> np.ndarray:
+        """[n, channels] sums (n rows, or the whole batch as one row when n is 1)."""
+        if n == 1 or squares.ndim <= self.channel_axis or self.channel_axis == 0:
+            return self._per_channel(squares)[None, :] if n == 1 else \
+                squares.reshape(n, -1).sum(axis=1, keepdims=True)
+        moved = np.moveaxis(squares, self.channel_axis, 1)
+        return moved.reshape(n, moved.shape[1], -1).sum(axis=2)
 
     def result(self) -> Distortion:
         self._flush()
@@ -190,7 +276,9 @@ class DistortionMeter:
             cosine=float(sum(c / samples for c in self._cos)) if "cosine" in self.wants else None,
             kl=self._kl / self._kl_rows if self._kl_rows else None,
             top1_agreement=self._agree / self._top1_rows if self._top1_rows else None,
-            samples=self._samples)
+            samples=self._samples, top1_samples=self._top1_rows,
+            terms=concat_terms(self._terms, self._term_groups or (), self.term_metric ==
+                               "nmse-channel") if self.term_metric else None)
 
 
 class AccuracyMeter:

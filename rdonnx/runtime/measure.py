@@ -67,11 +67,13 @@ class Replay:
         self._energy: list[list[float]] = []  # per batch: sum of squares of each float output
         self._keys: dict[str, int] = {}  # cut tensor name -> its key in spilled files
         self.recorded: frozenset[str] | None = None  # the cut tensors of every batch
+        self._rows: list[int] = []  # per batch: samples
 
     def append(self, feed: Feed, outputs: list[np.ndarray],
                cuts: Mapping[str, np.ndarray] | None = None) -> None:
         """One batch: its feed, the reference outputs and the tensors named in `cuts`."""
         self._energy.append(energy_of(outputs))
+        self._rows.append(max((a.shape[0] if a.ndim else 1 for a in feed.values()), default=1))
         cuts = {k: v for k, v in (cuts or {}).items() if isinstance(v, np.ndarray)}  # tensors
         self.recorded = frozenset(cuts) if self.recorded is None else self.recorded & set(cuts)
         size = sum(a.nbytes for a in feed.values()) + \
@@ -118,10 +120,16 @@ class Replay:
         """Per batch, the sum of squares of each float reference output."""
         return self._energy
 
+    @property
+    def samples(self) -> int:
+        """Samples recorded (rows along axis 0 of the feeds; a scalar feed counts one)."""
+        return sum(self._rows)
+
     def distortion(self, run: Predict, channel_axis: int = DEFAULT_CHANNEL_AXIS,
-                   only: str | None = None) -> Distortion:
-        """Distortion of `run`'s outputs against the recorded ones (`only` one metric)."""
-        meter = DistortionMeter(channel_axis, only)
+                   only: str | None = None, terms: str | None = None) -> Distortion:
+        """Distortion of `run`'s outputs against the recorded ones (`only` one metric; `terms`:
+        keep per-sample sums of that metric, for its confidence bound)."""
+        meter = DistortionMeter(channel_axis, only, terms)
         for (feed, expected), energy in zip(self, self._energy):
             meter.add(expected, run(feed), energy)
         return meter.result()

@@ -16,9 +16,9 @@ from rdonnx.artifact.surp_stream import Prefixes, encode, file_digest, shortest_
 from rdonnx.codec import surp as codec
 from rdonnx.errors import UsageError
 from rdonnx.flow.calibration import calibrate_model
-from rdonnx.flow.config import DEFAULTS, CompressConfig, Measurement, Target
+from rdonnx.flow.config import DEFAULTS, CompressConfig, Measurement, Target, VerifyOptions
 from rdonnx.flow.result import CompressResult, finish_report
-from rdonnx.flow.target import Realized, meets
+from rdonnx.flow.target import Check, Realized, meets
 from rdonnx.graph.model import check_output
 from rdonnx.report.records import RatePoint
 from rdonnx.version import __version__
@@ -45,8 +45,12 @@ def compress_surp(cal, config: CompressConfig, test_data, labels: str | None, qu
         path = Path(cal.model.path).resolve()
         source = {"path": str(path), "sha256": file_digest(path)}
 
+    terms = metric if config.target.kind == "distortion" and config.verify.confidence > 0 \
+        else None
+
     def measured(values: dict[str, np.ndarray]):
-        return cal.distortion({**values, **extra_values}, config.measure.channel_axis)
+        return cal.distortion({**values, **extra_values}, config.measure.channel_axis,
+                              terms=terms)
 
     points: list[RatePoint] = []
     target = config.target
@@ -62,7 +66,7 @@ def compress_surp(cal, config: CompressConfig, test_data, labels: str | None, qu
             def ok(steps: int, prefixes: Prefixes = prefixes):
                 d = measured(prefixes.values(steps))
                 r = Realized(prefixes.nnz(steps) / total, {}, {}, {}, {}, {}, d)
-                passed = meets(target, metric, r, total)
+                passed = meets(target, Check(metric, config.verify.confidence), r, total)
                 return passed, (d, prefixes.bits(steps), prefixes.nnz(steps), passed)
 
             try:
@@ -182,6 +186,7 @@ def _by_distortion(artifact, prefixes: Prefixes, bound: float, calib, reference:
     (the weights selected and measured as the artifact's `stored` settings say)."""
     config = CompressConfig(
         target=Target(rate=1.0), selection=stored.selection,
+        verify=VerifyOptions(holdout=0.0),  # cutting a stream fits nothing: all of --calib
         measure=Measurement(metric=stored.measure.metric,
                             channel_axis=stored.measure.channel_axis, device=device),
         **({"data": data} if data is not None else {}))

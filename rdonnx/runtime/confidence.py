@@ -1,0 +1,112 @@
+"""How far a figure measured on a sample can be trusted: one-sided confidence bounds.
+
+Top-1 agreement is a share of k agreeing samples out of n: its lower bound is Clopper-Pearson's
+(exact, from the binomial distribution). A distortion is a ratio of sums over samples (nmse,
+per-channel nmse, KL, cosine distance): its upper bound is a bootstrap percentile over samples
+(`SampleTerms`), seeded, so the same data gives the same bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+def agreement_lower(agree: int, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson lower bound of a share `agree`/`n` at `confidence` (0: the
+    share itself)."""
+    if n <= 0:
+        return 0.0
+    if confidence <= 0:
+        return agree / n
+    if agree <= 0:
+        return 0.0
+    from scipy.stats import beta  # lazy: scipy.stats takes a while to import
+
+    return float(beta.ppf(1.0 - confidence, agree, n - agree + 1))
+
+
+def samples_for_agreement(bound: float, confidence: float) -> int | None:
+    """The fewest samples whose lower bound can reach `bound` (all of them agreeing), or None
+    when no number of samples can (a bound of 1 at a confidence above 0)."""
+    if confidence <= 0 or bound <= 0:
+        return 1
+    if bound >= 1:
+        return None
+    # with no disagreement the lower bound is (1 - confidence)^(1/n)
+    n = math.ceil(math.log(1.0 - confidence) / math.log(bound))
+    while n > 1 and (1.0 - confidence) ** (1.0 / (n - 1)) >= bound:
+        n -= 1
+    while (1.0 - confidence) ** (1.0 / n) < bound:
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class SampleTerms:
+    """A distortion as per-sample sums: value = sum over outputs (`groups`, columns per
+    output) of the mean over the output's columns of sum_i num[i, j] / sum_i den[i, j].
+
+    nmse: one column per output (error energy over reference energy); nmse-channel: one column
+    per channel (`floor`: silent channels are compared with the mean channel, as the meter
+    does); KL and cosine: one column, den counts rows."""
+
+    num: np.ndarray  # [samples, columns], float64
+    den: np.ndarray  # [samples, columns]
+    groups: tuple[int, ...]
+    floor: bool = False
+
+    @property
+    def samples(self) -> int:
+        return int(self.num.shape[0])
+
+    def value(self, weights: np.ndarray | None = None) -> np.ndarray | float:
+        """The distortion (weights None), or one per row of `weights` [resamples, samples]."""
+        if weights is None:
+            num, den = self.num.sum(axis=0)[None], self.den.sum(axis=0)[None]
+        else:
+            num, den = weights @ self.num, weights @ self.den
+        total = np.zeros(num.shape[0])
+        start = 0
+        for width in self.groups:
+            n, d = num[:, start:start + width], den[:, start:start + width]
+            if self.floor:
+                floor = np.maximum(d.mean(axis=1, keepdims=True), 1e-30) * 1e-6
+                ratio = n / np.maximum(d, floor)
+            else:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = np.where(d > 0, n / np.where(d > 0, d, 1.0),
+                                     np.where(n == 0, 0.0, np.inf))
+            total += ratio.mean(axis=1)
+            start += width
+        return float(total[0]) if weights is None else total
+
+    def upper(self, confidence: float) -> float:
+        """One-sided bootstrap upper bound at `confidence` (the value itself at 0 or with
+        fewer than 2 samples)."""
+        point = self.value()
+        if confidence <= 0 or self.samples < 2:
+            return point
+        rng = np.random.default_rng(BOOTSTRAP_SEED)
+        weights = rng.multinomial(self.samples, np.full(self.samples, 1.0 / self.samples),
+                                  size=BOOTSTRAP_RESAMPLES).astype(np.float64)
+        values = self.value(weights)
+        return max(point, float(np.quantile(values, confidence, method="higher")))
+
+
+def concat_terms(parts: list[tuple[list[np.ndarray], list[np.ndarray]]], groups: tuple[int, ...],
+                 floor: bool) -> SampleTerms | None:
+    """Terms from per-batch (num, den) column lists; None when the column counts differ
+    between batches (an output whose channel count changes)."""
+    if not parts:
+        return None
+    nums = [np.concatenate(n, axis=1) for n, _ in parts]
+    dens = [np.concatenate(d, axis=1) for _, d in parts]
+    if len({a.shape[1] for a in nums}) != 1 or sum(groups) != nums[0].shape[1]:
+        return None
+    return SampleTerms(np.concatenate(nums), np.concatenate(dens), groups, floor)

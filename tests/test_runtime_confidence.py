@@ -1,0 +1,77 @@
+"""Confidence bounds: Clopper-Pearson for agreement, the bootstrap for distortions, and the
+per-sample terms the meter keeps for them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rdonnx.runtime.confidence import SampleTerms, agreement_lower, samples_for_agreement
+from rdonnx.runtime.distortion import DistortionMeter
+
+
+def test_clopper_pearson_with_no_disagreement_is_alpha_to_the_one_over_n():
+    # the issue's example: 64 of 64 cannot show 99%; its 95% lower bound is 95.4%
+    assert agreement_lower(64, 64, 0.95) == pytest.approx(0.05 ** (1 / 64))
+    assert agreement_lower(64, 64, 0.95) < 0.99
+    assert agreement_lower(64, 64, 0.0) == 1.0
+    assert agreement_lower(0, 50, 0.95) == 0.0
+
+
+def test_clopper_pearson_matches_the_binomial_tail():
+    from scipy.stats import binom
+
+    k, n = 180, 200
+    lower = agreement_lower(k, n, 0.95)
+    assert lower < k / n
+    # at the lower bound, k or more successes have probability 5%
+    assert binom.sf(k - 1, n, lower) == pytest.approx(0.05, rel=1e-6)
+
+
+@pytest.mark.parametrize("bound, confidence", [(0.99, 0.95), (0.95, 0.95), (0.9, 0.99)])
+def test_samples_for_agreement_is_the_fewest_that_can_show_it(bound, confidence):
+    n = samples_for_agreement(bound, confidence)
+    assert agreement_lower(n, n, confidence) >= bound
+    assert agreement_lower(n - 1, n - 1, confidence) < bound
+    assert samples_for_agreement(1.0, confidence) is None  # never at any sample count
+
+
+def test_bootstrap_upper_bound_is_seeded_and_above_the_value():
+    rng = np.random.default_rng(1)
+    terms = SampleTerms(rng.random((80, 2)), 1 + rng.random((80, 2)), (1, 1))
+    value = terms.value()
+    assert value == pytest.approx(float((terms.num.sum(0) / terms.den.sum(0)).sum()))
+    upper = terms.upper(0.95)
+    assert upper > value
+    assert terms.upper(0.95) == upper  # same data, same bound
+    assert terms.upper(0.99) >= upper
+    assert terms.upper(0.0) == value
+    # errors that are the same on every sample leave nothing to resample
+    flat = SampleTerms(np.full((30, 1), 0.5), np.ones((30, 1)), (1,))
+    assert flat.upper(0.95) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("metric", ["nmse", "nmse-channel", "cosine", "kl"])
+def test_meter_terms_reproduce_its_figure(metric):
+    rng = np.random.default_rng(2)
+    meter = DistortionMeter(1, None, terms=metric)
+    for batch in (7, 5, 9):
+        ref = [rng.standard_normal((batch, 6)).astype(np.float32),
+               rng.standard_normal((batch, 3, 4)).astype(np.float32)]
+        cand = [r + 0.1 * rng.standard_normal(r.shape).astype(np.float32) for r in ref]
+        meter.add(ref, cand)
+    d = meter.result()
+    assert d.terms is not None and d.terms.samples == 21
+    assert d.terms.value() == pytest.approx(d.value(metric), rel=1e-9)
+    assert d.upper(metric, 0.95) >= d.value(metric)
+
+
+def test_nmse_probe_path_keeps_terms_too():
+    rng = np.random.default_rng(3)
+    meter = DistortionMeter(1, "nmse", terms="nmse")
+    for _ in range(4):
+        ref = [rng.standard_normal((8, 5)).astype(np.float32)]
+        meter.add(ref, [ref[0] * 0.9])
+    d = meter.result()
+    assert d.terms.samples == 32
+    assert d.terms.value() == pytest.approx(d.nmse, rel=1e-9)
