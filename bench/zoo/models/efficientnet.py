@@ -157,9 +157,13 @@ ADAPTER = Adapter(
     name="efficientnet", wheels=("efficientnet-lite0",), member=PTH, prepare=prepare,
     score=score, primary="top1_agreement", transparent=lambda m: m["top1_agreement"] >= 0.99,
     threshold="top-1 agreement >= 99%",
-    ladder=(("--min-agreement", "0.98"), ("--min-agreement", "0.99"), ("--min-agreement", "1.0")),
-    calib_samples=16, batch=32, extra_args=("--grid", "1,0.6,0.35,0.2,0.1"),
+    # nmse of the logits: --min-agreement 0.99 on held-out crops needs about 300 of them (the
+    # Clopper-Pearson bound of n/n), which this 2-core machine cannot probe with
+    ladder=(("--max-distortion", "1e-2"), ("--max-distortion", "3e-3"),
+            ("--max-distortion", "1e-3")),
+    calib_samples=32, batch=32, extra_args=("--grid", "1,0.6,0.35,0.2,0.1"),
     subset=f"{PER_PHOTO} augmented 224x224 crops of each scikit-image photo; photos split "
            "disjointly (8 calib, 3 val, 11 test), each split interleaved by photo; calib "
-           "limited to 16 crops (2 of each calibration photo), a 5-point grid",
+           "limited to 32 crops (4 of each calibration photo; 24 fit + 8 held out), a 5-point "
+           "grid",
 )
