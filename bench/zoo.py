@@ -128,8 +128,16 @@ class Scorer:
         self.forward_seconds = time.time() - t0
 
     def score(self, session, split: str = "test") -> dict[str, float]:
+        """The task metrics, plus rdonnx's own output distortion against the original (nmse,
+        cosine distance: what a bound is on) on the same samples."""
+        from rdonnx.runtime.distortion import DistortionMeter
+
         out = run_outputs(session, self.feeds[split], self.ad.batch)
-        return self.ad.score(self.ref[split], out, self.truth[split])
+        meter = DistortionMeter()
+        meter.add(self.ref[split], out)
+        d = meter.result()
+        return {**self.ad.score(self.ref[split], out, self.truth[split]),
+                "nmse": d.nmse, "cosine_distance": d.cosine}
 
     def score_file(self, path: Path, split: str = "test") -> dict[str, float]:
         import onnxruntime as ort
@@ -364,7 +372,7 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
         calib_m = scorer.score_file(out, "calib")
         ok = ad.transparent(test)
         tried.append(f"{setting}: {size:,} B, test {ad.primary} {test[ad.primary]:.4f} "
-                     f"(calib {calib_m[ad.primary]:.4f}, {secs:.0f} s)")
+                     f"(calib {calib_m[ad.primary]:.4f}, {secs:.0f} s{_bound_check(report, test)})")
         print(f"  {ad.name} rdonnx {tried[-1]}", file=sys.stderr, flush=True)
         if ok:
             bpw = _report_bpw(report)
@@ -376,6 +384,22 @@ def rdonnx_row(ad: Adapter, prep: Prepared, scorer: Scorer, work: Path, original
     return Row(ad.name, "rdonnx", note="; ".join(x for x in [
         ad.notes, "no bound transparent on test: " + "; ".join(tried)] if x),
                seconds=cal_s, peak_rss_mb=cal_rss)
+
+
+def _bound_check(report: Path, test: dict[str, float]) -> str:
+    """', bound B: held-out M (95% limit L, N samples), test T' from a compress report's final
+    check and the same distortion measured on the test split (empty for a rate)."""
+    try:
+        check = json.loads(report.read_text()).get("check")
+    except (OSError, ValueError):
+        return ""
+    if not check or check.get("target") != "max_distortion":
+        return ""
+    metric = json.loads(report.read_text())["calibration"]["metric"]
+    on_test = test.get({"nmse": "nmse", "cosine": "cosine_distance"}.get(metric, ""))
+    return (f"; {metric} bound {check['bound']:g}: {check['data']} {check['measured']:.3g} "
+            f"(limit {check['limit']:.3g}, {check['samples']} samples), test "
+            f"{'-' if on_test is None else f'{on_test:.3g}'}")
 
 
 def _report_bpw(report: Path) -> float | None:
