@@ -19,6 +19,7 @@ import rdonnx
 from rdonnx import CompressConfig, DataOptions, UsageError
 from rdonnx.allocate.allocators import Allocation, Curve, predicted, rd, rd_dp, uniform
 from rdonnx.cli import main
+from rdonnx.report.records import render
 
 GRID = (1.0, 0.5, 0.2, 0.1, 0.05)
 GRID_TEXT = "1,0.5,0.2,0.1,0.05"
@@ -634,3 +635,6 @@ def test_a_bound_chooses_the_width_of_an_unpruned_table(tmp_path):
     assert result.report.calibration.nmse <= bound
     levels = np.abs(result.quantized["table"].q).max()
     assert levels > 127  # wider than 8 bits
+    assert result.report.unpruned_bits["table"] > 8
+    assert f"not pruned: 1 tensor {result.report.unpruned_bits['table']}-bit" in \
+        render(result.report)

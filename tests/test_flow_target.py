@@ -1,6 +1,5 @@
 """Meeting a target by measuring: the joint search over bits budgets."""
 
-import numpy as np
 import pytest
 
 from rdonnx.flow.config import Target
@@ -18,7 +17,8 @@ def test_the_joint_search_never_realizes_a_budget_below_the_lowest(low):
         asked.append(budget)
         assert budget >= low
         nmse = 1.0 / budget
-        return Realized(1.0, {}, {}, {}, {}, {}, Distortion(nmse, None, None, None, None, 8), coded_bits=budget)
+        return Realized(1.0, {}, {}, {}, {}, {}, Distortion(nmse, None, None, None, None, 8),
+                        coded_bits=budget)
 
     bound = 1.0 / (3 * low)
     chosen, points = meet_budget(Target(max_distortion=bound), Check("nmse"), realize,

@@ -194,3 +194,19 @@ def test_nmse_alone_sums_batches_in_bulk_as_the_full_meter_does(monkeypatch, bul
     assert a.nmse == pytest.approx(b.nmse, rel=1e-12)
     assert a.nmse > 0.25  # the second output alone contributes 0.25
     assert a.samples == b.samples == 24
+
+
+def test_a_time_major_output_counts_the_feeds_samples_not_its_time_steps():
+    """A sequence model's output [T, batch, C] (CTC): with the feed's rows given, each batch
+    is one sample for the confidence bound and the count, not T of them."""
+    rng = np.random.default_rng(0)
+    meter = DistortionMeter(terms="nmse")
+    for _ in range(3):
+        ref = rng.standard_normal((24, 1, 5)).astype(np.float32)
+        meter.add([ref], [ref + 0.1], rows=1)
+    d = meter.result()
+    assert d.samples == 3
+    assert d.terms.num.shape[0] == 3
+    rowwise = DistortionMeter(terms="nmse")  # axis 0 is the batch: a sample per row
+    rowwise.add([ref[:, 0]], [ref[:, 0] + 0.1], rows=24)
+    assert rowwise.result().terms.num.shape[0] == 24

@@ -20,7 +20,7 @@ from rdonnx.algo.layout import LayerInput
 from rdonnx.algo.prune import Ranking, Scores
 from rdonnx.artifact.io import load_any
 from rdonnx.errors import UsageError
-from rdonnx.flow.config import CompressConfig, Selection
+from rdonnx.flow.config import CompressConfig, Measurement, Selection, Target
 from rdonnx.flow.curves import (
     Curves,
     Fingerprint,
@@ -249,7 +249,8 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                        f"{' ...' if len(plain) > 8 else ''}")
     fingerprint = Fingerprint(model_digest(loaded, originals), data_digest,
                               digest(repr(sorted(config.curve_settings().items()))))
-    data = diagnose(config, data_name, batches.synthetic, replay, check, how, moments, inputs)
+    data = diagnose(config.target, config.measure, config.prune.reconstructs, data_name,
+                    batches.synthetic, replay, check, how, moments, inputs)
     notices.extend(data.warnings)
     return Calibration(loaded, weights, originals, runner, replay, scores,
                        {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
@@ -282,9 +283,9 @@ FEW_CLASSES_SHARE = 0.9  # a class given for this share of the samples makes agr
 FLAT_OUTPUT_NMSE = 1e-2  # a constant output scoring below this: the outputs barely vary
 
 
-def diagnose(config: CompressConfig, name: str, synthetic: bool, replay: Replay,
-             check: Replay | None, how: str, moments: Mapping, inputs: Mapping[str, LayerInput]
-             ) -> DataReport:
+def diagnose(target: Target, measure: Measurement, reconstructs: bool, name: str,
+             synthetic: bool, replay: Replay, check: Replay | None, how: str, moments: Mapping,
+             inputs: Mapping[str, LayerInput]) -> DataReport:
     """What the calibration data can show: synthetic or not, how much the reference outputs
     vary (warnings when a metric cannot discriminate), and whether the layer inputs seen
     span the widest layer input (a rank-deficient Hessian otherwise)."""
@@ -292,7 +293,7 @@ def diagnose(config: CompressConfig, name: str, synthetic: bool, replay: Replay,
                         check.samples if check is not None else None, how)
     if synthetic:
         report.warnings.append(SYNTHETIC_NOTICE)
-    report.outputs = describe_outputs(replay, config.measure.channel_axis)
+    report.outputs = describe_outputs(replay, measure.channel_axis)
     class_outputs = [o for o in report.outputs if o.classes is not None]
     if class_outputs:
         o = class_outputs[0]
@@ -307,23 +308,23 @@ def diagnose(config: CompressConfig, name: str, synthetic: bool, replay: Replay,
                 f"for {o.top_class_share:.0%} of the fit samples ({o.distinct_top1} distinct "
                 "classes); a model that always answers it would agree as often")
     flat = sum(o.constant_nmse for o in report.outputs)
-    metric = config.measure.metric
+    metric = measure.metric
     if report.outputs and metric in ("nmse", "nmse-channel") and flat < FLAT_OUTPUT_NMSE:
         report.warnings.append(
             f"the reference outputs barely vary over the fit samples: a model that outputs "
             f"their mean scores nmse {flat:.3g}, so nmse cannot tell a broken model below that")
     cos = sum(o.constant_cosine for o in report.outputs)
-    if report.outputs and config.measure.metric == "cosine" and cos < FLAT_OUTPUT_NMSE:
+    if report.outputs and measure.metric == "cosine" and cos < FLAT_OUTPUT_NMSE:
         report.warnings.append(
             f"the reference outputs barely vary over the fit samples: a model that outputs "
             f"their mean scores cosine distance {cos:.3g}")
-    bound = config.target.max_distortion
-    if bound is not None and config.measure.metric in ("nmse", "cosine") and report.outputs:
-        constant = flat if config.measure.metric == "nmse" else cos
+    bound = target.max_distortion
+    if bound is not None and measure.metric in ("nmse", "cosine") and report.outputs:
+        constant = flat if measure.metric == "nmse" else cos
         if bound >= constant:
             report.warnings.append(
                 f"--max-distortion {bound:g} is met by a model that outputs the mean "
-                f"reference output ({config.measure.metric} {constant:.3g}): the bound cannot "
+                f"reference output ({measure.metric} {constant:.3g}): the bound cannot "
                 "discriminate")
     widths = []
     for weight, m in moments.items():
@@ -336,7 +337,7 @@ def diagnose(config: CompressConfig, name: str, synthetic: bool, replay: Replay,
             report.rank_deficient.append(weight)
     if widths:
         report.widest_input = max(widths, key=lambda t: t[1])
-    if report.rank_deficient and config.prune.reconstructs:
+    if report.rank_deficient and reconstructs:
         w, width, columns = max(((n, wd, c) for n, wd, c in widths
                                  if n in report.rank_deficient), key=lambda t: t[1])
         report.warnings.append(

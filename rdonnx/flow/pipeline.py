@@ -269,14 +269,19 @@ def _choose(realizer: Realizer, config: CompressConfig, allocation: Allocation,
             with (stages or Stages()).stage("value curves"):
                 options.update(_extra_options(realizer, quiet))
 
+        realized: dict[tuple, Realized] = {}  # budgets apart often give the same choice
+
         def realize_budget(budget: float) -> Realized:
             choice = allocate_joint(options, budget)
-            keep = {n: int(round(o.density * sizes[n])) for n, o in choice.items()
-                    if n in prunable}
-            r = realizer.realize(sum(keep.values()) / sum(sizes.values()), keep,
-                                 {n: o.bits for n, o in choice.items()})
-            r.coded_bits = coded_bits(r)
-            return r
+            key = tuple((n, o.density, o.bits) for n, o in sorted(choice.items()))
+            if key not in realized:
+                keep = {n: int(round(o.density * sizes[n])) for n, o in choice.items()
+                        if n in prunable}
+                r = realizer.realize(sum(keep.values()) / sum(sizes.values()), keep,
+                                     {n: o.bits for n, o in choice.items()})
+                r.coded_bits = coded_bits(r)
+                realized[key] = r
+            return realized[key]
 
         try:
             return (*meet_budget(target, check, realize_budget, cost_range(options),

@@ -189,6 +189,7 @@ def _report(cal: Calibration, config: CompressConfig, chosen: Realized, curves: 
                                                confidence=config.verify.confidence),
         data=cal.data,
         value_bits=_common(chosen.widths.get(w.name) for w in cal.weights),
+        unpruned_bits={n: b for n, b in chosen.widths.items() if n not in keep},
         predicted_distortion=predicted(allocation, keep) if curves else None,
         grid=list(curves.grid) if curves else None, weights=weights,
         settings=config.as_dict(), rdonnx_version=__version__, notices=notices)

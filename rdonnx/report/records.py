@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -166,6 +167,8 @@ class Report:
     score: float | None = None  # --eval with a rate: the result's task score ...
     reference_score: float | None = None  # ... and the original model's
     value_bits: int | None = None  # quantization of surviving values (None: exact)
+    unpruned_bits: dict[str, int] = field(default_factory=dict)  # widths of the coded tensors
+    # that are not pruned (embedding tables, biases); empty when they are exact
     coding: CodingReport | None = None  # set when an .rdonnx artifact is written
     predicted_distortion: float | None = None  # sum of the curves at the chosen densities
     grid: list[float] | None = None
@@ -245,6 +248,10 @@ def render(report: Report) -> str:
     widths = sorted({w.value_bits for w in report.weights if w.value_bits is not None})
     values = "exact" if not widths else f"{widths[0]}-bit" if len(widths) == 1 else \
         "per weight: " + ", ".join(f"{w.name} {w.value_bits}-bit" for w in report.weights)
+    if report.unpruned_bits:
+        counts = Counter(report.unpruned_bits.values())
+        values += "; not pruned: " + ", ".join(
+            f"{counts[b]} tensor{'s' if counts[b] > 1 else ''} {b}-bit" for b in sorted(counts))
     if report.method == "surp":
         values = "SuRP threshold staircase (sums of quanta; positions = indices, values = signs)"
     parts.append(f"values        {values}")

@@ -107,15 +107,22 @@ class DistortionMeter:
         self._agree = 0
         self._top1_rows = 0
         self._samples = 0
+        self._feed_rows: int | None = None  # samples counted from the feeds (`add(rows=)`)
         self._pending: list[tuple] = []  # nmse alone: batches whose errors are summed together
         self._pending_size = 0  # output elements of one pending batch (the first one's)
 
     def add(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
-            reference_energy: Sequence[float] | None = None) -> None:
+            reference_energy: Sequence[float] | None = None, rows: int | None = None) -> None:
         """Add one batch of outputs (same order and shapes in both lists); `reference_energy`
-        (sum of squares of each float reference output, from `energy`) saves recomputing it."""
+        (sum of squares of each float reference output, from `energy`) saves recomputing it;
+        `rows`: the samples the batch's feed holds (axis 0 of the inputs). With `rows`, an
+        output whose axis 0 is not the batch (time steps of a sequence model) makes the whole
+        batch one sample, and samples are counted from the feeds."""
+        if rows is not None:
+            self._feed_rows = (self._feed_rows or 0) + rows
         if self.term_metric is not None:
-            self._add_terms([np.asarray(r) for r in reference], [np.asarray(c) for c in candidate])
+            self._add_terms([np.asarray(r) for r in reference], [np.asarray(c) for c in candidate],
+                            rows)
         if self.wants == {"nmse"}:  # the probes' hot path: batches are summed in bulk
             self._pending.append((reference, candidate, reference_energy))
             if not self._pending_size:  # batches are about the size of the first one
@@ -196,12 +203,16 @@ class DistortionMeter:
         return np.moveaxis(squares, self.channel_axis, 0).reshape(
             squares.shape[self.channel_axis], -1).sum(axis=1)
 
-    def _add_terms(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> None:
+    def _add_terms(self, reference: list[np.ndarray], candidate: list[np.ndarray],
+                   feed_rows: int | None = None) -> None:
         """Per-sample sums of one batch for `term_metric`: a sample is a row along axis 0 when
-        every float output has the same number of rows, else the whole batch is one."""
+        every float output has the same number of rows (the feed's, when it is given), else
+        the whole batch is one."""
         floats = [i for i, r in enumerate(reference) if r.dtype.kind == "f"]
         rows = {reference[i].shape[0] if reference[i].ndim else 1 for i in floats}
         n = rows.pop() if len(rows) == 1 else 1
+        if feed_rows is not None and n != feed_rows:
+            n = 1
         metric = self.term_metric
         nums: list[np.ndarray] = []
         dens: list[np.ndarray] = []
@@ -276,7 +287,8 @@ class DistortionMeter:
             cosine=float(sum(c / samples for c in self._cos)) if "cosine" in self.wants else None,
             kl=self._kl / self._kl_rows if self._kl_rows else None,
             top1_agreement=self._agree / self._top1_rows if self._top1_rows else None,
-            samples=self._samples, top1_samples=self._top1_rows,
+            samples=self._samples if self._feed_rows is None else self._feed_rows,
+            top1_samples=self._top1_rows,
             terms=concat_terms(self._terms, self._term_groups or (), self.term_metric ==
                                "nmse-channel") if self.term_metric else None)
 

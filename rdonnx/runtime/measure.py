@@ -27,6 +27,11 @@ class Measurement:
     accuracies: list[float | None]
 
 
+def feed_rows(feed: Feed) -> int:
+    """The samples a feed holds: rows along axis 0 (a scalar input counts one)."""
+    return max((a.shape[0] if a.ndim else 1 for a in feed.values()), default=1)
+
+
 def measure(reference: Predict, candidates: Sequence[Predict], batches: Batches,
             labels: str | None = None, description: str = "measuring",
             quiet: bool = True, channel_axis: int = DEFAULT_CHANNEL_AXIS) -> Measurement:
@@ -43,7 +48,7 @@ def measure(reference: Predict, candidates: Sequence[Predict], batches: Batches,
                 ref_acc.add(expected, label)
             for meter, acc, candidate in zip(meters, accs, candidates):
                 outputs = candidate(feed)
-                meter.add(expected, outputs)
+                meter.add(expected, outputs, rows=feed_rows(feed))
                 if label is not None:
                     acc.add(outputs, label)
                 bar.update(1)
@@ -73,7 +78,7 @@ class Replay:
                cuts: Mapping[str, np.ndarray] | None = None) -> None:
         """One batch: its feed, the reference outputs and the tensors named in `cuts`."""
         self._energy.append(energy_of(outputs))
-        self._rows.append(max((a.shape[0] if a.ndim else 1 for a in feed.values()), default=1))
+        self._rows.append(feed_rows(feed))
         cuts = {k: v for k, v in (cuts or {}).items() if isinstance(v, np.ndarray)}  # tensors
         self.recorded = frozenset(cuts) if self.recorded is None else self.recorded & set(cuts)
         size = sum(a.nbytes for a in feed.values()) + \
@@ -130,6 +135,6 @@ class Replay:
         """Distortion of `run`'s outputs against the recorded ones (`only` one metric; `terms`:
         keep per-sample sums of that metric, for its confidence bound)."""
         meter = DistortionMeter(channel_axis, only, terms)
-        for (feed, expected), energy in zip(self, self._energy):
-            meter.add(expected, run(feed), energy)
+        for (feed, expected), energy, rows in zip(self, self._energy, self._rows):
+            meter.add(expected, run(feed), energy, rows)
         return meter.result()
