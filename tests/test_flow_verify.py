@@ -4,16 +4,16 @@ user (--eval), and bad data refused before anything is measured."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUNDLED
+from conftest import BUNDLED, assert_usage_error
 
 import rdonnx
 from rdonnx import CompressConfig, DataOptions, UsageError
 from rdonnx.algo import obs
-from rdonnx.cli import main
 from rdonnx.flow.calibration import calibrate_model, make_data
 from rdonnx.flow.pipeline import make_realizer
 from rdonnx.runtime.data import split_holdout
@@ -25,19 +25,6 @@ DIGITS_TEST = BUNDLED / "digits_test.npz"
 GRID = (1.0, 0.5, 0.2, 0.1, 0.05)
 FAST = CompressConfig.of(grid=GRID, layer_distortion=False, format="dense")
 
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("rdonnx: error: "), err
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,13 +131,12 @@ def test_verify_data_is_the_held_out_part(tmp_path):
     assert "--verify verify.npz" in r.data.holdout
 
 
-def test_agreement_bound_the_samples_cannot_show_is_refused(capsys, tmp_path):
+def test_agreement_bound_the_samples_cannot_show_is_refused(cli, tmp_path):
     # 64 held-out samples: even 64 of 64 only show 95.4% at 95% confidence; 99% needs 299
     with pytest.raises(UsageError, match="needs at least 299"):
         rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, min_agreement=0.99, config=FAST)
-    code, _, err = cli(capsys, "compress", DIGITS_MLP, "--min-agreement", "0.99", "--calib",
-                       DIGITS_CALIB, "-o", tmp_path / "x.onnx")
-    assert code == 2 and "needs at least 299" in one_error_line(err)
+    assert_usage_error(cli("compress", DIGITS_MLP, "--min-agreement", "0.99", "--calib",
+                           DIGITS_CALIB, "-o", tmp_path / "x.onnx"), "needs at least 299")
     assert not (tmp_path / "x.onnx").exists()
     # lowering the confidence is the user's choice, and then it runs
     config = FAST.updated(method="uniform", confidence=0.0)
@@ -170,26 +156,24 @@ def test_agreement_bound_uses_the_lower_confidence_bound():
 # Diagnostics
 
 
-def test_synthetic_data_gets_a_notice_and_bounds_are_refused(capsys, tmp_path):
+def test_synthetic_data_gets_a_notice_and_bounds_are_refused(cli, tmp_path):
     r = rdonnx.compress(DIGITS_MLP, rate=0.5, config=FAST).report
     assert r.data.synthetic
     assert any("SYNTHETIC" in n for n in r.notices)
     with pytest.raises(UsageError, match="synthetic"):
         rdonnx.compress(DIGITS_MLP, max_distortion=0.1, config=FAST)
-    code, _, err = cli(capsys, "compress", DIGITS_MLP, "--max-distortion", "0.1", "-o",
-                       tmp_path / "x.onnx")
-    assert code == 2 and "synthetic" in one_error_line(err)
+    assert_usage_error(cli("compress", DIGITS_MLP, "--max-distortion", "0.1", "-o",
+                           tmp_path / "x.onnx"), "synthetic")
     allowed = FAST.updated(method="uniform", allow_synthetic=True)
     assert rdonnx.compress(DIGITS_MLP, max_distortion=0.1, config=allowed).report.data.synthetic
 
 
-def test_synthetic_integer_inputs_print_the_notice(capsys, int64_model, tmp_path):
-    code, _, err = cli(capsys, "compress", int64_model.path, "--rate", "0.5", "--input-range",
-                       "input=0:49", "-o", tmp_path / "x.onnx", "--format", "dense")
-    assert code == 0 and "SYNTHETIC" in err
-    code, _, err = cli(capsys, "compress", int64_model.path, "--max-distortion", "0.1",
-                       "--input-range", "input=0:49", "-o", tmp_path / "y.onnx")
-    assert code == 2 and "synthetic" in one_error_line(err)
+def test_synthetic_integer_inputs_print_the_notice(cli, int64_model, tmp_path):
+    run = cli("compress", int64_model.path, "--rate", "0.5", "--input-range", "input=0:49",
+              "-o", tmp_path / "x.onnx", "--format", "dense")
+    assert run.code == 0 and "SYNTHETIC" in run.err
+    assert_usage_error(cli("compress", int64_model.path, "--max-distortion", "0.1",
+                           "--input-range", "input=0:49", "-o", tmp_path / "y.onnx"), "synthetic")
 
 
 def test_outputs_that_barely_vary_are_reported(tmp_path):
@@ -316,11 +300,11 @@ def test_eval_share_of_samples_is_checked_on_its_lower_bound(eval_file):
     assert all(s.meets == (s.limit >= 0.9) for s in r.search)
 
 
-def test_eval_with_a_rate_reports_the_score(eval_file, capsys, tmp_path):
-    code, _, err = cli(capsys, "compress", DIGITS_MLP, "--rate", "0.5", "--calib", DIGITS_CALIB,
-                       "--eval", f"{eval_file}:agreement", "--format", "dense", "-o",
-                       tmp_path / "x.onnx", "--grid", "1,0.5,0.2")
-    assert code == 0 and "score " in err and "--eval; original 1" in err
+def test_eval_with_a_rate_reports_the_score(eval_file, cli, tmp_path):
+    run = cli("compress", DIGITS_MLP, "--rate", "0.5", "--calib", DIGITS_CALIB, "--eval",
+              f"{eval_file}:agreement", "--format", "dense", "-o", tmp_path / "x.onnx", "--grid",
+              "1,0.5,0.2")
+    assert run.code == 0 and "score " in run.err and "--eval; original 1" in run.err
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -331,44 +315,39 @@ def test_eval_with_a_rate_reports_the_score(eval_file, capsys, tmp_path):
     ("{file}:broken", "raised RuntimeError"),
     ("/no/such/file.py:f", "file not found"),
 ])
-def test_bad_eval_is_one_line(spec, message, eval_file, capsys, tmp_path):
-    code, _, err = cli(capsys, "compress", DIGITS_MLP, "--min-score", "0.9", "--calib",
-                       DIGITS_CALIB, "--eval", spec.format(file=eval_file), "-o",
-                       tmp_path / "x.onnx", "--method", "uniform")
-    assert code == 2
-    assert message in one_error_line(err)
+def test_bad_eval_is_one_line(spec, message, eval_file, cli, tmp_path):
+    assert_usage_error(cli("compress", DIGITS_MLP, "--min-score", "0.9", "--calib",
+                           DIGITS_CALIB, "--eval", spec.format(file=eval_file), "-o",
+                           tmp_path / "x.onnx", "--method", "uniform"), re.escape(message))
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_min_score_needs_eval(capsys, tmp_path):
-    code, _, err = cli(capsys, "compress", DIGITS_MLP, "--min-score", "0.9", "--calib",
-                       DIGITS_CALIB, "-o", tmp_path / "x.onnx")
-    assert code == 2 and "--eval" in one_error_line(err)
+def test_min_score_needs_eval(cli, tmp_path):
+    assert_usage_error(cli("compress", DIGITS_MLP, "--min-score", "0.9", "--calib",
+                           DIGITS_CALIB, "-o", tmp_path / "x.onnx"), "--eval")
 
 
 # ---------------------------------------------------------------------------------------------
 # Bad data is refused, never measured
 
 
-def test_nan_in_calibration_or_test_data_is_refused(capsys, tmp_path):
+def test_nan_in_calibration_or_test_data_is_refused(cli, tmp_path):
     x = np.load(DIGITS_CALIB)["input"][:40].copy()
     x[7, 0, 0, 0] = np.nan
     bad = tmp_path / "bad.npz"
     np.savez(bad, input=x)
-    code, _, err = cli(capsys, "compress", DIGITS_MLP, "--rate", "0.5", "--calib", bad, "-o",
-                       tmp_path / "x.onnx")
-    assert code == 2 and "NaN or inf" in one_error_line(err)
+    assert_usage_error(cli("compress", DIGITS_MLP, "--rate", "0.5", "--calib", bad, "-o",
+                           tmp_path / "x.onnx"), "NaN or inf")
     assert not (tmp_path / "x.onnx").exists()
     t = dict(np.load(DIGITS_TEST))
     t["input"] = t["input"].copy()
     t["input"][3, 0, 1, 1] = np.inf
     bad_test = tmp_path / "bad_test.npz"
     np.savez(bad_test, **t)
-    code, _, err = cli(capsys, "compress", DIGITS_MLP, "--rate", "0.5", "--calib", DIGITS_CALIB,
-                       "--test", bad_test, "--labels", "label", "-o", tmp_path / "y.onnx")
-    assert code == 2 and "NaN or inf" in one_error_line(err)
-    code, _, err = cli(capsys, "evaluate", DIGITS_MLP, DIGITS_MLP, "--data", bad)
-    assert code == 2 and "NaN or inf" in one_error_line(err)
+    assert_usage_error(cli("compress", DIGITS_MLP, "--rate", "0.5", "--calib", DIGITS_CALIB,
+                           "--test", bad_test, "--labels", "label", "-o", tmp_path / "y.onnx"),
+                       "NaN or inf")
+    assert_usage_error(cli("evaluate", DIGITS_MLP, DIGITS_MLP, "--data", bad), "NaN or inf")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -380,21 +359,20 @@ def test_nan_in_calibration_or_test_data_is_refused(capsys, tmp_path):
     (("--rate", "0.5", "--confidence", "lots"), "--confidence"),
     (("--rate", "0.5", "--input-shape", "input=100000x100000x100000x1"), "memory"),
 ])
-def test_bad_settings_are_one_line(args, message, capsys, tmp_path):
-    code, _, err = cli(capsys, "compress", DIGITS_MLP, *args, "-o", tmp_path / "x.onnx")
-    assert code == 2
-    assert message in one_error_line(err)
+def test_bad_settings_are_one_line(args, message, cli, tmp_path):
+    assert_usage_error(cli("compress", DIGITS_MLP, *args, "-o", tmp_path / "x.onnx"),
+                       re.escape(message))
 
 
 # ---------------------------------------------------------------------------------------------
 # evaluate says what its figures rest on
 
 
-def test_evaluate_says_how_many_samples(capsys, tmp_path):
+def test_evaluate_says_how_many_samples(cli, tmp_path):
     result = rdonnx.compress(DIGITS_MLP, calib=DIGITS_CALIB, rate=0.3, config=FAST)
     path = tmp_path / "m.onnx"
     result.save(path)
-    code, out, _ = cli(capsys, "evaluate", DIGITS_MLP, path, "--data", DIGITS_TEST, "--labels",
-                       "label")
-    assert code == 0
+    run = cli("evaluate", DIGITS_MLP, path, "--data", DIGITS_TEST, "--labels", "label")
+    assert run.code == 0
+    out = run.out
     assert "(360 samples" in out and "lower bound" in out and "360 labelled samples" in out
