@@ -390,12 +390,13 @@ def _bound_check(report: Path, test: dict[str, float]) -> str:
     """', bound B: held-out M (95% limit L, N samples), test T' from a compress report's final
     check and the same distortion measured on the test split (empty for a rate)."""
     try:
-        check = json.loads(report.read_text()).get("check")
+        data = json.loads(report.read_text())
     except (OSError, ValueError):
         return ""
+    check = data.get("check")
     if not check or check.get("target") != "max_distortion":
         return ""
-    metric = json.loads(report.read_text())["calibration"]["metric"]
+    metric = data["calibration"]["metric"]
     on_test = test.get({"nmse": "nmse", "cosine": "cosine_distance"}.get(metric, ""))
     return (f"; {metric} bound {check['bound']:g}: {check['data']} {check['measured']:.3g} "
             f"(limit {check['limit']:.3g}, {check['samples']} samples), test "

@@ -8,7 +8,7 @@ layer-input Hessians are `rdonnx.flow.hessians`, the realizing of candidates
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +86,7 @@ class Calibration:
     def extra_matrices(self) -> list[Weight]:
         """The coded tensors that are not pruned and not vectors (their widths are chosen;
         vectors get `realize.VECTOR_BITS` or more)."""
-        return [w for w in self.extra_weights if len(w.shape) >= 2]
+        return matrices(self.extra_weights)
 
     def run_with(self, values: Mapping[str, np.ndarray]) -> Callable:
         prepared = {n: self.runner.weight_value(n, a) for n, a in values.items()}
@@ -173,6 +173,11 @@ def make_data(model: Model, source: DataSource, options: DataOptions,
     return batches, name
 
 
+def matrices(weights: Sequence[Weight]) -> list[Weight]:
+    """The tensors of rank 2 or more (vectors are not given a width of their own)."""
+    return [w for w in weights if len(w.shape) >= 2]
+
+
 def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSource,
                     quiet: bool = True, consumers: bool = False,
                     verify: DataSource = None) -> Calibration:
@@ -223,8 +228,8 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                                          .values()} - given)
     measure = config.measure
     proto = measurement_model(loaded, weights + extra + swapped)
-    probed = weights + ([w for w in extra if len(w.shape) >= 2]
-                        if config.target.bound and coding.value_bits is None else [])
+    probed = weights + (matrices(extra) if config.target.bound and coding.value_bits is None
+                        else [])
     cuts = cut_tensors(proto, [w.name for w in probed]) if measure.downstream else {}
     recorded = Prober.tensors(cuts)
     given = {v.name for v in proto.graph.output} | {v.name for v in proto.graph.input}
