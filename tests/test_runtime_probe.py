@@ -33,6 +33,11 @@ def _whole(cal) -> Prober:
     return Prober(cal.runner, cal.replay)
 
 
+def _exact(cal) -> Prober:
+    """Downstream slices as they are (weights fed, ORT optimisations off)."""
+    return Prober(cal.runner, cal.replay, cal.prober.cuts)
+
+
 def _assert_same_outputs(sliced: Prober, whole: Prober, arrays) -> None:
     got, expected = sliced.outputs(arrays), whole.outputs(arrays)
     assert len(got) == len(expected) > 0
@@ -46,17 +51,41 @@ def _assert_same_outputs(sliced: Prober, whole: Prober, arrays) -> None:
 def test_downstream_probes_give_the_whole_graphs_outputs(case):
     cal = calibrate_model(case.path, CONFIG, case.calib)
     assert cal.prober is not None and cal.prober.cuts
-    whole = _whole(cal)
+    exact, whole = _exact(cal), _whole(cal)
     changed_any = False
     for i, w in enumerate(cal.weights):
         arrays = {w.name: _variant(cal.originals[w.name], i)}
-        _assert_same_outputs(cal.prober, whole, arrays)
-        sliced = cal.prober.probe(arrays, None)
+        _assert_same_outputs(exact, whole, arrays)
+        sliced = exact.probe(arrays, None)
         reference = whole.probe(arrays, None)
         assert sliced == reference  # every metric, exactly
         changed_any |= sliced.nmse > 0
     assert changed_any
     assert not [n for n in cal.notices if "whole graph" in n]  # none fell back
+
+
+@pytest.mark.parametrize("case", PRUNABLE_CASES, indirect=True)
+def test_optimized_slices_fold_the_other_weights_and_match_up_to_rounding(case):
+    """calibrate's prober: the weights a slice does not change are constants of an optimized
+    session (the first weight's whole cut too); figures equal the whole graph's up to float
+    rounding, an unchanged weight measures (next to) nothing, a changed one its change."""
+    cal = calibrate_model(case.path, CONFIG, case.calib)
+    optimized, whole = cal.prober, _whole(cal)
+    assert optimized.optimize
+    for i, w in enumerate(cal.weights):
+        arrays = {w.name: _variant(cal.originals[w.name], i)}
+        got, expected = optimized.outputs(arrays), whole.outputs(arrays)
+        for batch_got, batch_expected in zip(got, expected, strict=True):
+            for a, b in zip(batch_got, batch_expected, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        part = optimized._slice(frozenset(arrays))
+        assert part.session is not None, optimized.notices
+        others = {n for n in part.cut.inputs if n in cal.runner.weights} - {w.name}
+        assert part.constants == others
+        d, reference = optimized.probe(arrays, "nmse").nmse, whole.probe(arrays, "nmse").nmse
+        assert d == pytest.approx(reference, rel=1e-3, abs=1e-9)
+        same = optimized.probe({w.name: cal.originals[w.name]}, "nmse").nmse
+        assert same <= 1e-9 * max(reference, 1e-3)
 
 
 @pytest.mark.parametrize("case", ["cnn", "attention", "subgraph"], indirect=True)
@@ -67,8 +96,9 @@ def test_two_weights_at_once_and_spilled_cuts_give_the_same_outputs(case):
     cal = calibrate_model(case.path, CONFIG, case.calib)
     names = [w.name for w in cal.weights]
     arrays = {n: _variant(cal.originals[n], k) for k, n in enumerate(names[-2:])}
-    _assert_same_outputs(spilled.prober, _whole(cal), arrays)
-    assert spilled.prober.probe(arrays, "nmse") == _whole(cal).probe(arrays, "nmse")
+    exact = Prober(spilled.runner, spilled.replay, spilled.prober.cuts)
+    _assert_same_outputs(exact, _whole(cal), arrays)
+    assert exact.probe(arrays, "nmse") == _whole(cal).probe(arrays, "nmse")
 
 
 def test_a_slice_that_does_not_load_falls_back_to_the_whole_graph_and_says_so(mlp,
@@ -116,7 +146,7 @@ def test_whole_graph_probes_when_downstream_is_off(cnn):
     w = cal.weights[0]
     arrays = {w.name: _variant(cal.originals[w.name], 0)}
     on = calibrate_model(cnn.path, CONFIG, cnn.calib)
-    assert cal.prober.probe(arrays, "nmse") == on.prober.probe(arrays, "nmse")
+    assert cal.prober.probe(arrays, "nmse") == _exact(on).probe(arrays, "nmse")
     assert not [n for n in cal.notices if "whole graph" in n]
 
 

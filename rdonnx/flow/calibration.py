@@ -51,7 +51,8 @@ from rdonnx.runtime.session import Runner, measurement_model
 
 ModelSource = str | os.PathLike | onnx.ModelProto | bytes
 DataSource = str | os.PathLike | Mapping[str, np.ndarray] | None
-PROBE_OPTIMIZE = False  # ORT graph optimisations in downstream slices (see docs/SPEED.md)
+PROBE_OPTIMIZE = True  # slices fold the weights they do not change, ORT optimisations on
+# (docs/SPEED.md)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ reconstructed) and measured against the replayed reference outputs.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -22,6 +23,7 @@ from rdonnx.flow.target import Realized
 from rdonnx.graph.weights import Weight
 from rdonnx.runtime.distortion import Distortion
 
+QUANTIZED_CACHE_MB = 1024  # weights quantized without reconstruction, kept for later candidates
 CLIP_SCALES = (1.0, 0.9, 0.8, 0.7)  # error-compensated quantization: exact spans tried
 VECTOR_BITS = 16  # coded vectors (biases) get at least this width (`extra_bits`)
 DAMPS = (0.01, 0.1, 1.0)  # dampening tried per layer (with --damp), chosen on held-out data
@@ -62,6 +64,36 @@ def pattern_mask(cal: Calibration, name: str, n_m: tuple[int, int]) -> np.ndarra
 
 
 @dataclass
+class QuantizedCache:
+    """Masked and quantized weights by (weight, kept count, bits, quantizer), least recently
+    used first out past `limit` bytes: the candidates of a search mostly repeat each weight's
+    choice, and quantizing (the clip search) costs more than measuring (OCR: 3 s of 3.5)."""
+
+    limit: int = QUANTIZED_CACHE_MB << 20
+    entries: OrderedDict = field(default_factory=OrderedDict)
+    size: int = 0
+
+    def get(self, key: tuple, make: Callable[[], tuple[np.ndarray, Quantized | None]]
+            ) -> tuple[np.ndarray, Quantized | None]:
+        found = self.entries.get(key)
+        if found is not None:
+            self.entries.move_to_end(key)
+            return found
+        found = make()
+        arrays = [found[0]] + ([found[1].q] if found[1] is not None else [])
+        for array in arrays:
+            array.flags.writeable = False  # shared by every candidate that repeats the choice
+        nbytes = sum(a.nbytes for a in arrays)
+        if nbytes <= self.limit:
+            self.entries[key] = found
+            self.size += nbytes
+            while self.size > self.limit:
+                _, (values, q) = self.entries.popitem(last=False)
+                self.size -= values.nbytes + (q.q.nbytes if q is not None else 0)
+        return found
+
+
+@dataclass
 class Realizer:
     """Realizes candidates of one run: its measured state, its Hessians, and the options it
     prunes, codes and measures with. `notices` collects what realizing had to decide (shared
@@ -79,6 +111,7 @@ class Realizer:
         field(default_factory=dict)
     # (weight, kept count): how it was reconstructed, and why an update was dropped
     reconstruction: dict[tuple[str, int], str] = field(default_factory=dict)
+    quantized: QuantizedCache = field(default_factory=QuantizedCache)
     terms: str | None = None  # a metric whose per-sample sums measurements keep (its bound)
 
     def with_coding(self, coding: Coding) -> Realizer:
@@ -89,7 +122,8 @@ class Realizer:
         """The same realizer on a calibration a method changed (its reconstructions are kept
         while the rankings are the same)."""
         same = cal.rankings is self.cal.rankings and cal.scores is self.cal.scores
-        return replace(self, cal=cal, reconstructed=self.reconstructed if same else {})
+        return replace(self, cal=cal, reconstructed=self.reconstructed if same else {},
+                       quantized=self.quantized if same else QuantizedCache())
 
     def distortion(self, values: Mapping[str, np.ndarray], only: str | None = None
                    ) -> Distortion:
@@ -148,8 +182,17 @@ class Realizer:
         n_m = self.n_m
         if not self.reconstructs(w.name):
             patterned = n_m is not None and cal.supports(w.name)
-            mask = pattern_mask(cal, w.name, n_m) if patterned else cal.rankings[w.name].mask(keep)
-            return self._masked(w.name, mask, bits, patterned)
+
+            def masked() -> tuple[np.ndarray, Quantized | None]:
+                mask = pattern_mask(cal, w.name, n_m) if patterned else \
+                    cal.rankings[w.name].mask(keep)
+                return self._masked(w.name, mask, bits, patterned)
+
+            if bits is None:
+                return masked()
+            coding = self.coding
+            return self.quantized.get((w.name, keep, bits, n_m if patterned else None,
+                                       coding.quantizer, coding.rdoq), masked)
         sequential = earlier is not None
         hessian = self.hessians.hessian(w.name, earlier)
         options: dict = {}

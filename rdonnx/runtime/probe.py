@@ -43,13 +43,17 @@ def cut_tensors(proto: onnx.ModelProto, weights: Sequence[str]) -> dict[str, Cut
     return {name: downstream(proto.graph, [name]) for name in weights}
 
 
-def slice_model(proto: onnx.ModelProto, cut: Cut,
-                types: Mapping[str, np.dtype]) -> onnx.ModelProto:
+def slice_model(proto: onnx.ModelProto, cut: Cut, types: Mapping[str, np.dtype],
+                constants: Mapping[str, Sequence[int]] | None = None) -> onnx.ModelProto:
     """The nodes of `cut` as a model: cut tensors (typed from the recorded arrays), graph inputs
-    and weights in, the graph outputs they produce out, the initializers they read copied."""
+    and weights in, the graph outputs they produce out, the initializers they read copied.
+    `constants` (name: shape): weights declared as initializers instead of inputs, their data
+    left to the session (`create_session(initializers=...)`), so ORT can fold and pre-pack
+    them."""
+    constants = constants or {}
     graph = proto.graph
     declared = {v.name: v for v in graph.input}
-    inputs = [declared[n] for n in cut.inputs] + [
+    inputs = [declared[n] for n in cut.inputs if n not in constants] + [
         onnx.helper.make_tensor_value_info(
             n, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(types[n])), None)
         for n in cut.tensors]
@@ -57,22 +61,35 @@ def slice_model(proto: onnx.ModelProto, cut: Cut,
     sliced = onnx.helper.make_graph(
         [graph.node[i] for i in cut.nodes], f"{graph.name}-slice", inputs,
         [onnx.ValueInfoProto(name=n) for n in cut.outputs],
-        [t for t in graph.initializer if t.name in wanted])
+        [t for t in graph.initializer if t.name in wanted] +
+        [_placeholder(n, declared[n].type.tensor_type.elem_type, shape)
+         for n, shape in sorted(constants.items())])
     model = onnx.helper.make_model(sliced, opset_imports=list(proto.opset_import))
     model.functions.extend(proto.functions)
     fit_ir_version(model, max_runtime_ir_version())
     return model
 
 
+def _placeholder(name: str, data_type: int, shape: Sequence[int]) -> onnx.TensorProto:
+    """An initializer without data (external, in no file): the session supplies it."""
+    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=list(shape),
+                              data_location=onnx.TensorProto.EXTERNAL)
+    tensor.external_data.add(key="location", value="supplied-by-the-session")
+    return tensor
+
+
 @dataclass(frozen=True)
 class _Slice:
     session: object | None  # None: the whole graph (the runner's session)
     cut: Cut
+    constants: frozenset[str] = frozenset()  # weights baked into the slice (not fed)
 
 
 class Prober:
-    """Measures weight variants against the reference: downstream-only when `sliced`,
-    over `jobs` threads, ORT graph optimisations in the slices when `optimize`."""
+    """Measures weight variants against the reference: downstream-only when `cuts` are given,
+    over `jobs` threads; with `optimize` the slices hold the weights they do not change as
+    constants and run with ORT's graph optimisations (outputs equal to the whole graph's up
+    to float rounding)."""
 
     def __init__(self, runner: Runner, replay: Replay, cuts: Mapping[str, Cut] | None = None,
                  jobs: int = 1, optimize: bool = False, notices: list[str] | None = None):
@@ -104,19 +121,24 @@ class Prober:
             downstream(self.runner.proto.graph, sorted(names))
         recorded = self.replay.recorded or frozenset()
         made = _Slice(None, cut)
+        constants = self._constants(cut, names) if self.cuts else []
         if not self.cuts:  # downstream probes are off: the whole graph, silently
             pass
-        elif not cut.whole and set(cut.tensors) <= recorded:
+        elif (not cut.whole or constants) and set(cut.tensors) <= recorded:
+            # a whole cut still gains a session of its own when it can fold constants
             try:
                 if not self._types:
                     self._types = {n: a.dtype for n, a in next(self.replay.cuts(sorted(recorded)),
                                                                 {}).items()}
-                payload = slice_model(self.runner.proto, cut, self._types).SerializeToString()
+                payload = slice_model(self.runner.proto, cut, self._types,
+                                      {n: self.runner.weights[n].shape() for n in constants}
+                                      ).SerializeToString()
                 session, _ = create_session(payload, self.runner.model, self.runner.device,
-                                            self.optimize, self.threads)
-                made = _Slice(session, cut)
+                                            self.optimize, self.threads,
+                                            {n: self.runner.weights[n] for n in constants})
+                made = _Slice(session, cut, frozenset(constants))
             except Exception as exc:  # noqa: BLE001 - any refusal: the whole graph instead
-                self._fall_back(names, f"its slice does not load ({str(exc)[:120]})")
+                self._fall_back(names, f"its slice does not load ({str(exc)[:400]})")
         elif not cut.whole:
             self._fall_back(names, "the reference pass did not record its cut")
         with self._lock:
@@ -124,6 +146,12 @@ class Prober:
             while len(self._sessions) > SESSIONS_PER_JOB * self.jobs:
                 self._sessions.popitem(last=False)
         return made
+
+    def _constants(self, cut: Cut, names: frozenset[str]) -> list[str]:
+        """With `optimize`, the weights a slice reads but never changes (constants there)."""
+        if not self.optimize:
+            return []
+        return [n for n in cut.inputs if n in self.runner.weights and n not in names]
 
     def _fall_back(self, names: frozenset[str], why: str) -> None:
         with self._lock:
@@ -207,7 +235,7 @@ class Prober:
             return
         cut = part.cut
         weights = {n: values.get(n, runner.weights[n]) for n in cut.inputs
-                   if n in runner.weights}
+                   if n in runner.weights and n not in part.constants}
         for (feed, expected), energy, recorded in zip(self.replay, self.replay.energies, cuts):
             inputs = {n: feed[n] for n in cut.inputs if n in feed}
             inputs.update(weights)

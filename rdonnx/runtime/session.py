@@ -90,14 +90,18 @@ def _options(ort: ModuleType) -> object:
 
 
 def create_session(payload: bytes, model: Model, device: str | Device,
-                   optimize: bool = False, threads: int = 0) -> tuple[object, Device]:
+                   optimize: bool = False, threads: int = 0,
+                   initializers: Mapping[str, object] | None = None) -> tuple[object, Device]:
     """A session on `device` ("auto", "cpu", "cuda" or a resolved `Device`); `optimize`:
-    ORT's basic graph optimisations (outputs equal up to float rounding); `threads`: intra-op
-    threads (0: ORT's default, every core)."""
+    all of ORT's graph optimisations (outputs equal up to float rounding); `threads`: intra-op
+    threads (0: ORT's default, every core); `initializers`: OrtValues (kept alive by the
+    caller) for the model's data-less external initializers."""
     ort = import_onnxruntime()
     options = _options(ort)
+    if initializers:
+        options.add_external_initializers(list(initializers), list(initializers.values()))
     if optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = max(int(threads), 0)
     if model.base_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
@@ -213,6 +217,7 @@ class Runner:
     def weights(self) -> Mapping[str, object]:
         """The original value of every overridable weight, ready to feed."""
         return self._weights
+
 
 
 def run_session(session: object, names: Sequence[str], feed: Mapping[str, object],
