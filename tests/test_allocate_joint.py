@@ -5,9 +5,18 @@ import itertools
 import numpy as np
 import pytest
 
+from rdonnx.algo import grids
 from rdonnx.algo.prune import Ranking, magnitude
-from rdonnx.algo.quantize import quantize
-from rdonnx.allocate.joint import Option, allocate_joint, cost_range, estimate_bits, options_for
+from rdonnx.algo.quantize import Quantized, quantize
+from rdonnx.allocate.joint import (
+    ESTIMATE_ENTRIES,
+    Option,
+    allocate_joint,
+    cost_range,
+    estimate_bits,
+    options_for,
+    sample_rows,
+)
 from rdonnx.codec import entropy
 from rdonnx.errors import UsageError
 
@@ -100,3 +109,27 @@ def test_the_lowest_budget_gives_the_cheapest_choice(seed):
     low, _ = cost_range(options)
     chosen = allocate_joint(options, low)
     assert sum(o.cost for o in chosen.values()) <= low * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("bits", [3, 8])
+def test_a_large_weight_is_estimated_on_sampled_channels(density, bits):
+    """Past ESTIMATE_ENTRIES the quantizer sees evenly spaced output channels only (and is
+    told which); the estimate stays within 2% of quantizing the whole weight."""
+    rng = np.random.default_rng(5)
+    scales = np.exp(rng.normal(0, 1, size=(1024, 1))).astype(np.float32)  # channels differ
+    weight = (rng.laplace(0, 0.05, size=(1024, 512)) * scales).astype(np.float32)
+    mask = Ranking(magnitude(weight)).mask(int(round(density * weight.size)))
+    seen = []
+
+    def per_channel(a, b, rows):
+        seen.append(None if rows is None else len(rows))
+        grid = grids.choose(a, b, 0)
+        return Quantized(grids.round_to(a, grid, b), grid.steps, axis=0)
+
+    whole = estimate_bits(weight, mask, bits, per_channel, None)
+    sampled = estimate_bits(weight, mask, bits, per_channel, 0)
+    assert seen[0] is None and 0 < seen[1] < 1024
+    assert seen[1] * 512 <= ESTIMATE_ENTRIES * 1.01
+    assert sampled == pytest.approx(whole, rel=0.02)
+    assert sample_rows((512, 256), 0) is None  # small enough to estimate whole

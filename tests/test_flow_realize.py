@@ -32,7 +32,7 @@ from rdonnx.artifact.format import read_artifact
 from rdonnx.artifact.parallel import decode_all
 from rdonnx.flow.calibration import Calibration, calibrate_model
 from rdonnx.flow.hessians import Hessians
-from rdonnx.flow.realize import Realizer, pattern_mask
+from rdonnx.flow.realize import QuantizedCache, Realizer, pattern_mask
 
 GRID = (1.0, 0.5, 0.2, 0.1)
 SAMPLES = 64  # calibration samples (the bundled models have 256; the fixtures 32)
@@ -750,3 +750,23 @@ def test_per_row_grid_wins_on_rows_of_very_different_scales(tmp_path):
     artifact = read_artifact(path)
     assert artifact.tensors[0].encoding == "quantized-rows"
     assert decode_all(artifact)["w"].tobytes() == result.weights["w"].tobytes()
+
+
+def test_quantized_weights_are_kept_for_later_candidates_read_only(bundled_mlp):
+    """A search's candidates repeat most weights' (kept count, width): the second is the same
+    arrays, read-only, and equal to quantizing afresh; a full cache drops the oldest first."""
+    cfg = CompressConfig.of(max_distortion=0.1, min_params=1)
+    rz = realizer(bundled_mlp, cfg)
+    rz.quantized = QuantizedCache()
+    w = rz.cal.weights[0]
+    values, q = rz.compress_weight(w, w.size // 3, 6)
+    again, q_again = rz.compress_weight(w, w.size // 3, 6)
+    assert again is values and q_again is q
+    assert not values.flags.writeable and not q.q.flags.writeable
+    fresh = Realizer(rz.cal, rz.hessians, rz.prune, rz.coding, rz.measure)
+    np.testing.assert_array_equal(fresh.compress_weight(w, w.size // 3, 6)[0], values)
+    assert rz.compress_weight(w, w.size // 3, 5)[0] is not values  # another width
+    small = QuantizedCache(limit=values.nbytes * 3 // 2)
+    small.get(("a",), lambda: (values.copy(), None))
+    small.get(("b",), lambda: (values.copy(), None))
+    assert list(small.entries) == [("b",)] and small.size <= small.limit

@@ -263,7 +263,9 @@ def _choose(realizer: Realizer, config: CompressConfig, allocation: Allocation,
         options = {w.name: options_for(cal.originals[w.name], cal.rankings[w.name],
                                        curves.grid, curves.distortion[w.name],
                                        with_wide_widths(curves.values[w.name]),
-                                       lambda a, b, n=w.name: realizer.quantize(n, a, b))
+                                       lambda a, b, rows, n=w.name: realizer.quantize(n, a, b,
+                                                                                      rows),
+                                       cal.axes.get(w.name))
                    for w in cal.weights}
         if target.kind != "bits":  # the bits budget counts the prunable weights only
             with (stages or Stages()).stage("value curves"):
@@ -331,8 +333,9 @@ def _extra_options(realizer: Realizer, quiet: bool) -> dict[str, list[Option]]:
                                     realizer.measure.metric, realizer.measure.channel_axis, quiet)
     everything = {w.name: np.ones(cal.extra[w.name].shape, dtype=bool) for w in matrices}
     return {w.name: [Option(1.0, bits, estimate_bits(cal.extra[w.name], everything[w.name], bits,
-                                                     lambda a, b, n=w.name:
-                                                     realizer.quantize(n, a, b)), q)
+                                                     lambda a, b, rows, n=w.name:
+                                                     realizer.quantize(n, a, b, rows),
+                                                     cal.axes.get(w.name)), q)
                      for bits, q in with_wide_widths(measured[w.name]).items()]
             for w in matrices}
 

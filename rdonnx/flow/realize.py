@@ -134,12 +134,18 @@ class Realizer:
         """Whether this weight is reconstructed."""
         return self.prune.reconstructs and self.cal.supports(name)
 
-    def quantize(self, name: str, array: np.ndarray, bits: int) -> Quantized:
+    def quantize(self, name: str, array: np.ndarray, bits: int,
+                 rows: np.ndarray | None = None) -> Quantized:
         """`array` quantized with the configured quantizer: a uniform grid (one step per
         output channel where that pays, clipped by measured error, RD-optimised rounding when
         configured), or a k-means codebook; both weighted by the layer-input moments where
-        they are seen."""
+        they are seen. `rows`: `array` holds only these indices along the weight's output
+        axis (a sample, `allocate.joint.sample_rows`)."""
         importance = self.cal.importance.get(name)
+        if rows is not None and importance is not None:
+            axis = self.cal.axes[name]
+            if importance.shape[axis] > 1:
+                importance = np.take(importance, rows, axis)
         if self.coding.quantizer == "kmeans":
             return kmeans_quantize(array, bits, importance)
         grid = grids.choose(array, bits, self.cal.axes.get(name), importance)
