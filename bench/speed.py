@@ -67,9 +67,10 @@ def probe_costs(model: Path, calib: Path, config: CompressConfig) -> dict:
     probe cost before), on its downstream slice as first built (weights fed, optimisations
     off), and as compress probes now (the slice's other weights constant, optimisations on);
     a ratio is the sum of a kind's times over the sum of the whole-graph times. The slices are
-    built (and run once) before the timing; their build seconds are given apart."""
+    built (and run once) before the timing; their build seconds are given apart. One probe
+    thread (--jobs 1), so that every kind runs its operators on all cores."""
     start = time.monotonic()
-    cal = calibrate_model(model, config, calib)
+    cal = calibrate_model(model, config.updated(jobs=1), calib)
     reference = time.monotonic() - start
     whole = Prober(cal.runner, cal.replay)
     plain = Prober(cal.runner, cal.replay, cal.prober.cuts)
