@@ -210,8 +210,8 @@ VERIFY = click.option("--verify", "verify_data", type=click.Path(path_type=Path)
 
 def rd_options(func: Callable) -> Callable:
     """Options that shape the R-D measurement (shared by compress and calibrate)."""
-    names = ("criterion", "metric", "reconstruct", "sequential", "damp", "channel_axis", "grid",
-             "min_params", "include", "exclude", "simplify")
+    names = ("criterion", "metric", "reconstruct", "sequential", "damp", "hessian_mb",
+             "channel_axis", "grid", "min_params", "include", "exclude", "simplify")
     return apply(func, [*(config_option(n) for n in names), CALIB,
                         config_option("holdout"), VERIFY,
                         *(config_option(n) for n in ("replay_mb", "jobs", "downstream"))])

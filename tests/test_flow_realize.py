@@ -770,3 +770,24 @@ def test_quantized_weights_are_kept_for_later_candidates_read_only(bundled_mlp):
     small.get(("a",), lambda: (values.copy(), None))
     small.get(("b",), lambda: (values.copy(), None))
     assert list(small.entries) == [("b",)] and small.size <= small.limit
+
+
+def test_a_layer_whose_hessians_pass_the_budget_keeps_its_mask_alone(bundled_cnn):
+    """--hessian-mb: the CNN's 64x32x3x3 and 64x64x3x3 convolutions (288 and 576 features,
+    3.0 and 11.9 MB of Hessians) pass 1 MiB: they are pruned by their masks, exactly as
+    without --reconstruct, and said so; the 288-weight first convolution is reconstructed."""
+    base = CompressConfig.of(rate=0.3, method="uniform", values="exact", format="dense",
+                             layer_distortion=False)
+    plain = rdonnx.compress(bundled_cnn.path, calib=bundled_cnn.calib, config=base)
+    capped = rdonnx.compress(bundled_cnn.path, calib=bundled_cnn.calib,
+                             config=base.updated(reconstruct=True, hessian_mb=1))
+    full = rdonnx.compress(bundled_cnn.path, calib=bundled_cnn.calib,
+                           config=base.updated(reconstruct=True))
+    skipped = [n for n in capped.report.notices if "is not reconstructed" in n]
+    assert [n.split()[0] for n in skipped] == ["3.weight", "7.weight"]
+    assert "over --hessian-mb 1" in skipped[0]
+    assert not [n for n in full.report.notices if "is not reconstructed" in n]
+    for name in ("3.weight", "7.weight"):
+        np.testing.assert_array_equal(capped.weights[name], plain.weights[name])
+        assert not np.array_equal(full.weights[name], plain.weights[name])
+    assert not np.array_equal(capped.weights["0.weight"], plain.weights["0.weight"])

@@ -226,6 +226,16 @@ def supports(entry: LayerInput, shape: Sequence[int]) -> bool:
     return True
 
 
+def hessian_bytes(entry: LayerInput, shape: Sequence[int]) -> int:
+    """Peak bytes one layer's reconstruction holds in Hessians: [groups, d, d] float32 H, G and
+    H_o (sequential mode) and about three float64 working copies while inverting (d: the
+    input features of one output row, C/g x kernel for a convolution)."""
+    shape = tuple(int(s) for s in shape)
+    d = int(np.prod(shape[1:])) if entry.op == "Conv" else shape[entry.in_axis]
+    groups = entry.groups if entry.op == "Conv" else 1
+    return groups * d * d * (3 * 4 + 3 * 8)
+
+
 def _check_layout(entry: LayerInput, shape: tuple[int, ...]) -> None:
     _check_entry(entry)
     name, op = entry.weight, entry.op

@@ -231,6 +231,10 @@ class Pruning:
         "undo earlier layers' error (implies --reconstruct).")
     damp: float = option(
         DEFAULT_DAMP, "Reconstruction dampening: share of the mean diagonal of X X^T.")
+    hessian_mb: int = option(  # CREPE's 65,536-feature convolutions need about 140 GiB
+        4096, "MiB one layer's reconstruction may hold in Hessians (X X^T of its input; float64 "
+        "while inverting); a larger layer is pruned by its mask alone, with a notice.",
+        range=(1, None))
 
     @property
     def reconstructs(self) -> bool:
@@ -411,7 +415,8 @@ class CompressConfig:
                 "damp": self.prune.damp, "channel_axis": self.measure.channel_axis,
                 "grid": list(check_grid(self.measure.grid)),
                 "min_params": self.selection.min_params, "include": list(self.selection.include),
-                "exclude": list(self.selection.exclude), "simplify": self.selection.simplify}
+                "exclude": list(self.selection.exclude), "simplify": self.selection.simplify,
+                **({"hessian_mb": self.prune.hessian_mb} if self.prune.reconstructs else {})}
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as the report and the artifact manifest hold them (version 2)."""

@@ -131,8 +131,19 @@ class Realizer:
         return self.cal.distortion(values, self.measure.channel_axis, only, self.terms)
 
     def reconstructs(self, name: str) -> bool:
-        """Whether this weight is reconstructed."""
-        return self.prune.reconstructs and self.cal.supports(name)
+        """Whether this weight is reconstructed: not when its Hessians would need more than
+        --hessian-mb (then its mask alone, with a notice)."""
+        if not (self.prune.reconstructs and self.cal.supports(name)):
+            return False
+        need = obs.hessian_bytes(self.cal.inputs[name], self.cal.originals[name].shape)
+        if need <= self.prune.hessian_mb << 20:
+            return True
+        notice = (f"{name} is not reconstructed: its layer-input Hessians need "
+                  f"{need / 2**30:.1f} GiB, over --hessian-mb {self.prune.hessian_mb}; its "
+                  "mask alone")
+        if notice not in self.notices:
+            self.notices.append(notice)
+        return False
 
     def quantize(self, name: str, array: np.ndarray, bits: int,
                  rows: np.ndarray | None = None) -> Quantized:
