@@ -196,6 +196,23 @@ def test_nmse_alone_sums_batches_in_bulk_as_the_full_meter_does(monkeypatch, bul
     assert a.samples == b.samples == 24
 
 
+def test_probe_sums_in_float32_chunks_stay_within_a_millionth(monkeypatch):
+    """`fast` (the probes): float32 squared differences summed per chunk, chunks in float64;
+    on 3M outputs over many chunks the figure is the float64 one to 1e-6."""
+    monkeypatch.setattr("rdonnx.runtime.distortion._CHUNK", 1 << 12)
+    rng = np.random.default_rng(4)
+    ref = rng.standard_normal((3, 1000, 1000)).astype(np.float32)
+    cand = ref + 1e-3 * rng.standard_normal(ref.shape).astype(np.float32)
+    quick, exact = DistortionMeter(only="nmse", fast=True), DistortionMeter(only="nmse")
+    quick.add([ref], [cand])
+    exact.add([ref], [cand])
+    expected = float(np.sum((cand.astype(np.float64) - ref) ** 2) / np.sum(ref.astype(
+        np.float64) ** 2))
+    assert exact.result().nmse == pytest.approx(expected, rel=1e-12)
+    assert quick.result().nmse == pytest.approx(expected, rel=1e-6)
+    assert quick.result().nmse != exact.result().nmse  # it did sum in float32
+
+
 def test_a_time_major_output_counts_the_feeds_samples_not_its_time_steps():
     """A sequence model's output [T, batch, C] (CTC): with the feed's rows given, each batch
     is one sample for the confidence bound and the count, not T of them."""
