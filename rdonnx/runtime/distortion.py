@@ -83,9 +83,10 @@ def energy_of(outputs) -> list[float]:
 
 
 _BULK_ELEMENTS = 1 << 20  # output elements of pending batches summed at once (nmse alone)
-# nmse alone, summed a chunk at a time (no 200 MB float64 copy of an LM's 25M logits a
-# batch); probes (`fast`) sum float32 outputs' squared differences in float32 within a chunk,
-# the chunks in float64: relative 2e-7 of the float64 sum there, and 8-20x faster
+# nmse alone is summed a chunk at a time (float64: `_BULK_ELEMENTS`), no 200 MB float64 copy
+# of an LM's 25M logits a batch; probes (`fast`) sum float32 outputs' squared differences in
+# float32 within chunks of `_CHUNK`, the chunks in float64: relative 2e-7 of the float64 sum
+# there, and 8-20x faster
 _CHUNK = 1 << 16
 
 
@@ -161,8 +162,9 @@ class DistortionMeter:
                 (np.concatenate([a.ravel() for a in refs]),
                  np.concatenate([a.ravel() for a in cands]))
             err, wide = 0.0, not self.fast or r.dtype != np.float32
-            for start in range(0, r.size, _CHUNK):
-                a, b = c[start:start + _CHUNK], r[start:start + _CHUNK]
+            chunk = _BULK_ELEMENTS if wide else _CHUNK
+            for start in range(0, r.size, chunk):
+                a, b = c[start:start + chunk], r[start:start + chunk]
                 d = np.subtract(a, b, dtype=np.float64) if wide else a - b
                 err += float(np.dot(d, d))
             self._err[k] += err
