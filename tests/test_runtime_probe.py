@@ -216,3 +216,16 @@ def test_subgraph_reads_are_what_the_branches_take_from_outside():
     assert subgraph_reads(node) == {"x", "W"}  # Wt is the then-branch's own initializer
     cut = downstream(proto.graph, ["W"])
     assert cut.nodes == (0,) and cut.whole and "x" in cut.inputs
+
+
+def test_slices_whose_constants_pass_the_fold_budget_run_unoptimised(cnn, monkeypatch):
+    """Past FOLD_MB a slice keeps every weight an input and ORT's optimisations off (building
+    an optimised slice of an LM's 540 MB cost more than its probes saved): exact figures."""
+    monkeypatch.setattr(probe_module, "FOLD_MB", 0)
+    cal = calibrate_model(cnn.path, CONFIG, cnn.calib)
+    whole = _whole(cal)
+    for i, w in enumerate(cal.weights):
+        arrays = {w.name: _variant(cal.originals[w.name], i)}
+        part = cal.prober._slice(frozenset(arrays))
+        assert part.constants == frozenset()
+        assert cal.prober.probe(arrays, None) == whole.probe(arrays, None)

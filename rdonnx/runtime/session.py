@@ -218,6 +218,11 @@ class Runner:
         """The original value of every overridable weight, ready to feed."""
         return self._weights
 
+    def weight_bytes(self, name: str) -> int:
+        """Bytes of weight `name`'s value."""
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self._types[name])).itemsize
+        return int(np.prod(self._weights[name].shape())) * itemsize
+
 
 
 def run_session(session: object, names: Sequence[str], feed: Mapping[str, object],
