@@ -37,8 +37,8 @@ from rdonnx.runtime.session import (
 
 SESSIONS_PER_JOB = 2  # slice sessions kept per worker thread (a weight's sweep reuses one)
 FOLD_MB = 128  # a slice folds the weights it does not change while they hold at most this:
-# ORT's optimisations and pre-packing of more (an LM's 540 MB) cost 8-15 s a slice build
-# against 0.2 s saved a probe
+# ORT's optimisations and pre-packing of more (an LM's 540 MB) cost 7-15 s a slice build and
+# saved an LM probe nothing measurable
 
 
 def cut_tensors(proto: onnx.ModelProto, weights: Sequence[str]) -> dict[str, Cut]:
