@@ -791,3 +791,26 @@ def test_a_layer_whose_hessians_pass_the_budget_keeps_its_mask_alone(bundled_cnn
         np.testing.assert_array_equal(capped.weights[name], plain.weights[name])
         assert not np.array_equal(full.weights[name], plain.weights[name])
     assert not np.array_equal(capped.weights["0.weight"], plain.weights["0.weight"])
+
+
+def test_reconstruction_that_raises_held_out_distortion_is_dropped(bundled_mlp, monkeypatch):
+    """Updates that lower no layer's error but are kept anyway (here: forced, and harmful) lose
+    to the masks alone on the held-out part: the result is the masks', with a notice."""
+    base = CompressConfig.of(rate=0.5, method="uniform", values="exact", format="dense",
+                             layer_distortion=False, holdout=0.25)
+    plain = rdonnx.compress(bundled_mlp.path, calib=bundled_mlp.calib, config=base)
+    good = rdonnx.compress(bundled_mlp.path, calib=bundled_mlp.calib,
+                           config=base.updated(reconstruct=True))
+    assert not [n for n in good.report.notices if n.startswith("reconstruction dropped")]
+    import rdonnx.flow.realize as realize_module
+
+    def harmful(self, name, hessian, held, options):
+        exact = np.where(options["keep"], self.cal.originals[name] * 3.0, 0).astype(np.float32)
+        return exact, 0.01, None  # "generalises": the layer check is bypassed
+
+    monkeypatch.setattr(realize_module.Realizer, "_reconstruct", harmful)
+    bad = rdonnx.compress(bundled_mlp.path, calib=bundled_mlp.calib,
+                          config=base.updated(reconstruct=True))
+    assert any(n.startswith("reconstruction dropped") for n in bad.report.notices)
+    for name, array in plain.weights.items():
+        np.testing.assert_array_equal(bad.weights[name], array)
