@@ -376,40 +376,49 @@ class Realizer:
                                                percdamp=self.prune.damp)
         return out
 
-    def _mask_alone(self, rate: float, keep: Mapping[str, int],
-                    pruned: Mapping[str, np.ndarray]) -> Realizer | None:
-        """With held-out data, a realizer without reconstruction when the masks alone measure
-        no worse there than the reconstructed weights (exact values): layer by layer the
-        updates lower held-out layer error, yet together they can raise the output's (the
-        zoo's detector at rate 0.3: held-out nmse 0.491 against 0.475, test 0.453 against
-        0.436). Not for --criterion obs (its masks come from the reconstruction)."""
+    def _held_out_choice(self, rate: float, keep: Mapping[str, int],
+                         pruned: dict[str, np.ndarray]
+                         ) -> tuple[Realizer, dict[str, np.ndarray], Distortion | None]:
+        """With held-out data and reconstruction, the realizer (this one, or one without
+        reconstruction), its pruned weights and their held-out distortion: the masks alone win
+        when they measure no worse there than the reconstructed weights (exact values). Layer by
+        layer the updates lower held-out layer error, yet together they can raise the output's
+        (the zoo's detector at rate 0.3: held-out nmse 0.491 against 0.475, test 0.453 against
+        0.436). Not for --criterion obs (its masks come from the reconstruction) or patterns."""
         prune = self.prune
         if not prune.reconstructs or prune.criterion == "obs" or self.cal.check is None or \
                 self.n_m is not None:
-            return None
+            return self, pruned, None
         metric = self.measure.metric
         plain = replace(self, prune=replace(prune, reconstruct=False, sequential=False))
-        alone = self.distortion(plain.compress_all(keep)[0]).value(metric)
-        updated = self.distortion(pruned).value(metric)
-        if updated < alone:
-            return None
+        masked, _ = plain.compress_all(keep)
+        alone, updated = self.distortion(masked), self.distortion(pruned)
+        if updated.value(metric) < alone.value(metric):
+            return self, pruned, updated
         if not any(n.startswith("reconstruction dropped") for n in self.notices):
             self.notices.append(f"reconstruction dropped where the masks alone measure no worse "
                                 f"on the held-out data (first at rate {rate:.4g}: {metric} "
-                                f"{updated:.4g} with it, {alone:.4g} without)")
-        return plain
+                                f"{updated.value(metric):.4g} with it, "
+                                f"{alone.value(metric):.4g} without)")
+        return plain, masked, alone
 
     def realize(self, rate: float, keep: dict[str, int],
                 widths: Mapping[str, int] | None = None) -> Realized:
-        """Prune to `keep`, quantize (when configured: at `widths` per weight, or the fewest
-        bits within the value budget) and measure the result."""
+        """Prune to `keep` (the masks alone when reconstruction does not pay on held-out
+        data), quantize (when configured: at `widths` per weight, or the fewest bits within
+        the value budget) and measure the result."""
+        run, pruned, measured = self._held_out_choice(rate, keep, self.compress_all(keep)[0])
+        return run._quantize_and_measure(rate, keep, widths, pruned, measured)
+
+    def _quantize_and_measure(self, rate: float, keep: dict[str, int],
+                              widths: Mapping[str, int] | None, pruned: dict[str, np.ndarray],
+                              measured: Distortion | None) -> Realized:
+        """`realize` past the pruning (`measured`: the pruned weights' distortion, when
+        already measured)."""
         coding, metric = self.coding, self.measure.metric
-        pruned, _ = self.compress_all(keep)
-        plain = self._mask_alone(rate, keep, pruned)
-        if plain is not None:
-            return plain.realize(rate, keep, widths)
         if not coding.quantized:
-            return Realized(rate, keep, pruned, pruned, {}, {}, self.distortion(pruned))
+            return Realized(rate, keep, pruned, pruned, {}, {},
+                            measured if measured is not None else self.distortion(pruned))
         extra = {} if coding.lossless_unpruned else self.cal.extra
 
         def make(bits_for) -> tuple[dict, dict]:
