@@ -78,16 +78,20 @@ def probe_costs(model: Path, calib: Path, config: CompressConfig) -> dict:
     half = {w.name: prune(cal.originals[w.name], w.size // 2) for w in cal.weights}
     loads = [load()]
     times: dict[str, list[float]] = {"forward": [], "plain": [], "probe": [], "build": []}
+    drift = 0.0  # largest relative difference of a probe's figure from the slice as built
     for w in cal.weights:
         arrays = {w.name: half[w.name]}
         start = time.monotonic()
         cal.prober.probe(arrays, metric)  # builds the slice
         times["build"].append(time.monotonic() - start)
         plain.probe(arrays, metric)
+        figures = {}
         for kind, prober in (("forward", whole), ("plain", plain), ("probe", cal.prober)):
             start = time.monotonic()
-            prober.probe(arrays, metric)
+            figures[kind] = prober.probe(arrays, metric).value(metric)
             times[kind].append(time.monotonic() - start)
+        drift = max(drift, abs(figures["probe"] - figures["plain"]) /
+                    max(abs(figures["plain"]), 1e-30))
     loads.append(load())
     forward = sum(times["forward"])
     return {"weights": len(cal.weights), "params": sum(w.size for w in cal.weights),
@@ -97,7 +101,8 @@ def probe_costs(model: Path, calib: Path, config: CompressConfig) -> dict:
             "probe_mean_s": float(np.mean(times["probe"])),
             "probe_ratio": sum(times["probe"]) / forward,
             "first_probe_s": sum(times["build"]),
-            "whole_graph": len(cal.prober.full), "load": loads}
+            "whole_graph": len(cal.prober.full), "tails": len(cal.prober.tails),
+            "probe_drift": drift, "load": loads}
 
 
 def timed_compress(model: Path, calib: Path, config: CompressConfig) -> dict:

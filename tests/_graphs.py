@@ -110,3 +110,27 @@ def if_model(seed: int = 0, constant: bool = False) -> tuple[onnx.ModelProto,
                                vi("c", TensorProto.BOOL, [])],
                        [vi("y", TensorProto.FLOAT, ["N", 16])], {"W": arrays["W"]})
     return model, arrays
+
+
+def tailed_model(residual: bool = False, shared: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """x -> MatMul W1 -> Relu -> h; y = Reshape(0.5 * h @ Wc^T + bc) (Gemm, transB); z = h @ M +
+    b (MatMul, Add). `residual`: z adds x-derived data instead of a constant; `shared`: the
+    Gemm's result is a second output too."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["h"]),
+             helper.make_node("Gemm", ["h", "Wc", "bc"], ["g"], transB=1, alpha=0.5),
+             helper.make_node("Reshape", ["g", "shape"], ["y"]),
+             helper.make_node("MatMul", ["h", "M"], ["m"]),
+             helper.make_node("Add", ["m", "a2" if residual else "b"], ["z"])]
+    if residual:
+        nodes.insert(0, helper.make_node("MatMul", ["x", "W2"], ["a2"]))
+    outputs = [vi("y", TensorProto.FLOAT, ["N", 8, 8]), vi("z", TensorProto.FLOAT, ["N", 48])]
+    if shared:
+        outputs.append(vi("g", TensorProto.FLOAT, ["N", 64]))
+    arrays = {"W1": rng.standard_normal((8, 16)), "Wc": rng.standard_normal((64, 16)),
+              "bc": rng.standard_normal(64), "M": rng.standard_normal((16, 48)),
+              "b": rng.standard_normal(48), "W2": rng.standard_normal((8, 48))}
+    initializers = {k: v.astype(np.float32) for k, v in arrays.items()}
+    initializers["shape"] = np.array([-1, 8, 8], np.int64)
+    return make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 8])], outputs, initializers)

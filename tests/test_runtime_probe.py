@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from _graphs import if_model, make_model, vi
+from _graphs import if_model, make_model, tailed_model, vi
 from conftest import PRUNABLE_CASES
 from onnx import TensorProto, helper
 
@@ -148,6 +148,42 @@ def test_whole_graph_probes_when_downstream_is_off(cnn):
     on = calibrate_model(cnn.path, CONFIG, cnn.calib)
     assert cal.prober.probe(arrays, "nmse") == _exact(on).probe(arrays, "nmse")
     assert not [n for n in cal.notices if "whole graph" in n]
+
+
+def test_nmse_probes_stop_at_linear_tails_and_measure_the_outputs_error():
+    """A Gemm classifier and a MatMul head with more columns than rows: nmse probes upstream of
+    them run up to their input and take the outputs' error from the Gram factor (equal to the
+    slice's figure up to float rounding); a probe changing a tail's own constant, and every
+    other metric, runs the plain slice."""
+    x = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
+    cal = calibrate_model(tailed_model(), CONFIG.updated(min_params=16), {"x": x})
+    assert set(cal.prober.tails) == {"y", "z"}
+    exact = _exact(cal)
+    names = {w.name for w in cal.weights}
+    assert {"W1", "Wc", "M"} <= names
+    graph = cal.runner.proto.graph
+    for i, w in enumerate(cal.weights):
+        arrays = {w.name: _variant(cal.originals[w.name], i)}
+        part = cal.prober._slice(frozenset(arrays), True)
+        stopped = {t.output for t in part.tails}
+        assert stopped == {o for o, t in cal.prober.tails.items()
+                           if w.name not in t.reads and o in exact.cuts[w.name].outputs}
+        ops = [graph.node[k].op_type for k in part.cut.nodes]
+        if w.name == "W1":
+            assert stopped == {"y", "z"} and ops == ["MatMul", "Relu"]
+        tailed, plain = cal.prober.probe(arrays, "nmse"), exact.probe(arrays, "nmse")
+        assert tailed.nmse == pytest.approx(plain.nmse, rel=1e-5) and plain.nmse > 0
+        cosine = cal.prober.probe(arrays, "cosine").cosine
+        assert cosine == pytest.approx(exact.probe(arrays, "cosine").cosine, rel=1e-4)
+    unchanged = cal.prober.probe({"W1": cal.originals["W1"]}, "nmse").nmse
+    assert unchanged < 1e-12
+
+
+def test_tails_are_kept_for_nmse_alone():
+    x = np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32)
+    cal = calibrate_model(tailed_model(), CONFIG.updated(min_params=16, metric="cosine"),
+                          {"x": x})
+    assert cal.prober.tails == {}
 
 
 def test_io_binding_run_equals_a_plain_run():

@@ -33,6 +33,7 @@ from rdonnx.flow.curves import (
 from rdonnx.flow.target import check_supported
 from rdonnx.graph.layers import consumer_outputs, layer_biases, layer_inputs, output_axes
 from rdonnx.graph.model import Model, simplify
+from rdonnx.graph.tail import linear_tails
 from rdonnx.graph.weights import Weight, find_codable, find_weights, read_weights
 from rdonnx.report.records import DataReport
 from rdonnx.runtime.data import (
@@ -53,6 +54,7 @@ ModelSource = str | os.PathLike | onnx.ModelProto | bytes
 DataSource = str | os.PathLike | Mapping[str, np.ndarray] | None
 PROBE_OPTIMIZE = True  # slices fold the weights they do not change, ORT optimisations on
 # (docs/SPEED.md)
+PROBE_TAILS = True  # nmse probes stop at the input of an output's linear tail (docs/SPEED.md)
 
 
 @dataclass(frozen=True)
@@ -232,7 +234,9 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
     probed = weights + (matrices(extra) if config.target.bound and coding.value_bits is None
                         else [])
     cuts = cut_tensors(proto, [w.name for w in probed]) if measure.downstream else {}
-    recorded = Prober.tensors(cuts)
+    tails = linear_tails(proto.graph, [w.name for w in weights + extra + swapped]) \
+        if PROBE_TAILS and measure.metric == "nmse" else {}
+    recorded = Prober.tensors(cuts, tails)
     given = {v.name for v in proto.graph.output} | {v.name for v in proto.graph.input}
     runner = Runner(loaded, weights + extra + swapped, measure.device,
                     sorted((set(exposed) | set(recorded)) - given), proto=proto)
@@ -265,7 +269,8 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                        means={n: m.means(originals[n].shape) for n, m in moments.items()},
                        biases={n: b.name for n, b in biases.items()},
                        bias_values=read_weights(loaded, list(biases.values())),
-                       prober=Prober(runner, replay, cuts, measure.jobs, PROBE_OPTIMIZE),
+                       prober=Prober(runner, replay, cuts, measure.jobs, PROBE_OPTIMIZE,
+                                     tails=tails),
                        data=data, check=check, extra_weights=tuple(extra))
 
 

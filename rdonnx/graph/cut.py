@@ -54,6 +54,24 @@ def downstream(graph: onnx.GraphProto, sources: Iterable[str]) -> Cut:
         if reads[index] & changed:
             chosen.append(index)
             changed.update(o for o in node.output if o)
+    return _assemble(graph, reads, chosen, None, len(chosen) == len(graph.node))
+
+
+def without(graph: onnx.GraphProto, cut: Cut, dropped: Iterable[int],
+            outputs: Iterable[str]) -> Cut:
+    """`cut` less the nodes `dropped`, producing `outputs` (graph outputs or intermediate
+    tensors its remaining nodes compute) instead of its own."""
+    dropped = set(dropped)
+    reads = [node_reads(node) for node in graph.node]
+    free = {i for i in cut.nodes if not reads[i]}
+    chosen = [i for i in cut.nodes if i not in dropped and i not in free]
+    return _assemble(graph, reads, chosen, tuple(outputs), cut.whole and not dropped)
+
+
+def _assemble(graph: onnx.GraphProto, reads: list[set[str]], chosen: list[int],
+              outputs: tuple[str, ...] | None, whole: bool) -> Cut:
+    """The cut of the nodes `chosen` (graph order): what they read from the rest, with the
+    input-free producers they read; `outputs` None: the graph outputs they produce."""
     produced = {o for i in chosen for o in graph.node[i].output}
     needed = set().union(*(reads[i] for i in chosen)) - produced if chosen else set()
     # input-free producers (Constant nodes): cheaper to run than to record
@@ -62,9 +80,10 @@ def downstream(graph: onnx.GraphProto, sources: Iterable[str]) -> Cut:
     needed -= {o for i in free for o in graph.node[i].output}
     graph_inputs = {v.name for v in graph.input}
     initializers = {t.name for t in graph.initializer}
-    outputs = tuple(v.name for v in graph.output if v.name in produced)
+    if outputs is None:
+        outputs = tuple(v.name for v in graph.output if v.name in produced)
     return Cut(tuple(nodes),
                tuple(sorted(needed - graph_inputs - initializers)),
                tuple(sorted(needed & graph_inputs)),
                tuple(sorted(needed & initializers - graph_inputs)),
-               outputs, len(chosen) == len(graph.node))
+               outputs, whole)

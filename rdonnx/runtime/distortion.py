@@ -82,6 +82,14 @@ def energy_of(outputs) -> list[float]:
     return energies
 
 
+@dataclass(frozen=True)
+class SquaredError:
+    """A candidate output known only through its summed squared difference from the reference
+    (nmse probes through a linear tail)."""
+
+    value: float
+
+
 _BULK_ELEMENTS = 1 << 20  # output elements of pending batches summed at once (nmse alone)
 # nmse alone is summed a chunk at a time (float64: `_BULK_ELEMENTS`), no 200 MB float64 copy
 # of an LM's 25M logits a batch; probes (`fast`) sum float32 outputs' squared differences in
@@ -133,10 +141,12 @@ class DistortionMeter:
         if self.wants == {"nmse"}:  # the probes' hot path: batches are summed in bulk
             self._pending.append((reference, candidate, reference_energy))
             if not self._pending_size:  # batches are about the size of the first one
-                self._pending_size = max(sum(np.size(c) for c in candidate), 1)
+                self._pending_size = max(sum(np.size(r) for r in reference), 1)
             if len(self._pending) * self._pending_size >= _BULK_ELEMENTS:
                 self._flush()
             return
+        if any(isinstance(c, SquaredError) for c in candidate):
+            raise ValueError("an output known by its squared error measures nmse alone")
         self._add_float_pairs([(np.asarray(reference[i]), np.asarray(candidate[i]))
                                for i in self._floats(reference)])
 
@@ -157,21 +167,25 @@ class DistortionMeter:
         floats = self._floats(pending[0][0])
         for k, i in enumerate(floats):
             refs = [np.asarray(r[i]) for r, _, _ in pending]
-            cands = [np.asarray(c[i]) for _, c, _ in pending]
-            r, c = (refs[0].ravel(), cands[0].ravel()) if len(refs) == 1 else \
-                (np.concatenate([a.ravel() for a in refs]),
-                 np.concatenate([a.ravel() for a in cands]))
-            err, wide = 0.0, not self.fast or r.dtype != np.float32
-            chunk = _BULK_ELEMENTS if wide else _CHUNK
-            for start in range(0, r.size, chunk):
-                a, b = c[start:start + chunk], r[start:start + chunk]
-                d = np.subtract(a, b, dtype=np.float64) if wide else a - b
-                err += float(np.dot(d, d))
+            known = [c[i].value for _, c, _ in pending if isinstance(c[i], SquaredError)]
+            pairs = [(np.asarray(r[i]), np.asarray(c[i])) for r, c, _ in pending
+                     if not isinstance(c[i], SquaredError)]
+            err = float(sum(known))
+            if pairs:
+                r, c = (pairs[0][0].ravel(), pairs[0][1].ravel()) if len(pairs) == 1 else \
+                    (np.concatenate([a.ravel() for a, _ in pairs]),
+                     np.concatenate([b.ravel() for _, b in pairs]))
+                wide = not self.fast or r.dtype != np.float32
+                chunk = _BULK_ELEMENTS if wide else _CHUNK
+                for start in range(0, r.size, chunk):
+                    a, b = c[start:start + chunk], r[start:start + chunk]
+                    d = np.subtract(a, b, dtype=np.float64) if wide else a - b
+                    err += float(np.dot(d, d))
             self._err[k] += err
             if all(e is not None for _, _, e in pending):
                 self._ref[k] += sum(e[k] for _, _, e in pending)
             else:
-                self._ref[k] += energy_of([r])[0]
+                self._ref[k] += sum(energy_of([a])[0] for a in refs)
             if k == 0:
                 self._samples += sum(a.shape[0] if a.ndim else 1 for a in refs)
         if not floats:
