@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rdonnx.runtime.confidence import SampleTerms, agreement_lower, samples_for_agreement
+from rdonnx.runtime.confidence import (
+    SampleTerms,
+    agreement_lower,
+    lower_at,
+    samples_for_agreement,
+)
 from rdonnx.runtime.distortion import DistortionMeter
 
 
@@ -49,6 +54,22 @@ def test_bootstrap_upper_bound_is_seeded_and_above_the_value():
     # errors that are the same on every sample leave nothing to resample
     flat = SampleTerms(np.full((30, 1), 0.5), np.ones((30, 1)), (1,))
     assert flat.upper(0.95) == pytest.approx(0.5)
+
+
+def test_a_lower_distortion_is_lower_at_a_confidence_only_when_the_samples_agree():
+    """Paired bootstrap: 10% less on every sample is lower at 95%; less in total because of
+    one sample of eight (more on the seven others) is lower only at confidence 0."""
+    rng = np.random.default_rng(3)
+    den = 1 + rng.random((8, 1))
+    b = SampleTerms(0.5 * den * (1 + rng.random((8, 1))), den, (1,))
+    steady = SampleTerms(0.9 * b.num, den, (1,))
+    assert lower_at(steady, b, 0.95) and not lower_at(b, steady, 0.0)
+    num = b.num * 1.05
+    num[0] = 0.0  # one sample carries the whole gain
+    one = SampleTerms(num, den, (1,))
+    assert one.value() < b.value()
+    assert lower_at(one, b, 0.0) and not lower_at(one, b, 0.95)
+    assert not lower_at(b, b, 0.0)  # equal is not lower
 
 
 @pytest.mark.parametrize("metric", ["nmse", "nmse-channel", "cosine", "kl"])

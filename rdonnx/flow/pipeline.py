@@ -176,7 +176,7 @@ def make_realizer(cal: Calibration, config: CompressConfig) -> Realizer:
     terms = config.measure.metric if config.verify.confidence > 0 and \
         config.target.max_distortion is not None else None
     return Realizer(cal, Hessians(cal), config.prune, config.coding, config.measure,
-                    config.target.n_m, terms=terms)
+                    config.target.n_m, terms=terms, confidence=config.verify.confidence)
 
 
 def calibrate(model: ModelSource, config: CompressConfig, calib: DataSource = None,

@@ -92,11 +92,29 @@ class SampleTerms:
         point = self.value()
         if confidence <= 0 or self.samples < 2:
             return point
-        rng = np.random.default_rng(BOOTSTRAP_SEED)
-        weights = rng.multinomial(self.samples, np.full(self.samples, 1.0 / self.samples),
-                                  size=BOOTSTRAP_RESAMPLES).astype(np.float64)
-        values = self.value(weights)
+        values = self.value(resamples(self.samples))
         return max(point, float(np.quantile(values, confidence, method="higher")))
+
+
+def resamples(n: int) -> np.ndarray:
+    """Bootstrap weights [BOOTSTRAP_RESAMPLES, n] over n samples (seeded)."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=BOOTSTRAP_RESAMPLES).astype(np.float64)
+
+
+def lower_at(a: SampleTerms, b: SampleTerms, confidence: float) -> bool:
+    """Whether distortion `a` is below `b` at `confidence`, both measured on the same samples:
+    the one-sided paired bootstrap upper bound of a - b (the same resamples for both) is below
+    0. At confidence 0 or with fewer than 2 samples: whether a's value is below b's."""
+    if a.value() >= b.value():
+        return False
+    if confidence <= 0 or a.samples < 2:
+        return True
+    if a.samples != b.samples:
+        raise ValueError(f"paired terms over {a.samples} and {b.samples} samples")
+    weights = resamples(a.samples)
+    return float(np.quantile(a.value(weights) - b.value(weights), confidence,
+                             method="higher")) < 0
 
 
 def concat_terms(parts: list[tuple[list[np.ndarray], list[np.ndarray]]], groups: tuple[int, ...],
