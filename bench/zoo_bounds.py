@@ -8,6 +8,7 @@ measured on the test split.
 
     PYTHONPATH=. python bench/zoo_bounds.py --model g2p --jobs bounds --tag after
     PYTHONPATH=. python bench/zoo_bounds.py --model g2p --jobs recon --tag after
+    PYTHONPATH=. python bench/zoo_bounds.py --model ocr --jobs recon --modes reconstruct
 
 `--jobs bounds`: the bound ladder; `recon`: --method uniform at rates 0.5 and 0.3, plain mask
 vs --reconstruct vs --sequential (the same mask: uniform densities, magnitude scores).
@@ -51,6 +52,8 @@ SETUPS: dict[str, dict] = {
     "detector": {"recon": ["--calib-samples", "16"]},
     "ocr": {"recon": ["--calib-samples", "32"]},
     "crepe": {"recon": ["--calib-samples", "48"]},
+    # the LM: its 8 calibration windows of 128 tokens (6 fit, 2 held out); no onnxsim pass
+    "smollm2": {"recon": ["--calib-samples", "8", "--no-simplify"]},
 }
 
 
@@ -82,6 +85,8 @@ def main() -> None:
     parser.add_argument("--tag", default="run")
     parser.add_argument("--extra", default="", help="more compress arguments (space-separated)")
     parser.add_argument("--rates", default="0.5,0.3")
+    parser.add_argument("--modes", default="plain,reconstruct,sequential",
+                        help="recon: which of plain,reconstruct,sequential to run")
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     args = parser.parse_args()
     zoo = cache_dir() / args.model
@@ -109,7 +114,8 @@ def main() -> None:
             base = ["--values", "exact", "--format", "dense", "--method", "uniform",
                     "--no-layer-distortion", *setup["recon"], *extra]
             for rate in args.rates.split(","):
-                for mode in ([], ["--reconstruct"], ["--sequential"]):
+                for mode in ([f"--{m}"] if m != "plain" else []
+                             for m in args.modes.split(",")):
                     jobs.append((f"--rate {rate} {' '.join(mode)}".strip(),
                                  ["--rate", rate, *mode, *base]))
         for name, job in jobs:

@@ -41,7 +41,8 @@ def test_weights_fed_as_inputs_count_as_constants_and_data_does_not():
     assert linear_tails(model.graph, []) == {}  # W could be data
     assert linear_tails(model.graph, ["W"])["y"].matrix == "W"
     gemm = make_model([helper.make_node("Gemm", ["x", "W"], ["y"], transA=1)],
-                      [vi("x", TensorProto.FLOAT, [4, "N"])], [vi("y", TensorProto.FLOAT, ["N", 32])],
+                      [vi("x", TensorProto.FLOAT, [4, "N"])],
+                      [vi("y", TensorProto.FLOAT, ["N", 32])],
                       {"W": np.ones((4, 32), np.float32)})
     assert linear_tails(gemm.graph, []) == {}  # transA: rows of x are not samples
 

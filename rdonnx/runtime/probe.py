@@ -26,9 +26,8 @@ import onnx
 
 from rdonnx.choices import DEFAULT_CHANNEL_AXIS
 from rdonnx.graph.cut import Cut, downstream, without
-from rdonnx.graph.model import tensor_array
+from rdonnx.graph.model import fit_ir_version, tensor_array
 from rdonnx.graph.tail import LinearTail, error_graph, error_name, gram_factor, reference_name
-from rdonnx.graph.model import fit_ir_version
 from rdonnx.runtime.distortion import DistortionMeter, SquaredError
 from rdonnx.runtime.measure import Replay
 from rdonnx.runtime.session import (
