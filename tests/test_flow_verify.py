@@ -196,6 +196,11 @@ def test_rank_deficient_layer_inputs_are_reported():
     assert columns == 15 and width >= 64
     assert name in r.data.rank_deficient
     assert any("rank-deficient" in w for w in r.data.warnings)
+    assert not any("--holdout 0.25" in w for w in r.data.warnings)  # 5 of 20 are held out
+    eight = rdonnx.compress(DIGITS_MLP, calib={"input": few[:8]}, rate=0.5,
+                            config=FAST.updated(reconstruct=True)).report
+    assert eight.data.holdout_samples is None
+    assert any("rank-deficient" in w and "--holdout 0.25" in w for w in eight.data.warnings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -355,7 +355,9 @@ def diagnose(target: Target, measure: Measurement, reconstructs: bool, name: str
             f"{len(report.rank_deficient)} layer input(s) are wider than the positions x "
             f"samples seen (widest: {w}, {width} inputs, {columns} seen): their Hessians are "
             "rank-deficient and reconstruction can fit the calibration samples; give more "
-            "data")
+            "data" + ("" if check is not None else
+                      ", or --holdout 0.25 so that updates that do not hold on held-out "
+                      "samples are dropped (nothing is held out by default under 16 samples)"))
     return report
 
 
