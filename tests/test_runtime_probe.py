@@ -179,6 +179,29 @@ def test_nmse_probes_stop_at_linear_tails_and_measure_the_outputs_error():
     assert unchanged < 1e-12
 
 
+def test_a_tailed_slice_that_cannot_run_is_the_plain_slice_found_again(monkeypatch):
+    """No usable tail (a probe of the Gemm's own matrix), or a tailed slice that does not build:
+    the plain slice, kept under the tailed key too (not rebuilt at every probe), no notice."""
+    x = np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32)
+    cal = calibrate_model(tailed_model(), CONFIG.updated(min_params=16), {"x": x})
+    own = frozenset({"Wc"})
+    assert cal.prober._slice(own, True) is cal.prober._slice(own)
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no error graph today")
+
+    monkeypatch.setattr(probe_module, "error_graph", broken)
+    arrays = {"W1": _variant(cal.originals["W1"], 0)}
+    first = cal.prober._slice(frozenset(arrays), True)
+    assert first.tails == () and first.session is not None
+    assert cal.prober._slice(frozenset(arrays), True) is first and len(calls) == 1
+    assert cal.prober.probe(arrays, "nmse").nmse == pytest.approx(
+        _exact(cal).probe(arrays, "nmse").nmse, rel=1e-5)
+    assert not [n for n in cal.prober.notices if "whole graph" in n]
+
+
 def test_tails_are_kept_for_nmse_alone():
     x = np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32)
     cal = calibrate_model(tailed_model(), CONFIG.updated(min_params=16, metric="cosine"),

@@ -147,8 +147,18 @@ class Prober:
         cut = self.cuts[single] if single in self.cuts else \
             downstream(self.runner.proto.graph, sorted(names))
         tails = self._usable(cut, names) if tailed else ()
-        if tailed and not tails:
-            return self._slice(names)
+        # a tailed key with no usable tail (or whose tailed slice cannot run) aliases the plain
+        # slice, so later probes find it instead of trying again
+        made = self._slice(names) if tailed and not tails else self._build(names, cut, tails)
+        with self._lock:
+            self._sessions[key] = made
+            while len(self._sessions) > SESSIONS_PER_JOB * self.jobs:
+                self._sessions.popitem(last=False)
+        return made
+
+    def _build(self, names: frozenset[str], cut: Cut, tails: tuple[LinearTail, ...]) -> _Slice:
+        """The slice of `cut` probing `names` (stopping short of `tails`), its session built;
+        the whole graph when it cannot run (with a notice), the plain slice for a tailed one."""
         if tails:
             cut = without(self.runner.proto.graph, cut, {i for t in tails for i in t.nodes},
                           [n for n in cut.outputs if n not in {t.output for t in tails}])
@@ -173,17 +183,13 @@ class Prober:
                                             {n: self.runner.weights[n] for n in constants})
                 made = _Slice(session, cut, frozenset(constants), tails)
             except Exception as exc:  # noqa: BLE001 - any refusal: the whole graph instead
-                if tails:  # (the plain slice, for a tailed one)
+                if tails:
                     return self._slice(names)
                 self._fall_back(names, f"its slice does not load ({str(exc)[:400]})")
-        elif tails:  # what the tailed slice reads was not recorded: the plain slice
+        elif tails:  # what the tailed slice reads was not recorded
             return self._slice(names)
         elif not cut.whole:
             self._fall_back(names, "the reference pass did not record its cut")
-        with self._lock:
-            self._sessions[key] = made
-            while len(self._sessions) > SESSIONS_PER_JOB * self.jobs:
-                self._sessions.popitem(last=False)
         return made
 
     def _usable(self, cut: Cut, names: frozenset[str]) -> tuple[LinearTail, ...]:
