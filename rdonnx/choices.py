@@ -108,7 +108,8 @@ class VerifyOptions:
     holdout: float | None = option(
         None, "Share of the calibration samples held out: curves, statistics and "
         "reconstruction use the rest, every bound and search step is measured on the held-out "
-        "part [default: 0.25 with at least 16 samples, else 0]; 0: no holdout.",
+        "part [default: 0.25 with at least 16 samples, or 4 when reconstructing, else 0]; 0: "
+        "no holdout.",
         value_type=float, metavar="F")
     confidence: float = option(
         0.95, "Bounds are checked on one-sided confidence bounds at this level: top-1 "

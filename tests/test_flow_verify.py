@@ -66,6 +66,9 @@ def test_holdout_default_needs_enough_samples():
     assert split_holdout(batches, 0.0, seed=0)[1] is None
     with pytest.raises(UsageError, match="leaves one part empty"):
         split_holdout(_batches(2)[0], 0.1, seed=0)
+    # reconstructing runs hold out a quarter from 4 samples on
+    assert split_holdout(_batches(8)[0], None, seed=0, least=4)[1].samples == 2
+    assert split_holdout(_batches(3)[0], None, seed=0, least=4)[1] is None
 
 
 def test_holdout_of_an_npz_file_reads_the_same_rows(tmp_path):
@@ -199,8 +202,14 @@ def test_rank_deficient_layer_inputs_are_reported():
     assert not any("--holdout 0.25" in w for w in r.data.warnings)  # 5 of 20 are held out
     eight = rdonnx.compress(DIGITS_MLP, calib={"input": few[:8]}, rate=0.5,
                             config=FAST.updated(reconstruct=True)).report
-    assert eight.data.holdout_samples is None
-    assert any("rank-deficient" in w and "--holdout 0.25" in w for w in eight.data.warnings)
+    assert eight.data.holdout_samples == 2  # reconstruction holds out a quarter from 4 on
+    assert not any("--holdout 0.25" in w for w in eight.data.warnings)
+    plain = rdonnx.compress(DIGITS_MLP, calib={"input": few[:8]}, rate=0.5, config=FAST).report
+    assert plain.data.holdout_samples is None  # without it, from 16 on
+    three = rdonnx.compress(DIGITS_MLP, calib={"input": few[:3]}, rate=0.5,
+                            config=FAST.updated(reconstruct=True)).report
+    assert three.data.holdout_samples is None
+    assert any("rank-deficient" in w and "--holdout 0.25" in w for w in three.data.warnings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ from rdonnx.graph.tail import linear_tails
 from rdonnx.graph.weights import Weight, find_codable, find_weights, read_weights
 from rdonnx.report.records import DataReport
 from rdonnx.runtime.data import (
+    AUTO_HOLDOUT_MIN,
+    AUTO_HOLDOUT_MIN_RECONSTRUCT,
     Batches,
     DataOptions,
     input_specs,
@@ -206,7 +208,8 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
         fit, held = batches, make_data(loaded, verify, config.data)[0]
         how = f"--verify {make_data_name(verify)}"
     else:
-        fit, held = split_holdout(batches, config.verify.holdout, config.data.seed)
+        least = AUTO_HOLDOUT_MIN_RECONSTRUCT if config.prune.reconstructs else AUTO_HOLDOUT_MIN
+        fit, held = split_holdout(batches, config.verify.holdout, config.data.seed, least)
         how = f"{held.samples} of {batches.samples} samples of {data_name}, seeded" \
             if held is not None else "none"
     if target.min_agreement is not None and _declares_class_scores(loaded):  # refuse early
@@ -357,7 +360,8 @@ def diagnose(target: Target, measure: Measurement, reconstructs: bool, name: str
             "rank-deficient and reconstruction can fit the calibration samples; give more "
             "data" + ("" if check is not None else
                       ", or --holdout 0.25 so that updates that do not hold on held-out "
-                      "samples are dropped (nothing is held out by default under 16 samples)"))
+                      f"samples are dropped (nothing is held out by default under "
+                      f"{AUTO_HOLDOUT_MIN_RECONSTRUCT} samples)"))
     return report
 
 
