@@ -25,6 +25,7 @@ from rdonnx.algo.obs import (
     layer_error,
     reconstruct,
     reconstruct_weight,
+    relative_error,
     supports,
     to_matrices,
     weight_error,
@@ -597,3 +598,24 @@ def test_reconstruction_device_follows_what_torch_can_use(monkeypatch):
     assert torch_device("cuda") == "cpu" and torch_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert torch_device("cuda") == "cuda"
+
+
+def test_relative_error_weighs_each_output_channel_by_its_own_energy():
+    """Sum over output channels of the channel's squared output change / its output energy,
+    both measured in ONNX Runtime: a channel 100x smaller counts as much as the others."""
+    proto, w, x_shape = _conv((4, 4, 7, 7), (6, 2, 3, 3), seed=18, **CONV2)
+    w = w * np.array([100, 1, 1, 1, 1, 0.01], np.float32)[:, None, None, None]
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
+    x = _rng(19).standard_normal(x_shape).astype(np.float32)
+    entry = _entry(proto)
+    h = _hessian(entry, x)
+    new = (w * (1 + 0.1 * _rng(20).standard_normal(w.shape))).astype(np.float32)
+    y = ort_run(proto, {"x": x})[0].astype(np.float64)
+    changed = proto.__class__()
+    changed.CopyFrom(proto)
+    changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(new, "W"))
+    diff = y - ort_run(changed, {"x": x})[0]
+    per_channel = (diff ** 2).sum(axis=(0, 2, 3)) / (y ** 2).sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(relative_error(w, new, entry, h), per_channel.sum(), rtol=1e-3)
+    # the absolute error is the large channel's; the relative one counts all six alike
+    assert weight_error(w, new, entry, h) > 1e3 * relative_error(w, new, entry, h)

@@ -220,6 +220,8 @@ def test_reconstruction_keeps_the_mask_and_never_increases_layer_error(case, cri
 def test_gptq_never_increases_layer_error_over_plain_rounding(case, tmp_path):
     """Same mask, same grid (the stored per-row steps, +-7 levels at 4 bits): error feedback
     wins."""
+    from rdonnx.algo import grids as grid_fits
+
     cfg = mode_config("gptq")
     result = compressed(case, cfg)
     rz = realizer(case, cfg)
@@ -233,7 +235,10 @@ def test_gptq_never_increases_layer_error_over_plain_rounding(case, tmp_path):
         assert not (kept(new) & ~mask).any(), w.name
         assert int(np.count_nonzero(new)) <= report.kept  # survivors may round to 0
         q = result.quantized[w.name]
-        assert stored[w.name].encoding == ("quantized" if q.axis is None else "quantized-rows")
+        logged = q.axis is not None and np.array_equal(
+            grid_fits.step_of(grid_fits.index_at_least(q.step)), q.step)
+        assert stored[w.name].encoding == ("quantized" if q.axis is None else
+                                           "quantized-channels" if logged else "quantized-rows")
         assert stored[w.name].step_axis == q.axis in (None, cal.inputs[w.name].row_axis)
         step = np.float32(q.step) if q.axis is None else row_view(q.step, original.ndim, q.axis)
         plain = np.where(mask, np.clip(np.rint(original / step), -7, 7) * step, 0)
@@ -244,11 +249,11 @@ def test_gptq_never_increases_layer_error_over_plain_rounding(case, tmp_path):
 
 
 def test_gptq_grid_is_the_best_of_the_candidate_grids(bundled_cnn, bundled_mlp):
-    """The stored grid is the candidate (per-row or per-tensor span, times each CLIP_SCALES)
-    whose reconstruction has the least layer error, per-row steps' bits charged at 4x the
-    error per bit a weight."""
+    """The stored grid is the candidate (plain rounding's grid, per-row or per-tensor span
+    times each CLIP_SCALES) whose reconstruction has the least layer error relative to each
+    row's output energy, per-row steps' bits charged at 4x the error per bit a weight."""
     from rdonnx.algo import grids as grid_fits
-    from rdonnx.algo.obs import reconstruct_weight
+    from rdonnx.algo.obs import reconstruct_weight, relative_error
 
     cfg = mode_config("gptq")
     for case in (bundled_cnn, bundled_mlp):
@@ -261,14 +266,14 @@ def test_gptq_grid_is_the_best_of_the_candidate_grids(bundled_cnn, bundled_mlp):
             exact, _ = rz.compress_weight(w, keep)
             candidates = rz.gptq_grids(w.name, exact, 4)
             assert {g.axis for g in candidates} == {entry.row_axis, None}
-            errors = [weight_error(original, reconstruct_weight(
+            errors = [relative_error(original, reconstruct_weight(
                 original, entry, hessian, keep=cal.rankings[w.name].mask(keep),
                 step=g.broadcast(exact.ndim), levels=7, percdamp=cfg.prune.damp), entry, hessian)
                 for g in candidates]
             costs = [e * 4.0 ** (grid_fits.steps_bits(g) / w.size)
                      for e, g in zip(errors, candidates)]
             best = int(np.argmin(costs))
-            chosen = weight_error(original, new, entry, hessian)
+            chosen = relative_error(original, new, entry, hessian)
             assert chosen == pytest.approx(errors[best], rel=1e-6), w.name
             assert q.axis == candidates[best].axis
             assert np.array_equal(q.values(np.float32), new)
@@ -659,8 +664,9 @@ def test_gptq_survivors_are_multiples_of_the_stored_step(bundled_mlp, bundled_cn
             if entry.encoding == "quantized":
                 step = np.float32(entry.step)
                 assert q.axis is None and q.step == entry.step
-            else:  # one step per output row, stored in its own section
-                assert entry.encoding == "quantized-rows" and entry.step_axis == q.axis
+            else:  # one step per output row (float32, or log-scale indices), own section
+                assert entry.encoding in ("quantized-rows", "quantized-channels")
+                assert entry.step_axis == q.axis
                 step = row_view(q.step, values.ndim, q.axis)
             levels = np.rint(values.astype(np.float32) / step)
             np.testing.assert_array_equal(levels * step, values, err_msg=w.name)  # q * step
@@ -730,7 +736,8 @@ def test_reconstructed_curves_refused_on_the_cli(bundled_mlp, cli, tmp_path):
 def test_per_row_grid_wins_on_rows_of_very_different_scales(tmp_path):
     """A 512 x 64 MatMul whose output columns differ 100x in scale: the per-row grid (0.06
     bits per weight of steps) beats one grid for the tensor; the artifact stores
-    "quantized-rows" and decodes to exactly the measured weights."""
+    "quantized-channels" (log-scale step indices) and decodes to exactly the measured
+    weights."""
     rng = np.random.default_rng(11)
     w = (rng.standard_normal((512, 64)) * np.logspace(-2, 0, 64)[None, :]).astype(np.float32)
     graph = helper.make_graph(
@@ -748,8 +755,36 @@ def test_per_row_grid_wins_on_rows_of_very_different_scales(tmp_path):
     path = tmp_path / "rows.rdonnx"
     result.save(path)
     artifact = read_artifact(path)
-    assert artifact.tensors[0].encoding == "quantized-rows"
+    assert artifact.tensors[0].encoding == "quantized-channels"
     assert decode_all(artifact)["w"].tobytes() == result.weights["w"].tobytes()
+
+
+def test_gptq_keeps_per_row_steps_where_small_channels_are_scaled_back_up():
+    """A 3x3 depthwise convolution whose channels differ 100x in scale, each scaled back to
+    one range by the next node (a folded normalisation): one step for the tensor would save
+    the rows' steps (a few bits a row, 9 weights) but round the small channels to zero. The
+    error-compensated grid is per row, as plain rounding's, and the output is no further from
+    the original than plain rounding's."""
+    rng = np.random.default_rng(12)
+    scales = np.logspace(-2, 0, 16).astype(np.float32)
+    w = (rng.standard_normal((16, 1, 3, 3)) * scales[:, None, None, None]).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], group=16, pads=[1, 1, 1, 1]),
+         helper.make_node("Mul", ["c", "s"], ["y"])], "depthwise",
+        [vi("x", TensorProto.FLOAT, ["n", 16, 8, 8])],
+        [vi("y", TensorProto.FLOAT, ["n", 16, 8, 8])],
+        [onnx.numpy_helper.from_array(w, "w"),
+         onnx.numpy_helper.from_array((1 / scales).reshape(1, 16, 1, 1), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.standard_normal((32, 16, 8, 8)).astype(np.float32)
+    cfg = config(rate=1.0, value_bits=4, format="rdonnx", simplify=False, min_params=16)
+    plain = rdonnx.compress(model.SerializeToString(), calib={"x": x}, config=cfg)
+    gptq = rdonnx.compress(model.SerializeToString(), calib={"x": x},
+                           config=cfg.updated(reconstruct=True))
+    assert plain.quantized["w"].axis == 0
+    assert gptq.quantized["w"].axis == 0 and np.size(gptq.quantized["w"].step) == 16
+    assert gptq.report.calibration.distortion <= plain.report.calibration.distortion
 
 
 def test_quantized_weights_are_kept_for_later_candidates_read_only(bundled_mlp):
@@ -814,3 +849,17 @@ def test_reconstruction_that_raises_held_out_distortion_is_dropped(bundled_mlp, 
     assert any(n.startswith("reconstruction dropped") for n in bad.report.notices)
     for name, array in plain.weights.items():
         np.testing.assert_array_equal(bad.weights[name], array)
+
+
+def test_error_feedback_is_checked_on_held_out_data_at_rate_1(bundled_mlp):
+    """At rate 1 nothing is pruned, yet quantized values still get GPTQ's error feedback: the
+    held-out check compares the quantized results (with it, and plainly rounded at the same
+    widths), not the unquantized weights (equal at rate 1, which dropped the feedback)."""
+    base = CompressConfig.of(rate=1.0, method="uniform", value_bits=4, format="rdonnx",
+                             layer_distortion=False, holdout=0.25)
+    plain = rdonnx.compress(bundled_mlp.path, calib=bundled_mlp.calib, config=base)
+    gptq = rdonnx.compress(bundled_mlp.path, calib=bundled_mlp.calib,
+                           config=base.updated(reconstruct=True))
+    assert not [n for n in gptq.report.notices if n.startswith("reconstruction dropped")]
+    assert any(not np.array_equal(gptq.weights[n], plain.weights[n]) for n in plain.weights)
+    assert gptq.report.holdout.distortion < plain.report.holdout.distortion

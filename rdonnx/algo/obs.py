@@ -570,3 +570,20 @@ def weight_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput,
     hs = _pair(hessian.matrices, len(a))
     return sum(layer_error(torch.from_numpy(x).to(h.device), torch.from_numpy(y), h, t)
                for x, y, h, t in zip(a, b, hs, _targets(hessian, len(a))))
+
+
+def relative_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput,
+                   hessian: Hessian) -> float:
+    """Sum over output rows of each row's output change relative to the row's own output
+    energy on the calibration data (`grids.choose`'s measure): a channel 100x smaller than the
+    others, which a normalisation downstream may scale back up, counts as much as they do."""
+    a = to_matrices(np.array(weight, dtype=np.float32), entry)
+    b = to_matrices(np.array(new, dtype=np.float32), entry)
+    total = 0.0
+    for x, y, h, t in zip(a, b, _pair(hessian.matrices, len(a)), _targets(hessian, len(a))):
+        x = torch.from_numpy(x).to(h.device)
+        error = _row_errors(x, torch.from_numpy(y), h, t)
+        energy = _row_errors(x, torch.zeros_like(x), h, t)
+        live = energy > 0
+        total += float((error[live] / energy[live]).sum())
+    return total

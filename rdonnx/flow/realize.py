@@ -242,21 +242,25 @@ class Realizer:
             return exact, None
         # candidate grids (`gptq_grids`) fitted to the reconstructed survivors (updates can
         # outgrow the original range); the grid with the least layer error after error feedback
-        # wins, its per-row steps' coded bits charged at the high-rate slope (one bit per weight
-        # buys 4x less error)
+        # wins, each row's error relative to its own output energy (as plain rounding chooses
+        # its grid: by absolute error, one step for the tensor won on EfficientNet-Lite0's 3x3
+        # depthwise convolutions, their small channels lost most, and quantizing one of them
+        # alone raised the output nmse 21x over plain rounding), its steps' coded bits charged
+        # at the high-rate slope (one bit per weight buys 4x less error)
         entry, levels = cal.inputs[w.name], 2 ** (bits - 1) - 1
         best = None
         for grid in self.gptq_grids(w.name, exact, bits):
             step = grid.broadcast(exact.ndim)
             new = obs.reconstruct_weight(original, entry, hessian, step=step, levels=levels,
                                          percdamp=damp, **options)
+            q_new = np.rint(new.astype(np.float32) / step).astype(np.int32)
             side = grids.steps_bits(grid) / max(original.size, 1)
-            error = obs.weight_error(original, new, entry, hessian) * 4.0 ** side
+            error = obs.relative_error(original, new, entry, hessian) * 4.0 ** side
             if best is None or error < best[0]:
-                best = (error, grid, step, new)
-        _, grid, step, new = best
-        q = Quantized(np.rint(new.astype(np.float32) / step).astype(np.int32),
-                      float(grid.steps[0]) if grid.axis is None else grid.steps, axis=grid.axis)
+                best = (error, grid, q_new)
+        _, grid, q_new = best
+        q = Quantized(q_new, float(grid.steps[0]) if grid.axis is None else grid.steps,
+                      axis=grid.axis)
         if held is not None:  # error feedback kept only where it generalises
             plain = self._masked(w.name, options.get("keep", exact != 0), bits, n_m is not None)
             mine = obs.weight_error(original, q.values(original.dtype), entry, held)
@@ -311,22 +315,21 @@ class Realizer:
                            f"{alone:.3g}")
 
     def gptq_grids(self, name: str, exact: np.ndarray, bits: int) -> list[grids.Grid]:
-        """The grids error-compensated quantization tries: the exact span of each output row
-        and of the tensor times each of `CLIP_SCALES` (GPTQ's scale search). (The log-scale
-        per-row grids of plain rounding cost fewer side bits, so the layer-error objective
-        took them more often and their finer levels cost more bits than they saved: the
-        README's main job grew from 7,995 to 8,531-8,610 B and lost 0.55 points of test
-        accuracy; an objective with the levels' rate is needed first.)"""
+        """The grids error-compensated quantization tries: plain rounding's grid
+        (`grids.choose`), and the span of each output row (on the log scale of steps, a few
+        coded bits a row) and of the tensor, times each of `CLIP_SCALES` (GPTQ's scale
+        search)."""
         levels = np.float32(2 ** (bits - 1) - 1)
         row_axis = self.cal.inputs[name].row_axis
         rows = np.moveaxis(np.abs(exact.astype(np.float32)), row_axis, 0)
         span = rows.reshape(rows.shape[0], -1).max(axis=1) if rows.size else \
             np.zeros(rows.shape[0], np.float32)
-        per_row = np.where(span > 0, span / levels, 1.0).astype(np.float32)
-        largest = float(span.max()) if span.size else 0.0
-        tensor = np.float32(largest / levels) if largest > 0 else np.float32(1.0)
-        return [grids.Grid((per_row * np.float32(c)).astype(np.float32), row_axis)
-                for c in CLIP_SCALES] + \
+        largest = np.float32(span.max()) if span.size else np.float32(0)
+        tensor = largest / levels if largest > 0 else np.float32(1.0)
+        per_row = [np.where(span > 0, span * np.float32(c) / levels, 1.0).astype(np.float32)
+                   for c in CLIP_SCALES]
+        return [grids.choose(exact, bits, row_axis, self.cal.importance.get(name))] + \
+            [grids.Grid(grids.step_of(grids.index_at_least(s)), row_axis) for s in per_row] + \
             [grids.Grid(np.array([tensor * np.float32(c)], np.float32), None)
              for c in CLIP_SCALES]
 
@@ -378,59 +381,55 @@ class Realizer:
                                                percdamp=self.prune.damp)
         return out
 
-    def _held_out_choice(self, rate: float, keep: Mapping[str, int],
-                         pruned: dict[str, np.ndarray]
-                         ) -> tuple[Realizer, dict[str, np.ndarray], Distortion | None]:
-        """With held-out data and reconstruction, the realizer (this one, or one without
-        reconstruction), its pruned weights and their held-out distortion: the reconstructed
-        weights (exact values) win only when they measure lower there at `confidence` (paired
-        bootstrap over the held-out samples), else the masks alone. Layer by layer the updates
-        lower held-out layer error, yet together they can raise the output's (the zoo's
-        detector at rate 0.3: held-out nmse 0.491 against 0.475, test 0.453 against 0.436), and
-        a held-out gain within the noise of a few samples need not hold on new data
-        (EfficientNet-Lite0 at rate 0.5: held-out 0.996 against 1.017, test 0.9959 against
-        0.9946). Not for --criterion obs (its masks come from the reconstruction) or
+    def realize(self, rate: float, keep: dict[str, int],
+                widths: Mapping[str, int] | None = None) -> Realized:
+        """Prune to `keep`, quantize (when configured: at `widths` per weight, or the fewest
+        bits within the value budget) and measure the result. With reconstruction and held-out
+        data, the result with the updates (and GPTQ's error feedback) is kept only when it
+        measures lower on the held-out part at `confidence` (paired bootstrap over the held-out
+        samples) than the masks alone, plainly rounded at the same widths; else the latter.
+        Layer by layer the updates lower held-out layer error, yet together they can raise the
+        output's (the zoo's detector at rate 0.3: held-out nmse 0.491 against 0.475, test 0.453
+        against 0.436), and a held-out gain within the noise of a few samples need not hold on
+        new data. Not for --criterion obs (its masks come from the reconstruction) or
         patterns."""
-        prune = self.prune
+        prune, metric = self.prune, self.measure.metric
         if not prune.reconstructs or prune.criterion == "obs" or self.cal.check is None or \
                 self.n_m is not None:
-            return self, pruned, None
-        metric = self.measure.metric
-        plain = replace(self, prune=replace(prune, reconstruct=False, sequential=False))
-        masked, _ = plain.compress_all(keep)
-        axis = self.measure.channel_axis
-        alone, updated = (self.cal.distortion(v, axis, None, metric) for v in (masked, pruned))
-        if alone.terms is None or updated.terms is None:
+            return self._quantize_and_measure(rate, keep, widths, self.compress_all(keep)[0])
+        mine = replace(self, terms=metric)._quantize_and_measure(
+            rate, keep, widths, self.compress_all(keep)[0])
+        plain = replace(self, prune=replace(prune, reconstruct=False, sequential=False),
+                        terms=metric)
+        if not mine.quantized:  # exact values (or none within the value budget)
+            plain = plain.with_coding(replace(self.coding, values="exact"))
+        theirs = plain._quantize_and_measure(rate, keep, mine.widths or None,
+                                             plain.compress_all(keep)[0])
+        if mine.values.keys() == theirs.values.keys() and \
+                all(np.array_equal(v, theirs.values[n]) for n, v in mine.values.items()):
+            return mine  # nothing updated (every weight whole and exact): nothing to choose
+        updated, alone = mine.distortion, theirs.distortion
+        if updated.terms is None or alone.terms is None:
             better = updated.value(metric) < alone.value(metric)
         else:
             better = lower_at(updated.terms, alone.terms, self.confidence)
         if better:
-            return self, pruned, updated
+            return mine
         if not any(n.startswith("reconstruction dropped") for n in self.notices):
             self.notices.append(
                 f"reconstruction dropped where it does not measure lower than the masks alone on "
                 f"the held-out data ({updated.samples} samples, confidence {self.confidence:g}; "
                 f"first at rate {rate:.4g}: {metric} {updated.value(metric):.4g} with it, "
                 f"{alone.value(metric):.4g} without)")
-        return plain, masked, alone
-
-    def realize(self, rate: float, keep: dict[str, int],
-                widths: Mapping[str, int] | None = None) -> Realized:
-        """Prune to `keep` (the masks alone when reconstruction does not pay on held-out
-        data), quantize (when configured: at `widths` per weight, or the fewest bits within
-        the value budget) and measure the result."""
-        run, pruned, measured = self._held_out_choice(rate, keep, self.compress_all(keep)[0])
-        return run._quantize_and_measure(rate, keep, widths, pruned, measured)
+        return theirs
 
     def _quantize_and_measure(self, rate: float, keep: dict[str, int],
-                              widths: Mapping[str, int] | None, pruned: dict[str, np.ndarray],
-                              measured: Distortion | None) -> Realized:
-        """`realize` past the pruning (`measured`: the pruned weights' distortion, when
-        already measured)."""
+                              widths: Mapping[str, int] | None, pruned: dict[str, np.ndarray]
+                              ) -> Realized:
+        """`realize` past the pruning."""
         coding, metric = self.coding, self.measure.metric
         if not coding.quantized:
-            return Realized(rate, keep, pruned, pruned, {}, {},
-                            measured if measured is not None else self.distortion(pruned))
+            return Realized(rate, keep, pruned, pruned, {}, {}, self.distortion(pruned))
         extra = {} if coding.lossless_unpruned else self.cal.extra
 
         def make(bits_for) -> tuple[dict, dict]:
