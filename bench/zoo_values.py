@@ -1,7 +1,9 @@
 """Values only: `--rate 1 --value-bits B --method uniform` (no curves) on zoo models, scored
 with each model's task metric on the test and calibration splits, with the artifact's size.
 
-    .venv/bin/python bench/zoo_values.py efficientnet,minilm,g2p 8 [--rdoq]
+    .venv/bin/python bench/zoo_values.py efficientnet,minilm,g2p 8 [--rdoq] [--reconstruct]
+
+(`--reconstruct`: GPTQ's error feedback, kept where it measures lower on the held-out part.)
 
 Needs the zoo (`python -m bench.zoo.fetch`); the scoring is bench/zoo.py's.
 """
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("models")
     parser.add_argument("bits", type=int)
     parser.add_argument("--rdoq", action="store_true")
+    parser.add_argument("--reconstruct", action="store_true")
     parser.add_argument("--cache", default=None)
     args = parser.parse_args()
     zoo = zoo_bench()
@@ -47,7 +50,8 @@ def main() -> None:
         scorer = zoo.Scorer(ad, prep)
         start = time.time()
         config = rdonnx.CompressConfig.of(value_bits=args.bits, layer_distortion=False,
-                                       method="uniform", rdoq=args.rdoq)
+                                       method="uniform", rdoq=args.rdoq,
+                                       reconstruct=args.reconstruct)
         result = rdonnx.compress(str(prep.onnx), rate=1.0, calib=str(prep.inputs("calib")),
                                  config=config)
         with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +59,8 @@ def main() -> None:
             size = result.save(path)
             test, calib = scorer.score_file(path, "test"), scorer.score_file(path, "calib")
         original = zoo.file_bytes(prep.onnx)
-        print(f"| {name} | {args.bits}{' rdoq' if args.rdoq else ''} | {size:,} | "
+        flags = (" rdoq" if args.rdoq else "") + (" reconstruct" if args.reconstruct else "")
+        print(f"| {name} | {args.bits}{flags} | {size:,} | "
               f"{original / size:.2f} | {8 * size / zoo.prunable_weights(prep.onnx):.2f} | "
               f"{ad.primary} {test[ad.primary]:.4f} | {calib[ad.primary]:.4f} | "
               f"{time.time() - start:.0f} |", flush=True)
