@@ -619,3 +619,15 @@ def test_relative_error_weighs_each_output_channel_by_its_own_energy():
     np.testing.assert_allclose(relative_error(w, new, entry, h), per_channel.sum(), rtol=1e-3)
     # the absolute error is the large channel's; the relative one counts all six alike
     assert weight_error(w, new, entry, h) > 1e3 * relative_error(w, new, entry, h)
+
+
+def test_a_mask_that_keeps_everything_returns_the_weight_unswept(monkeypatch):
+    """Rate 1 without rounding: nothing to update, so no sweep runs (four dampenings were
+    swept per weight for nothing) and the weight comes back as it was."""
+    rng = _rng(21)
+    w = torch.from_numpy(rng.standard_normal((6, 10)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((10, 40)))
+    h = x @ x.T / 40
+    monkeypatch.setattr(obs, "_sweep", lambda *a, **k: pytest.fail("swept"))
+    out = reconstruct(w, h, keep=torch.ones(6, 10, dtype=torch.bool))
+    assert torch.equal(out, w)

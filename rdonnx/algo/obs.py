@@ -415,8 +415,9 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
         pruned = ~keep.to(device, torch.bool)
         if n_m is not None:
             _check_n_m(~pruned, n, m)
-    if keep is None and sparsity is None and n_m is None and step is None and target is None:
-        return W0.clone()
+    if (keep is None or not pruned.any()) and sparsity is None and n_m is None and \
+            step is None and target is None:
+        return W0.clone()  # nothing pruned, rounded or aimed: no update
     select = n_m if keep is None else None
     nonzero = n_m is not None
     H = H.to(device)
