@@ -631,3 +631,23 @@ def test_a_mask_that_keeps_everything_returns_the_weight_unswept(monkeypatch):
     monkeypatch.setattr(obs, "_sweep", lambda *a, **k: pytest.fail("swept"))
     out = reconstruct(w, h, keep=torch.ones(6, 10, dtype=torch.bool))
     assert torch.equal(out, w)
+
+
+def test_inverse_factors_kept_across_calls_give_the_same_result(monkeypatch):
+    """GPTQ's grid search reconstructs one weight at several grids: with a shared `factors`
+    dict the Hessian's inverse factor is computed once, and every result is as without it."""
+    rng = _rng(22)
+    w = torch.from_numpy(rng.standard_normal((6, 10)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((10, 40)))
+    h = x @ x.T / 40
+    keep = torch.from_numpy(rng.random((6, 10)) > 0.3)
+    alone = [reconstruct(w, h, keep=keep, step=s, levels=7) for s in (0.1, 0.2, 0.3)]
+    calls = []
+    real = obs._inverse_factor
+    monkeypatch.setattr(obs, "_inverse_factor", lambda *a: calls.append(1) or real(*a))
+    factors: dict = {}
+    shared = [reconstruct(w, h, keep=keep, step=s, levels=7, factors=factors)
+              for s in (0.1, 0.2, 0.3)]
+    assert len(calls) == 1
+    for a, b in zip(alone, shared):
+        assert torch.equal(a, b)

@@ -341,7 +341,8 @@ def _dampened(H64: torch.Tensor, percdamp: float,
 def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None = None,
                 sparsity: float | None = None, n_m: tuple[int, int] | None = None,
                 step: float | None = None, levels: int | None = None, blocksize: int = 128,
-                percdamp: float = DEFAULT_DAMP, target: Target | None = None) -> torch.Tensor:
+                percdamp: float = DEFAULT_DAMP, target: Target | None = None,
+                factors: dict | None = None) -> torch.Tensor:
     """Prune and/or quantize W [rows, d] with SparseGPT's OBS updates (H [d, d] = E[x x^T]).
 
     The mask is `keep` (bool, True = kept), or chosen during the sweep from the OBS saliency
@@ -355,6 +356,9 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
     that rounds to 0 is 0).
     Dampening adds percdamp * mean(diag(H)) to H's diagonal before the inversion (grown tenfold
     per retry if H + damp I is still not positive definite).
+
+    `factors`: a dict kept across calls with the same H, holding its inverse factors (computed
+    once per dampening and column order: most of the time of GPTQ's grid search).
 
     With `target` (sequential mode: H is the input the layer sees once earlier layers are
     compressed), the error to minimise is E||W x_original - W' x||^2: the sweep starts from its
@@ -429,24 +433,33 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
         back = torch.argsort(order)
         permuted = pruned[:, order]  # filled in by the sparsity selection
         Wc = _sweep(start[:, order], H[order][:, order], permuted, sparsity, None, step,
-                    levels, blocksize, percdamp)[:, back]
+                    levels, blocksize, percdamp, factors=_slot(factors, "ordered"))[:, back]
         pruned = permuted[:, back]
     else:
         Wc = _sweep(start, H, pruned, sparsity, select, step, levels, blocksize, percdamp,
-                    nonzero)
+                    nonzero, _slot(factors, "given"))
     plain = torch.where(pruned, torch.zeros_like(W0), _round(W0, step, levels, nonzero))
     worse = _row_errors(W0, Wc, H, target) > _row_errors(W0, plain, H, target)
     return torch.where(worse[:, None], plain, Wc)
 
 
+def _slot(factors: dict | None, key: object) -> dict | None:
+    """The sub-dict of `factors` under `key` (None without `factors`)."""
+    return None if factors is None else factors.setdefault(key, {})
+
+
 def _sweep(W0: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, sparsity: float | None,
            n_m: tuple[int, int] | None, step: float | None, levels: int | None,
-           blocksize: int, percdamp: float, nonzero: bool = False) -> torch.Tensor:
+           blocksize: int, percdamp: float, nonzero: bool = False,
+           factors: dict | None = None) -> torch.Tensor:
     """SparseGPT's blocked sweep without the final check. `pruned` (True = pruned) is the given
     mask, or all False and filled in place by the `sparsity` / `n_m` selection."""
     rows, d = W0.shape
     device = W0.device
-    dead, U64 = _inverse_factor(H, percdamp)
+    factors = {} if factors is None else factors
+    if percdamp not in factors:
+        factors[percdamp] = _inverse_factor(H, percdamp)
+    dead, U64 = factors[percdamp]
     Hinv = U64.to(torch.float32)
     select_n_m = n_m is not None
     if select_n_m:
@@ -534,7 +547,8 @@ def _check_n_m(kept: torch.Tensor, n: int, m: int) -> None:
 def reconstruct_weight(weight: np.ndarray, entry: LayerInput, hessian: Hessian, *,
                        keep: np.ndarray | None = None, device: str | torch.device | None = None,
                        **options) -> np.ndarray:
-    """`reconstruct` applied to each matrix of a weight tensor (options as `reconstruct`).
+    """`reconstruct` applied to each matrix of a weight tensor (options as `reconstruct`;
+    `factors`: one dict kept across calls with the same `hessian`).
 
     `keep` has the weight's shape; a per-row `step` is given broadcastable to it (one value per
     index along the weight's output-row axis). Returns the new weight in the weight's dtype.
@@ -548,13 +562,14 @@ def reconstruct_weight(weight: np.ndarray, entry: LayerInput, hessian: Hessian, 
         steps = [m[:, 0] for m in to_matrices(np.broadcast_to(
             np.asarray(options.pop("step"), dtype=np.float32), w.shape), entry)]
     targets = _targets(hessian, len(mats))
+    factors = options.pop("factors", None)
     out = []
     for i, (m, h) in enumerate(zip(mats, _pair(hessian.matrices, len(mats)))):
         k = torch.from_numpy(keeps[i]).to(dev) if keeps is not None else None
         if steps is not None:
             options["step"] = steps[i]
         out.append(reconstruct(torch.tensor(m, device=dev), h.to(dev), keep=k,
-                               target=targets[i], **options))
+                               target=targets[i], factors=_slot(factors, i), **options))
     return from_matrices(out, entry, w.shape).astype(w.dtype, copy=False)
 
 

@@ -248,11 +248,11 @@ class Realizer:
         # alone raised the output nmse 21x over plain rounding), its steps' coded bits charged
         # at the high-rate slope (one bit per weight buys 4x less error)
         entry, levels = cal.inputs[w.name], 2 ** (bits - 1) - 1
-        best = None
+        best, factors = None, {}  # the Hessian's inverse factors, shared by the candidates
         for grid in self.gptq_grids(w.name, exact, bits):
             step = grid.broadcast(exact.ndim)
             new = obs.reconstruct_weight(original, entry, hessian, step=step, levels=levels,
-                                         percdamp=damp, **options)
+                                         percdamp=damp, factors=factors, **options)
             q_new = np.rint(new.astype(np.float32) / step).astype(np.int32)
             side = grids.steps_bits(grid) / max(original.size, 1)
             error = obs.relative_error(original, new, entry, hessian) * 4.0 ** side
