@@ -41,7 +41,9 @@ SETUPS: dict[str, dict] = {
                      "bounds": [["--min-agreement", "0.9"], ["--min-agreement", "0.95"],
                                 ["--min-agreement", "0.99"], ["--max-distortion", "1e-2"]],
                      "calibrate": None,
-                     "recon": ["--calib-samples", "32"]},
+                     # held-out crops of other photos (the calibration split's crops share
+                     # photos, so its own held-out part cannot see overfitting to them)
+                     "recon": ["--calib-samples", "32", "--verify", "{zoo}/val.npz"]},
     "minilm": {"common": ["--values", "exact", "--format", "dense", "--method", "uniform",
                           "--no-layer-distortion", "--metric", "cosine", "--calib-samples", "128"],
                "bounds": [["--max-distortion", "1e-2"], ["--max-distortion", "3e-3"]],
@@ -112,7 +114,8 @@ def main() -> None:
             jobs = [(" ".join(b), [*b, *common]) for b in setup["bounds"]]
         else:
             base = ["--values", "exact", "--format", "dense", "--method", "uniform",
-                    "--no-layer-distortion", *setup["recon"], *extra]
+                    "--no-layer-distortion", *(a.format(zoo=zoo) for a in setup["recon"]),
+                    *extra]
             for rate in args.rates.split(","):
                 for mode in ([f"--{m}"] if m != "plain" else []
                              for m in args.modes.split(",")):
