@@ -578,14 +578,19 @@ def _targets(hessian: Hessian, count: int) -> list[Target | None]:
     return [None] * count if targets is None else _pair(targets, count)
 
 
+def _paired_matrices(weight: np.ndarray, new: np.ndarray, entry: LayerInput, hessian: Hessian
+                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Target | None]]:
+    """(W, W_new, H, target) of each of a weight's matrices, W on H's device."""
+    a = to_matrices(np.array(weight, dtype=np.float32), entry)
+    b = to_matrices(np.array(new, dtype=np.float32), entry)
+    return [(torch.from_numpy(x).to(h.device), torch.from_numpy(y), h, t)
+            for x, y, h, t in zip(a, b, _pair(hessian.matrices, len(a)), _targets(hessian, len(a)))]
+
+
 def weight_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput,
                  hessian: Hessian) -> float:
     """Sum of `layer_error` over a weight's matrices: its output change on the calibration data."""
-    a = to_matrices(np.array(weight, dtype=np.float32), entry)
-    b = to_matrices(np.array(new, dtype=np.float32), entry)
-    hs = _pair(hessian.matrices, len(a))
-    return sum(layer_error(torch.from_numpy(x).to(h.device), torch.from_numpy(y), h, t)
-               for x, y, h, t in zip(a, b, hs, _targets(hessian, len(a))))
+    return sum(layer_error(*m) for m in _paired_matrices(weight, new, entry, hessian))
 
 
 def relative_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput,
@@ -593,13 +598,9 @@ def relative_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput,
     """Sum over output rows of each row's output change relative to the row's own output
     energy on the calibration data (`grids.choose`'s measure): a channel 100x smaller than the
     others, which a normalisation downstream may scale back up, counts as much as they do."""
-    a = to_matrices(np.array(weight, dtype=np.float32), entry)
-    b = to_matrices(np.array(new, dtype=np.float32), entry)
     total = 0.0
-    for x, y, h, t in zip(a, b, _pair(hessian.matrices, len(a)), _targets(hessian, len(a))):
-        x = torch.from_numpy(x).to(h.device)
-        error = _row_errors(x, torch.from_numpy(y), h, t)
-        energy = _row_errors(x, torch.zeros_like(x), h, t)
+    for x, y, h, t in _paired_matrices(weight, new, entry, hessian):
+        error, energy = _row_errors(x, y, h, t), _row_errors(x, torch.zeros_like(x), h, t)
         live = energy > 0
         total += float((error[live] / energy[live]).sum())
     return total
