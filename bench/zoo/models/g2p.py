@@ -18,6 +18,7 @@ PHONEMES = ["<pad>", "<unk>", "<s>", "</s>"] + [
     "ER2", "EY0", "EY1", "EY2", "F", "G", "HH", "IH0", "IH1", "IH2", "IY0", "IY1", "IY2", "JH",
     "K", "L", "M", "N", "NG", "OW0", "OW1", "OW2", "OY0", "OY1", "OY2", "P", "R", "S", "SH", "T",
     "TH", "UH0", "UH1", "UH2", "UW", "UW0", "UW1", "UW2", "V", "W", "Y", "Z", "ZH"]
+END = PHONEMES.index("</s>")  # greedy decoding stops here
 MAX_CHARS = 20
 STEPS = 20
 COUNTS = {"calib": 256, "val": 256, "test": 2000}
@@ -107,7 +108,7 @@ def decode(logits: np.ndarray) -> list[list[str]]:
     for row in logits.argmax(-1):
         seq = []
         for p in row.tolist():
-            if p == 3:
+            if p == END:
                 break
             seq.append(PHONEMES[p])
         out.append(seq)
