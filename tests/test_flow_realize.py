@@ -248,14 +248,17 @@ def test_gptq_never_increases_layer_error_over_plain_rounding(case, tmp_path):
         assert e_new <= e_plain * (1 + 1e-6) + 1e-12, (w.name, e_new, e_plain)
 
 
-def test_gptq_grid_is_the_best_of_the_candidate_grids(bundled_cnn, bundled_mlp):
-    """The stored grid is the candidate (plain rounding's grid, per-row or per-tensor span
-    times each CLIP_SCALES) whose reconstruction has the least layer error relative to each
-    row's output energy, per-row steps' bits charged at 4x the error per bit a weight."""
+def test_gptq_grid_is_the_best_candidate_on_plain_roundings_axis(bundled_cnn, bundled_mlp):
+    """The stored grid is the candidate (plain rounding's grid, then the per-row or per-tensor
+    span times each CLIP_SCALES, on the axis `grids.choose` picks for the reconstructed
+    survivors) whose reconstruction has the least layer error relative to each row's output
+    energy, the rows' steps charged at 4x the error per bit a survivor; both kinds of grid
+    occur in these models."""
     from rdonnx.algo import grids as grid_fits
     from rdonnx.algo.obs import reconstruct_weight, relative_error
 
     cfg = mode_config("gptq")
+    axes = set()
     for case in (bundled_cnn, bundled_mlp):
         rz = realizer(case, cfg)
         cal = rz.cal
@@ -265,18 +268,24 @@ def test_gptq_grid_is_the_best_of_the_candidate_grids(bundled_cnn, bundled_mlp):
             new, q = rz.compress_weight(w, keep, 4)
             exact, _ = rz.compress_weight(w, keep)
             candidates = rz.gptq_grids(w.name, exact, 4)
-            assert {g.axis for g in candidates} == {entry.row_axis, None}
-            errors = [relative_error(original, reconstruct_weight(
-                original, entry, hessian, keep=cal.rankings[w.name].mask(keep),
-                step=g.broadcast(exact.ndim), levels=7, percdamp=cfg.prune.damp), entry, hessian)
-                for g in candidates]
-            costs = [e * 4.0 ** (grid_fits.steps_bits(g) / w.size)
-                     for e, g in zip(errors, candidates)]
+            axis = grid_fits.choose(exact, 4, entry.row_axis, cal.importance.get(w.name)).axis
+            assert {g.axis for g in candidates} == {axis} and len(candidates) > 1
+            axes.add(axis)
+            costs, errors = [], []
+            for g in candidates:
+                step = g.broadcast(exact.ndim)
+                rebuilt = reconstruct_weight(original, entry, hessian,
+                                             keep=cal.rankings[w.name].mask(keep), step=step,
+                                             levels=7, percdamp=cfg.prune.damp)
+                survivors = max(np.count_nonzero(np.rint(rebuilt / step)), 1)
+                errors.append(relative_error(original, rebuilt, entry, hessian))
+                costs.append(errors[-1] * 4.0 ** (grid_fits.steps_bits(g) / survivors))
             best = int(np.argmin(costs))
             chosen = relative_error(original, new, entry, hessian)
             assert chosen == pytest.approx(errors[best], rel=1e-6), w.name
-            assert q.axis == candidates[best].axis
+            assert q.axis == axis
             assert np.array_equal(q.values(np.float32), new)
+    assert None in axes and len(axes) > 1
 
 
 @pytest.mark.parametrize("case", ["bundled_mlp", "bundled_cnn"], indirect=True)
