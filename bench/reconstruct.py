@@ -12,7 +12,8 @@ Part 3: the smallest .rdonnx keeping test accuracy within 0.2 points (plain, --r
 Part 4: streaming: peak memory of reconstruction with 256 and 8192 calibration samples.
 Part 5: a 25M-parameter model: reconstruction time against the R-D calibration alone.
 
-Run: .venv/bin/python bench/reconstruct.py    (about 20 minutes on 2 cores; --values: part 2 alone)
+Run: .venv/bin/python bench/reconstruct.py    (about 20 minutes on 2 cores; --values: part 2 alone;
+--scale: parts 4 and 5 alone)
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ def streaming() -> None:
     rd._conv_model(path)
     for samples in (256, 8192):
         code = ("import resource, time, rdonnx\n"
-                "from rdonnx.config import CompressConfig\n"
-                "from rdonnx.data import DataOptions\n"
+                "from rdonnx.flow.config import CompressConfig\n"
+                "from rdonnx.choices import DataOptions\n"
                 "t = time.perf_counter()\n"
                 f"rdonnx.compress(r'{path}', rate=0.5, config=CompressConfig.of(method='uniform', "
                 f"reconstruct=True, format='dense', layer_distortion=False, replay_mb=16, "
@@ -150,6 +151,10 @@ if __name__ == "__main__":
         sys.exit()
     if sys.argv[1:] == ["--allocation"]:  # part 1b alone
         allocation(model_paths)
+        sys.exit()
+    if sys.argv[1:] == ["--scale"]:  # memory and time on larger models alone
+        streaming()
+        large()
         sys.exit()
     masks(model_paths)
     allocation(model_paths)
