@@ -2,7 +2,7 @@
 changes: the top-1 minus top-2 logit margin of each test sample (EfficientNet: the class; g2p:
 the least margin along the word's greedy decoding path, up to its end token).
 
-    .venv/bin/python bench/zoo_margins.py efficientnet a.rdonnx [b.rdonnx ...]
+    .venv/bin/python bench/zoo_margins.py efficientnet a.rdonnx [b.onnx ...]
 
 For each artifact: the agreement, the logits' rms change on the samples whose decision held,
 and the margins of the samples whose
@@ -60,7 +60,9 @@ def main() -> None:
           "their margins (rank) |")
     print("|---|---|---|---|---|---|")
     for path in args.artifacts:
-        out = run_outputs(rdonnx.open_session(path), feeds, 64)[0]
+        session = rdonnx.open_session(path) if path.endswith(".rdonnx") else \
+            ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        out = run_outputs(session, feeds, 64)[0]
         _, got = margins_and_decisions(args.model, out)
         changed = np.array([a != b for a, b in zip(decided, got)])
         order = np.argsort(margin[changed])
