@@ -872,3 +872,36 @@ def test_error_feedback_is_checked_on_held_out_data_at_rate_1(bundled_mlp):
     assert not [n for n in gptq.report.notices if n.startswith("reconstruction dropped")]
     assert any(not np.array_equal(gptq.weights[n], plain.weights[n]) for n in plain.weights)
     assert gptq.report.holdout.distortion < plain.report.holdout.distortion
+
+
+def test_a_small_table_is_coded_like_a_bias():
+    """A token-type-like table (2 x 160, one row added to every token) and a 40 x 160 token
+    table, both read by Gather and not pruned: at 8 bits the large table gets 8-bit levels and
+    the small one at least 16 bits, as a bias does (its row reaches every token; its cost is
+    bytes), so its error is far below an 8-bit grid's."""
+    rng = np.random.default_rng(21)
+    small = rng.standard_normal((2, 160)).astype(np.float32)
+    small[0, 7] = 40.0  # an outlier sets an 8-bit step of about 0.3
+    tables = {"small": small, "big": rng.standard_normal((40, 160)).astype(np.float32),
+              "w": rng.standard_normal((160, 32)).astype(np.float32)}
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["big", "ids"], ["e"], axis=0),
+         helper.make_node("Gather", ["small", "types"], ["t"], axis=0),
+         helper.make_node("Add", ["e", "t"], ["s"]),
+         helper.make_node("MatMul", ["s", "w"], ["h"]),
+         helper.make_node("ReduceMean", ["h"], ["y"], axes=[1], keepdims=0)], "tables",
+        [vi("ids", TensorProto.INT64, ["n", 6]), vi("types", TensorProto.INT64, ["n", 6])],
+        [vi("y", TensorProto.FLOAT, ["n", 32])],
+        [onnx.numpy_helper.from_array(v, k) for k, v in tables.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    calib = {"ids": rng.integers(0, 40, (64, 6)).astype(np.int64),
+             "types": np.zeros((64, 6), np.int64)}
+    result = rdonnx.compress(model.SerializeToString(), calib=calib,
+                             config=config(rate=1.0, value_bits=8, format="rdonnx",
+                                           simplify=False))
+    assert "small" in result.quantized and "big" in result.quantized  # coded, not pruned
+    assert np.abs(result.quantized["big"].q).max() <= 127
+    assert np.abs(result.quantized["small"].q).max() > 127
+    error = np.abs(result.quantized["small"].values(np.float32) - small).max()
+    assert error < 40.0 / 127 / 100

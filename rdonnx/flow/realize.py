@@ -16,7 +16,7 @@ from rdonnx.algo.kmeans import kmeans_quantize
 from rdonnx.algo.layout import output_shift
 from rdonnx.algo.quantize import Quantized, choose_bits
 from rdonnx.errors import UsageError
-from rdonnx.flow.calibration import Calibration
+from rdonnx.flow.calibration import Calibration, like_vector
 from rdonnx.flow.config import Coding, Measurement, Pruning
 from rdonnx.flow.hessians import Hessians
 from rdonnx.flow.target import Realized
@@ -26,17 +26,17 @@ from rdonnx.runtime.distortion import Distortion
 
 QUANTIZED_CACHE_MB = 1024  # weights quantized without reconstruction, kept for later candidates
 CLIP_SCALES = (1.0, 0.9, 0.8, 0.7)  # error-compensated quantization: exact spans tried
-VECTOR_BITS = 16  # coded vectors (biases) get at least this width (`extra_bits`)
+VECTOR_BITS = 16  # coded vectors (biases) and small tables get at least this width (`extra_bits`)
 DAMPS = (0.01, 0.1, 1.0)  # dampening tried per layer (with --damp), chosen on held-out data
 
 
 def extra_bits(array: np.ndarray, bits: int | None) -> int:
     """The width of a coded tensor that is not pruned (`Calibration.extra`): `bits` (8 when
-    None), but at least `VECTOR_BITS` for a vector: a bias adds its error to every output of
-    its channel, nothing averages it (8-bit biases alone cost EfficientNet-Lite0 5.7 points of
-    top-1 agreement on the zoo's test split)."""
+    None), but at least `VECTOR_BITS` for a vector or a small table (`like_vector`): a bias
+    adds its error to every output of its channel, nothing averages it (8-bit biases alone
+    cost EfficientNet-Lite0 5.7 points of top-1 agreement on the zoo's test split)."""
     bits = 8 if bits is None else bits
-    return max(bits, VECTOR_BITS) if np.ndim(array) <= 1 else bits
+    return max(bits, VECTOR_BITS) if like_vector(np.shape(array)) else bits
 
 
 def pattern_mask(cal: Calibration, name: str, n_m: tuple[int, int]) -> np.ndarray:
