@@ -1,6 +1,7 @@
 """How close the original's own decisions are to a tie, and which of them a compressed model
 changes: the top-1 minus top-2 logit margin of each test sample (EfficientNet: the class; g2p:
-the least margin along the word's greedy decoding path, up to its end token).
+the least margin along the word's greedy decoding path, up to its end token; the OCR model:
+the least over the line's CTC frames).
 
     .venv/bin/python bench/zoo_margins.py efficientnet a.rdonnx [b.onnx ...]
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import rdonnx  # noqa: E402
 from bench.zoo.common import Prepared, cache_dir, load_inputs, run_outputs  # noqa: E402
+from bench.zoo.metrics import ctc_greedy  # noqa: E402
 from bench.zoo.models.g2p import END  # noqa: E402
 
 
@@ -34,16 +36,23 @@ def margins_and_decisions(model: str, logits: np.ndarray) -> tuple[np.ndarray, l
     gap = top2[..., 1] - top2[..., 0]
     if model == "efficientnet":
         return gap, logits.argmax(-1).tolist()
+    if model == "ocr":  # [frames, 1, classes] per line, lines stacked along axis 0
+        return gap.min(axis=-1), [tuple(ctc_greedy(row.argmax(-1))) for row in logits]
     decisions = []
     for row in logits.argmax(-1).tolist():
         decisions.append(tuple(row[:row.index(END)] if END in row else row))
     return np.array([g[:len(d) + 1].min() for g, d in zip(gap, decisions)]), decisions
 
 
+def shaped(out: np.ndarray, samples: int) -> np.ndarray:
+    """One row per sample (the OCR model stacks each line's [frames, 1, classes])."""
+    return out.reshape(samples, -1, out.shape[-1]) if len(out) != samples else out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=("efficientnet", "g2p"))
+    parser.add_argument("model", choices=("efficientnet", "g2p", "ocr"))
     parser.add_argument("artifacts", nargs="+")
     args = parser.parse_args()
     prep = Prepared(cache_dir() / args.model)
@@ -51,7 +60,8 @@ def main() -> None:
     import onnxruntime as ort
 
     original = ort.InferenceSession(str(prep.onnx), providers=["CPUExecutionProvider"])
-    ref = run_outputs(original, feeds, 64)[0]
+    lines = len(next(iter(feeds.values())))
+    ref = shaped(run_outputs(original, feeds, 64)[0], lines)
     margin, decided = margins_and_decisions(args.model, ref)
     n = len(margin)
     print(f"{args.model}: {n} test samples; original margins: median {np.median(margin):.3f}, "
@@ -62,7 +72,7 @@ def main() -> None:
     for path in args.artifacts:
         session = rdonnx.open_session(path) if path.endswith(".rdonnx") else \
             ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        out = run_outputs(session, feeds, 64)[0]
+        out = shaped(run_outputs(session, feeds, 64)[0], lines)
         _, got = margins_and_decisions(args.model, out)
         changed = np.array([a != b for a, b in zip(decided, got)])
         order = np.argsort(margin[changed])
