@@ -593,14 +593,24 @@ def weight_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput,
     return sum(layer_error(*m) for m in _paired_matrices(weight, new, entry, hessian))
 
 
-def relative_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput,
-                   hessian: Hessian) -> float:
+def row_energies(weight: np.ndarray, entry: LayerInput, hessian: Hessian) -> list[torch.Tensor]:
+    """Each output row's output energy on the calibration data, per matrix of the weight."""
+    return [_row_errors(x, torch.zeros_like(x), h, t)
+            for x, _, h, t in _paired_matrices(weight, weight, entry, hessian)]
+
+
+def relative_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput, hessian: Hessian,
+                   energies: Sequence[torch.Tensor] | None = None) -> float:
     """Sum over output rows of each row's output change relative to the row's own output
     energy on the calibration data (`grids.choose`'s measure): a channel 100x smaller than the
-    others, which a normalisation downstream may scale back up, counts as much as they do."""
+    others, which a normalisation downstream may scale back up, counts as much as they do.
+    `energies`: `row_energies` of the same weight, when already computed (they do not depend
+    on `new`)."""
+    if energies is None:
+        energies = row_energies(weight, entry, hessian)
     total = 0.0
-    for x, y, h, t in _paired_matrices(weight, new, entry, hessian):
-        error, energy = _row_errors(x, y, h, t), _row_errors(x, torch.zeros_like(x), h, t)
+    for (x, y, h, t), energy in zip(_paired_matrices(weight, new, entry, hessian), energies):
+        error = _row_errors(x, y, h, t)
         live = energy > 0
         total += float((error[live] / energy[live]).sum())
     return total

@@ -25,7 +25,7 @@ from rdonnx.runtime.confidence import lower_at
 from rdonnx.runtime.distortion import Distortion
 
 QUANTIZED_CACHE_MB = 1024  # weights quantized without reconstruction, kept for later candidates
-CLIP_SCALES = (1.0, 0.9, 0.8, 0.7)  # error-compensated quantization: exact spans tried
+CLIP_SCALES = (1.0, 0.9, 0.8, 0.7)  # error-compensated quantization: spans tried
 VECTOR_BITS = 16  # coded vectors (biases) and small tables get at least this width (`extra_bits`)
 DAMPS = (0.01, 0.1, 1.0)  # dampening tried per layer (with --damp), chosen on held-out data
 
@@ -200,18 +200,7 @@ class Realizer:
         original = cal.originals[w.name]
         n_m = self.n_m
         if not self.reconstructs(w.name):
-            patterned = n_m is not None and cal.supports(w.name)
-
-            def masked() -> tuple[np.ndarray, Quantized | None]:
-                mask = pattern_mask(cal, w.name, n_m) if patterned else \
-                    cal.rankings[w.name].mask(keep)
-                return self._masked(w.name, mask, bits, patterned)
-
-            if bits is None:
-                return masked()
-            coding = self.coding
-            return self.quantized.get((w.name, keep, bits, n_m if patterned else None,
-                                       coding.quantizer, coding.rdoq), masked)
+            return self._plain(w, keep, bits)
         sequential = earlier is not None
         hessian = self.hessians.hessian(w.name, earlier)
         options: dict = {}
@@ -236,8 +225,16 @@ class Realizer:
         exact, damp, note = found
         if note is not None:
             self.reconstruction[key] = note
+
+        def unchanged() -> tuple[np.ndarray, Quantized | None]:
+            """The same mask without an update, plainly rounded (cached unless OBS chose
+            the mask)."""
+            if "keep" in options:  # the ranking's (or --pattern's) mask, as `_plain`'s
+                return self._plain(w, keep, bits)
+            return self._masked(w.name, exact != 0, bits, n_m is not None)
+
         if damp is None:  # the update does not generalise: the mask alone
-            return self._masked(w.name, options.get("keep", exact != 0), bits, n_m is not None)
+            return unchanged()
         if bits is None:
             return exact, None
         # candidate grids (`gptq_grids`) fitted to the reconstructed survivors (updates can
@@ -249,20 +246,21 @@ class Realizer:
         # error)
         entry, levels = cal.inputs[w.name], 2 ** (bits - 1) - 1
         best, factors = None, {}  # the Hessian's inverse factors, shared by the candidates
+        energies = obs.row_energies(original, entry, hessian)
         for grid in self.gptq_grids(w.name, exact, bits):
             step = grid.broadcast(exact.ndim)
             new = obs.reconstruct_weight(original, entry, hessian, step=step, levels=levels,
                                          percdamp=damp, factors=factors, **options)
             q_new = np.rint(new.astype(np.float32) / step).astype(np.int32)
             rate = grids.steps_bits(grid) / max(int(np.count_nonzero(q_new)), 1)
-            error = obs.relative_error(original, new, entry, hessian) * 4.0 ** rate
+            error = obs.relative_error(original, new, entry, hessian, energies) * 4.0 ** rate
             if best is None or error < best[0]:
                 best = (error, grid, q_new)
         _, grid, q_new = best
         q = Quantized(q_new, float(grid.steps[0]) if grid.axis is None else grid.steps,
                       axis=grid.axis)
         if held is not None:  # error feedback kept only where it generalises
-            plain = self._masked(w.name, options.get("keep", exact != 0), bits, n_m is not None)
+            plain = unchanged()
             mine = obs.weight_error(original, q.values(original.dtype), entry, held)
             alone = obs.weight_error(original, plain[0], entry, held)
             if not mine < alone:
@@ -271,6 +269,24 @@ class Realizer:
                     f"bits: held-out layer error {mine:.3g}, plain rounding {alone:.3g}")
                 return plain
         return q.values(original.dtype), q
+
+    def _plain(self, w: Weight, keep: int, bits: int | None
+               ) -> tuple[np.ndarray, Quantized | None]:
+        """The weight's ranking mask of `keep` entries (or --pattern's) without an update,
+        quantized to `bits` when given (kept in `quantized` for later candidates)."""
+        cal, n_m = self.cal, self.n_m
+        patterned = n_m is not None and cal.supports(w.name)
+
+        def masked() -> tuple[np.ndarray, Quantized | None]:
+            mask = pattern_mask(cal, w.name, n_m) if patterned else \
+                cal.rankings[w.name].mask(keep)
+            return self._masked(w.name, mask, bits, patterned)
+
+        if bits is None:
+            return masked()
+        coding = self.coding
+        return self.quantized.get((w.name, keep, bits, n_m if patterned else None,
+                                   coding.quantizer, coding.rdoq), masked)
 
     def _masked(self, name: str, mask: np.ndarray, bits: int | None,
                 patterned: bool) -> tuple[np.ndarray, Quantized | None]:
