@@ -12,6 +12,13 @@ environment, ``--nncodec-python``); and rdonnx: ``rdonnx calibrate`` once on the
 split, then ``rdonnx compress --curves`` at each bound of the adapter's ladder, loosest first,
 keeping the first (smallest) artifact whose task metric on the test split is transparent. Every
 score compares a candidate's outputs with the original's on the same test inputs.
+
+``--at-baseline`` keeps instead the first artifact whose test metric is no worse than
+quantize_dynamic's (the size comparison at an equal task metric, also where quantize_dynamic is
+not transparent); ``--ladder`` and ``--fallback`` give the rungs, e.g.
+
+    .venv/bin/python bench/zoo.py --models efficientnet --skip-nncodec --at-baseline \
+        --ladder '--max-distortion 0.3;--max-distortion 0.1' --fallback none
 """
 
 from __future__ import annotations
@@ -428,6 +435,29 @@ def with_ladder(ad: Adapter, ladder: str | None) -> Adapter:
     return replace(ad, ladder=bounds, notes=f"ladder from the command line: {ladder}")
 
 
+def with_fallback(ad: Adapter, fallback: str | None) -> Adapter:
+    """``ad`` with the fallback rungs given on the command line (``;``-separated, 'none')."""
+    if fallback is None:
+        return ad
+    rungs = () if fallback.strip() == "none" else tuple(
+        tuple(r.split()) for r in fallback.split(";") if r.strip())
+    return replace(ad, fallback=rungs, notes="; ".join(
+        x for x in [ad.notes, f"fallback from the command line: {fallback}"] if x))
+
+
+def at_baseline(ad: Adapter, rows: list[Row]) -> Adapter:
+    """``ad`` whose rdonnx rungs count as kept when their test metric is no worse than
+    quantize_dynamic's (unchanged when that row has no metric)."""
+    base = next((r for r in rows if r.method == "quantize_dynamic int8/ch" and r.test), None)
+    if base is None:
+        return ad
+    ref = base.test[ad.primary]
+    rule = f"{ad.primary} {'<=' if ad.lower_is_better else '>='} {ref:.4f} (quantize_dynamic's)"
+    return replace(ad, transparent=lambda m: ad.no_worse(m, ref), threshold=rule,
+                   notes="; ".join(x for x in [ad.notes, f"kept: the first rung with {rule}"]
+                                   if x))
+
+
 def budget(seconds: float | None) -> float | None:
     """The deadline ``seconds`` from now (None: none)."""
     return time.time() + seconds if seconds else None
@@ -459,6 +489,8 @@ def bench_model(ad: Adapter, cache: Path, args, on_rows=None) -> list[Row]:
     try:
         rows += baseline_rows(ad, prep, scorer, work, original, weights)
         progress()
+        if args.at_baseline:
+            ad = at_baseline(ad, rows)
         # rdonnx before NNCodec: on a model too slow for both, the row this bench is about
         if not args.skip_rdonnx:
             rows.append(rdonnx_row(ad, prep, scorer, work, original, weights,
@@ -533,6 +565,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="rdonnx bounds to try instead of each model's own ladder, loosest "
                         "first, e.g. '--max-distortion 3e-3;--max-distortion 1e-3' ('none': "
                         "only the fallback's value widths); the rdonnx row's note says so")
+    parser.add_argument("--fallback", default=None, metavar="ARGS[;ARGS...]",
+                        help="rdonnx targets run without curves after the ladder, instead of "
+                        "each model's own, e.g. '--rate 1 --value-bits 5 --reconstruct' "
+                        "('none': no fallback)")
+    parser.add_argument("--at-baseline", action="store_true",
+                        help="keep the first rdonnx rung whose test metric is no worse than "
+                        "quantize_dynamic's instead of the first transparent one")
     parser.add_argument("--show", default=None, metavar="JSON[,JSON]",
                         help="only print the table of results saved by earlier runs (a "
                         "model's rows of a later file replace its rows of the same method); "
@@ -571,7 +610,8 @@ def main(argv: list[str] | None = None) -> None:
                               "load_average": loads}
             out.write_text(json.dumps(previous, indent=1))
 
-        got = bench_model(with_ladder(adapter(name), args.ladder), cache, args, on_rows=save)
+        ad = with_fallback(with_ladder(adapter(name), args.ladder), args.fallback)
+        got = bench_model(ad, cache, args, on_rows=save)
         rows += got
         save(got, done=True)
         print(table(got), flush=True)

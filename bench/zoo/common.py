@@ -137,6 +137,7 @@ class Adapter:
             model's outputs on a split, in graph order, concatenated along axis 0.
         primary: the key of ``score``'s result the transparency threshold applies to.
         transparent: metrics -> whether the candidate counts as unchanged.
+        lower_is_better: whether a smaller ``primary`` is the better result (perplexity).
         threshold: the rule in words, for the table.
         ladder: rdonnx bound arguments to try, loosest (smallest file) first.
         calib_samples: calibration samples rdonnx is given (None: the whole split).
@@ -173,6 +174,12 @@ class Adapter:
     fallback_args: tuple[str, ...] = ("--no-layer-distortion",)
     nncodec: bool = True
     nncodec_note: str = ""
+    lower_is_better: bool = False
+
+    def no_worse(self, metrics: dict[str, float], reference: float) -> bool:
+        """Whether ``metrics``' primary figure is at least as good as ``reference``."""
+        value = metrics[self.primary]
+        return value <= reference if self.lower_is_better else value >= reference
 
 
 def run_outputs(session, feeds: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:

@@ -68,7 +68,7 @@ def score(ref: list[np.ndarray], cand: list[np.ndarray], truth: dict) -> dict[st
 
 ADAPTER = Adapter(
     name="smollm2", wheels=("smollm2",), member=GGUF, prepare=prepare, score=score,
-    primary="ppl_ratio", transparent=lambda m: m["ppl_ratio"] <= 1.01,
+    primary="ppl_ratio", transparent=lambda m: m["ppl_ratio"] <= 1.01, lower_is_better=True,
     threshold="perplexity within 1% of the original",
     # No bound ladder: rdonnx calibrate (one probe per weight and grid density, each a forward
     # pass) would take hours here (docs/ZOO.md gives the projection). Only value widths without
