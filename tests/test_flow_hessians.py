@@ -62,3 +62,33 @@ def test_sequential_hessians_reuse_the_original_inputs_exactly(bundled_cnn):
     plain = hessians.hessian(second.name)
     assert not all(np.allclose(a.numpy(), b.numpy()) for a, b in
                    zip(plain.matrices, fresh.matrices))  # compressed inputs differ
+
+
+def test_layers_asked_together_share_one_run_per_batch(bundled_cnn):
+    """Original-input Hessians of the layers asked `together` come from one run per batch
+    (ONNX Runtime runs the whole graph for any output) and equal those asked one by one."""
+    cal = calibrate_model(bundled_cnn.path, SEQUENTIAL, bundled_cnn.calib)
+    names = [w.name for w in cal.weights if w.name in cal.inputs]
+    assert len(names) >= 3
+    alone = Hessians(cal)
+    singles = [alone.hessian(n) for n in names]
+    hessians = Hessians(cal)
+    calls = []
+    run = cal.runner.run
+
+    def counted(feed, weights=None, outputs=None):
+        calls.append(len(outputs or ()))
+        return run(feed, weights, outputs)
+
+    cal.runner.run = counted
+    try:
+        first = hessians.hessian(names[1], together=names)
+        runs = len(calls)
+        rest = [hessians.hessian(n) for n in names]  # cached: no further run
+    finally:
+        del cal.runner.run
+    assert runs == len(calls) <= len(cal.replay)
+    assert rest[1] is first
+    for single, together in zip(singles, rest):
+        for a, b in zip(single.matrices, together.matrices):
+            assert torch.equal(a, b)

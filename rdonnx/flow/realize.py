@@ -202,7 +202,11 @@ class Realizer:
         if not self.reconstructs(w.name):
             return self._plain(w, keep, bits)
         sequential = earlier is not None
-        hessian = self.hessians.hessian(w.name, earlier)
+        # outside the sequential pass every reconstructed layer asks for its original
+        # Hessians: all of them come from one run per batch
+        together = () if sequential else \
+            [v.name for v in cal.weights if self.reconstructs(v.name)]
+        hessian = self.hessians.hessian(w.name, earlier, together=together)
         options: dict = {}
         criterion = self.prune.criterion
         if criterion == "obs" and n_m is None:
@@ -216,7 +220,7 @@ class Realizer:
                 options["n_m"] = n_m
         key = (w.name, keep)
         found = None if sequential else self.reconstructed.get(key)
-        held = self.hessians.hessian(w.name, earlier, held_out=True) \
+        held = self.hessians.hessian(w.name, earlier, held_out=True, together=together) \
             if cal.check is not None and (found is None or bits is not None) else None
         if found is None:
             found = self._reconstruct(w.name, hessian, held, options)
