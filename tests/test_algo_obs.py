@@ -651,3 +651,42 @@ def test_inverse_factors_kept_across_calls_give_the_same_result(monkeypatch):
     assert len(calls) == 1
     for a, b in zip(alone, shared):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["keep+step", "sparsity", "n_m+step", "pattern",
+                                  "target+step", "singular"])
+def test_a_batch_of_matrices_gets_what_each_matrix_gets_alone(case):
+    """A grouped convolution's groups are reconstructed in one batched sweep: each matrix of
+    the batch gets what `reconstruct` gives it alone (own act-order, dampening, mask
+    selection, per-row steps and fallback rows)."""
+    g = torch.Generator().manual_seed(3)
+    b, rows, d = 5, 3, 12
+    X = torch.randn(b, d, 64, generator=g)
+    X[:, 1] = X[:, 0] * 2  # collinear inputs
+    if case == "singular":
+        X[1, 4:] = 0  # dead inputs in one matrix only
+        X[2] = 0  # a matrix that sees nothing
+    H = X @ X.mT / 64
+    W = torch.randn(b, rows, d, generator=g)
+    step = torch.rand(b, rows, generator=g) * 0.2 + 0.05
+    options: dict = {"percdamp": 0.0 if case == "singular" else 0.01}
+    if case in ("keep+step", "singular"):
+        options.update(keep=torch.rand(b, rows, d, generator=g) > 0.4, step=step, levels=7)
+    elif case == "sparsity":
+        options.update(sparsity=0.5, blocksize=5)
+    elif case == "n_m+step":
+        options.update(n_m=(2, 4), step=step, levels=7)
+    elif case == "pattern":  # a given 2:4 mask, only checked
+        top = torch.rand(b, rows, d // 4, 4, generator=g).argsort(-1) < 2
+        options.update(keep=top.reshape(b, rows, d), n_m=(2, 4), step=step, levels=7)
+    else:
+        Xo = X + 0.3 * torch.randn(b, d, 64, generator=g)
+        options.update(step=step, levels=7,
+                       target=obs.Target(Xo @ X.mT / 64, Xo @ Xo.mT / 64))
+    batched = reconstruct(W, H, **options)
+    for i in range(b):
+        alone = {k: (v[i] if isinstance(v, torch.Tensor) else
+                     obs.Target(v.cross[i], v.original[i]) if isinstance(v, obs.Target)
+                     else v) for k, v in options.items()}
+        assert torch.allclose(batched[i], reconstruct(W[i], H[i], **alone), rtol=1e-6,
+                              atol=1e-7), i

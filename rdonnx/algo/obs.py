@@ -276,18 +276,20 @@ def layer_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor,
     return float(_row_errors(W, W_new, H, target).sum())
 
 
-def _round(w: torch.Tensor, step: float | np.ndarray | None, levels: int | None,
+def _round(w: torch.Tensor, step: float | np.ndarray | torch.Tensor | None, levels: int | None,
            nonzero: bool = False) -> torch.Tensor:
     """Nearest multiple of `step` (float32, as quantize.quantize), clipped to +-levels*step;
-    `step` is one number or one per row (w is a column [rows] or a matrix [rows, d]).
+    `step` is one number or one per row (w is a column [rows] or a matrix [rows, d], either
+    with a leading batch axis, and a per-row step then [batch, rows]).
 
     With `nonzero`, a nonzero value never rounds to 0 (it takes the first level of its sign), so
     a structured N:M mask survives quantization."""
     if step is None:
         return w
-    s = torch.as_tensor(np.asarray(step, dtype=np.float32), device=w.device)
-    if s.dim() == 1 and w.dim() == 2:
-        s = s[:, None]
+    s = torch.as_tensor(np.asarray(step, dtype=np.float32), device=w.device) \
+        if not isinstance(step, torch.Tensor) else step.to(w.device, torch.float32)
+    if s.dim() and s.dim() == w.dim() - 1:  # per row, against a matrix
+        s = s[..., None]
     q = torch.round(w / s)
     if nonzero:
         q = torch.where((q == 0) & (w != 0), torch.sign(w), q)
@@ -297,53 +299,75 @@ def _round(w: torch.Tensor, step: float | np.ndarray | None, levels: int | None,
 
 
 def _inverse_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dead-input mask and the upper Cholesky factor of (H + damp I)^-1, in float64.
+    """Dead-input masks [b, d] and the upper Cholesky factors of (H + damp I)^-1 [b, d, d], in
+    float64, of a batch of Hessians H [b, d, d].
 
     Dead inputs (H_jj = 0) get H_jj = 1, so they neither take nor give updates. Dampening is
-    percdamp * mean(diag(H)); if the matrix is still not positive definite (e.g. percdamp = 0
-    on rank-deficient data) the dampening grows tenfold until the factorisations succeed.
+    percdamp * mean(diag(H)) of each matrix; where a matrix is still not positive definite
+    (e.g. percdamp = 0 on rank-deficient data) its dampening grows tenfold until the
+    factorisations succeed.
     """
     H = H.to(torch.float64).clone()
     if not torch.isfinite(H).all():
         raise ValueError("the Hessian holds inf or NaN values")
-    d = H.shape[0]
-    diag = torch.arange(d, device=H.device)
-    dead = H[diag, diag] <= 0
-    H[dead, :] = 0
-    H[:, dead] = 0
-    H[dead, dead] = 1
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) <= 0
+    H = H.masked_fill(dead[:, :, None] | dead[:, None, :], 0)
+    torch.diagonal(H, dim1=-2, dim2=-1).masked_fill_(dead, 1)
 
-    def upper_inverse(L: torch.Tensor, _: float) -> torch.Tensor | None:
+    def upper_inverse(L: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        return U if int(info) == 0 and torch.isfinite(U).all() else None
+        return U, (info == 0) & torch.isfinite(U).flatten(1).all(1)
 
     return dead, _dampened(H, percdamp, upper_inverse)
 
 
 def _dampened(H64: torch.Tensor, percdamp: float,
-              use: Callable[[torch.Tensor, float], torch.Tensor | None]) -> torch.Tensor:
-    """use(L, damp), L the Cholesky factor of H + damp I (float64), damp = percdamp *
-    mean(diag(H)) grown tenfold (at least to 1e-10 * mean) until the factorisation succeeds and
-    `use` returns a result (None: failed)."""
-    eye = torch.eye(H64.shape[0], dtype=torch.float64, device=H64.device)
-    mean = float(torch.diagonal(H64).mean()) if H64.numel() else 0.0
+              use: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                            tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """use(L, damp, index) of each matrix of the batch H64 [b, d, d] (float64): L the Cholesky
+    factors of H[index] + damp I, damp = percdamp * mean(diag(H)) grown tenfold (at least to
+    1e-10 * mean) until the factorisation succeeds and `use` says its result is good (`use`
+    returns the results and a success flag per matrix)."""
+    b, d = H64.shape[0], H64.shape[-1]
+    eye = torch.eye(d, dtype=torch.float64, device=H64.device)
+    mean = torch.diagonal(H64, dim1=-2, dim2=-1).mean(-1) if d else \
+        torch.zeros(b, dtype=torch.float64, device=H64.device)
     damp = percdamp * mean
+    out: torch.Tensor | None = None
+    todo = torch.arange(b, device=H64.device)
     for _ in range(12):
-        L, info = torch.linalg.cholesky_ex(H64 + damp * eye)
-        if int(info) == 0:
-            result = use(L, damp)
-            if result is not None:
-                return result
-        damp = max(damp * 10, 1e-10 * mean, 1e-30)
+        L, info = torch.linalg.cholesky_ex(H64[todo] + damp[todo, None, None] * eye)
+        factored = info == 0
+        if factored.any():
+            at = todo[factored]
+            result, good = use(L[factored], damp[at], at)
+            if out is None:
+                out = torch.empty((b, *result.shape[1:]), dtype=result.dtype,
+                                  device=result.device)
+            out[at[good]] = result[good]
+            done = torch.zeros_like(factored)
+            done[factored] = good
+            factored = done
+        todo = todo[~factored]
+        if not todo.numel():
+            return out
+        damp[todo] = torch.maximum(torch.maximum(damp[todo] * 10, 1e-10 * mean[todo]),
+                                   torch.full_like(damp[todo], 1e-30))
     raise ValueError("the Hessian could not be inverted, even with dampening")
 
 
 def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None = None,
                 sparsity: float | None = None, n_m: tuple[int, int] | None = None,
-                step: float | None = None, levels: int | None = None, blocksize: int = 128,
+                step: float | np.ndarray | torch.Tensor | None = None,
+                levels: int | None = None, blocksize: int = 128,
                 percdamp: float = DEFAULT_DAMP, target: Target | None = None,
                 factors: dict | None = None) -> torch.Tensor:
     """Prune and/or quantize W [rows, d] with SparseGPT's OBS updates (H [d, d] = E[x x^T]).
+
+    A batch of matrices W [b, rows, d], each with its own H [b, d, d] (a grouped convolution's
+    groups), is reconstructed in one sweep: every argument then has the leading batch axis
+    (`keep` [b, rows, d], a per-row `step` [b, rows], `target`'s matrices [b, d, d]) and each
+    matrix gets what it would get alone.
 
     The mask is `keep` (bool, True = kept), or chosen during the sweep from the OBS saliency
     w^2 / [Hinv]_jj^2 of the current (already updated) weights: `sparsity` prunes
@@ -386,13 +410,26 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
     error is measured both ways (float64, undamped H) and a row whose sweep is worse is
     returned as `plain` (same mask, same grid): the guarantee then holds row by row.
     """
-    if W.dim() != 2:
+    if W.dim() == 2:  # one matrix: a batch of one
+        if H.dim() != 2:
+            raise ValueError(f"H of shape {tuple(H.shape)} does not match a matrix W")
+        one = np.ndim(step) == 1 if not isinstance(step, torch.Tensor) else step.dim() == 1
+        return reconstruct(
+            W[None], H[None], keep=None if keep is None else keep[None], sparsity=sparsity,
+            n_m=n_m, step=(torch.as_tensor(np.asarray(step, dtype=np.float32))
+                           if not isinstance(step, torch.Tensor) else step)[None]
+            if one else step, levels=levels, blocksize=blocksize, percdamp=percdamp,
+            target=None if target is None else Target(*(t[None] for t in target)),
+            factors=factors)[0]
+    if W.dim() != 3:
         raise ValueError(f"W must be a matrix, got shape {tuple(W.shape)}")
-    rows, d = W.shape
-    if tuple(H.shape) != (d, d):
-        raise ValueError(f"H of shape {tuple(H.shape)} does not match W's {d} columns")
-    if keep is not None and tuple(keep.shape) != (rows, d):
-        raise ValueError(f"keep of shape {tuple(keep.shape)} does not match W {(rows, d)}")
+    b, rows, d = W.shape
+    if tuple(H.shape) != (b, d, d):
+        raise ValueError(f"H of shape {tuple(H.shape[1:] if H.dim() == 3 else H.shape)} does "
+                         f"not match W's {d} columns")
+    if keep is not None and tuple(keep.shape) != (b, rows, d):
+        raise ValueError(f"keep of shape {tuple(keep.shape[1:])} does not match W "
+                         f"{(rows, d)}")
     if sparsity is not None and (keep is not None or n_m is not None):
         raise ValueError("sparsity selects the mask: give neither keep nor n_m with it")
     if sparsity is not None and not 0.0 <= sparsity <= 1.0:
@@ -402,8 +439,9 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
         if not 0 <= n <= m or m < 1:
             raise ValueError(f"n_m must satisfy 0 <= N <= M, M >= 1, got {n_m}")
     if step is not None:
-        step_array = np.asarray(step, dtype=np.float64)
-        if step_array.ndim > 1 or step_array.ndim == 1 and step_array.shape != (rows,) or \
+        step_array = step.detach().cpu().numpy() if isinstance(step, torch.Tensor) else \
+            np.asarray(step, dtype=np.float64)
+        if step_array.ndim > 2 or step_array.ndim and step_array.shape != (b, rows) or \
                 not np.all(np.isfinite(step_array) & (step_array > 0)):
             raise ValueError(f"step must be one positive number or one per row, got {step}")
     if levels is not None and (step is None or int(levels) < 1):
@@ -414,7 +452,7 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
     if not torch.isfinite(W0).all():
         raise ValueError("W holds inf or NaN values")
     device = W0.device
-    pruned = torch.zeros(rows, d, dtype=torch.bool, device=device)
+    pruned = torch.zeros(b, rows, d, dtype=torch.bool, device=device)
     if keep is not None:
         pruned = ~keep.to(device, torch.bool)
         if n_m is not None:
@@ -422,6 +460,8 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
     if (keep is None or not pruned.any()) and sparsity is None and n_m is None and \
             step is None and target is None:
         return W0.clone()  # nothing pruned, rounded or aimed: no update
+    if isinstance(step, torch.Tensor) or np.ndim(step):
+        step = torch.as_tensor(step_array, dtype=torch.float32, device=device)
     select = n_m if keep is None else None
     nonzero = n_m is not None
     H = H.to(device)
@@ -429,18 +469,22 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
     if keep is None and sparsity is None and n_m is None and step is None:
         Wc = start  # aimed, nothing pruned or rounded: no sweep
     elif step is not None and n_m is None:  # GPTQ's act-order: largest H_jj first
-        order = torch.argsort(-torch.diagonal(H), stable=True)
-        back = torch.argsort(order)
-        permuted = pruned[:, order]  # filled in by the sparsity selection
-        Wc = _sweep(start[:, order], H[order][:, order], permuted, sparsity, None, step,
-                    levels, blocksize, percdamp, factors=_slot(factors, "ordered"))[:, back]
-        pruned = permuted[:, back]
+        order = torch.argsort(-torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, stable=True)
+        back = torch.argsort(order, dim=-1)
+        columns = order[:, None, :].expand(b, rows, d)
+        permuted = pruned.gather(2, columns)  # filled in by the sparsity selection
+        Hp = H.gather(1, order[:, :, None].expand(b, d, d)).gather(2, order[:, None, :]
+                                                                   .expand(b, d, d))
+        Wc = _sweep(start.gather(2, columns), Hp, permuted, sparsity, None, step, levels,
+                    blocksize, percdamp, factors=_slot(factors, "ordered"))
+        Wc = Wc.gather(2, back[:, None, :].expand(b, rows, d))
+        pruned = permuted.gather(2, back[:, None, :].expand(b, rows, d))
     else:
         Wc = _sweep(start, H, pruned, sparsity, select, step, levels, blocksize, percdamp,
                     nonzero, _slot(factors, "given"))
     plain = torch.where(pruned, torch.zeros_like(W0), _round(W0, step, levels, nonzero))
     worse = _row_errors(W0, Wc, H, target) > _row_errors(W0, plain, H, target)
-    return torch.where(worse[:, None], plain, Wc)
+    return torch.where(worse[..., None], plain, Wc)
 
 
 def _slot(factors: dict | None, key: object) -> dict | None:
@@ -449,12 +493,19 @@ def _slot(factors: dict | None, key: object) -> dict | None:
 
 
 def _sweep(W0: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, sparsity: float | None,
-           n_m: tuple[int, int] | None, step: float | None, levels: int | None,
+           n_m: tuple[int, int] | None, step: float | torch.Tensor | None, levels: int | None,
            blocksize: int, percdamp: float, nonzero: bool = False,
            factors: dict | None = None) -> torch.Tensor:
-    """SparseGPT's blocked sweep without the final check. `pruned` (True = pruned) is the given
+    """SparseGPT's blocked sweep without the final check, over a batch W0 [b, rows, d] with
+    H [b, d, d] (or one matrix [rows, d] with H [d, d]). `pruned` (True = pruned) is the given
     mask, or all False and filled in place by the `sparsity` / `n_m` selection."""
-    rows, d = W0.shape
+    if W0.dim() == 2:
+        view = pruned[None]
+        out = _sweep(W0[None], H[None], view, sparsity, n_m,
+                     step[None] if isinstance(step, torch.Tensor) and step.dim() else step,
+                     levels, blocksize, percdamp, nonzero, factors)
+        return out[0]
+    b, rows, d = W0.shape
     device = W0.device
     factors = {} if factors is None else factors
     if percdamp not in factors:
@@ -469,39 +520,39 @@ def _sweep(W0: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, sparsity: fl
     for i1 in range(0, d, blocksize):
         i2 = min(i1 + blocksize, d)
         count = i2 - i1
-        W1 = Wc[:, i1:i2].clone()
+        W1 = Wc[:, :, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        hdiag = torch.diagonal(Hinv1)
-        dead1 = dead[i1:i2]
-        P1 = pruned[:, i1:i2]  # a view: selections below write into `pruned`
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        hdiag = torch.diagonal(Hinv1, dim1=-2, dim2=-1)  # [b, count]
+        dead1 = dead[:, i1:i2]
+        P1 = pruned[:, :, i1:i2]  # a view: selections below write into `pruned`
         if sparsity is not None:
-            score = W1.pow(2) / hdiag.pow(2)[None, :]
-            score[:, dead1] = 0
-            k = int(round(sparsity * score.numel()))
-            order = torch.argsort(score.flatten(), stable=True)[:k]
-            chosen = torch.zeros(rows * count, dtype=torch.bool, device=device)
-            chosen[order] = True
-            pruned[:, i1:i2] = chosen.view(rows, count)
+            score = (W1.pow(2) / hdiag.pow(2)[:, None, :]).masked_fill(dead1[:, None, :], 0)
+            k = int(round(sparsity * rows * count))
+            order = torch.argsort(score.reshape(b, -1), dim=1, stable=True)[:, :k]
+            chosen = torch.zeros(b, rows * count, dtype=torch.bool, device=device)
+            chosen.scatter_(1, order, True)
+            pruned[:, :, i1:i2] = chosen.view(b, rows, count)
         for i in range(count):
             if select_n_m and i % m == 0:
                 width = min(m, count - i)
                 drop = width - min(n, width)
                 if drop:
-                    score = W1[:, i:i + width].pow(2) / hdiag[i:i + width].pow(2)[None, :]
-                    score[:, dead1[i:i + width]] = 0
-                    idx = torch.topk(score, drop, dim=1, largest=False).indices
-                    P1[:, i:i + width].scatter_(1, idx, True)
-            w = W1[:, i]
-            q = torch.where(P1[:, i], torch.zeros_like(w), _round(w, step, levels, nonzero))
-            Q1[:, i] = q
-            err = (w - q) / hdiag[i]
-            W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
-            Err1[:, i] = err
-        Wc[:, i1:i2] = Q1
+                    score = (W1[:, :, i:i + width].pow(2) /
+                             hdiag[:, i:i + width].pow(2)[:, None, :]).masked_fill(
+                                 dead1[:, None, i:i + width], 0)
+                    idx = torch.topk(score, drop, dim=2, largest=False).indices
+                    P1[:, :, i:i + width].scatter_(2, idx, True)
+            w = W1[:, :, i]
+            q = torch.where(P1[:, :, i], torch.zeros_like(w), _round(w, step, levels, nonzero))
+            Q1[:, :, i] = q
+            err = (w - q) / hdiag[:, i, None]
+            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, None, i, i:]
+            Err1[:, :, i] = err
+        Wc[:, :, i1:i2] = Q1
         if i2 < d:
-            Wc[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            Wc[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
     return Wc
 
 
@@ -511,32 +562,36 @@ def _row_errors(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor,
     H64 = H.to(W.device, torch.float64)
     if target is None:
         D = W64 - N64
-        return ((D @ H64) * D).sum(1)
+        return ((D @ H64) * D).sum(-1)
     G, Ho = (t.to(W.device, torch.float64) for t in target)
-    return ((W64 @ Ho) * W64).sum(1) - 2 * ((W64 @ G) * N64).sum(1) + ((N64 @ H64) * N64).sum(1)
+    return ((W64 @ Ho) * W64).sum(-1) - 2 * ((W64 @ G) * N64).sum(-1) + \
+        ((N64 @ H64) * N64).sum(-1)
 
 
 def _aimed(W: torch.Tensor, H: torch.Tensor, target: Target, percdamp: float) -> torch.Tensor:
     """argmin_W' E||W x_original - W' x||^2 + damp ||W' - W||^2 = (W G + damp W)(H + damp I)^-1
-    (float32): the dampening pulls towards W, so unchanged inputs (G = H) give W back and an
-    input never seen keeps its weight. Dampening grows tenfold while H + damp I is singular."""
+    (float32) of each matrix of the batch W [b, rows, d]: the dampening pulls towards W, so
+    unchanged inputs (G = H) give W back and an input never seen keeps its weight. Dampening
+    grows tenfold while H + damp I is singular."""
     W64 = W.to(torch.float64)
     H64 = H.to(W.device, torch.float64)
     G64 = target.cross.to(W.device, torch.float64)
     if not (torch.isfinite(H64).all() and torch.isfinite(G64).all()):
         raise ValueError("the Hessian holds inf or NaN values")
 
-    def solve(L: torch.Tensor, damp: float) -> torch.Tensor | None:
-        aimed = torch.cholesky_solve((W64 @ G64 + damp * W64).T, L).T
-        return aimed.to(torch.float32) if torch.isfinite(aimed).all() else None
+    def solve(L: torch.Tensor, damp: torch.Tensor, index: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        w = W64[index]
+        aimed = torch.cholesky_solve((w @ G64[index] + damp[:, None, None] * w).mT, L).mT
+        return aimed.to(torch.float32), torch.isfinite(aimed).flatten(1).all(1)
 
     return _dampened(H64, percdamp, solve)
 
 
 def _check_n_m(kept: torch.Tensor, n: int, m: int) -> None:
-    d = kept.shape[1]
+    d = kept.shape[-1]
     full = d // m * m
-    if full and int(kept[:, :full].reshape(kept.shape[0], -1, m).sum(-1).max()) > n:
+    if full and int(kept[..., :full].reshape(*kept.shape[:-1], -1, m).sum(-1).max()) > n:
         raise ValueError(f"keep holds more than {n} of {m} consecutive entries in a row")
 
 
@@ -547,60 +602,61 @@ def _check_n_m(kept: torch.Tensor, n: int, m: int) -> None:
 def reconstruct_weight(weight: np.ndarray, entry: LayerInput, hessian: Hessian, *,
                        keep: np.ndarray | None = None, device: str | torch.device | None = None,
                        **options) -> np.ndarray:
-    """`reconstruct` applied to each matrix of a weight tensor (options as `reconstruct`;
-    `factors`: one dict kept across calls with the same `hessian`).
+    """`reconstruct` applied to the matrices of a weight tensor, all in one batch (options as
+    `reconstruct`; `factors`: one dict kept across calls with the same `hessian`).
 
     `keep` has the weight's shape; a per-row `step` is given broadcastable to it (one value per
     index along the weight's output-row axis). Returns the new weight in the weight's dtype.
     """
     w = np.asarray(weight)
     dev = torch.device(device) if device is not None else hessian.device
-    mats = to_matrices(w.astype(np.float32, copy=False), entry)
-    keeps = to_matrices(np.asarray(keep, dtype=bool), entry) if keep is not None else None
-    steps = None
+    W = torch.from_numpy(np.stack(to_matrices(w.astype(np.float32, copy=False), entry))).to(dev)
+    if keep is not None:
+        keep = torch.from_numpy(np.stack(to_matrices(np.asarray(keep, dtype=bool), entry))
+                                ).to(dev)
     if np.ndim(options.get("step")) > 0:  # per row: given broadcastable to the weight
-        steps = [m[:, 0] for m in to_matrices(np.broadcast_to(
-            np.asarray(options.pop("step"), dtype=np.float32), w.shape), entry)]
-    targets = _targets(hessian, len(mats))
-    factors = options.pop("factors", None)
-    out = []
-    for i, (m, h) in enumerate(zip(mats, _pair(hessian.matrices, len(mats)))):
-        k = torch.from_numpy(keeps[i]).to(dev) if keeps is not None else None
-        if steps is not None:
-            options["step"] = steps[i]
-        out.append(reconstruct(torch.tensor(m, device=dev), h.to(dev), keep=k,
-                               target=targets[i], factors=_slot(factors, i), **options))
-    return from_matrices(out, entry, w.shape).astype(w.dtype, copy=False)
+        options["step"] = torch.from_numpy(np.stack([m[:, 0] for m in to_matrices(
+            np.broadcast_to(np.asarray(options["step"], dtype=np.float32), w.shape), entry)]))
+    H, target = _stacked(hessian, len(W))
+    out = reconstruct(W, H.to(dev), keep=keep, target=target, **options)
+    return from_matrices(list(out), entry, w.shape).astype(w.dtype, copy=False)
 
 
-def _targets(hessian: Hessian, count: int) -> list[Target | None]:
+def _stacked(hessian: Hessian, count: int) -> tuple[torch.Tensor, Target | None]:
+    """H [count, d, d] of each of a weight's `count` matrices (per group, or one shared by
+    every direction), and their targets (None unless filled by `add_pair`)."""
+    H = torch.stack(_pair(hessian.matrices, count))
     targets = hessian.targets
-    return [None] * count if targets is None else _pair(targets, count)
+    if targets is None:
+        return H, None
+    paired = _pair(targets, count)
+    return H, Target(torch.stack([t.cross for t in paired]),
+                     torch.stack([t.original for t in paired]))
 
 
 def _paired_matrices(weight: np.ndarray, new: np.ndarray, entry: LayerInput, hessian: Hessian
-                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Target | None]]:
-    """(W, W_new, H, target) of each of a weight's matrices, W on H's device."""
-    a = to_matrices(np.array(weight, dtype=np.float32), entry)
-    b = to_matrices(np.array(new, dtype=np.float32), entry)
-    return [(torch.from_numpy(x).to(h.device), torch.from_numpy(y), h, t)
-            for x, y, h, t in zip(a, b, _pair(hessian.matrices, len(a)), _targets(hessian, len(a)))]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Target | None]:
+    """(W, W_new, H, target) of a weight's matrices as batches, W on H's device."""
+    a = np.stack(to_matrices(np.array(weight, dtype=np.float32), entry))
+    b = np.stack(to_matrices(np.array(new, dtype=np.float32), entry))
+    H, target = _stacked(hessian, len(a))
+    return torch.from_numpy(a).to(H.device), torch.from_numpy(b), H, target
 
 
 def weight_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput,
                  hessian: Hessian) -> float:
     """Sum of `layer_error` over a weight's matrices: its output change on the calibration data."""
-    return sum(layer_error(*m) for m in _paired_matrices(weight, new, entry, hessian))
+    return layer_error(*_paired_matrices(weight, new, entry, hessian))
 
 
-def row_energies(weight: np.ndarray, entry: LayerInput, hessian: Hessian) -> list[torch.Tensor]:
-    """Each output row's output energy on the calibration data, per matrix of the weight."""
-    return [_row_errors(x, torch.zeros_like(x), h, t)
-            for x, _, h, t in _paired_matrices(weight, weight, entry, hessian)]
+def row_energies(weight: np.ndarray, entry: LayerInput, hessian: Hessian) -> torch.Tensor:
+    """Each output row's output energy on the calibration data, [matrices, rows]."""
+    x, _, h, t = _paired_matrices(weight, weight, entry, hessian)
+    return _row_errors(x, torch.zeros_like(x), h, t)
 
 
 def relative_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput, hessian: Hessian,
-                   energies: Sequence[torch.Tensor] | None = None) -> float:
+                   energies: torch.Tensor | None = None) -> float:
     """Sum over output rows of each row's output change relative to the row's own output
     energy on the calibration data (`grids.choose`'s measure): a channel 100x smaller than the
     others, which a normalisation downstream may scale back up, counts as much as they do.
@@ -608,9 +664,6 @@ def relative_error(weight: np.ndarray, new: np.ndarray, entry: LayerInput, hessi
     on `new`)."""
     if energies is None:
         energies = row_energies(weight, entry, hessian)
-    total = 0.0
-    for (x, y, h, t), energy in zip(_paired_matrices(weight, new, entry, hessian), energies):
-        error = _row_errors(x, y, h, t)
-        live = energy > 0
-        total += float((error[live] / energy[live]).sum())
-    return total
+    error = _row_errors(*_paired_matrices(weight, new, entry, hessian))
+    live = energies > 0
+    return float((error[live] / energies[live]).sum())
