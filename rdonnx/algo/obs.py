@@ -413,14 +413,15 @@ def reconstruct(W: torch.Tensor, H: torch.Tensor, *, keep: torch.Tensor | None =
     if W.dim() == 2:  # one matrix: a batch of one
         if H.dim() != 2:
             raise ValueError(f"H of shape {tuple(H.shape)} does not match a matrix W")
-        one = np.ndim(step) == 1 if not isinstance(step, torch.Tensor) else step.dim() == 1
-        return reconstruct(
-            W[None], H[None], keep=None if keep is None else keep[None], sparsity=sparsity,
-            n_m=n_m, step=(torch.as_tensor(np.asarray(step, dtype=np.float32))
-                           if not isinstance(step, torch.Tensor) else step)[None]
-            if one else step, levels=levels, blocksize=blocksize, percdamp=percdamp,
-            target=None if target is None else Target(*(t[None] for t in target)),
-            factors=factors)[0]
+        if step is not None and np.ndim(step) == 1:  # per row
+            step = torch.as_tensor(np.asarray(step, dtype=np.float32)) \
+                if not isinstance(step, torch.Tensor) else step
+            step = step[None]
+        return reconstruct(W[None], H[None], keep=None if keep is None else keep[None],
+                           sparsity=sparsity, n_m=n_m, step=step, levels=levels,
+                           blocksize=blocksize, percdamp=percdamp,
+                           target=None if target is None else Target(*(t[None] for t in target)),
+                           factors=factors)[0]
     if W.dim() != 3:
         raise ValueError(f"W must be a matrix, got shape {tuple(W.shape)}")
     b, rows, d = W.shape
