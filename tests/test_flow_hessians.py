@@ -33,8 +33,9 @@ def test_original_hessians_are_the_replayed_batches_and_cached(bundled_cnn):
 
 
 def test_sequential_hessians_reuse_the_original_inputs_exactly(bundled_cnn):
-    """The original inputs of the layer last asked for are kept: asking again (as every probe
-    of a sequential curve does) gives the very same statistics."""
+    """The original inputs of the layer last asked for are kept: asking again with other
+    compressed weights (as every probe of a sequential curve does) runs only the compressed
+    model; with the very same ones, nothing runs and the Hessian is the same."""
     cal = calibrate_model(bundled_cnn.path, SEQUENTIAL, bundled_cnn.calib)
     hessians = Hessians(cal)  # fresh: no layer asked for before
     first, second = cal.weights[0], cal.weights[1]
@@ -51,11 +52,13 @@ def test_sequential_hessians_reuse_the_original_inputs_exactly(bundled_cnn):
         fresh = hessians.hessian(second.name, pruned)
         assert calls.count(False) == len(cal.replay)  # original inputs: one pass
         calls.clear()
-        again = hessians.hessian(second.name, pruned)
+        assert hessians.hessian(second.name, dict(pruned)) is fresh  # the same arrays
+        assert calls == []
+        again = hessians.hessian(second.name, {first.name: pruned[first.name].copy()})
         assert calls == [True] * len(cal.replay)  # only the compressed model runs again
     finally:
         del cal.runner.run
-    assert fresh is not again  # not cached: another earlier layer may be passed next
+    assert fresh is not again  # another array: measured again
     for a, b in zip(fresh.matrices + [t for p in fresh.targets for t in p],
                     again.matrices + [t for p in again.targets for t in p]):
         assert torch.equal(a, b)
@@ -92,3 +95,28 @@ def test_layers_asked_together_share_one_run_per_batch(bundled_cnn):
     for single, together in zip(singles, rest):
         for a, b in zip(single.matrices, together.matrices):
             assert torch.equal(a, b)
+
+
+def test_layers_reading_one_input_share_its_hessian(attention):
+    """q, k and v read the same input: one Hessian serves all three, from the original model
+    and in the sequential pass, where compressing q cannot change k's input (a node's output
+    cannot change its own input); a layer reading another input is measured anew."""
+    config = CompressConfig.of(sequential=True, rate=0.5, method="uniform", grid=(1.0, 0.5),
+                               data=DataOptions(samples=32))
+    cal = calibrate_model(attention.path, config, attention.calib)
+    by_input: dict = {}
+    for w in cal.weights:
+        by_input.setdefault(cal.inputs[w.name].tensors, []).append(w.name)
+    q, k, v = next(names for names in by_input.values() if len(names) == 3)
+    other = next(w.name for w in cal.weights if w.name not in (q, k, v))
+    hessians = Hessians(cal)
+    shared = hessians.hessian(q, together=[q, k, v, other])
+    assert hessians.hessian(k) is shared and hessians.hessian(v) is shared
+    assert hessians.hessian(other) is not shared
+    pruned = {n: cal.rankings[n].apply(cal.originals[n], 100) for n in (q, k)}
+    after_q = hessians.hessian(k, {q: pruned[q]})
+    assert hessians.hessian(v, {q: pruned[q], k: pruned[k]}) is after_q
+    fresh = Hessians(cal).hessian(v, {q: pruned[q], k: pruned[k]})
+    for a, b in zip(after_q.matrices, fresh.matrices):
+        assert torch.equal(a, b)
+    assert hessians.hessian(other, {q: pruned[q], k: pruned[k]}) is not after_q

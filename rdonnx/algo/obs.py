@@ -19,6 +19,7 @@ runs on the device of the tensors handed in (`device` for `Hessian`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import NamedTuple, TypeVar
 
 import numpy as np
@@ -59,6 +60,13 @@ def _check_entry(entry: LayerInput) -> None:
     if entry.op not in ("MatMul", "Gemm", *RECURRENT):
         raise ValueError(f"{entry.weight}: {entry.op} weights are not supported by layer "
                          "reconstruction")
+
+
+def input_key(entry: LayerInput) -> LayerInput:
+    """What a layer's Hessian depends on: entries with equal keys have equal Hessians (the same
+    input tensors, unfolded the same way; which weight multiplies them, and along which axes,
+    aside). Attention's q, k and v projections share one."""
+    return replace(entry, weight="", in_axis=None, row_axis=0)
 
 
 def torch_device(name: str) -> str:

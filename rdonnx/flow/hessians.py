@@ -22,6 +22,12 @@ class Hessians:
     def __init__(self, cal: Calibration) -> None:
         self.cal = cal
         self._cache: dict[tuple[str, bool], obs.Hessian] = {}
+        # original inputs: one Hessian per distinct layer input (`obs.input_key`), held out or
+        # not
+        self._inputs: dict[tuple[obs.LayerInput, bool], obs.Hessian] = {}
+        # sequential mode, held out or not: the last layer's input key, the weights compressed
+        # then, and its Hessian (the next layer reading the same input gets it again)
+        self._last: dict[bool, tuple[obs.LayerInput, dict[str, np.ndarray], obs.Hessian]] = {}
         # fit / held-out: the last layer's original inputs per batch (sequential mode), while
         # at most ORIGINAL_INPUTS_MB
         self._original_inputs: dict[bool, tuple[str, list[list[np.ndarray]]]] = {}
@@ -43,10 +49,14 @@ class Hessians:
             return self._cache[key]
         cal = self.cal
         entry = cal.inputs[name]
+        key = obs.input_key(entry)
+        last = self._last.get(held_out)
+        if last is not None and last[0] == key and self._same_input(last[1], earlier, key):
+            return last[2]
         h = obs.Hessian(entry, obs.torch_device(cal.runner.device.ort_device))  # CUDA: GPU
         prepared = {n: cal.runner.weight_value(n, a) for n, a in earlier.items()}
-        last = self._original_inputs.get(held_out)
-        held = last[1] if last is not None and last[0] == name else None
+        inputs = self._original_inputs.get(held_out)
+        held = inputs[1] if inputs is not None and inputs[0] == name else None
         kept: list[list[np.ndarray]] | None = [] if held is None else None
         size = 0
         for i, (feed, _) in enumerate(cal.check if held_out else cal.replay):
@@ -69,20 +79,39 @@ class Hessians:
                            feed[tensor] if tensor in feed else computed[tensor])
         if kept is not None:  # sequential curves ask for the same layer many times
             self._original_inputs[held_out] = (name, kept)
+        self._last[held_out] = (key, dict(earlier), h)
         return h
+
+    def _same_input(self, before: Mapping[str, np.ndarray], now: Mapping[str, np.ndarray],
+                    key: obs.LayerInput) -> bool:
+        """Whether the layer input `key` is the same with the weights `now` compressed as with
+        those `before`: the same arrays for the weights compressed then, and nothing else
+        compressed but weights whose one consumer reads that very input (a node's output
+        cannot change its own input)."""
+        if any(now.get(n) is not a for n, a in before.items()):
+            return False
+        inputs = self.cal.inputs
+        return all(n in inputs and not inputs[n].others and obs.input_key(inputs[n]) == key
+                   for n in now.keys() - before.keys())
 
     def _originals(self, names: Sequence[str], held_out: bool) -> None:
         """Cache the original-input Hessians of `names` (those not cached yet), one run of
         the original model per batch for all of them."""
         cal = self.cal
-        todo = [n for n in dict.fromkeys(names) if (n, held_out) not in self._cache]
         device = obs.torch_device(cal.runner.device.ort_device)  # CUDA: on the GPU
-        hs = {n: obs.Hessian(cal.inputs[n], device) for n in todo}
-        for feed, _ in cal.check if held_out else cal.replay:
-            missing = sorted({t for n in todo for t in cal.inputs[n].tensors} - set(feed))
+        shared = dict(self._inputs)
+        made: dict[str, obs.Hessian] = {}
+        for n in dict.fromkeys(names):
+            key = (obs.input_key(cal.inputs[n]), held_out)
+            if (n, held_out) not in self._cache:  # one Hessian per distinct input (q, k, v)
+                made[n] = shared.setdefault(key, obs.Hessian(cal.inputs[n], device))
+        new = [h for h in dict.fromkeys(made.values()) if h not in self._inputs.values()]
+        for feed, _ in (cal.check if held_out else cal.replay) if new else ():
+            missing = sorted({t for h in new for t in h.entry.tensors} - set(feed))
             values = {**feed, **dict(zip(missing, cal.runner.run(feed, outputs=missing)))} \
                 if missing else feed
-            for n in todo:
-                for tensor in cal.inputs[n].tensors:  # every consumer of a shared weight
-                    hs[n].add_batch(values[tensor])
-        self._cache.update({(n, held_out): h for n, h in hs.items()})
+            for h in new:
+                for tensor in h.entry.tensors:  # every consumer of a shared weight
+                    h.add_batch(values[tensor])
+        self._inputs = shared  # filled: kept only now (an interrupted pass leaves nothing)
+        self._cache.update({(n, held_out): h for n, h in made.items()})
