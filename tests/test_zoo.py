@@ -174,7 +174,8 @@ def test_bench_model_rows_on_a_tiny_model(tmp_path):
     index = {s: len(np.load(prep.inputs(s))["x"]) for s in ("calib", "val", "test")}
     assert index == {"calib": 64, "val": 36, "test": 200}
     args = argparse.Namespace(work=str(tmp_path), keep=False, skip_nncodec=True,
-                              skip_rdonnx=False, time_budget=None, nncodec_python="")
+                              skip_rdonnx=False, time_budget=None, nncodec_python="",
+                              at_baseline=False)
     rows = {r.method: r for r in zoo_bench.bench_model(TINY, tmp_path, args)}
     original = (root / "model.onnx").stat().st_size
     assert rows["original"].bytes == original
@@ -242,7 +243,8 @@ def test_time_budget_skips_the_ladder_not_the_fallback(tmp_path):
     ad = replace(TINY, fallback=(("--rate", "1", "--value-bits", "16"),), nncodec=False,
                  nncodec_note="not for the tiny model")
     args = argparse.Namespace(work=str(tmp_path), keep=False, skip_nncodec=False,
-                              skip_rdonnx=False, time_budget=1e-6, nncodec_python="")
+                              skip_rdonnx=False, time_budget=1e-6, nncodec_python="",
+                              at_baseline=False)
     rows = {r.method: r for r in zoo_bench.bench_model(ad, tmp_path, args)}
     rd = rows["rdonnx"]
     assert rd.setting == "--rate 1 --value-bits 16" and rd.transparent, rd.note
@@ -256,3 +258,20 @@ def test_ladder_from_the_command_line():
     assert "command line" in ad.notes and ad.fallback == TINY.fallback
     assert zoo_bench.with_ladder(TINY, "none").ladder == ()
     assert zoo_bench.with_ladder(TINY, None) is TINY
+
+
+def test_at_baseline_keeps_the_first_rung_no_worse_than_quantize_dynamic():
+    from dataclasses import replace
+
+    rows = [zoo_bench.Row("tiny", "original", 100),
+            zoo_bench.Row("tiny", "quantize_dynamic int8/ch", 30, test={"top1": 0.9})]
+    ad = zoo_bench.at_baseline(TINY, rows)
+    assert ad.transparent({"top1": 0.9}) and not ad.transparent({"top1": 0.899})
+    assert "top1 >= 0.9000 (quantize_dynamic's)" in ad.notes
+    lower = zoo_bench.at_baseline(replace(TINY, lower_is_better=True), rows)
+    assert lower.transparent({"top1": 0.5}) and not lower.transparent({"top1": 0.95})
+    assert zoo_bench.at_baseline(TINY, rows[:1]) is TINY  # no baseline metric: unchanged
+    rungs = zoo_bench.with_fallback(TINY, "--rate 1 --value-bits 5 --reconstruct;--rate 1")
+    assert rungs.fallback == (("--rate", "1", "--value-bits", "5", "--reconstruct"),
+                              ("--rate", "1"))
+    assert zoo_bench.with_fallback(TINY, "none").fallback == ()
