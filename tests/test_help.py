@@ -90,9 +90,12 @@ def test_the_api_stays_importable_and_calibrate_stays_a_function():
 
 @pytest.mark.parametrize("delay", [0.6, 1.5])
 def test_ctrl_c_during_start_up_prints_one_line(tmp_path, delay):
+    # SIGINT at its default in the child even when the suite runs as a background job (a shell
+    # starts those with SIGINT ignored, and an ignored disposition survives exec)
     proc = subprocess.Popen([sys.executable, "-m", "rdonnx.cli", "compress",
                              MODELS / "digits_mlp.onnx", "--rate", "0.2", "-o",
-                             tmp_path / "a.rdonnx"], stderr=subprocess.PIPE, text=True)
+                             tmp_path / "a.rdonnx"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
