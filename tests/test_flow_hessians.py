@@ -85,7 +85,7 @@ def test_layers_asked_together_share_one_run_per_batch(bundled_cnn):
 
     cal.runner.run = counted
     try:
-        first = hessians.hessian(names[1], together=names)
+        first = hessians.hessian(names[1], together=lambda: names)
         runs = len(calls)
         rest = [hessians.hessian(n) for n in names]  # cached: no further run
     finally:
@@ -110,7 +110,7 @@ def test_layers_reading_one_input_share_its_hessian(attention):
     q, k, v = next(names for names in by_input.values() if len(names) == 3)
     other = next(w.name for w in cal.weights if w.name not in (q, k, v))
     hessians = Hessians(cal)
-    shared = hessians.hessian(q, together=[q, k, v, other])
+    shared = hessians.hessian(q, together=lambda: [q, k, v, other])
     assert hessians.hessian(k) is shared and hessians.hessian(v) is shared
     assert hessians.hessian(other) is not shared
     pruned = {n: cal.rankings[n].apply(cal.originals[n], 100) for n in (q, k)}

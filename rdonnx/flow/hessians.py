@@ -6,7 +6,7 @@ the layers asked `together` share one run per batch) or with earlier weights alr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -21,9 +21,8 @@ class Hessians:
 
     def __init__(self, cal: Calibration) -> None:
         self.cal = cal
-        self._cache: dict[tuple[str, bool], obs.Hessian] = {}
         # original inputs: one Hessian per distinct layer input (`obs.input_key`), held out or
-        # not
+        # not (cached)
         self._inputs: dict[tuple[obs.LayerInput, bool], obs.Hessian] = {}
         # sequential mode, held out or not: the last layer's input key, the weights compressed
         # then, and its Hessian (the next layer reading the same input gets it again)
@@ -33,23 +32,23 @@ class Hessians:
         self._original_inputs: dict[bool, tuple[str, list[list[np.ndarray]]]] = {}
 
     def hessian(self, name: str, earlier: Mapping[str, np.ndarray] | None = None,
-                held_out: bool = False, together: Sequence[str] = ()) -> obs.Hessian:
+                held_out: bool = False,
+                together: Callable[[], Iterable[str]] | None = None) -> obs.Hessian:
         """E[x x^T] of the weight's layer input: from the original model (cached), or with
         the `earlier` weights already compressed (sequential mode), paired with the original
         input so that reconstruction aims at the original output (`obs.Target`). On the fit
         part of the data, or with `held_out` on the held-out part (`Calibration.check`).
-        `together`: layers whose original-input Hessians are filled in the same runs (ONNX
-        Runtime runs the whole graph whichever outputs are asked, so one run per batch serves
-        them all; the reference pass fetched the same tensors at once)."""
+        `together`: on a miss, the layers whose original-input Hessians are filled in the same
+        runs (ONNX Runtime runs the whole graph whichever outputs are asked, so one run per
+        batch serves them all; the reference pass fetched the same tensors at once)."""
         earlier = earlier or None  # nothing compressed yet: the original inputs
-        key = (name, held_out)
-        if earlier is None:
-            if key not in self._cache:
-                self._originals([name, *(n for n in together if n != name)], held_out)
-            return self._cache[key]
         cal = self.cal
         entry = cal.inputs[name]
         key = obs.input_key(entry)
+        if earlier is None:
+            if (key, held_out) not in self._inputs:
+                self._originals([name, *(together() if together else ())], held_out)
+            return self._inputs[key, held_out]
         last = self._last.get(held_out)
         if last is not None and last[0] == key and self._same_input(last[1], earlier, key):
             return last[2]
@@ -94,24 +93,21 @@ class Hessians:
         return all(n in inputs and not inputs[n].others and obs.input_key(inputs[n]) == key
                    for n in now.keys() - before.keys())
 
-    def _originals(self, names: Sequence[str], held_out: bool) -> None:
-        """Cache the original-input Hessians of `names` (those not cached yet), one run of
-        the original model per batch for all of them."""
+    def _originals(self, names: Iterable[str], held_out: bool) -> None:
+        """Cache the original-input Hessians of `names` (those of inputs not cached yet), one
+        run of the original model per batch for all of them."""
         cal = self.cal
         device = obs.torch_device(cal.runner.device.ort_device)  # CUDA: on the GPU
-        shared = dict(self._inputs)
-        made: dict[str, obs.Hessian] = {}
-        for n in dict.fromkeys(names):
+        new: dict[tuple[obs.LayerInput, bool], obs.Hessian] = {}
+        for n in names:
             key = (obs.input_key(cal.inputs[n]), held_out)
-            if (n, held_out) not in self._cache:  # one Hessian per distinct input (q, k, v)
-                made[n] = shared.setdefault(key, obs.Hessian(cal.inputs[n], device))
-        new = [h for h in dict.fromkeys(made.values()) if h not in self._inputs.values()]
-        for feed, _ in (cal.check if held_out else cal.replay) if new else ():
-            missing = sorted({t for h in new for t in h.entry.tensors} - set(feed))
+            if key not in self._inputs and key not in new:
+                new[key] = obs.Hessian(cal.inputs[n], device)
+        for feed, _ in cal.check if held_out else cal.replay:
+            missing = sorted({t for h in new.values() for t in h.entry.tensors} - set(feed))
             values = {**feed, **dict(zip(missing, cal.runner.run(feed, outputs=missing)))} \
                 if missing else feed
-            for h in new:
+            for h in new.values():
                 for tensor in h.entry.tensors:  # every consumer of a shared weight
                     h.add_batch(values[tensor])
-        self._inputs = shared  # filled: kept only now (an interrupted pass leaves nothing)
-        self._cache.update({(n, held_out): h for n, h in made.items()})
+        self._inputs.update(new)  # filled: kept only now (an interrupted pass leaves nothing)

@@ -204,8 +204,8 @@ class Realizer:
         sequential = earlier is not None
         # outside the sequential pass every reconstructed layer asks for its original
         # Hessians: all of them come from one run per batch
-        together = () if sequential else \
-            [v.name for v in cal.weights if self.reconstructs(v.name)]
+        together = None if sequential else \
+            (lambda: [v.name for v in cal.weights if self.reconstructs(v.name)])
         hessian = self.hessians.hessian(w.name, earlier, together=together)
         options: dict = {}
         criterion = self.prune.criterion
