@@ -234,6 +234,7 @@ COMPRESS_OPTIONS = [
                  "and sparse, beside the input]."),
     *(config_option(n) for n in
       ("format", "values", "value_bits", "value_budget", "quantizer", "rdoq", "bias_correction",
+       "coarse_unread",
        "lossless_unpruned",
        "pattern", "method", "solver", "normalize", "pqi_p", "pqi_q", "pqi_eta", "pqi_gamma",
        "pqi_mode", "granularity", "budget", "hsic_samples", "hsic_beta")),

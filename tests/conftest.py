@@ -386,7 +386,7 @@ def assert_usage_error(run: Run, *patterns: str) -> None:
 
 
 def write_coded(tmp_path: Path, q: np.ndarray, step, codebook: np.ndarray | None = None,
-                step_axis: int | None = None) -> Path:
+                step_axis: int | None = None, classes: np.ndarray | None = None) -> Path:
     """An .rdonnx file holding one coded float tensor "w" (levels `q`) and an Identity graph."""
     from onnx import TensorProto, helper
 
@@ -403,6 +403,7 @@ def write_coded(tmp_path: Path, q: np.ndarray, step, codebook: np.ndarray | None
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path = tmp_path / "c.rdonnx"
-    coded = [encode_tensor("w", TensorProto.FLOAT, q.shape, q, step, None, codebook, step_axis)]
+    coded = [encode_tensor("w", TensorProto.FLOAT, q.shape, q, step, None, codebook, step_axis,
+                           classes)]
     write_artifact(path, model, coded, {}, {}, "test")
     return path

@@ -150,3 +150,19 @@ def test_one_step_for_the_tensor_is_never_worse_than_plain_rounding(bits):
     assert error <= plain_error
     assert error == pytest.approx(np.sum((w - grids.round_to(w, grid, bits) * grid.steps[0]) ** 2),
                                   rel=1e-5)
+
+
+def test_a_split_grid_codes_the_coarse_rows_at_their_own_width():
+    """Rows marked coarse get the steps and levels of their own narrower fit, the others those
+    of the width's; every level stays within the width's range."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((12, 40)).astype(np.float32) * rng.uniform(0.1, 3, (12, 1))
+    coarse = np.arange(12) % 3 == 0
+    grid, q = grids.fit_split(w, 8, 0, coarse, 4)
+    fine_grid, _ = grids.fit(w[~coarse], 8, 0)
+    coarse_grid, _ = grids.fit(w[coarse], 4, 0)
+    assert np.array_equal(grid.steps[~coarse], fine_grid.steps)
+    assert np.array_equal(grid.steps[coarse], coarse_grid.steps)
+    assert np.abs(q[coarse]).max() <= 7 and np.abs(q[~coarse]).max() > 7
+    assert np.array_equal(q[coarse], grids.round_to(w[coarse], coarse_grid, 4))
+    assert grids.steps_bits(grid) == grids.side_bits(grid)  # steps on the log scale

@@ -17,9 +17,9 @@ from onnx import TensorProto, helper
 
 from rdonnx.algo.layout import LayerInput, SecondMoments, output_shift
 from rdonnx.flow.curves import exposed_tensors, record
-from rdonnx.graph.layers import layer_biases, layer_inputs, output_axes
+from rdonnx.graph.layers import layer_biases, layer_inputs, lookup_indices, output_axes
 from rdonnx.graph.model import load_model
-from rdonnx.graph.weights import find_weights
+from rdonnx.graph.weights import find_codable, find_weights
 from rdonnx.runtime.data import DataOptions, input_specs, make_batches
 from rdonnx.runtime.session import Runner
 
@@ -532,3 +532,29 @@ def test_output_shift_of_a_matmul_and_the_biases_found():
     model = load_model(make_model(nodes, [vi("x", F, ["N", 5])], [_y()], shared))
     found = layer_biases(model, find_weights(model, min_params=1))
     assert {w: b.name for w, b in found.items()} == {"R": "r"}
+
+
+def test_lookup_tables_are_those_gathered_by_a_graph_input():
+    """A table read by Gather along axis 0 with indices straight from a graph input is a
+    lookup table; one also read by MatMul (a tied output head), gathered along axis 1, or by
+    computed indices is not."""
+    rng = np.random.default_rng(0)
+    tables = {n: rng.standard_normal((20, 8)).astype(np.float32)
+              for n in ("tokens", "tied", "cols", "computed")}
+    nodes = [helper.make_node("Gather", ["tokens", "ids"], ["a"], axis=0),
+             helper.make_node("Gather", ["tied", "ids"], ["b"], axis=0),
+             helper.make_node("MatMul", ["a", "tied_t"], ["logits"]),
+             helper.make_node("Transpose", ["tied"], ["tied_t"], perm=[1, 0]),
+             helper.make_node("Gather", ["cols", "few"], ["c"], axis=1),
+             helper.make_node("Add", ["ids", "one"], ["shifted"]),
+             helper.make_node("Gather", ["computed", "shifted"], ["d"], axis=0)]
+    model = make_model(nodes, [vi("ids", TensorProto.INT64, ["N", 4]),
+                               vi("few", TensorProto.INT64, [2])],
+                       [vi("logits", TensorProto.FLOAT, ["N", 4, 20]),
+                        vi("b", TensorProto.FLOAT, ["N", 4, 8]),
+                        vi("c", TensorProto.FLOAT, [20, 2]),
+                        vi("d", TensorProto.FLOAT, ["N", 4, 8])],
+                       {**tables, "one": np.ones((), np.int64)})
+    loaded = load_model(model)
+    codable = find_codable(loaded, find_weights(loaded, min_params=1), min_params=1)
+    assert lookup_indices(loaded, codable) == {"tokens": "ids"}

@@ -177,7 +177,7 @@ DAMAGED: dict[str, Callable[[Layout], bytes]] = {
     "onnx-file": lambda lay: onnx.helper.make_model(onnx.helper.make_graph(
         [], "g", [], [])).SerializeToString(),
     "zip-file": lambda lay: b"PK\x03\x04" + bytes(200),
-    "version-4": lambda lay: _patch(lay.blob, "<H", 8, 4),  # 2: SuRP, 3: channels; 4 unknown
+    "version-5": lambda lay: _patch(lay.blob, "<H", 8, 5),  # 2: SuRP, 3: channels, 4: classes
     "version-0": lambda lay: _patch(lay.blob, "<H", 8, 0),
     "version-65535": lambda lay: _patch(lay.blob, "<H", 8, 0xFFFF),
     "manifest-length-huge": lambda lay: _patch(lay.blob, "<I", 12, 0xFFFFFFFF),
@@ -313,7 +313,7 @@ def test_damaged_file_on_the_command_line(small, tmp_path, cli, name):
 
 
 def test_format_errors_say_what_is_wrong(small, tmp_path):
-    cases = {"wrong-magic": "not an .rdonnx file", "version-4": "format version 4",
+    cases = {"wrong-magic": "not an .rdonnx file", "version-5": "format version 5",
              "manifest-length-huge": "manifest", "flip-manifest": "checksum",
              "flip-graph": "checksum", "flip-streams": "checksum",
              "shape-2^40": "shape", "truncated-streams": "truncated|outside"}
@@ -392,17 +392,29 @@ def test_fuzz_raw_mutations(small, tmp_path):
     assert outcomes["usage"] > 1500  # the checksums catch nearly every mutation
 
 
-def _damaged_stream(rng: random.Random, small) -> bytes:
-    """The artifact with one positions or values stream mutated and its CRC repaired (the
-    damaged copy appended as a new section), so the entropy decoders see it."""
-    data = _data(small)
-    manifest = json.loads(json.dumps(small.manifest))
+def _damaged_stream(rng: random.Random, manifest: dict, data: bytes,
+                    kinds: tuple[str, ...] = ("positions", "values"), version: int = 1) -> bytes:
+    """The artifact with one stream of `kinds` mutated and its CRC repaired (the damaged copy
+    appended as a new section), so the decoders see it."""
+    manifest = json.loads(json.dumps(manifest))
     entry = rng.choice(manifest["tensors"])
-    section = entry[rng.choice(("positions", "values"))]
+    section = entry[rng.choice(kinds)]
     stream = data[section["offset"]:section["offset"] + section["length"]]
     mutated = _mutate(rng, stream)
     section.update(offset=len(data), length=len(mutated), crc32=zlib.crc32(mutated))
-    return _rebuild(manifest, data + mutated)
+    return _rebuild(manifest, data + mutated, version=version)
+
+
+def _decoded_or_refused(blob: bytes, i: int) -> dict[str, np.ndarray] | None:
+    """The decoded tensors of `blob`, or None when it is refused with a UsageError; any other
+    exception fails the test."""
+    try:
+        with deadline(5):
+            return decode_all(read_artifact(blob))
+    except UsageError:
+        return None
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"mutation {i}: {type(exc).__name__}: {exc}")
 
 
 def test_fuzz_streams_behind_valid_checksums(small):
@@ -411,14 +423,9 @@ def test_fuzz_streams_behind_valid_checksums(small):
     rng = random.Random(7)
     outcomes = {"usage": 0, "decoded": 0}
     for i in range(600):
-        blob = _damaged_stream(rng, small)
-        try:
-            with deadline(5):
-                decoded = decode_all(read_artifact(blob))
-        except UsageError:
+        decoded = _decoded_or_refused(_damaged_stream(rng, small.manifest, _data(small)), i)
+        if decoded is None:
             outcomes["usage"] += 1
-        except Exception as exc:  # noqa: BLE001
-            pytest.fail(f"mutation {i}: {type(exc).__name__}: {exc}")
         else:
             outcomes["decoded"] += 1
             for t in small.manifest["tensors"]:
@@ -644,7 +651,7 @@ def test_parallel_errors_are_the_serial_errors(small):
     rng = random.Random(11)
     raised = 0
     for _ in range(120):
-        blob = _damaged_stream(rng, small)
+        blob = _damaged_stream(rng, small.manifest, _data(small))
         outcomes = []
         for workers in (1, 2, 3):
             try:
@@ -756,3 +763,43 @@ def test_log_scale_steps_are_coded_compactly_in_format_version_3(tmp_path):
     damaged.write_bytes(_rebuild(manifest, bytes(blob[HEADER.size + length:]), version=3))
     with pytest.raises(FormatError):
         parallel.decode_all(read_artifact(damaged))
+
+
+def test_rows_of_two_classes_code_their_levels_apart_in_format_version_4(tmp_path):
+    """Rows marked as a second class (a table's coarser rows): "quantized-classes", version 4,
+    each class's levels in a stream of its own, smaller than one stream for both when the
+    classes' levels differ in range; decoded exactly. Its values and classes sections,
+    mutated and re-checksummed, give a UsageError or a tensor of the declared shape."""
+    from conftest import write_coded
+
+    from rdonnx.algo import grids
+    from rdonnx.algo.quantize import dequantize
+
+    rng = np.random.default_rng(8)
+    second = np.arange(60) % 4 != 0
+    q = np.where(second[:, None], rng.integers(-3, 4, (60, 30)),
+                 rng.integers(-60, 61, (60, 30))).astype(np.int32)
+    steps = grids.step_of(rng.integers(-200, -100, 60))
+    path = write_coded(tmp_path, q, steps, step_axis=0, classes=second)
+    artifact = read_artifact(path)
+    entry = artifact.tensors[0]
+    assert entry.encoding == "quantized-classes" and HEADER.unpack_from(path.read_bytes())[1] == 4
+    assert decode_all(artifact)["w"].tobytes() == dequantize(q, steps, np.float32, 0).tobytes()
+    blob = path.read_bytes()
+    pooled = read_artifact(write_coded(tmp_path, q, steps, step_axis=0)).tensors[0]
+    assert pooled.encoding == "quantized-channels"
+    assert entry.bits["values"] < pooled.bits["values"]
+    length = HEADER.unpack_from(blob)[3]
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(
+        blob[HEADER.size:HEADER.size + length]))
+    data = blob[HEADER.size + length:]
+    rng_ = random.Random(11)
+    refused = 0
+    for i in range(300):
+        decoded = _decoded_or_refused(_damaged_stream(rng_, manifest, data, ("values", "classes"),
+                                                      version=4), i)
+        if decoded is None:
+            refused += 1
+        else:
+            assert decoded["w"].shape == q.shape
+    assert refused > 150

@@ -905,3 +905,37 @@ def test_a_small_table_is_coded_like_a_bias():
     assert np.abs(result.quantized["small"].q).max() > 127
     error = np.abs(result.quantized["small"].values(np.float32) - small).max()
     assert error < 40.0 / 127 / 100
+
+
+def test_rows_no_fit_sample_reads_are_coded_coarser_under_a_bound():
+    """A 400-row table read by token ids that follow a Zipf law: under a bound with a held-out
+    part, the rows the fit part never reads get levels `coarser` bits narrower than the table's
+    width (the report says how many and why), the rows read often the whole width, and the
+    held-out check (which reads rows the fit part does not) holds. Without held-out data, or
+    with --no-coarse-unread, every row is coded alike."""
+    rng = np.random.default_rng(5)
+    rows = 400
+    model = make_model([helper.make_node("Gather", ["table", "ids"], ["e"], axis=0),
+                        helper.make_node("MatMul", ["e", "W"], ["h"]),
+                        helper.make_node("ReduceMean", ["h"], ["y"], axes=[1], keepdims=0)],
+                       [vi("ids", TensorProto.INT64, ["N", 8])],
+                       [vi("y", TensorProto.FLOAT, ["N", 16])],
+                       {"table": rng.standard_normal((rows, 32)).astype(np.float32),
+                        "W": rng.standard_normal((32, 16)).astype(np.float32)})
+    ids = ((rng.zipf(1.4, (128, 8)) - 1) % rows).astype(np.int64)
+    config = CompressConfig.of(grid=GRID, layer_distortion=False, format="rdonnx",
+                               holdout=0.25, confidence=0.0)
+    result = rdonnx.compress(model, max_distortion=1e-3, calib={"ids": ids}, config=config)
+    split = [n for n in result.report.notices if "never read by the fit part" in n]
+    assert len(split) == 1 and split[0].startswith("table: ")
+    coarser = int(re.search(r"coded (\d) bit", split[0]).group(1))
+    width = result.report.unpruned_bits["table"]
+    q = np.abs(result.quantized["table"].q).max(axis=1)
+    reads = np.bincount(ids.ravel(), minlength=rows)
+    narrow = 2 ** (max(2, width - coarser) - 1) - 1
+    assert coarser >= 1 and np.all(q[reads == 0] <= narrow)
+    assert np.all(q[reads >= 8] > narrow)
+    assert result.report.check.met
+    for other in (config.updated(coarse_unread=False), config.updated(holdout=0.0)):
+        alike = rdonnx.compress(model, max_distortion=1e-3, calib={"ids": ids}, config=other)
+        assert not any("never read" in n for n in alike.report.notices)

@@ -150,6 +150,28 @@ def round_to(weight: np.ndarray, grid: Grid, bits: int) -> np.ndarray:
     return np.clip(np.rint(w / grid.broadcast(w.ndim)), -levels, levels).astype(np.int32)
 
 
+def fit_split(weight: np.ndarray, bits: int, axis: int, coarse: np.ndarray, coarse_bits: int,
+              importance: np.ndarray | None = None) -> tuple[Grid, np.ndarray]:
+    """Per-channel steps along `axis` fitted at `bits`, those of the channels in `coarse`
+    (bool per channel) at `coarse_bits` (<= `bits`) instead, and the levels: every level lies
+    within `bits`'s range, so the tensor is coded as one at `bits`."""
+    w = np.asarray(weight, dtype=np.float32)
+    steps = np.ones(w.shape[axis], np.float32)
+    q = np.zeros(w.shape, np.int32)
+    for rows, width in ((np.flatnonzero(~coarse), bits), (np.flatnonzero(coarse), coarse_bits)):
+        if not rows.size:
+            continue
+        part = np.take(w, rows, axis)
+        imp = importance if importance is None or np.shape(importance)[axis] == 1 else \
+            np.take(importance, rows, axis)
+        grid = fit(part, width, axis, imp)[0]
+        steps[rows] = grid.steps
+        index = [slice(None)] * w.ndim
+        index[axis] = rows
+        q[tuple(index)] = round_to(part, grid, width)
+    return Grid(steps, axis), q
+
+
 def steps_bits(grid: Grid) -> int:
     """Bits an artifact spends on the grid's steps: none for one step (the manifest holds it),
     the coded log-scale indices when every step lies on the log scale, else 32 a step."""
@@ -215,8 +237,14 @@ def _relative_error(weight: np.ndarray, q: np.ndarray, grid: Grid, axis: int,
     return float(np.sum(err[live] / energy[live]))
 
 
-def level_bits(q: np.ndarray) -> float:
-    """Empirical entropy of the nonzero levels' magnitudes plus their signs, in bits."""
+def level_bits(q: np.ndarray, classes: np.ndarray | None = None, axis: int | None = None
+               ) -> float:
+    """Empirical entropy of the nonzero levels' magnitudes plus their signs, in bits; with
+    `classes` (bool per index along `axis`), the sum over the two classes of rows, each coded
+    with its own histogram."""
+    if classes is not None:
+        rows = np.moveaxis(np.asarray(q), axis, 0)
+        return level_bits(rows[~classes]) + level_bits(rows[classes])
     levels = np.asarray(q)[np.asarray(q) != 0]
     return entropy_bits(np.bincount(np.abs(levels))) + \
         entropy_bits(np.bincount((levels > 0).astype(np.int64)))

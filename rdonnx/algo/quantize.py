@@ -25,6 +25,8 @@ class Quantized:
     step: float | np.ndarray  # float32; per index along `axis` when `axis` is set
     codebook: np.ndarray | None = None  # float32 [K], ascending: the k-means centroids
     axis: int | None = None  # the output-row axis of per-row steps (GPTQ's per-channel grid)
+    classes: np.ndarray | None = None  # bool per index along `axis`: rows whose levels are
+    # coded in a stream of their own (a lookup table's rows coded coarser, `algo.unread`)
 
     def values(self, dtype: np.dtype) -> np.ndarray:
         """The dequantized tensor in `dtype` (exactly what a decoder reconstructs)."""

@@ -76,11 +76,12 @@ def estimate_bits(weight: np.ndarray, mask: np.ndarray, bits: int,
     if quantized.axis is not None:  # per-channel steps (coded log-scale indices, or float32)
         table += channels * grids.steps_bits(grids.Grid(np.ravel(quantized.step),
                                                         quantized.axis))
+    levels = grids.level_bits(q, quantized.classes, quantized.axis)
     if rows is None:
-        return grids.entropy_bits(np.array([nnz, q.size - nnz])) + grids.level_bits(q) + table
+        return grids.entropy_bits(np.array([nnz, q.size - nnz])) + levels + table
     survivors = np.count_nonzero(sample)
     total = nnz / survivors * np.count_nonzero(kept) if survivors else 0.0
-    per_survivor = grids.level_bits(q) / nnz if nnz else 0.0
+    per_survivor = levels / nnz if nnz else 0.0
     return grids.entropy_bits(np.array([total, kept.size - total])) + total * per_survivor + \
         table
 

@@ -37,8 +37,14 @@ MAGIC = b"RDONNX\r\n"
 FORMAT_VERSION = 1
 SURP_FORMAT_VERSION = 2  # written only for files holding a SuRP stream (`manifest["surp"]`)
 CHANNELS_FORMAT_VERSION = 3  # written only for files holding "quantized-channels" tensors
-READ_VERSIONS = (FORMAT_VERSION, SURP_FORMAT_VERSION, CHANNELS_FORMAT_VERSION)
-ROW_ENCODINGS = ("quantized-rows", "quantized-channels")  # one step per index on `step_axis`
+CLASSES_FORMAT_VERSION = 4  # written only for files holding "quantized-classes" tensors
+READ_VERSIONS = (FORMAT_VERSION, SURP_FORMAT_VERSION, CHANNELS_FORMAT_VERSION,
+                 CLASSES_FORMAT_VERSION)
+# one step per index on `step_axis`; "quantized-classes": log-scale steps as
+# "quantized-channels", and the rows of the second class code their levels in a stream of their
+# own (`classes`)
+ROW_ENCODINGS = ("quantized-rows", "quantized-channels", "quantized-classes")
+LOG_STEP_ENCODINGS = ("quantized-channels", "quantized-classes")
 HEADER = struct.Struct("<8sHHII")
 MAX_MANIFEST = 256 * 2**20
 MAX_ELEMENTS = 2**33  # per tensor: refuse larger declared shapes rather than allocate them
@@ -76,6 +82,8 @@ class TensorEntry:
     step_axis: int | None = None  # ROW_ENCODINGS: one step per index on this axis
     steps: Section | None = None  # ROW_ENCODINGS: float32 steps, or coded log-scale indices
     steps_bytes: bytes = field(default=b"", repr=False)  # the steps until placed
+    classes: Section | None = None  # "quantized-classes": the coded rows of the second class
+    classes_bytes: bytes = field(default=b"", repr=False)  # those until placed
 
     @property
     def size(self) -> int:
@@ -165,7 +173,7 @@ class Artifact:
         """levels x the step of each kept entry's row (index along `step_axis`), in float32."""
         rows = entry.shape[entry.step_axis]
         blob = self.section(entry.steps, f"{entry.name} steps")
-        if entry.encoding == "quantized-channels":
+        if entry.encoding in LOG_STEP_ENCODINGS:
             try:
                 steps = grids.step_of(grids.decode_steps(blob, rows))
             except ValueError as exc:
@@ -178,8 +186,13 @@ class Artifact:
         if not np.all(np.isfinite(steps) & (steps > 0)):
             raise FormatError(f"{self.where()}: {entry.name}: steps must be positive numbers")
         inner = math.prod(entry.shape[entry.step_axis + 1:])
-        levels = entropy.decode_values(values, entry.nnz)
         rows_of = (entropy.kept_indices(kept) // inner) % rows
+        if entry.encoding == "quantized-classes":
+            second = entropy.decode_positions(
+                self.section(entry.classes, f"{entry.name} classes"), (rows,))[rows_of]
+            levels = _decode_classes(values, second)
+        else:
+            levels = entropy.decode_values(values, entry.nnz)
         return levels.astype(np.float32) * steps[rows_of]
 
     def _decode_codebook(self, entry: TensorEntry, values: bytes) -> np.ndarray:
@@ -198,6 +211,22 @@ class Artifact:
         return codebook[indices - 1]
 
 
+def _decode_classes(values: bytes, second: np.ndarray) -> np.ndarray:
+    """Levels of the kept entries from two streams, the first class's (its length a varint
+    ahead of it), then the second's; `second`: whether each kept entry's row is of the second
+    class."""
+    reader = entropy.Reader(values)
+    length = reader.varint(len(values), "first class stream length")
+    start = reader.pos
+    if length > reader.remaining():
+        raise entropy.CodecError(f"first class stream of {length} bytes exceeds the values")
+    levels = np.empty(second.size, np.int32)
+    levels[~second] = entropy.decode_values(values[start:start + length],
+                                            int(second.size - np.count_nonzero(second)))
+    levels[second] = entropy.decode_values(values[start + length:], int(np.count_nonzero(second)))
+    return levels
+
+
 def entry_dtype(entry: TensorEntry) -> np.dtype:
     """The numpy dtype of a coded tensor."""
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
@@ -206,15 +235,23 @@ def entry_dtype(entry: TensorEntry) -> np.dtype:
 
 def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarray | None,
                   step: float | np.ndarray | None, exact: np.ndarray | None,
-                  codebook: np.ndarray | None = None,
-                  step_axis: int | None = None) -> tuple[TensorEntry, bytes, bytes]:
+                  codebook: np.ndarray | None = None, step_axis: int | None = None,
+                  classes: np.ndarray | None = None) -> tuple[TensorEntry, bytes, bytes]:
     """Code one tensor: integer levels (`q`, `step`; with `step_axis`, one step per index along
-    that axis), codebook indices (`q`, `codebook`) or exact values; returns its entry and the
-    two streams (sections, the codebook's or steps' too, are placed by `write_artifact`)."""
+    that axis, and with `classes`, bool per such index, the levels of the rows marked coded in
+    a stream of their own), codebook indices (`q`, `codebook`) or exact values; returns its
+    entry and the two streams (sections, the codebook's, steps' or classes' too, are placed by
+    `write_artifact`)."""
+    classes_bytes = b""
     if q is not None:
-        pos, val = entropy.encode_integers(q)
         nnz, encoding = int(np.count_nonzero(q)), "quantized"
-        values_blob = val.payload
+        split = classes is not None and step_axis is not None and \
+            0 < np.count_nonzero(classes) < np.size(classes)
+        if split:
+            pos, values_blob, val, classes_bytes = _encode_classes(q, step_axis, classes)
+        else:
+            pos, val = entropy.encode_integers(q)
+            values_blob = val.payload
         value_bits, value_iid, value_side = val.bits, val.iid_entropy_bits, val.side_bits
         if codebook is not None:  # the centroids count as side information of the values
             encoding, step = "codebook", None
@@ -225,7 +262,13 @@ def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarr
             encoding = "quantized-channels" if steps_bytes is not None else "quantized-rows"
             if steps_bytes is None:
                 steps_bytes = np.asarray(step, dtype="<f4").reshape(-1).tobytes()
-            table = 8 * len(steps_bytes)
+            if split and steps_bytes is not None:
+                encoding = "quantized-classes"
+            elif split:  # float32 steps: one stream (classes need log-scale steps)
+                pos, val = entropy.encode_integers(q)
+                values_blob, classes_bytes = val.payload, b""
+                value_bits, value_iid, value_side = val.bits, val.iid_entropy_bits, val.side_bits
+            table = 8 * (len(steps_bytes) + len(classes_bytes))
             value_bits, value_side = value_bits + table, value_side + table
     else:
         mask = exact != 0
@@ -246,7 +289,31 @@ def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarr
         entry.codebook_bytes = np.asarray(codebook, dtype="<f4").tobytes()
     if step_axis is not None:
         entry.steps_bytes = steps_bytes
+    entry.classes_bytes = classes_bytes
     return entry, pos.payload, values_blob
+
+
+def _encode_classes(q: np.ndarray, axis: int, classes: np.ndarray
+                    ) -> tuple[entropy.CodedStream, bytes, entropy.CodedStream, bytes]:
+    """The positions of `q`'s nonzeros, its values as two streams (the first class's behind
+    its length, then the second's: `_decode_classes`), their sum as one stream record, and the
+    coded rows of the second class."""
+    a = np.asarray(q)
+    mask = a != 0
+    rows_of = (np.flatnonzero(mask) // math.prod(a.shape[axis + 1:])) % a.shape[axis]
+    second = np.asarray(classes, bool)[rows_of]
+    levels = a[mask]
+    first_stream, second_stream = (entropy.encode_values(levels[~second]),
+                                   entropy.encode_values(levels[second]))
+    head = entropy.varint(len(first_stream.payload))
+    val = entropy.CodedStream(
+        head + first_stream.payload + second_stream.payload,
+        bits=first_stream.bits + second_stream.bits + 8 * len(head),
+        iid_entropy_bits=first_stream.iid_entropy_bits + second_stream.iid_entropy_bits,
+        side_bits=first_stream.side_bits + second_stream.side_bits + 8 * len(head),
+        model="classes")
+    return entropy.encode_positions(mask), val.payload, val, \
+        entropy.encode_positions(np.asarray(classes, bool)).payload
 
 
 def _steps_bytes(steps: np.ndarray) -> bytes | None:
@@ -289,6 +356,8 @@ def write_artifact(path: Path, graph: onnx.ModelProto,
             entry.codebook = place(entry.codebook_bytes)
         if entry.encoding in ROW_ENCODINGS:
             entry.steps = place(entry.steps_bytes)
+        if entry.encoding == "quantized-classes":
+            entry.classes = place(entry.classes_bytes)
         tensors.append(_entry_json(entry))
     file_version = _file_version([e for e, _, _ in coded], surp is not None)
     extra = {} if surp is None else {"surp": {**surp[1], "stream": place(surp[0]).__dict__}}
@@ -308,6 +377,8 @@ def write_artifact(path: Path, graph: onnx.ModelProto,
 def _file_version(tensors: list[TensorEntry], surp: bool) -> int:
     """The oldest format version that holds these encodings (older readers keep reading what
     they can)."""
+    if any(t.encoding == "quantized-classes" for t in tensors):
+        return CLASSES_FORMAT_VERSION
     if any(t.encoding == "quantized-channels" for t in tensors):
         return CHANNELS_FORMAT_VERSION
     return SURP_FORMAT_VERSION if surp else FORMAT_VERSION
@@ -318,7 +389,9 @@ def _entry_json(entry: TensorEntry) -> dict[str, Any]:
     data["positions"], data["values"] = entry.positions.__dict__, entry.values.__dict__
     data.pop("codebook_bytes", None)
     data.pop("steps_bytes", None)
-    for key in ("codebook", "steps", "step_axis"):  # other encodings: the entry is unchanged
+    data.pop("classes_bytes", None)
+    # other encodings: the entry is unchanged
+    for key in ("codebook", "steps", "step_axis", "classes"):
         if data[key] is None:
             del data[key]
         elif isinstance(data[key], Section):
@@ -408,7 +481,7 @@ def _sections(graph: Section, tensors: list[TensorEntry], manifest: dict[str, An
     """Every section the manifest declares, for `bounded.layout_problem`."""
     found = [("graph", graph.offset, graph.length)]
     for t in tensors:
-        for kind in ("positions", "values", "codebook", "steps"):
+        for kind in ("positions", "values", "codebook", "steps", "classes"):
             s = getattr(t, kind)
             if s is not None and (s.length or t.encoding != "surp"):
                 found.append((f"{t.name} {kind}", s.offset, s.length))
@@ -451,7 +524,9 @@ def _entry(data: dict[str, Any]) -> TensorEntry:
         codebook=Section(*(int(data["codebook"][k]) for k in ("offset", "length", "crc32")))
         if data["encoding"] == "codebook" else None, step_axis=step_axis,
         steps=Section(*(int(data["steps"][k]) for k in ("offset", "length", "crc32")))
-        if step_axis is not None else None)
+        if step_axis is not None else None,
+        classes=Section(*(int(data["classes"][k]) for k in ("offset", "length", "crc32")))
+        if data["encoding"] == "quantized-classes" else None)
 
 
 def artifact_coded(artifact: Artifact) -> Coded:

@@ -81,7 +81,7 @@ def save_artifact(model: Model, path: Path, quantized: Mapping[str, Quantized],
         if name in quantized:
             q = quantized[name]
             coded.append(encode_tensor(name, slot.tensor.data_type, slot.dims, q.q, q.step, None,
-                                       q.codebook, q.axis))
+                                       q.codebook, q.axis, q.classes))
         else:
             coded.append(encode_tensor(name, slot.tensor.data_type, slot.dims, None, None,
                                        np.asarray(exact[name])))

@@ -21,7 +21,7 @@ def stream_bits(quantized, values: np.ndarray) -> float:
     """Coded bits (positions + values streams) of one tensor, without writing anything."""
     if quantized is not None:
         entry, _, _ = encode_tensor("t", 1, quantized.q.shape, quantized.q, quantized.step, None,
-                                    quantized.codebook, quantized.axis)
+                                    quantized.codebook, quantized.axis, quantized.classes)
     else:
         entry, _, _ = encode_tensor("t", 1, values.shape, None, None, np.asarray(values))
     return entry.bits["positions"] + entry.bits["values"]

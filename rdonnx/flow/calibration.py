@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import onnx
 from rdonnx.algo import obs
 from rdonnx.algo.layout import LayerInput
 from rdonnx.algo.prune import Ranking, Scores
+from rdonnx.algo.unread import UnreadRows, plan
 from rdonnx.artifact.io import load_any
 from rdonnx.errors import UsageError
 from rdonnx.flow.config import CompressConfig, Measurement, Selection, Target
@@ -31,7 +32,13 @@ from rdonnx.flow.curves import (
     scores_for,
 )
 from rdonnx.flow.target import check_supported
-from rdonnx.graph.layers import consumer_outputs, layer_biases, layer_inputs, output_axes
+from rdonnx.graph.layers import (
+    consumer_outputs,
+    layer_biases,
+    layer_inputs,
+    lookup_indices,
+    output_axes,
+)
 from rdonnx.graph.model import Model, simplify
 from rdonnx.graph.tail import linear_tails
 from rdonnx.graph.weights import Weight, find_codable, find_weights, read_weights
@@ -86,6 +93,8 @@ class Calibration:
     data: DataReport | None = None  # what the calibration data is and can show
     check: Replay | None = None  # the held-out reference outputs (None: no holdout)
     extra_weights: tuple[Weight, ...] = ()  # the records of `extra`
+    unread: Mapping[str, UnreadRows] = field(default_factory=dict)  # lookup tables whose rows
+    # the fit part never reads (coded coarser: `algo.unread`)
 
     @property
     def extra_matrices(self) -> list[Weight]:
@@ -277,6 +286,12 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
     data = diagnose(config.target, config.measure, config.prune.reconstructs, data_name,
                     batches.synthetic, replay, check, how, moments, inputs)
     notices.extend(data.warnings)
+    # rows the fit part never reads are coded coarser only where the joint allocation chooses
+    # the widths and a held-out part checks the result (it alone reads such rows)
+    split = config.target.bound and coding.value_bits is None and check is not None and \
+        coding.quantizer == "uniform" and coding.coarse_unread
+    unread = unread_rows(loaded, matrices(extra), replay, check) if split else {}
+    notices.extend(u.describe(n) for n, u in unread.items())
     return Calibration(loaded, weights, originals, runner, replay, scores,
                        {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
                        inputs, read_weights(loaded, extra), tuple(notices),
@@ -286,7 +301,23 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                        bias_values=read_weights(loaded, list(biases.values())),
                        prober=Prober(runner, replay, cuts, measure.jobs, PROBE_OPTIMIZE,
                                      tails=tails),
-                       data=data, check=check, extra_weights=tuple(extra))
+                       data=data, check=check, extra_weights=tuple(extra), unread=unread)
+
+
+def unread_rows(model: Model, tables: Sequence[Weight], fit: Replay, held: Replay
+                ) -> dict[str, UnreadRows]:
+    """The lookup tables (`lookup_indices`) with rows the fit part never reads, and how they
+    are coded (`algo.unread.plan`, from the reads of each row in both parts)."""
+    out = {}
+    for name, key in lookup_indices(model, tables).items():
+        rows = next(w.shape[0] for w in tables if w.name == name)
+        fit_reads, held_reads = (sum(np.bincount(np.asarray(feed[key]).ravel() % rows,
+                                                 minlength=rows) for feed, _ in part)
+                                 for part in (fit, held))
+        chosen = plan(np.asarray(fit_reads), np.asarray(held_reads))
+        if chosen is not None:
+            out[name] = chosen
+    return out
 
 
 def _declares_class_scores(model: Model) -> bool:

@@ -274,6 +274,11 @@ class Coding:
         "correction; Conv, Gemm, MatMul + Add).", flag="--no-bias-correction", negate=True)
     lossless_unpruned: bool = option(
         False, "Keep large unpruned tensors (embeddings...) exact instead of quantized.")
+    coarse_unread: bool = option(
+        True, "Code every row of a lookup table alike. By default, under a bound with held-out "
+        "data, the rows of an embedding table that the fit samples never read are coded a few "
+        "bits coarser, at the share of reads they get predicted and the held-out part checking "
+        "the result.", flag="--no-coarse-unread", negate=True)
 
     @property
     def quantized(self) -> bool:

@@ -332,11 +332,19 @@ def _extra_options(realizer: Realizer, quiet: bool) -> dict[str, list[Option]]:
     measured = measure_value_curves(cal.prober, matrices, variant, JOINT_VALUE_BITS,
                                     realizer.measure.metric, realizer.measure.channel_axis, quiet)
     everything = {w.name: np.ones(cal.extra[w.name].shape, dtype=bool) for w in matrices}
+
+    def curve(name: str) -> dict[int, float]:
+        """Q(b) of the whole table: predicted from the read rows' where rows the fit part
+        never reads are coded coarser (`algo.unread`)."""
+        q = with_wide_widths(measured[name])
+        unread = cal.unread.get(name)
+        return q if unread is None else {b: unread.predicted(q, b) for b in q}
+
     return {w.name: [Option(1.0, bits, estimate_bits(cal.extra[w.name], everything[w.name], bits,
                                                      lambda a, b, rows, n=w.name:
                                                      realizer.quantize(n, a, b, rows),
                                                      cal.axes.get(w.name)), q)
-                     for bits, q in with_wide_widths(measured[w.name]).items()]
+                     for bits, q in curve(w.name).items()]
             for w in matrices}
 
 

@@ -161,12 +161,18 @@ class Realizer:
                 importance = np.take(importance, rows, axis)
         if self.coding.quantizer == "kmeans":
             return kmeans_quantize(array, bits, importance)
-        grid = grids.choose(array, bits, self.cal.axes.get(name), importance)
-        q = grids.round_to(array, grid, bits)
+        unread, coarse = self.cal.unread.get(name), None
+        if unread is not None:  # a lookup table: rows no fit sample reads coded coarser
+            coarse = unread.unread if rows is None else unread.unread[rows]
+            grid, q = grids.fit_split(array, bits, 0, coarse, unread.bits(bits), importance)
+        else:
+            grid = grids.choose(array, bits, self.cal.axes.get(name), importance)
+            q = grids.round_to(array, grid, bits)
         if self.coding.rdoq:
             q = grids.rdoq(array, q, grid, bits, importance)
         steps = grid.steps
-        return Quantized(q, float(steps[0]) if grid.axis is None else steps, axis=grid.axis)
+        return Quantized(q, float(steps[0]) if grid.axis is None else steps, axis=grid.axis,
+                         classes=coarse)
 
     def corrected_biases(self, before: Mapping[str, np.ndarray],
                          after: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -165,3 +165,28 @@ def consumer_outputs(model: Model, weights: Sequence[Weight]) -> dict[str, tuple
                 break
             tensor, hops = node.output[0], hops + 1
     return found
+
+
+def lookup_indices(model: Model, tables: Sequence[Weight]) -> dict[str, str]:
+    """The graph input whose values pick the rows of each lookup table: a main-graph tensor of
+    rank 2 or more read only by Gather nodes (as their data, along axis 0) that all take their
+    indices straight from one graph input (a token embedding reading `input_ids`). Tables
+    whose indices are computed inside the graph are left out."""
+    main = model.proto.graph
+    graph_inputs = {v.name for v in main.input}
+    names = {w.name for w in tables if len(w.shape) >= 2 and not w.in_subgraph}
+    reads: dict[str, set[str]] = {}
+    refused: set[str] = set()
+    for graph in iter_graphs(main):
+        for node in graph.node:
+            for slot, name in enumerate(node.input):
+                if name not in names:
+                    continue
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                if graph is not main or node.op_type != "Gather" or slot != 0 or axis != 0 \
+                        or node.input[1] not in graph_inputs:
+                    refused.add(name)
+                else:
+                    reads.setdefault(name, set()).add(node.input[1])
+    return {name: next(iter(given)) for name, given in sorted(reads.items())
+            if name not in refused and len(given) == 1}
