@@ -17,7 +17,13 @@ from onnx import TensorProto, helper
 
 from rdonnx.algo.layout import LayerInput, SecondMoments, output_shift
 from rdonnx.flow.curves import exposed_tensors, record
-from rdonnx.graph.layers import layer_biases, layer_inputs, lookup_indices, output_axes
+from rdonnx.graph.layers import (
+    decision_inputs,
+    layer_biases,
+    layer_inputs,
+    lookup_indices,
+    output_axes,
+)
 from rdonnx.graph.model import load_model
 from rdonnx.graph.weights import find_codable, find_weights
 from rdonnx.runtime.data import DataOptions, input_specs, make_batches
@@ -558,3 +564,15 @@ def test_lookup_tables_are_those_gathered_by_a_graph_input():
     loaded = load_model(model)
     codable = find_codable(loaded, find_weights(loaded, min_params=1), min_params=1)
     assert lookup_indices(loaded, codable) == {"tokens": "ids"}
+
+
+def test_decisions_are_argmaxes_the_graph_reads_on():
+    """The scores behind an ArgMax whose result another node reads (a greedy decoder's step)
+    are decisions; an ArgMax that only leaves the graph is not."""
+    nodes = [helper.make_node("ArgMax", ["s1"], ["a1"], axis=1, keepdims=0),
+             helper.make_node("Gather", ["E", "a1"], ["e"], axis=0),
+             helper.make_node("ArgMax", ["e"], ["a2"], axis=-1, keepdims=0)]
+    model = make_model(nodes, [vi("s1", TensorProto.FLOAT, ["N", 5])],
+                       [vi("a2", TensorProto.INT64, ["N"])],
+                       {"E": np.ones((5, 3), np.float32)})
+    assert decision_inputs(load_model(model)) == {"s1": 1}

@@ -390,3 +390,46 @@ def test_evaluate_says_how_many_samples(cli, tmp_path):
     assert run.code == 0
     out = run.out
     assert "(360 samples" in out and "lower bound" in out and "360 labelled samples" in out
+
+
+def _greedy_decoder(seed: int = 0):
+    """Two greedy steps: scores h1 = x W1, their ArgMax picks a row of E added to x, scores
+    h2 = (x + E[argmax h1]) W2; outputs h1 and h2 (a flipped first decision changes h2)."""
+    from _graphs import make_model, vi
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"]),
+             helper.make_node("ArgMax", ["h1"], ["a1"], axis=1, keepdims=0),
+             helper.make_node("Gather", ["E", "a1"], ["e"], axis=0),
+             helper.make_node("Add", ["x", "e"], ["x2"]),
+             helper.make_node("MatMul", ["x2", "W2"], ["h2"])]
+    arrays = {"W1": rng.standard_normal((32, 16)).astype(np.float32),
+              "E": 3 * rng.standard_normal((16, 32)).astype(np.float32),
+              "W2": rng.standard_normal((32, 16)).astype(np.float32)}
+    model = make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 32])],
+                       [vi("h1", TensorProto.FLOAT, ["N", 16]),
+                        vi("h2", TensorProto.FLOAT, ["N", 16])], arrays)
+    return model, {"x": rng.standard_normal((256, 32)).astype(np.float32)}
+
+
+def test_a_greedy_decoder_adds_the_flips_its_held_out_part_does_not_show():
+    """The graph's own ArgMax: its scores are recorded on the held-out part, and a pruned
+    candidate's nmse bound adds the flips its margin changes predict (none for the original);
+    the report gives them. Without a held-out part nothing is added."""
+    model, calib = _greedy_decoder()
+    config = FAST.updated(values="exact", holdout=0.25, confidence=0.0)
+    cal = calibrate_model(model, config.updated(max_distortion=0.05), calib)
+    assert dict(cal.decisions) == {"h1": 1}
+    assert cal.distortion(cal.originals, 1).flips == 0.0
+    pruned = {n: np.where(np.abs(w) > np.median(np.abs(w)), w, 0).astype(w.dtype)
+              for n, w in cal.originals.items()}
+    d = cal.distortion(pruned, 1)
+    assert d.flips > 0 and d.upper("nmse", 0.0) == pytest.approx(d.nmse + d.flips)
+    result = rdonnx.compress(model, max_distortion=0.05, calib=calib,
+                             config=config.updated(exclude=("W2",)))  # W1: the decision's
+    check = result.report.check
+    assert check.flips > 0 and check.limit == pytest.approx(check.measured + check.flips)
+    assert check.limit <= 0.05 and "decision" in rdonnx.report.records.render(result.report)
+    plain = calibrate_model(model, config.updated(max_distortion=0.05, holdout=0.0), calib)
+    assert not plain.decisions and plain.distortion(pruned, 1).flips == 0.0

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from rdonnx.runtime.confidence import (
+    NEAR_TIES,
     SampleTerms,
     agreement_lower,
+    flip_nmse,
     lower_at,
     samples_for_agreement,
 )
@@ -96,3 +98,25 @@ def test_nmse_probe_path_keeps_terms_too():
     d = meter.result()
     assert d.terms.samples == 32
     assert d.terms.value() == pytest.approx(d.nmse, rel=1e-9)
+
+
+def test_flip_nmse_counts_the_margins_the_changes_reach():
+    """Changes past every margin flip every decision: per_sample decisions, each flipping
+    the sample, cost `cost` apiece; no change flips nothing; larger changes never flip less."""
+    margins = np.linspace(0.1, 5.0, 50)
+    assert flip_nmse(margins, np.zeros(20), per_sample=4) == 0.0
+    assert flip_nmse(margins, np.full(20, 9.0), per_sample=4, cost=0.5) == pytest.approx(2.0)
+    half = flip_nmse(margins, np.full(20, 2.5), per_sample=1)
+    assert half == pytest.approx(2.0 * np.mean(margins <= 2.5))
+    sizes = [flip_nmse(margins, np.full(5, c), 1) for c in (0.01, 0.05, 0.3, 1.0, 3.0)]
+    assert sizes == sorted(sizes) and sizes[0] > 0
+
+
+def test_flip_nmse_extends_the_closest_margins_to_zero_linearly():
+    """Below the NEAR_TIES-th smallest margin the probability of a tie follows the line through
+    zero and it: changes smaller than every margin in the sample still flip some decisions
+    elsewhere (g2p: no held-out word as close to a tie as those that flip in the test split)."""
+    margins = np.r_[np.arange(1, NEAR_TIES + 1) * 0.2, np.full(95, 4.0)]  # k-th smallest: 1.0
+    n = margins.size
+    got = flip_nmse(margins, np.array([0.05, -0.1]), per_sample=3, cost=1.0)
+    assert got == pytest.approx(3 * np.mean([NEAR_TIES / n * 0.05, NEAR_TIES / n * 0.1]))

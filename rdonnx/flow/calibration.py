@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from rdonnx.flow.curves import (
 from rdonnx.flow.target import check_supported
 from rdonnx.graph.layers import (
     consumer_outputs,
+    decision_inputs,
     layer_biases,
     layer_inputs,
     lookup_indices,
@@ -43,6 +44,7 @@ from rdonnx.graph.model import Model, simplify
 from rdonnx.graph.tail import linear_tails
 from rdonnx.graph.weights import Weight, find_codable, find_weights, read_weights
 from rdonnx.report.records import DataReport
+from rdonnx.runtime.confidence import SampleTerms, flip_nmse
 from rdonnx.runtime.data import (
     AUTO_HOLDOUT_MIN,
     AUTO_HOLDOUT_MIN_RECONSTRUCT,
@@ -95,6 +97,8 @@ class Calibration:
     extra_weights: tuple[Weight, ...] = ()  # the records of `extra`
     unread: Mapping[str, UnreadRows] = field(default_factory=dict)  # lookup tables whose rows
     # the fit part never reads (coded coarser: `algo.unread`)
+    decisions: Mapping[str, int] = field(default_factory=dict)  # scores behind the graph's
+    # own ArgMax decisions (and their axes), recorded on the held-out part: `unseen_flips`
 
     @property
     def extra_matrices(self) -> list[Weight]:
@@ -116,7 +120,40 @@ class Calibration:
         """The distortion of the model with `values` in place of its weights, on the data
         bounds are checked on (`checked`; `terms`: per-sample sums of that metric too, for
         its confidence bound)."""
-        return self.checked.distortion(self.run_with(values), channel_axis, only, terms)
+        d = self.checked.distortion(self.run_with(values), channel_axis, only, terms)
+        return replace(d, flips=self.unseen_flips(values, d.terms)) if self.decisions else d
+
+    def unseen_flips(self, values: Mapping[str, np.ndarray], terms: SampleTerms | None) -> float:
+        """The nmse that the graph's own decisions, flipped by `values`, add beyond what the
+        held-out part shows (`confidence.flip_nmse`): margins of every held-out decision,
+        changes of those in samples where none flipped; a flip costs what the held-out
+        samples with one cost on average (their nmse terms: `terms`), else twice a sample's
+        share of the output energy."""
+        names = list(self.decisions)
+        prepared = {n: self.runner.weight_value(n, a) for n, a in values.items()}
+        margins, changes, flipped, count = [], [], [], 0
+        for (feed, _), ref in zip(self.check, self.check.cuts(names)):
+            got = self.runner.run(feed, prepared, outputs=names)
+            rows = len(next(iter(ref.values())))
+            kept = np.ones(rows, bool)
+            gaps = []
+            for name, new in zip(names, got):
+                margin, change, turned = decision_change(ref[name], new, self.decisions[name])
+                kept &= ~turned.reshape(rows, -1).any(axis=1)
+                gaps.append((margin.reshape(rows, -1), change.reshape(rows, -1)))
+                count += margin.size
+            margins.extend(m.ravel() for m, _ in gaps)
+            changes.extend(c[kept].ravel() for _, c in gaps)
+            flipped.append(~kept)
+        flipped = np.concatenate(flipped)
+        cost = FLIP_COST
+        if flipped.any() and terms is not None and terms.num.shape[0] == flipped.size:
+            # the prior counts as one flipped sample: one or two observed flips that cost little
+            # (g2p at rate 0.98: 5x less than the test split's) do not make flips cheap
+            costs = terms.num[flipped].sum(axis=1) / terms.den.sum(axis=1).mean()
+            cost = float((FLIP_COST + costs.sum()) / (1 + costs.size))
+        return flip_nmse(np.concatenate(margins), np.concatenate(changes), count / flipped.size,
+                         cost)
 
     def fit_distortion(self, values: Mapping[str, np.ndarray], channel_axis: int,
                        only: str | None = None) -> Distortion:
@@ -135,6 +172,21 @@ class Calibration:
         """Whether the weight's layer input is seen and its layout known (matrix views)."""
         entry = self.inputs.get(name)
         return entry is not None and obs.supports(entry, self.originals[name].shape)
+
+
+FLIP_COST = 2.0  # a flipped sample's nmse over its mean share, before any is observed
+
+
+def decision_change(ref: np.ndarray, new: np.ndarray, axis: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per decision along `axis`: the original's margin (its top score less its runner-up),
+    the change of that difference in `new`, and whether `new` decides otherwise."""
+    order = np.argsort(ref, axis=axis)
+    top, second = np.take(order, [-1], axis=axis), np.take(order, [-2], axis=axis)
+    pick = lambda a, i: np.take_along_axis(a, i, axis=axis).astype(np.float64)  # noqa: E731
+    margin = pick(ref, top) - pick(ref, second)
+    change = pick(new, top) - pick(new, second) - margin
+    return margin, change, np.expand_dims(np.argmax(new, axis=axis), axis) != top
 
 
 def graph_order(model: Model, weights: list[Weight]) -> list[Weight]:
@@ -261,14 +313,18 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
     tails = linear_tails(proto.graph, [w.name for w in weights + extra + swapped]) \
         if PROBE_TAILS and measure.metric == "nmse" else {}
     recorded = Prober.tensors(cuts, tails)
+    # a greedy decoder's decisions: their flips are estimated beyond the held-out part
+    decisions = decision_inputs(loaded) if held is not None and measure.metric == "nmse" \
+        else {}
     given = {v.name for v in proto.graph.output} | {v.name for v in proto.graph.input}
     runner = Runner(loaded, weights + extra + swapped, measure.device,
-                    sorted((set(exposed) | set(recorded)) - given), proto=proto)
+                    sorted((set(exposed) | set(recorded) | set(decisions)) - given),
+                    proto=proto)
     if runner.device.notice:
         notices.append(runner.device.notice)
     replay, moments, data_digest = record(runner, fit, inputs, quiet,
                                           measure.replay_mb * 2**20, recorded)
-    check = record(runner, held, {}, quiet, measure.replay_mb * 2**20)[0] \
+    check = record(runner, held, {}, quiet, measure.replay_mb * 2**20, list(decisions))[0] \
         if held is not None else None
     if config.measure.metric == "kl" and \
             not any(is_class_scores(o) for o in next(iter(replay))[1]):
@@ -301,7 +357,8 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                        bias_values=read_weights(loaded, list(biases.values())),
                        prober=Prober(runner, replay, cuts, measure.jobs, PROBE_OPTIMIZE,
                                      tails=tails),
-                       data=data, check=check, extra_weights=tuple(extra), unread=unread)
+                       data=data, check=check, extra_weights=tuple(extra), unread=unread,
+                       decisions=decisions)
 
 
 def unread_rows(model: Model, tables: Sequence[Weight], fit: Replay, held: Replay

@@ -190,3 +190,14 @@ def lookup_indices(model: Model, tables: Sequence[Weight]) -> dict[str, str]:
                     reads.setdefault(name, set()).add(node.input[1])
     return {name: next(iter(given)) for name, given in sorted(reads.items())
             if name not in refused and len(given) == 1}
+
+
+def decision_inputs(model: Model) -> dict[str, int]:
+    """The scores behind the graph's own discrete decisions: the input (and axis) of every
+    main-graph ArgMax whose result another node reads (greedy decoding unrolled into the
+    graph). A small change of those scores can flip a decision and change everything
+    computed from it."""
+    main = model.proto.graph
+    read = {name for node in main.node for name in node.input}
+    return {node.input[0]: next((a.i for a in node.attribute if a.name == "axis"), 0)
+            for node in main.node if node.op_type == "ArgMax" and node.output[0] in read}

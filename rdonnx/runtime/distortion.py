@@ -24,6 +24,8 @@ class Distortion:
     samples: int
     top1_samples: int = 0  # rows whose argmax was compared
     terms: SampleTerms | None = field(default=None, compare=False, repr=False)  # per sample
+    flips: float = 0.0  # nmse that decision flips the samples did not show add (estimated,
+    # `confidence.flip_nmse`; counted in the nmse's upper bound)
 
     def value(self, metric: str) -> float:
         """The figure named by `metric` (one of `METRICS`)."""
@@ -36,9 +38,10 @@ class Distortion:
     def upper(self, metric: str, confidence: float) -> float:
         """One-sided upper confidence bound of `metric` (bootstrap over samples; the value
         itself without per-sample terms or at confidence 0)."""
+        tail = self.flips if metric == "nmse" else 0.0
         if self.terms is None or confidence <= 0:
-            return self.value(metric)
-        return self.terms.upper(confidence)
+            return self.value(metric) + tail
+        return self.terms.upper(confidence) + tail
 
     def agreement_lower(self, confidence: float) -> float | None:
         """One-sided Clopper-Pearson lower bound of the top-1 agreement (None: no class
