@@ -54,8 +54,13 @@ SETUPS: dict[str, dict] = {
     "detector": {"recon": ["--calib-samples", "16"]},
     "ocr": {"recon": ["--calib-samples", "32"]},
     "crepe": {"recon": ["--calib-samples", "48"]},
-    # the LM: its 8 calibration windows of 128 tokens (6 fit, 2 held out); no onnxsim pass
-    "smollm2": {"recon": ["--calib-samples", "8", "--no-simplify"]},
+    # the LM: its 8 calibration windows of 128 tokens (6 fit, 2 held out); no onnxsim pass;
+    # bounds with uniform densities (its rd curves take an hour: bench/speed.py)
+    "smollm2": {"common": ["--values", "exact", "--format", "dense", "--method", "uniform",
+                           "--no-layer-distortion", "--calib-samples", "8", "--no-simplify"],
+                "bounds": [["--max-distortion", "0.3"], ["--max-distortion", "0.1"]],
+                "calibrate": None,
+                "recon": ["--calib-samples", "8", "--no-simplify"]},
 }
 
 

@@ -52,3 +52,16 @@ def test_widths_between_or_beyond_the_curve_follow_the_high_rate_slope():
     assert at_width(curve, 6) == pytest.approx(0.08 / 16)  # from the narrower one
     assert at_width(curve, 10) == pytest.approx(0.0003 / 16)
     assert at_width(curve, 2) == pytest.approx(0.08 * 16)  # none narrower: the wider one
+
+
+def test_the_share_of_the_distortion_counts_reads_the_model_ignores_out():
+    """Reads of a row the model ignores (padding) count as reads, not as distortion: the
+    held-out distortion of the unread rows quantized alone against the read rows' sets the
+    share when it is the larger."""
+    fit = np.r_[1000, 5, 5, np.zeros(40, np.int64)]  # row 0: padding, read everywhere
+    held = np.r_[300, 2, 2, np.ones(4), np.zeros(36, np.int64)]
+    by_reads = plan(fit, held)
+    measured = plan(fit, held, lambda marked: 3.0 if marked[-1] else 1.0)  # unread: 3 of 4
+    assert by_reads.share == pytest.approx(4 / 308) and by_reads.distortion == 0.0
+    assert measured.distortion == pytest.approx(0.75) and measured.share == pytest.approx(0.75)
+    assert measured.coarser < by_reads.coarser

@@ -245,29 +245,26 @@ def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarr
     classes_bytes = b""
     if q is not None:
         nnz, encoding = int(np.count_nonzero(q)), "quantized"
-        split = classes is not None and step_axis is not None and \
+        steps_bytes = _steps_bytes(np.asarray(step, dtype=np.float32).reshape(-1)) \
+            if step_axis is not None and codebook is None else None
+        # two classes of rows need log-scale steps (else one stream)
+        split = classes is not None and steps_bytes is not None and \
             0 < np.count_nonzero(classes) < np.size(classes)
         if split:
-            pos, values_blob, val, classes_bytes = _encode_classes(q, step_axis, classes)
+            pos, val, classes_bytes = _encode_classes(q, step_axis, classes)
         else:
             pos, val = entropy.encode_integers(q)
-            values_blob = val.payload
+        values_blob = val.payload
         value_bits, value_iid, value_side = val.bits, val.iid_entropy_bits, val.side_bits
         if codebook is not None:  # the centroids count as side information of the values
             encoding, step = "codebook", None
             table = 32 * int(np.asarray(codebook).size)
             value_bits, value_side = value_bits + table, value_side + table
         elif step_axis is not None:  # per-row steps, side information of the values too
-            steps_bytes = _steps_bytes(np.asarray(step, dtype=np.float32).reshape(-1))
-            encoding = "quantized-channels" if steps_bytes is not None else "quantized-rows"
+            encoding = "quantized-classes" if split else \
+                "quantized-channels" if steps_bytes is not None else "quantized-rows"
             if steps_bytes is None:
                 steps_bytes = np.asarray(step, dtype="<f4").reshape(-1).tobytes()
-            if split and steps_bytes is not None:
-                encoding = "quantized-classes"
-            elif split:  # float32 steps: one stream (classes need log-scale steps)
-                pos, val = entropy.encode_integers(q)
-                values_blob, classes_bytes = val.payload, b""
-                value_bits, value_iid, value_side = val.bits, val.iid_entropy_bits, val.side_bits
             table = 8 * (len(steps_bytes) + len(classes_bytes))
             value_bits, value_side = value_bits + table, value_side + table
     else:
@@ -294,10 +291,10 @@ def encode_tensor(name: str, data_type: int, shape: tuple[int, ...], q: np.ndarr
 
 
 def _encode_classes(q: np.ndarray, axis: int, classes: np.ndarray
-                    ) -> tuple[entropy.CodedStream, bytes, entropy.CodedStream, bytes]:
-    """The positions of `q`'s nonzeros, its values as two streams (the first class's behind
-    its length, then the second's: `_decode_classes`), their sum as one stream record, and the
-    coded rows of the second class."""
+                    ) -> tuple[entropy.CodedStream, entropy.CodedStream, bytes]:
+    """The positions of `q`'s nonzeros, its values as two streams in one (the first class's
+    behind its length, then the second's: `_decode_classes`), and the coded rows of the second
+    class."""
     a = np.asarray(q)
     mask = a != 0
     rows_of = (np.flatnonzero(mask) // math.prod(a.shape[axis + 1:])) % a.shape[axis]
@@ -312,7 +309,7 @@ def _encode_classes(q: np.ndarray, axis: int, classes: np.ndarray
         iid_entropy_bits=first_stream.iid_entropy_bits + second_stream.iid_entropy_bits,
         side_bits=first_stream.side_bits + second_stream.side_bits + 8 * len(head),
         model="classes")
-    return entropy.encode_positions(mask), val.payload, val, \
+    return entropy.encode_positions(mask), val, \
         entropy.encode_positions(np.asarray(classes, bool)).payload
 
 

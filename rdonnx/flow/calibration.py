@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from rdonnx.algo import obs
+from rdonnx.algo import grids, obs
 from rdonnx.algo.layout import LayerInput
 from rdonnx.algo.prune import Ranking, Scores
-from rdonnx.algo.unread import UnreadRows, plan
+from rdonnx.algo.unread import PROBE_BITS, UnreadRows, plan
 from rdonnx.artifact.io import load_any
 from rdonnx.errors import UsageError
 from rdonnx.flow.config import CompressConfig, Measurement, Selection, Target
@@ -44,7 +44,7 @@ from rdonnx.graph.model import Model, simplify
 from rdonnx.graph.tail import linear_tails
 from rdonnx.graph.weights import Weight, find_codable, find_weights, read_weights
 from rdonnx.report.records import DataReport
-from rdonnx.runtime.confidence import SampleTerms, flip_nmse
+from rdonnx.runtime.confidence import FLIP_COST, SampleTerms, flip_nmse
 from rdonnx.runtime.data import (
     AUTO_HOLDOUT_MIN,
     AUTO_HOLDOUT_MIN_RECONSTRUCT,
@@ -174,18 +174,19 @@ class Calibration:
         return entry is not None and obs.supports(entry, self.originals[name].shape)
 
 
-FLIP_COST = 2.0  # a flipped sample's nmse over its mean share, before any is observed
-
-
 def decision_change(ref: np.ndarray, new: np.ndarray, axis: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per decision along `axis`: the original's margin (its top score less its runner-up),
     the change of that difference in `new`, and whether `new` decides otherwise."""
     order = np.argsort(ref, axis=axis)
     top, second = np.take(order, [-1], axis=axis), np.take(order, [-2], axis=axis)
-    pick = lambda a, i: np.take_along_axis(a, i, axis=axis).astype(np.float64)  # noqa: E731
-    margin = pick(ref, top) - pick(ref, second)
-    change = pick(new, top) - pick(new, second) - margin
+
+    def gap(scores: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(scores, top, axis=axis).astype(np.float64) - \
+            np.take_along_axis(scores, second, axis=axis)
+
+    margin = gap(ref)
+    change = gap(new) - margin
     return margin, change, np.expand_dims(np.argmax(new, axis=axis), axis) != top
 
 
@@ -346,7 +347,8 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
     # the widths and a held-out part checks the result (it alone reads such rows)
     split = config.target.bound and coding.value_bits is None and check is not None and \
         coding.quantizer == "uniform" and coding.coarse_unread
-    unread = unread_rows(loaded, matrices(extra), replay, check) if split else {}
+    unread = unread_rows(loaded, matrices(extra), replay, check, runner, measure) \
+        if split else {}
     notices.extend(u.describe(n) for n, u in unread.items())
     return Calibration(loaded, weights, originals, runner, replay, scores,
                        {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
@@ -361,20 +363,36 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                        decisions=decisions)
 
 
-def unread_rows(model: Model, tables: Sequence[Weight], fit: Replay, held: Replay
-                ) -> dict[str, UnreadRows]:
+def unread_rows(model: Model, tables: Sequence[Weight], fit: Replay, held: Replay,
+                runner: Runner, measure: Measurement) -> dict[str, UnreadRows]:
     """The lookup tables (`lookup_indices`) with rows the fit part never reads, and how they
-    are coded (`algo.unread.plan`, from the reads of each row in both parts)."""
+    are coded (`algo.unread.plan`, from the reads of each row in both parts and the held-out
+    distortion of each class of rows quantized alone)."""
     out = {}
     for name, key in lookup_indices(model, tables).items():
-        rows = next(w.shape[0] for w in tables if w.name == name)
+        table = read_weights(model, [w for w in tables if w.name == name])[name]
+        rows = table.shape[0]
         fit_reads, held_reads = (sum(np.bincount(np.asarray(feed[key]).ravel() % rows,
                                                  minlength=rows) for feed, _ in part)
                                  for part in (fit, held))
-        chosen = plan(np.asarray(fit_reads), np.asarray(held_reads))
+        chosen = plan(np.asarray(fit_reads), np.asarray(held_reads),
+                      lambda marked, n=name, t=table: rows_distortion(n, t, marked, runner, held,
+                                                                      measure))
         if chosen is not None:
             out[name] = chosen
     return out
+
+
+def rows_distortion(name: str, table: np.ndarray, marked: np.ndarray, runner: Runner,
+                    held: Replay, measure: Measurement) -> float:
+    """The distortion on `held` with the `marked` rows of `table` quantized at `PROBE_BITS`
+    (a step per row), the other rows exact."""
+    grid, _ = grids.fit(table[marked], PROBE_BITS, 0)
+    values = table.copy()
+    values[marked] = grids.round_to(table[marked], grid, PROBE_BITS) * grid.broadcast(table.ndim)
+    prepared = {name: runner.weight_value(name, values)}
+    return held.distortion(lambda feed: runner.run(feed, prepared), measure.channel_axis,
+                           measure.metric).value(measure.metric)
 
 
 def _declares_class_scores(model: Model) -> bool:

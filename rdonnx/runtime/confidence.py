@@ -131,10 +131,11 @@ def concat_terms(parts: list[tuple[list[np.ndarray], list[np.ndarray]]], groups:
 
 
 NEAR_TIES = 5  # the closest margins the density of ties near zero is read from
+FLIP_COST = 2.0  # a flipped sample's nmse over its mean share, before any is observed
 
 
 def flip_nmse(margins: np.ndarray, changes: np.ndarray, per_sample: float,
-              cost: float = 2.0) -> float:
+              cost: float = FLIP_COST) -> float:
     """The nmse that decisions flipped by a candidate add on data like the sample's, beyond
     what the sample shows: a decision whose margin m (the original's top score less its
     runner-up) is smaller than the candidate's change of that margin flips, and a sample with a
