@@ -568,11 +568,14 @@ def test_lookup_tables_are_those_gathered_by_a_graph_input():
 
 def test_decisions_are_argmaxes_the_graph_reads_on():
     """The scores behind an ArgMax whose result another node reads (a greedy decoder's step)
-    are decisions; an ArgMax that only leaves the graph is not."""
-    nodes = [helper.make_node("ArgMax", ["s1"], ["a1"], axis=1, keepdims=0),
+    are decisions; an ArgMax that only leaves the graph is not, nor one of a graph input."""
+    nodes = [helper.make_node("Relu", ["x"], ["s1"]),
+             helper.make_node("ArgMax", ["s1"], ["a1"], axis=1, keepdims=0),
              helper.make_node("Gather", ["E", "a1"], ["e"], axis=0),
-             helper.make_node("ArgMax", ["e"], ["a2"], axis=-1, keepdims=0)]
-    model = make_model(nodes, [vi("s1", TensorProto.FLOAT, ["N", 5])],
-                       [vi("a2", TensorProto.INT64, ["N"])],
+             helper.make_node("ArgMax", ["e"], ["a2"], axis=-1, keepdims=0),
+             helper.make_node("ArgMax", ["x"], ["a0"], axis=1, keepdims=0),
+             helper.make_node("Cast", ["a0"], ["c0"], to=TensorProto.FLOAT)]
+    model = make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 5])],
+                       [vi("a2", TensorProto.INT64, ["N"]), vi("c0", TensorProto.FLOAT, ["N"])],
                        {"E": np.ones((5, 3), np.float32)})
     assert decision_inputs(load_model(model)) == {"s1": 1}

@@ -196,8 +196,10 @@ def decision_inputs(model: Model) -> dict[str, int]:
     """The scores behind the graph's own discrete decisions: the input (and axis) of every
     main-graph ArgMax whose result another node reads (greedy decoding unrolled into the
     graph). A small change of those scores can flip a decision and change everything
-    computed from it."""
+    computed from it. Scores that no node computes (a graph input) cannot change."""
     main = model.proto.graph
     read = {name for node in main.node for name in node.input}
+    computed = {name for node in main.node for name in node.output}
     return {node.input[0]: next((a.i for a in node.attribute if a.name == "axis"), 0)
-            for node in main.node if node.op_type == "ArgMax" and node.output[0] in read}
+            for node in main.node if node.op_type == "ArgMax" and node.output[0] in read
+            and node.input[0] in computed}
