@@ -59,7 +59,8 @@ class UnreadRows:
                 f"read by the fit part; coded {self.coarser} bit(s) below the table's width "
                 f"(their share of reads: {self.good_turing:.1%} estimated on the fit part "
                 f"(Good-Turing), {self.held_out:.1%} on the held-out part; of its held-out "
-                f"distortion at {PROBE_BITS} bits: {self.distortion:.1%})")
+                f"distortion at {PROBE_BITS} bits: {self.distortion:.1%}); the fit part's "
+                "figures do not see them, the held-out part's do")
 
 
 def at_width(curve: Mapping[int, float], width: int) -> float:
