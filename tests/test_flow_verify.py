@@ -415,8 +415,9 @@ def _greedy_decoder(seed: int = 0):
 
 def test_a_greedy_decoder_adds_the_flips_its_held_out_part_does_not_show():
     """The graph's own ArgMax: its scores are recorded on the held-out part, and a pruned
-    candidate's nmse bound adds the flips its margin changes predict (none for the original);
-    the report gives them. Without a held-out part nothing is added."""
+    candidate's nmse bound adds the flips its margin changes predict (none for the original),
+    from the same runs that give its outputs; the report gives them. Without a held-out part
+    nothing is added."""
     model, calib = _greedy_decoder()
     config = FAST.updated(values="exact", holdout=0.25, confidence=0.0)
     cal = calibrate_model(model, config.updated(max_distortion=0.05), calib)
@@ -424,7 +425,12 @@ def test_a_greedy_decoder_adds_the_flips_its_held_out_part_does_not_show():
     assert cal.distortion(cal.originals, 1).flips == 0.0
     pruned = {n: np.where(np.abs(w) > np.median(np.abs(w)), w, 0).astype(w.dtype)
               for n, w in cal.originals.items()}
+    runs = []
+    run = cal.runner.run
+    cal.runner.run = lambda *a, **k: runs.append(1) or run(*a, **k)
     d = cal.distortion(pruned, 1)
+    cal.runner.run = run
+    assert len(runs) == len(cal.check)  # outputs and decision scores from the same runs
     assert d.flips > 0 and d.upper("nmse", 0.0) == pytest.approx(d.nmse + d.flips)
     result = rdonnx.compress(model, max_distortion=0.05, calib=calib,
                              config=config.updated(exclude=("W2",)))  # W1: the decision's

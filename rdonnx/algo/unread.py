@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -38,11 +38,15 @@ class UnreadRows:
     """A lookup table's rows that the fit part never reads, and how they are coded."""
 
     unread: np.ndarray  # bool per row
-    share: float  # their share of the table's error on real data: the largest of
     good_turing: float  # their share of reads, estimated on the fit part
     held_out: float  # their share of the held-out part's reads
     distortion: float  # their share of the held-out distortion, all rows at one width
     coarser: int  # bits below the table's width
+
+    @property
+    def share(self) -> float:
+        """Their share of the table's error on real data: the largest estimate."""
+        return max(self.good_turing, self.held_out, self.distortion)
 
     def bits(self, width: int) -> int:
         """The unread rows' width when the table is coded at `width`."""
@@ -90,15 +94,13 @@ def plan(fit_reads: np.ndarray, held_reads: np.ndarray,
     if measure is not None:
         of_unread, of_read = measure(unread), measure(~unread)
         distortion = of_unread / (of_unread + of_read) if of_unread + of_read > 0 else 0.0
-    share = max(good_turing, held_out, distortion)
+    rows = UnreadRows(unread, good_turing, held_out, distortion, MAX_COARSER)
+    share = rows.share
     if share >= 1.0:
         return None
-    if share <= 0.0:
-        coarser = MAX_COARSER
-    else:
+    if share > 0.0:
         per_read = (1.0 - share) / np.count_nonzero(~unread)
         per_unread = share / np.count_nonzero(unread)
-        coarser = min(MAX_COARSER, max(0, round(0.5 * math.log2(per_read / per_unread))))
-    if coarser == 0:
-        return None
-    return UnreadRows(unread, share, good_turing, held_out, distortion, coarser)
+        rows = replace(rows, coarser=min(MAX_COARSER, max(
+            0, round(0.5 * math.log2(per_read / per_unread)))))
+    return rows if rows.coarser else None

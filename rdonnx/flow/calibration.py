@@ -44,7 +44,7 @@ from rdonnx.graph.model import Model, simplify
 from rdonnx.graph.tail import linear_tails
 from rdonnx.graph.weights import Weight, find_codable, find_weights, read_weights
 from rdonnx.report.records import DataReport
-from rdonnx.runtime.confidence import FLIP_COST, SampleTerms, flip_nmse
+from rdonnx.runtime.confidence import FLIP_COST, SampleTerms, decision_change, flip_nmse
 from rdonnx.runtime.data import (
     AUTO_HOLDOUT_MIN,
     AUTO_HOLDOUT_MIN_RECONSTRUCT,
@@ -120,20 +120,31 @@ class Calibration:
         """The distortion of the model with `values` in place of its weights, on the data
         bounds are checked on (`checked`; `terms`: per-sample sums of that metric too, for
         its confidence bound)."""
-        d = self.checked.distortion(self.run_with(values), channel_axis, only, terms)
-        return replace(d, flips=self.unseen_flips(values, d.terms)) if self.decisions else d
-
-    def unseen_flips(self, values: Mapping[str, np.ndarray], terms: SampleTerms | None) -> float:
-        """The nmse that the graph's own decisions, flipped by `values`, add beyond what the
-        held-out part shows (`confidence.flip_nmse`): margins of every held-out decision,
-        changes of those in samples where none flipped; a flip costs what the held-out
-        samples with one cost on average (their nmse terms: `terms`), else twice a sample's
-        share of the output energy."""
-        names = list(self.decisions)
+        if not self.decisions:
+            return self.checked.distortion(self.run_with(values), channel_axis, only, terms)
+        # the same runs give the outputs and the scores behind the graph's own decisions
         prepared = {n: self.runner.weight_value(n, a) for n, a in values.items()}
+        outputs, names = self.runner.output_names, list(self.decisions)
+        scores: list[list[np.ndarray]] = []
+
+        def run(feed):
+            got = self.runner.run(feed, prepared, outputs=[*outputs, *names])
+            scores.append(got[len(outputs):])
+            return got[:len(outputs)]
+
+        d = self.checked.distortion(run, channel_axis, only, terms)
+        return replace(d, flips=self.unseen_flips(scores, d.terms))
+
+    def unseen_flips(self, scores: list[list[np.ndarray]], terms: SampleTerms | None) -> float:
+        """The nmse that the graph's own decisions, flipped in a candidate (`scores`: its
+        decision scores per held-out batch), add beyond what the held-out part shows
+        (`confidence.flip_nmse`): margins of every held-out decision, changes of those in
+        samples where none flipped; a flip costs what the held-out samples with one cost on
+        average (their nmse terms: `terms`), else twice a sample's share of the output
+        energy."""
+        names = list(self.decisions)
         margins, changes, flipped, count = [], [], [], 0
-        for (feed, _), ref in zip(self.check, self.check.cuts(names)):
-            got = self.runner.run(feed, prepared, outputs=names)
+        for got, ref in zip(scores, self.check.cuts(names)):
             rows = len(next(iter(ref.values())))
             kept = np.ones(rows, bool)
             gaps = []
@@ -172,22 +183,6 @@ class Calibration:
         """Whether the weight's layer input is seen and its layout known (matrix views)."""
         entry = self.inputs.get(name)
         return entry is not None and obs.supports(entry, self.originals[name].shape)
-
-
-def decision_change(ref: np.ndarray, new: np.ndarray, axis: int
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per decision along `axis`: the original's margin (its top score less its runner-up),
-    the change of that difference in `new`, and whether `new` decides otherwise."""
-    order = np.argsort(ref, axis=axis)
-    top, second = np.take(order, [-1], axis=axis), np.take(order, [-2], axis=axis)
-
-    def gap(scores: np.ndarray) -> np.ndarray:
-        return np.take_along_axis(scores, top, axis=axis).astype(np.float64) - \
-            np.take_along_axis(scores, second, axis=axis)
-
-    margin = gap(ref)
-    change = gap(new) - margin
-    return margin, change, np.expand_dims(np.argmax(new, axis=axis), axis) != top
 
 
 def graph_order(model: Model, weights: list[Weight]) -> list[Weight]:
@@ -314,9 +309,10 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
     tails = linear_tails(proto.graph, [w.name for w in weights + extra + swapped]) \
         if PROBE_TAILS and measure.metric == "nmse" else {}
     recorded = Prober.tensors(cuts, tails)
-    # a greedy decoder's decisions: their flips are estimated beyond the held-out part
-    decisions = decision_inputs(loaded) if held is not None and measure.metric == "nmse" \
-        else {}
+    # a greedy decoder's decisions: their flips are estimated beyond the held-out part, for
+    # the nmse bound it checks
+    decisions = decision_inputs(loaded) \
+        if config.target.bound and held is not None and measure.metric == "nmse" else {}
     given = {v.name for v in proto.graph.output} | {v.name for v in proto.graph.input}
     runner = Runner(loaded, weights + extra + swapped, measure.device,
                     sorted((set(exposed) | set(recorded) | set(decisions)) - given),

@@ -136,7 +136,7 @@ def finish_report(cal: Calibration, config: CompressConfig, chosen: Realized,
             names[target.kind], float(target.value),
             "held-out" if cal.check is not None else "calibration", chosen.distortion.samples,
             float(measured), float(limit), confidence, bool(met), check.reference_score,
-            chosen.distortion.flips if target.kind == "distortion" and metric == "nmse" else 0.0)
+            chosen.distortion.flips if target.kind == "distortion" else 0.0)
     elif check.score is not None:  # a rate with --eval: the score of the result too
         report.score, report.reference_score = check.score(chosen)[0], check.reference_score
     if test_data is not None:

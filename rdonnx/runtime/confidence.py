@@ -130,6 +130,21 @@ def concat_terms(parts: list[tuple[list[np.ndarray], list[np.ndarray]]], groups:
     return SampleTerms(np.concatenate(nums), np.concatenate(dens), groups, floor)
 
 
+def decision_change(ref: np.ndarray, new: np.ndarray, axis: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per decision along `axis`: the original's margin (its top score less its runner-up),
+    the change of that difference in `new`, and whether `new` decides otherwise."""
+    order = np.argsort(ref, axis=axis)
+    top, second = np.take(order, [-1], axis=axis), np.take(order, [-2], axis=axis)
+
+    def gap(scores: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(scores, top, axis=axis).astype(np.float64) - \
+            np.take_along_axis(scores, second, axis=axis)
+
+    margin = gap(ref)
+    return margin, gap(new) - margin, np.expand_dims(np.argmax(new, axis=axis), axis) != top
+
+
 NEAR_TIES = 5  # the closest margins the density of ties near zero is read from
 FLIP_COST = 2.0  # a flipped sample's nmse over its mean share, before any is observed
 
