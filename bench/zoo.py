@@ -136,7 +136,8 @@ class Scorer:
 
     def score(self, session, split: str = "test") -> dict[str, float]:
         """The task metrics, plus rdonnx's own output distortion against the original (nmse,
-        cosine distance: what a bound is on) on the same samples."""
+        cosine distance, KL where an output has a class axis: what a bound is on) on the same
+        samples."""
         from rdonnx.runtime.distortion import DistortionMeter
 
         out = run_outputs(session, self.feeds[split], self.ad.batch)
@@ -144,7 +145,8 @@ class Scorer:
         meter.add(self.ref[split], out)
         d = meter.result()
         return {**self.ad.score(self.ref[split], out, self.truth[split]),
-                "nmse": d.nmse, "cosine_distance": d.cosine}
+                "nmse": d.nmse, "cosine_distance": d.cosine,
+                **({"kl": d.kl} if d.kl is not None else {})}
 
     def score_file(self, path: Path, split: str = "test") -> dict[str, float]:
         import onnxruntime as ort
@@ -404,7 +406,8 @@ def _bound_check(report: Path, test: dict[str, float]) -> str:
     if not check or check.get("target") != "max_distortion":
         return ""
     metric = data["calibration"]["metric"]
-    on_test = test.get({"nmse": "nmse", "cosine": "cosine_distance"}.get(metric, ""))
+    on_test = test.get({"nmse": "nmse", "cosine": "cosine_distance", "kl": "kl"}.get(metric,
+                                                                                    ""))
     return (f"; {metric} bound {check['bound']:g}: {check['data']} {check['measured']:.3g} "
             f"(limit {check['limit']:.3g}, {check['samples']} samples), test "
             f"{'-' if on_test is None else f'{on_test:.3g}'}")
@@ -433,6 +436,20 @@ def with_ladder(ad: Adapter, ladder: str | None) -> Adapter:
     bounds = () if ladder.strip() == "none" else tuple(
         tuple(b.split()) for b in ladder.split(";") if b.strip())
     return replace(ad, ladder=bounds, notes=f"ladder from the command line: {ladder}")
+
+
+def with_calibration(ad: Adapter, calibration: str | None) -> Adapter:
+    """``ad`` with the calibration arguments given on the command line (``--calib-samples N``
+    and the rest, which replace the model's own extra arguments: a grid, a metric)."""
+    if calibration is None:
+        return ad
+    words = calibration.split()
+    samples = ad.calib_samples
+    if "--calib-samples" in words:
+        at = words.index("--calib-samples")
+        samples, words = int(words[at + 1]), words[:at] + words[at + 2:]
+    return replace(ad, calib_samples=samples, extra_args=tuple(words), notes="; ".join(
+        x for x in [ad.notes, f"calibration from the command line: {calibration}"] if x))
 
 
 def with_fallback(ad: Adapter, fallback: str | None) -> Adapter:
@@ -569,6 +586,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="rdonnx targets run without curves after the ladder, instead of "
                         "each model's own, e.g. '--rate 1 --value-bits 5 --reconstruct' "
                         "('none': no fallback)")
+    parser.add_argument("--calibration", default=None, metavar="ARGS",
+                        help="rdonnx calibration arguments instead of each model's own (its "
+                        "--calib-samples and extra arguments), e.g. '--calib-samples 32 --grid "
+                        "1,0.6,0.35,0.2,0.1 --metric kl'; the rdonnx row's note says so")
     parser.add_argument("--at-baseline", action="store_true",
                         help="keep the first rdonnx rung whose test metric is no worse than "
                         "quantize_dynamic's instead of the first transparent one")
@@ -610,7 +631,8 @@ def main(argv: list[str] | None = None) -> None:
                               "load_average": loads}
             out.write_text(json.dumps(previous, indent=1))
 
-        ad = with_fallback(with_ladder(adapter(name), args.ladder), args.fallback)
+        ad = with_calibration(with_fallback(with_ladder(adapter(name), args.ladder),
+                                            args.fallback), args.calibration)
         got = bench_model(ad, cache, args, on_rows=save)
         rows += got
         save(got, done=True)

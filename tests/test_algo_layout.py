@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 from rdonnx.algo.layout import LayerInput, SecondMoments, output_shift
 from rdonnx.flow.curves import exposed_tensors, record
 from rdonnx.graph.layers import (
+    class_heads,
     decision_inputs,
     layer_biases,
     layer_inputs,
@@ -580,3 +581,36 @@ def test_decisions_are_argmaxes_the_graph_reads_on():
                        [vi("a2", TensorProto.INT64, ["N"]), vi("c0", TensorProto.FLOAT, ["N"])],
                        {"E": np.ones((5, 3), np.float32)})
     assert decision_inputs(load_model(model)) == {"s1": 1}
+
+
+def test_class_heads_are_the_last_linear_layers_before_an_output():
+    """A Gemm whose output reaches a graph output through its bias Add, a Reshape and a
+    LogSoftmax is a classifier head, as is a MatMul head through a Transpose that keeps the last
+    axis; a layer behind a residual Add, a LayerNorm-like op, a Transpose that moves the last
+    axis, or a weight read twice is not."""
+    rng = np.random.default_rng(0)
+    w = {n: rng.standard_normal(s).astype(np.float32) for n, s in
+         (("G", (12, 6)), ("b", (12,)), ("M", (6, 10)), ("R", (6, 6)), ("N", (6, 6)),
+          ("P", (6, 9)), ("S", (6, 7)))}
+    nodes = [helper.make_node("Gemm", ["x", "G"], ["g"], transB=1),
+             helper.make_node("Add", ["g", "b"], ["gb"]),
+             helper.make_node("Reshape", ["gb", "shape"], ["gr"]),
+             helper.make_node("LogSoftmax", ["gr"], ["out_g"], axis=-1),
+             helper.make_node("MatMul", ["x3", "M"], ["m"]),
+             helper.make_node("Transpose", ["m"], ["out_m"], perm=[1, 0, 2]),
+             helper.make_node("MatMul", ["x", "R"], ["r"]),
+             helper.make_node("Add", ["r", "x"], ["out_r"]),
+             helper.make_node("MatMul", ["x", "N"], ["n"]),
+             helper.make_node("Sigmoid", ["n"], ["out_n"]),
+             helper.make_node("MatMul", ["x3", "P"], ["p"]),
+             helper.make_node("Transpose", ["p"], ["out_p"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["x", "S"], ["out_s"]),
+             helper.make_node("MatMul", ["x", "S"], ["out_s2"])]
+    model = make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 6]),
+                               vi("x3", TensorProto.FLOAT, ["T", "N", 6])],
+                       [vi(o, TensorProto.FLOAT, []) for o in
+                        ("out_g", "out_m", "out_r", "out_n", "out_p", "out_s", "out_s2")],
+                       {**w, "shape": np.array([-1, 1, 12], np.int64)})
+    loaded = load_model(model)
+    heads = class_heads(loaded, find_weights(loaded, min_params=1))
+    assert heads == {"G": "out_g", "M": "out_m"}

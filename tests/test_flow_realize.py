@@ -939,3 +939,46 @@ def test_rows_no_fit_sample_reads_are_coded_coarser_under_a_bound():
     for other in (config.updated(coarse_unread=False), config.updated(holdout=0.0)):
         alike = rdonnx.compress(model, max_distortion=1e-3, calib={"ids": ids}, config=other)
         assert not any("never read" in n for n in alike.report.notices)
+
+
+def test_classes_no_fit_frame_brings_near_the_top_are_coded_coarser_under_kl(tmp_path):
+    """A sequence classifier ([N, T, 200] logits from a MatMul head [32, 200] and its bias)
+    whose bias keeps 170 classes far below the others: under a KL bound with a held-out part,
+    those classes' columns get levels `coarser` bits narrower than the head's width (the
+    report says why), the competing ones the whole width, the held-out check holds and the
+    .rdonnx file decodes to the measured values. Under nmse (which counts every logit's error)
+    or with --no-coarse-unread, every class is coded alike."""
+    rng = np.random.default_rng(8)
+    classes = 200
+    bias = np.where(np.arange(classes) < 30, 0.0, -40.0).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["h"]),
+                        helper.make_node("Relu", ["h"], ["r"]),
+                        helper.make_node("MatMul", ["r", "H"], ["z"]),
+                        helper.make_node("Add", ["z", "b"], ["logits"])],
+                       [vi("x", TensorProto.FLOAT, ["N", 5, 16])],
+                       [vi("logits", TensorProto.FLOAT, ["N", 5, classes])],
+                       {"W": rng.standard_normal((16, 32)).astype(np.float32) * 0.5,
+                        "H": rng.standard_normal((32, classes)).astype(np.float32),
+                        "b": bias})
+    x = rng.standard_normal((64, 5, 16)).astype(np.float32)
+    config = CompressConfig.of(grid=GRID, layer_distortion=False, format="rdonnx",
+                               holdout=0.25, confidence=0.0, metric="kl")
+    result = rdonnx.compress(model, max_distortion=1e-3, calib={"x": x}, config=config)
+    split = [n for n in result.report.notices if "never come within 10 nats" in n]
+    assert len(split) == 1 and split[0].startswith("H: 170 of 200 rows")
+    coarser = int(re.search(r"coded (\d) bit", split[0]).group(1))
+    width = result.report.unpruned_bits.get("H") or next(
+        w.value_bits for w in result.report.weights if w.name == "H")
+    q = np.abs(result.quantized["H"].q).max(axis=0)  # per class (a column)
+    narrow = 2 ** (max(2, width - coarser) - 1) - 1
+    assert coarser >= 1 and np.all(q[30:] <= narrow) and np.all(q[:30] > narrow)
+    assert result.report.check.met
+    # value curves measured with the split are not reused by a run without it
+    assert result.curves.values_quantizer == "uniform (coarse rows: H)"
+    out = tmp_path / "m.rdonnx"
+    result.save(out)
+    np.testing.assert_array_equal(decode_all(read_artifact(out))["H"], result.weights["H"])
+    assert "quantized-classes" in {e.encoding for e in read_artifact(out).tensors}
+    for other in (config.updated(coarse_unread=False), config.updated(metric="nmse")):
+        alike = rdonnx.compress(model, max_distortion=1e-3, calib={"x": x}, config=other)
+        assert not any("never come within" in n for n in alike.report.notices)

@@ -84,6 +84,24 @@ def test_kl_of_logits_matches_manual_computation():
     assert d.value("kl") == pytest.approx(manual, rel=1e-9)
 
 
+def test_kl_of_a_sequence_output_is_over_its_last_axis():
+    """[positions, batch, classes] (a CTC recognizer's frames): KL per frame over the classes,
+    the mean over every frame; the per-sample terms (one a batch here) average to it."""
+    rng = np.random.default_rng(2)
+    r = rng.standard_normal((5, 1, 7)) * 3
+    c = r + rng.standard_normal((5, 1, 7)) * 0.3
+    p, q = _softmax(r.reshape(-1, 7)), _softmax(c.reshape(-1, 7))
+    manual = float(np.mean(np.sum(p * np.log(p / q), axis=1)))
+    meter = DistortionMeter(terms="kl")
+    for _ in range(2):  # two batches of one sample
+        meter.add([r], [c], rows=1)
+    d = meter.result()
+    assert manual > 1e-3
+    assert d.kl == pytest.approx(manual, rel=1e-9)
+    assert d.upper("kl", 0.0) == pytest.approx(manual, rel=1e-9)
+    assert d.top1_agreement is None  # top-1 stays with [batch, classes] outputs
+
+
 def test_probabilities_are_not_softmaxed_again():
     p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
     q = np.array([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])

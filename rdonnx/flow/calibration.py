@@ -18,7 +18,7 @@ import onnx
 from rdonnx.algo import grids, obs
 from rdonnx.algo.layout import LayerInput
 from rdonnx.algo.prune import Ranking, Scores
-from rdonnx.algo.unread import PROBE_BITS, UnreadRows, plan
+from rdonnx.algo.unread import COMPETE_GAP, PROBE_BITS, UnreadRows, plan
 from rdonnx.artifact.io import load_any
 from rdonnx.errors import UsageError
 from rdonnx.flow.config import CompressConfig, Measurement, Selection, Target
@@ -33,6 +33,7 @@ from rdonnx.flow.curves import (
 )
 from rdonnx.flow.target import check_supported
 from rdonnx.graph.layers import (
+    class_heads,
     consumer_outputs,
     decision_inputs,
     layer_biases,
@@ -56,7 +57,7 @@ from rdonnx.runtime.data import (
     split_holdout,
 )
 from rdonnx.runtime.diagnose import describe_outputs
-from rdonnx.runtime.distortion import Distortion, is_class_scores
+from rdonnx.runtime.distortion import Distortion, is_class_scores, log_probs
 from rdonnx.runtime.measure import Replay
 from rdonnx.runtime.probe import Prober, cut_tensors
 from rdonnx.runtime.session import Runner, measurement_model
@@ -323,10 +324,10 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                                           measure.replay_mb * 2**20, recorded)
     check = record(runner, held, {}, quiet, measure.replay_mb * 2**20, list(decisions))[0] \
         if held is not None else None
+    heads = head_outputs(loaded, weights, originals, next(iter(replay))[1])
     if config.measure.metric == "kl" and \
-            not any(is_class_scores(o) for o in next(iter(replay))[1]):
-        raise UsageError("--metric kl needs an output of class scores [batch, classes]; "
-                         "use --metric nmse, nmse-channel or cosine")
+            not any(is_class_scores(o) for o in next(iter(replay))[1]) and not heads:
+        raise UsageError(KL_REFUSAL)
     scores = scores_for(weights, originals, prune.criterion, inputs, moments)
     importance = {n: m.moments(originals[n].shape) for n, m in moments.items()}
     plain = [w.name for w in weights if w.name not in importance] + [w.name for w in extra]
@@ -345,6 +346,8 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
         coding.quantizer == "uniform" and coding.coarse_unread
     unread = unread_rows(loaded, matrices(extra), replay, check, runner, measure) \
         if split else {}
+    if split and measure.metric == "kl":  # classes that never compete barely move the KL
+        unread.update(cold_classes(heads, originals, replay, check, runner, measure))
     notices.extend(u.describe(n) for n, u in unread.items())
     return Calibration(loaded, weights, originals, runner, replay, scores,
                        {n: Ranking(s) for n, s in scores.items()}, fingerprint, data_name,
@@ -379,13 +382,61 @@ def unread_rows(model: Model, tables: Sequence[Weight], fit: Replay, held: Repla
     return out
 
 
+KL_REFUSAL = ("--metric kl needs class scores: an output [batch, classes], or a classifier "
+              "layer's output with the classes on its last axis; use --metric nmse, "
+              "nmse-channel or cosine")
+
+
+def head_outputs(model: Model, weights: Sequence[Weight], originals: Mapping[str, np.ndarray],
+                 outputs: Sequence[np.ndarray]) -> dict[str, tuple[int, int]]:
+    """The classifier heads (`class_heads`) whose output channels are the last axis of their
+    graph output in `outputs` (one batch of the reference): weight -> (output index, its
+    output axis)."""
+    names = [o.name for o in model.proto.graph.output]
+    axes = output_axes(model, weights)
+    found = {}
+    for name, output in class_heads(model, weights).items():
+        index, axis = names.index(output), axes.get(name)
+        if axis is not None and np.ndim(outputs[index]) >= 2 and \
+                np.shape(outputs[index])[-1] == originals[name].shape[axis]:
+            found[name] = (index, axis)
+    return found
+
+
+def cold_classes(heads: Mapping[str, tuple[int, int]], originals: Mapping[str, np.ndarray],
+                 fit: Replay, held: Replay, runner: Runner, measure: Measurement
+                 ) -> dict[str, UnreadRows]:
+    """The classifier heads with classes that no fit frame brings within `COMPETE_GAP` nats of
+    its top class, and how they are coded (`algo.unread.plan`: a class is read by a frame
+    that brings it that near, in either part)."""
+    out = {}
+    for name, (index, axis) in heads.items():
+        classes = originals[name].shape[axis]
+
+        def near(part: Replay, index: int = index, classes: int = classes) -> np.ndarray:
+            counts = np.zeros(classes)
+            for _, outputs in part:
+                lp = log_probs(outputs[index]).reshape(-1, classes)
+                counts += (lp >= lp.max(axis=1, keepdims=True) - COMPETE_GAP).sum(axis=0)
+            return counts
+
+        chosen = plan(near(fit), near(held),
+                      lambda marked, n=name, a=axis: rows_distortion(
+                          n, originals[n], marked, runner, held, measure, a),
+                      f"never come within {COMPETE_GAP:g} nats of the top class on a fit frame")
+        if chosen is not None:
+            out[name] = chosen
+    return out
+
+
 def rows_distortion(name: str, table: np.ndarray, marked: np.ndarray, runner: Runner,
-                    held: Replay, measure: Measurement) -> float:
-    """The distortion on `held` with the `marked` rows of `table` quantized at `PROBE_BITS`
-    (a step per row), the other rows exact."""
-    grid, _ = grids.fit(table[marked], PROBE_BITS, 0)
+                    held: Replay, measure: Measurement, axis: int = 0) -> float:
+    """The distortion on `held` with the `marked` rows (along `axis`) of `table` quantized at
+    `PROBE_BITS` (a step per row), the other rows exact."""
+    rows = (slice(None),) * axis + (marked,)
+    grid, _ = grids.fit(table[rows], PROBE_BITS, axis)
     values = table.copy()
-    values[marked] = grids.round_to(table[marked], grid, PROBE_BITS) * grid.broadcast(table.ndim)
+    values[rows] = grids.round_to(table[rows], grid, PROBE_BITS) * grid.broadcast(table.ndim)
     prepared = {name: runner.weight_value(name, values)}
     return held.distortion(lambda feed: runner.run(feed, prepared), measure.channel_axis,
                            measure.metric).value(measure.metric)

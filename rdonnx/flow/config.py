@@ -178,7 +178,8 @@ class Measurement:
 
     metric: str = option(
         "nmse", "Output distortion: nmse (sum over outputs of ||y-y'||^2/||y||^2), "
-        "nmse-channel (per channel along --channel-axis, averaged), kl of class scores, cosine.",
+        "nmse-channel (per channel along --channel-axis, averaged), kl of class scores (along "
+        "the last axis: [batch, classes], or a classifier head's [..., classes]), cosine.",
         choices=METRICS)
     channel_axis: int = option(
         DEFAULT_CHANNEL_AXIS, "Channel axis of the outputs for --metric nmse-channel.")

@@ -56,7 +56,8 @@ class Curves:
     settings: dict
     fingerprint: Fingerprint
     values: dict[str, dict[int, float]] = field(default_factory=dict)  # Q(b): whole weight
-    values_quantizer: str = DEFAULT_QUANTIZER  # the quantizer `values` were measured with
+    values_quantizer: str = DEFAULT_QUANTIZER  # the quantizer `values` were measured with (and
+    # the weights whose rows it split: `algo.unread`)
     measured: dict[str, tuple[int, ...]] = field(default_factory=dict)  # adaptive grid: the
     # grid points measured per weight (the others interpolated); empty: every point measured
 

@@ -262,7 +262,7 @@ def _choose(realizer: Realizer, config: CompressConfig, allocation: Allocation,
             curves = _with_value_curves(realizer, curves, quiet)
         options = {w.name: options_for(cal.originals[w.name], cal.rankings[w.name],
                                        curves.grid, curves.distortion[w.name],
-                                       with_wide_widths(curves.values[w.name]),
+                                       _value_curve(cal, w.name, curves.values[w.name]),
                                        lambda a, b, rows, n=w.name: realizer.quantize(n, a, b,
                                                                                       rows),
                                        cal.axes.get(w.name))
@@ -332,25 +332,28 @@ def _extra_options(realizer: Realizer, quiet: bool) -> dict[str, list[Option]]:
     measured = measure_value_curves(cal.prober, matrices, variant, JOINT_VALUE_BITS,
                                     realizer.measure.metric, realizer.measure.channel_axis, quiet)
     everything = {w.name: np.ones(cal.extra[w.name].shape, dtype=bool) for w in matrices}
-
-    def curve(name: str) -> dict[int, float]:
-        """Q(b) of the whole table: predicted from the read rows' where rows the fit part
-        never reads are coded coarser (`algo.unread`)."""
-        q = with_wide_widths(measured[name])
-        unread = cal.unread.get(name)
-        return q if unread is None else {b: unread.predicted(q, b) for b in q}
-
     return {w.name: [Option(1.0, bits, estimate_bits(cal.extra[w.name], everything[w.name], bits,
                                                      lambda a, b, rows, n=w.name:
                                                      realizer.quantize(n, a, b, rows),
                                                      cal.axes.get(w.name)), q)
-                     for bits, q in curve(w.name).items()]
+                     for bits, q in _value_curve(cal, w.name, measured[w.name]).items()]
             for w in matrices}
+
+
+def _value_curve(cal: Calibration, name: str, measured: dict[int, float]) -> dict[int, float]:
+    """Q(b) of a whole tensor from its measured value curve: predicted from the rows the fit
+    part reads where rows it never reads are coded coarser (`algo.unread`)."""
+    q = with_wide_widths(measured)
+    unread = cal.unread.get(name)
+    return q if unread is None else {b: unread.predicted(q, b) for b in q}
 
 
 def _with_value_curves(realizer: Realizer, curves: Curves, quiet: bool) -> Curves:
     """`curves` with Q_l(b) for every joint value width (measured now if missing)."""
     cal, quantizer = realizer.cal, realizer.coding.quantizer
+    split = sorted(n for n in cal.unread if n in {w.name for w in cal.weights})
+    if split:  # the curves of those weights were measured with their classes split
+        quantizer += f" (coarse rows: {', '.join(split)})"
     if curves.values_quantizer == quantizer and \
             all(set(JOINT_VALUE_BITS) <= set(curves.values.get(w.name, {})) for w in cal.weights):
         return curves

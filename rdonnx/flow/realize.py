@@ -162,9 +162,11 @@ class Realizer:
         if self.coding.quantizer == "kmeans":
             return kmeans_quantize(array, bits, importance)
         unread, coarse = self.cal.unread.get(name), None
-        if unread is not None:  # a lookup table: rows no fit sample reads coded coarser
+        if unread is not None:  # rows no fit sample reads (a lookup table's), or classes no
+            # fit frame brings near the top (a classifier's): coded coarser
             coarse = unread.unread if rows is None else unread.unread[rows]
-            grid, q = grids.fit_split(array, bits, 0, coarse, unread.bits(bits), importance)
+            grid, q = grids.fit_split(array, bits, self.cal.axes.get(name) or 0, coarse,
+                                      unread.bits(bits), importance)
         else:
             grid = grids.choose(array, bits, self.cal.axes.get(name), importance)
             q = grids.round_to(array, grid, bits)

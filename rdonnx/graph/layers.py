@@ -203,3 +203,46 @@ def decision_inputs(model: Model) -> dict[str, int]:
     return {node.input[0]: next((a.i for a in node.attribute if a.name == "axis"), 0)
             for node in main.node if node.op_type == "ArgMax" and node.output[0] in read
             and node.input[0] in computed}
+
+
+# operators between a classifier's last linear layer and the graph output that keep its output
+# channels on the output's last axis (a Transpose only when it keeps the last axis last)
+_HEAD_PASS = frozenset({"Reshape", "Identity", "Cast", "Add", "Softmax", "LogSoftmax",
+                        "Transpose"})
+
+
+def class_heads(model: Model, weights: Sequence[Weight]) -> dict[str, str]:
+    """The classifier heads: each weight of a main-graph Gemm / MatMul whose output channels
+    become the last axis of a graph output (through a bias Add, a reshape, a softmax), mapped to
+    that output. Whether the channel count matches the output's last axis is for the caller to
+    check on real outputs (a Reshape's target is data)."""
+    main = model.proto.graph
+    entries = layer_inputs(model, weights)
+    producer = {name: node for node in main.node for name in node.output}
+    graph_inputs = {v.name for v in main.input}
+    readers: dict[str, int] = {}
+    for node in _all_nodes(model):
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    heads = {}
+    for output in main.output:
+        tensor, hops = output.name, 0
+        while hops < 8 and tensor in producer:
+            node = producer[tensor]
+            if node.op_type in ("Gemm", "MatMul"):
+                found = [n for n in node.input[:2] if n in entries and readers.get(n) == 1]
+                if len(found) == 1:
+                    heads[found[0]] = output.name
+                break
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            if node.op_type not in _HEAD_PASS or \
+                    perm is not None and perm[-1] != len(perm) - 1 or \
+                    node.op_type in ("Softmax", "LogSoftmax") and \
+                    next((a.i for a in node.attribute if a.name == "axis"), -1) != -1:
+                break
+            computed = [n for n in node.input if n in graph_inputs or
+                        n in producer and producer[n].op_type != "Constant"]
+            if node.op_type == "Add" and len(computed) != 1:  # a residual sum, not a bias
+                break
+            tensor, hops = (computed[0] if node.op_type == "Add" else node.input[0]), hops + 1
+    return heads

@@ -19,7 +19,8 @@ class Distortion:
     nmse: float | None  # sum over outputs of ||y - y'||^2 / ||y||^2
     nmse_channel: float | None  # sum over outputs of the mean over channels of per-channel nmse
     cosine: float | None  # sum over outputs of the mean per-sample cosine distance 1-cos(y, y')
-    kl: float | None  # mean KL(p_ref || p_cand) over rows of class-score outputs (None: none)
+    kl: float | None  # mean KL(p_ref || p_cand) over the rows (along the last axis) of float
+    # outputs of rank >= 2 (None: none)
     top1_agreement: float | None  # share of samples whose argmax class is unchanged
     samples: int
     top1_samples: int = 0  # rows whose argmax was compared
@@ -57,13 +58,20 @@ def is_class_scores(array: np.ndarray) -> bool:
     return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] >= 2
 
 
+def has_class_axis(array: np.ndarray) -> bool:
+    """A float output of rank >= 2 read as class scores along its last axis by `--metric kl`
+    ([batch, classes], or [..., positions, classes] of a sequence model)."""
+    return array.dtype.kind == "f" and array.ndim >= 2 and array.shape[-1] >= 2
+
+
 def log_probs(scores: np.ndarray) -> np.ndarray:
-    """Log-probabilities of rows that already are probabilities, else log-softmax of logits."""
+    """Log-probabilities along the last axis: of rows that already are probabilities, else
+    log-softmax of logits."""
     scores = scores.astype(np.float64)
-    if scores.min() >= 0 and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
+    if scores.min() >= 0 and np.allclose(scores.sum(axis=-1), 1.0, atol=1e-3):
         return np.log(np.clip(scores, 1e-12, None))
-    shifted = scores - scores.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def _accumulate(total: np.ndarray | float, batch: np.ndarray) -> np.ndarray:
@@ -216,11 +224,11 @@ class DistortionMeter:
                 cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
                                np.where(np.all(rows_r == rows_c, axis=1), 1.0, 0.0))
                 self._cos[i] += float(np.sum(1.0 - cos))
+            if "kl" in self.wants and has_class_axis(r):
+                log_p, log_q = log_probs(r64), log_probs(c64)
+                self._kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+                self._kl_rows += r.size // r.shape[-1]
             if is_class_scores(r):
-                if "kl" in self.wants:
-                    log_p, log_q = log_probs(r64), log_probs(c64)
-                    self._kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
-                    self._kl_rows += r.shape[0]
                 if "top1" in self.wants and not class_output_seen:  # first class-score output
                     self._agree += int(np.sum(r.argmax(axis=1) == c.argmax(axis=1)))
                     self._top1_rows += r.shape[0]
@@ -275,10 +283,10 @@ class DistortionMeter:
                 nums.append(per.sum(axis=1, keepdims=True))
                 dens.append(np.full((n, 1), float(per.shape[1])))
                 groups.append(1)
-            elif metric == "kl" and is_class_scores(reference[i]):
+            elif metric == "kl" and has_class_axis(reference[i]):
                 log_p = log_probs(reference[i].astype(np.float64))
                 log_q = log_probs(candidate[i].astype(np.float64))
-                per = (np.exp(log_p) * (log_p - log_q)).sum(axis=1).reshape(n, -1)
+                per = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1).reshape(n, -1)
                 kl_num += per.sum(axis=1, keepdims=True)
                 kl_den += per.shape[1]
         if metric == "kl":
