@@ -16,7 +16,7 @@ from rdonnx.flow.calibration import KL_REFUSAL, DataSource, ModelSource, make_da
 from rdonnx.flow.config import DEFAULTS, FORMATS, CompressConfig, Target
 from rdonnx.flow.curves import Curves
 from rdonnx.flow.result import CompressResult
-from rdonnx.graph.layers import class_heads
+from rdonnx.graph.layers import head_outputs
 from rdonnx.graph.weights import DEFAULT_MIN_PARAMS, find_weights, read_weights
 from rdonnx.report.records import Evaluation, WeightReport, table
 from rdonnx.runtime.data import DataOptions, input_specs
@@ -152,7 +152,7 @@ def evaluate(reference: ModelSource, candidate: ModelSource, data: DataSource, *
     result = measure(ref_runner.run, [cand_runner.run], batches, labels, "evaluating", quiet)
     distortion = result.distortions[0]
     if metric == "kl" and (distortion.kl is None or distortion.top1_agreement is None
-                           and not class_heads(ref_model, find_weights(ref_model))):
+                           and not head_outputs(ref_model)):
         raise UsageError(KL_REFUSAL)  # an output [batch, classes] also gives the top-1 figure
     return Evaluation.from_distortion(name, metric, distortion, result.reference_accuracy,
                                       result.accuracies[0], labelled=distortion.samples

@@ -450,6 +450,39 @@ def test_evaluate_metrics_and_errors(bundled_cnn, bundled_cnn_pruned, digits_tes
         rdonnx.evaluate(mlp.path, int64_model.path, mlp.calib)
 
 
+def test_evaluate_kl_of_a_sequence_classifier_is_per_position(tmp_path):
+    """A classifier head's [N, T, classes] logits: KL per position over the classes, averaged
+    over every position; the same graph with a Sigmoid after the head (not class scores) is
+    refused under KL."""
+    from _graphs import make_model, vi
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    head = rng.standard_normal((6, 9)).astype(np.float32)
+
+    def model(weight: np.ndarray, last: str) -> Path:
+        nodes = [helper.make_node("MatMul", ["x", "H"], ["z"])]
+        if last == "Sigmoid":
+            nodes.append(helper.make_node("Sigmoid", ["z"], ["y"]))
+        else:
+            nodes.append(helper.make_node("Identity", ["z"], ["y"]))
+        path = tmp_path / f"{last}-{int(weight.sum() * 1000)}.onnx"
+        onnx.save(make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 4, 6])],
+                             [vi("y", TensorProto.FLOAT, ["N", 4, 9])], {"H": weight}), path)
+        return path
+
+    x = rng.standard_normal((8, 4, 6)).astype(np.float32)
+    moved = head + rng.standard_normal(head.shape).astype(np.float32) * 0.2
+    got = rdonnx.evaluate(model(head, "Identity"), model(moved, "Identity"), {"x": x},
+                          metric="kl")
+    lp, lq = (z - z.max(1, keepdims=True) for z in ((x @ h).reshape(-1, 9).astype(np.float64)
+                                                     for h in (head, moved)))
+    lp, lq = (v - np.log(np.exp(v).sum(1, keepdims=True)) for v in (lp, lq))
+    assert got.kl == pytest.approx(float(np.mean((np.exp(lp) * (lp - lq)).sum(1))), rel=1e-4)
+    with pytest.raises(UsageError, match="kl needs class scores"):
+        rdonnx.evaluate(model(head, "Sigmoid"), model(moved, "Sigmoid"), {"x": x}, metric="kl")
+
+
 # ----------------------------------------------------------------------------------------------
 # determinism
 

@@ -946,8 +946,9 @@ def test_classes_no_fit_frame_brings_near_the_top_are_coded_coarser_under_kl(tmp
     whose bias keeps 170 classes far below the others: under a KL bound with a held-out part,
     those classes' columns get levels `coarser` bits narrower than the head's width (the
     report says why), the competing ones the whole width, the held-out check holds and the
-    .rdonnx file decodes to the measured values. Under nmse (which counts every logit's error)
-    or with --no-coarse-unread, every class is coded alike."""
+    .rdonnx file decodes to the measured values. Under nmse (which counts every logit's error),
+    with --no-coarse-unread or with GPTQ (whose grids do not split rows), every class is coded
+    alike."""
     rng = np.random.default_rng(8)
     classes = 200
     bias = np.where(np.arange(classes) < 30, 0.0, -40.0).astype(np.float32)
@@ -979,6 +980,8 @@ def test_classes_no_fit_frame_brings_near_the_top_are_coded_coarser_under_kl(tmp
     result.save(out)
     np.testing.assert_array_equal(decode_all(read_artifact(out))["H"], result.weights["H"])
     assert "quantized-classes" in {e.encoding for e in read_artifact(out).tensors}
-    for other in (config.updated(coarse_unread=False), config.updated(metric="nmse")):
+    for other in (config.updated(coarse_unread=False), config.updated(metric="nmse"),
+                  config.updated(reconstruct=True)):
         alike = rdonnx.compress(model, max_distortion=1e-3, calib={"x": x}, config=other)
         assert not any("never come within" in n for n in alike.report.notices)
+        assert alike.quantized["H"].classes is None

@@ -36,6 +36,7 @@ from rdonnx.graph.layers import (
     class_heads,
     consumer_outputs,
     decision_inputs,
+    head_outputs,
     layer_biases,
     layer_inputs,
     lookup_indices,
@@ -324,9 +325,10 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                                           measure.replay_mb * 2**20, recorded)
     check = record(runner, held, {}, quiet, measure.replay_mb * 2**20, list(decisions))[0] \
         if held is not None else None
-    heads = head_outputs(loaded, weights, originals, next(iter(replay))[1])
+    heads = matching_heads(loaded, weights, originals, next(iter(replay))[1])
     if config.measure.metric == "kl" and \
-            not any(is_class_scores(o) for o in next(iter(replay))[1]) and not heads:
+            not any(is_class_scores(o) for o in next(iter(replay))[1]) and \
+            not head_outputs(loaded):
         raise UsageError(KL_REFUSAL)
     scores = scores_for(weights, originals, prune.criterion, inputs, moments)
     importance = {n: m.moments(originals[n].shape) for n, m in moments.items()}
@@ -346,7 +348,8 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
         coding.quantizer == "uniform" and coding.coarse_unread
     unread = unread_rows(loaded, matrices(extra), replay, check, runner, measure) \
         if split else {}
-    if split and measure.metric == "kl":  # classes that never compete barely move the KL
+    if split and measure.metric == "kl" and not config.prune.reconstructs:
+        # classes that never compete barely move the KL (GPTQ's grids do not split rows)
         unread.update(cold_classes(heads, originals, replay, check, runner, measure))
     notices.extend(u.describe(n) for n, u in unread.items())
     return Calibration(loaded, weights, originals, runner, replay, scores,
@@ -387,7 +390,7 @@ KL_REFUSAL = ("--metric kl needs class scores: an output [batch, classes], or a 
               "nmse-channel or cosine")
 
 
-def head_outputs(model: Model, weights: Sequence[Weight], originals: Mapping[str, np.ndarray],
+def matching_heads(model: Model, weights: Sequence[Weight], originals: Mapping[str, np.ndarray],
                  outputs: Sequence[np.ndarray]) -> dict[str, tuple[int, int]]:
     """The classifier heads (`class_heads`) whose output channels are the last axis of their
     graph output in `outputs` (one batch of the reference): weight -> (output index, its

@@ -11,7 +11,7 @@ import onnx
 
 from rdonnx.algo.layout import LayerInput
 from rdonnx.graph.model import Model, iter_graphs, tensor_slots
-from rdonnx.graph.weights import FLOAT_TYPES, LAYOUT_OPS, WEIGHT_INPUTS, Weight
+from rdonnx.graph.weights import FLOAT_TYPES, LAYOUT_OPS, WEIGHT_INPUTS, Weight, find_weights
 
 
 def layer_inputs(model: Model, weights: Sequence[Weight]) -> dict[str, LayerInput]:
@@ -246,3 +246,9 @@ def class_heads(model: Model, weights: Sequence[Weight]) -> dict[str, str]:
                 break
             tensor, hops = (computed[0] if node.op_type == "Add" else node.input[0]), hops + 1
     return heads
+
+
+def head_outputs(model: Model) -> set[str]:
+    """The graph outputs a classifier head produces (`class_heads` over every weight, however
+    small): what `--metric kl` reads as class scores besides [batch, classes] outputs."""
+    return set(class_heads(model, find_weights(model, min_params=1)).values())
