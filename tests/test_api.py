@@ -446,6 +446,8 @@ def test_evaluate_metrics_and_errors(bundled_cnn, bundled_cnn_pruned, digits_tes
         rdonnx.evaluate(bundled_cnn.path, bundled_cnn_pruned, digits_test, metric="psnr")
     with pytest.raises(UsageError, match="kl"):
         rdonnx.evaluate(attention.path, attention.path, attention.calib, metric="kl")
+    # an encoder's features are no distribution: no KL figure unless asked for (and refused)
+    assert rdonnx.evaluate(attention.path, attention.path, attention.calib).kl is None
     with pytest.raises(UsageError, match="different inputs"):
         rdonnx.evaluate(mlp.path, int64_model.path, mlp.calib)
 
