@@ -591,7 +591,7 @@ def test_class_heads_are_the_last_linear_layers_before_an_output():
     rng = np.random.default_rng(0)
     w = {n: rng.standard_normal(s).astype(np.float32) for n, s in
          (("G", (12, 6)), ("b", (12,)), ("M", (6, 10)), ("R", (6, 6)), ("N", (6, 6)),
-          ("P", (6, 9)), ("S", (6, 7)))}
+          ("P", (6, 9)), ("S", (6, 7)), ("Q", (6, 5)))}
     nodes = [helper.make_node("Gemm", ["x", "G"], ["g"], transB=1),
              helper.make_node("Add", ["g", "b"], ["gb"]),
              helper.make_node("Reshape", ["gb", "shape"], ["gr"]),
@@ -604,12 +604,15 @@ def test_class_heads_are_the_last_linear_layers_before_an_output():
              helper.make_node("Sigmoid", ["n"], ["out_n"]),
              helper.make_node("MatMul", ["x3", "P"], ["p"]),
              helper.make_node("Transpose", ["p"], ["out_p"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["x3", "Q"], ["q"]),
+             helper.make_node("Transpose", ["q"], ["out_q"]),  # no perm: every axis reversed
              helper.make_node("MatMul", ["x", "S"], ["out_s"]),
              helper.make_node("MatMul", ["x", "S"], ["out_s2"])]
     model = make_model(nodes, [vi("x", TensorProto.FLOAT, ["N", 6]),
                                vi("x3", TensorProto.FLOAT, ["T", "N", 6])],
                        [vi(o, TensorProto.FLOAT, []) for o in
-                        ("out_g", "out_m", "out_r", "out_n", "out_p", "out_s", "out_s2")],
+                        ("out_g", "out_m", "out_r", "out_n", "out_p", "out_q", "out_s",
+                         "out_s2")],
                        {**w, "shape": np.array([-1, 1, 12], np.int64)})
     loaded = load_model(model)
     heads = class_heads(loaded, find_weights(loaded, min_params=1))

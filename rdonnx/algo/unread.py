@@ -43,7 +43,8 @@ TABLE_ROWS = "are never read by the fit part"
 
 @dataclass(frozen=True)
 class UnreadRows:
-    """A lookup table's rows that the fit part never reads, and how they are coded."""
+    """A lookup table's rows that the fit part never reads (or a classifier head's classes it
+    never brings near the top), and how they are coded."""
 
     unread: np.ndarray  # bool per row
     good_turing: float  # their share of reads, estimated on the fit part

@@ -325,7 +325,6 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                                           measure.replay_mb * 2**20, recorded)
     check = record(runner, held, {}, quiet, measure.replay_mb * 2**20, list(decisions))[0] \
         if held is not None else None
-    heads = matching_heads(loaded, weights, originals, next(iter(replay))[1])
     if config.measure.metric == "kl" and \
             not any(is_class_scores(o) for o in next(iter(replay))[1]) and \
             not head_outputs(loaded):
@@ -350,6 +349,7 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
         if split else {}
     if split and measure.metric == "kl" and not config.prune.reconstructs:
         # classes that never compete barely move the KL (GPTQ's grids do not split rows)
+        heads = matching_heads(loaded, weights, originals, next(iter(replay))[1])
         unread.update(cold_classes(heads, originals, replay, check, runner, measure))
     notices.extend(u.describe(n) for n, u in unread.items())
     return Calibration(loaded, weights, originals, runner, replay, scores,
@@ -390,8 +390,9 @@ KL_REFUSAL = ("--metric kl needs class scores: an output [batch, classes], or a 
               "nmse-channel or cosine")
 
 
-def matching_heads(model: Model, weights: Sequence[Weight], originals: Mapping[str, np.ndarray],
-                 outputs: Sequence[np.ndarray]) -> dict[str, tuple[int, int]]:
+def matching_heads(model: Model, weights: Sequence[Weight],
+                   originals: Mapping[str, np.ndarray], outputs: Sequence[np.ndarray]
+                   ) -> dict[str, tuple[int, int]]:
     """The classifier heads (`class_heads`) whose output channels are the last axis of their
     graph output in `outputs` (one batch of the reference): weight -> (output index, its
     output axis)."""

@@ -234,9 +234,9 @@ def class_heads(model: Model, weights: Sequence[Weight]) -> dict[str, str]:
                 if len(found) == 1:
                     heads[found[0]] = output.name
                 break
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            if node.op_type not in _HEAD_PASS or \
-                    perm is not None and perm[-1] != len(perm) - 1 or \
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+            if node.op_type not in _HEAD_PASS or node.op_type == "Transpose" and \
+                    (not perm or perm[-1] != len(perm) - 1) or \
                     node.op_type in ("Softmax", "LogSoftmax") and \
                     next((a.i for a in node.attribute if a.name == "axis"), -1) != -1:
                 break
