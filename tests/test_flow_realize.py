@@ -974,6 +974,7 @@ def test_classes_no_fit_frame_brings_near_the_top_are_coded_coarser_under_kl(tmp
     narrow = 2 ** (max(2, width - coarser) - 1) - 1
     assert coarser >= 1 and np.all(q[30:] <= narrow) and np.all(q[:30] > narrow)
     assert result.report.check.met
+    assert any(n.startswith("a KL bound on a sequence output") for n in result.report.notices)
     # value curves measured with the split are not reused by a run without it
     assert result.curves.values_quantizer == "uniform (coarse rows: H)"
     out = tmp_path / "m.rdonnx"
