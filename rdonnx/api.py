@@ -149,7 +149,8 @@ def evaluate(reference: ModelSource, candidate: ModelSource, data: DataSource, *
     batches, name = make_data(ref_model, data, options or DataOptions(), labels)
     ref_runner = Runner(ref_model, [], device)
     cand_runner = Runner(cand_model, [], ref_runner.device)
-    result = measure(ref_runner.run, [cand_runner.run], batches, labels, "evaluating", quiet)
+    result = measure(ref_runner.run, [cand_runner.run], batches, labels, "evaluating", quiet,
+                     sequences=metric == "kl")
     distortion = result.distortions[0]
     if metric == "kl" and (distortion.kl is None or distortion.top1_agreement is None
                            and not head_outputs(ref_model)):

@@ -86,7 +86,8 @@ def test_kl_of_logits_matches_manual_computation():
 
 def test_kl_of_a_sequence_output_is_over_its_last_axis():
     """[positions, batch, classes] (a CTC recognizer's frames): KL per frame over the classes,
-    the mean over every frame; the per-sample terms (one a batch here) average to it."""
+    the mean over every frame, when KL is asked for (`terms` or `sequences`); the per-sample
+    terms (one a batch here) average to it."""
     rng = np.random.default_rng(2)
     r = rng.standard_normal((5, 1, 7)) * 3
     c = r + rng.standard_normal((5, 1, 7)) * 0.3
@@ -100,6 +101,9 @@ def test_kl_of_a_sequence_output_is_over_its_last_axis():
     assert d.kl == pytest.approx(manual, rel=1e-9)
     assert d.upper("kl", 0.0) == pytest.approx(manual, rel=1e-9)
     assert d.top1_agreement is None  # top-1 stays with [batch, classes] outputs
+    # every metric at once, KL not asked for: an output of rank 3 is not softmaxed for nothing
+    assert _measure(([r], [c])).kl is None
+    assert _measure(([r], [c]), sequences=True).kl == pytest.approx(manual, rel=1e-9)
 
 
 def test_probabilities_are_not_softmaxed_again():

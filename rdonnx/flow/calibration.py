@@ -98,9 +98,11 @@ class Calibration:
     check: Replay | None = None  # the held-out reference outputs (None: no holdout)
     extra_weights: tuple[Weight, ...] = ()  # the records of `extra`
     unread: Mapping[str, UnreadRows] = field(default_factory=dict)  # lookup tables whose rows
-    # the fit part never reads (coded coarser: `algo.unread`)
+    # the fit part never reads, classifier heads whose classes it never brings near the top
+    # (coded coarser: `algo.unread`)
     decisions: Mapping[str, int] = field(default_factory=dict)  # scores behind the graph's
     # own ArgMax decisions (and their axes), recorded on the held-out part: `unseen_flips`
+    sequences: bool = False  # KL is the metric: measured on sequence outputs too
 
     @property
     def extra_matrices(self) -> list[Weight]:
@@ -123,7 +125,8 @@ class Calibration:
         bounds are checked on (`checked`; `terms`: per-sample sums of that metric too, for
         its confidence bound)."""
         if not self.decisions:
-            return self.checked.distortion(self.run_with(values), channel_axis, only, terms)
+            return self.checked.distortion(self.run_with(values), channel_axis, only, terms,
+                                           self.sequences)
         # the same runs give the outputs and the scores behind the graph's own decisions
         prepared = {n: self.runner.weight_value(n, a) for n, a in values.items()}
         outputs, names = self.runner.output_names, list(self.decisions)
@@ -134,7 +137,7 @@ class Calibration:
             scores.append(got[len(outputs):])
             return got[:len(outputs)]
 
-        d = self.checked.distortion(run, channel_axis, only, terms)
+        d = self.checked.distortion(run, channel_axis, only, terms, self.sequences)
         return replace(d, flips=self.unseen_flips(scores, d.terms))
 
     def unseen_flips(self, scores: list[list[np.ndarray]], terms: SampleTerms | None) -> float:
@@ -171,14 +174,16 @@ class Calibration:
     def fit_distortion(self, values: Mapping[str, np.ndarray], channel_axis: int,
                        only: str | None = None) -> Distortion:
         """The distortion on the fit part (the data the curves and reconstruction saw)."""
-        return self.replay.distortion(self.run_with(values), channel_axis, only)
+        return self.replay.distortion(self.run_with(values), channel_axis, only,
+                                      sequences=self.sequences)
 
     def probe(self, values: Mapping[str, np.ndarray], channel_axis: int,
               only: str | None = None) -> Distortion:
         """The distortion on the fit part of a variant that changes a few weights (R-D
         curves), through the prober (only the graph downstream of them runs)."""
         if self.prober is None:
-            return self.replay.distortion(self.run_with(values), channel_axis, only)
+            return self.replay.distortion(self.run_with(values), channel_axis, only,
+                                          sequences=self.sequences)
         return self.prober.probe(values, only, channel_axis)
 
     def supports(self, name: str) -> bool:
@@ -362,7 +367,7 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                        prober=Prober(runner, replay, cuts, measure.jobs, PROBE_OPTIMIZE,
                                      tails=tails),
                        data=data, check=check, extra_weights=tuple(extra), unread=unread,
-                       decisions=decisions)
+                       decisions=decisions, sequences=measure.metric == "kl")
 
 
 def unread_rows(model: Model, tables: Sequence[Weight], fit: Replay, held: Replay,

@@ -351,7 +351,8 @@ def _value_curve(cal: Calibration, name: str, measured: dict[int, float]) -> dic
 def _with_value_curves(realizer: Realizer, curves: Curves, quiet: bool) -> Curves:
     """`curves` with Q_l(b) for every joint value width (measured now if missing)."""
     cal, quantizer = realizer.cal, realizer.coding.quantizer
-    split = sorted(n for n in cal.unread if n in {w.name for w in cal.weights})
+    prunable = {w.name for w in cal.weights}
+    split = sorted(n for n in cal.unread if n in prunable)
     if split:  # the curves of those weights were measured with their classes split
         quantizer += f" (coarse rows: {', '.join(split)})"
     if curves.values_quantizer == quantizer and \

@@ -142,7 +142,7 @@ def finish_report(cal: Calibration, config: CompressConfig, chosen: Realized,
     if test_data is not None:
         data, name = test_data
         result = measure_outputs(cal.runner.run, [cal.run_with(chosen.values)], data, labels,
-                                 "test", quiet, measure.channel_axis)
+                                 "test", quiet, measure.channel_axis, metric == "kl")
         d = result.distortions[0]
         report.test = Evaluation.from_distortion(
             f"test ({name})", metric, d, result.reference_accuracy, result.accuracies[0],

@@ -105,10 +105,7 @@ class Evaluation:
                         accuracy_compressed: float | None = None,
                         confidence: float = 0.95, labelled: int | None = None) -> Evaluation:
         return cls(data=data, samples=d.samples, metric=metric, distortion=d.value(metric),
-                   nmse=d.nmse, nmse_channel=d.nmse_channel, cosine=d.cosine,
-                   # KL of an output that is not [batch, classes] only where it was asked for
-                   # (a classifier head's sequence; an encoder's features are no distribution)
-                   kl=d.kl if metric == "kl" or d.top1_agreement is not None else None,
+                   nmse=d.nmse, nmse_channel=d.nmse_channel, cosine=d.cosine, kl=d.kl,
                    top1_agreement=d.top1_agreement,
                    accuracy_original=accuracy_original, accuracy_compressed=accuracy_compressed,
                    top1_lower=d.agreement_lower(confidence) if confidence > 0 else None,

@@ -19,8 +19,8 @@ class Distortion:
     nmse: float | None  # sum over outputs of ||y - y'||^2 / ||y||^2
     nmse_channel: float | None  # sum over outputs of the mean over channels of per-channel nmse
     cosine: float | None  # sum over outputs of the mean per-sample cosine distance 1-cos(y, y')
-    kl: float | None  # mean KL(p_ref || p_cand) over the rows (along the last axis) of float
-    # outputs of rank >= 2 (None: none)
+    kl: float | None  # mean KL(p_ref || p_cand) over the rows of [batch, classes] outputs, and
+    # of every float output of rank >= 3 along its last axis when KL is the metric (None: none)
     top1_agreement: float | None  # share of samples whose argmax class is unchanged
     samples: int
     top1_samples: int = 0  # rows whose argmax was compared
@@ -113,11 +113,16 @@ class DistortionMeter:
     """Streams reference / candidate outputs and returns one `Distortion` for all of them."""
 
     def __init__(self, channel_axis: int = DEFAULT_CHANNEL_AXIS, only: str | None = None,
-                 terms: str | None = None, fast: bool = False) -> None:
+                 terms: str | None = None, fast: bool = False, sequences: bool = False
+                 ) -> None:
         """`only` names the one metric to compute (probes); None computes all of them.
         `terms`: a metric whose per-sample sums are kept too (for its confidence bound).
-        `fast` (probes): nmse of float32 outputs summed in float32 chunks (`_CHUNK`)."""
+        `fast` (probes): nmse of float32 outputs summed in float32 chunks (`_CHUNK`).
+        `sequences`: KL also over float outputs of rank >= 3, per row along the last axis (a
+        sequence model's positions x classes: where KL is the metric asked for, so that no
+        encoder's features are softmaxed for nothing); implied by `only` or `terms` "kl"."""
         self.fast = fast
+        self.sequences = sequences or "kl" in (only, terms)
         self.channel_axis = channel_axis
         self.wants = set(METRICS) | {"top1"} if only is None else {only}
         self.term_metric = terms
@@ -224,7 +229,7 @@ class DistortionMeter:
                 cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
                                np.where(np.all(rows_r == rows_c, axis=1), 1.0, 0.0))
                 self._cos[i] += float(np.sum(1.0 - cos))
-            if "kl" in self.wants and has_class_axis(r):
+            if "kl" in self.wants and self._kl_rows_of(r):
                 log_p, log_q = log_probs(r64), log_probs(c64)
                 self._kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
                 self._kl_rows += r.size // r.shape[-1]
@@ -234,6 +239,10 @@ class DistortionMeter:
                     self._top1_rows += r.shape[0]
                     class_output_seen = True
         self._samples += batch
+
+    def _kl_rows_of(self, array: np.ndarray) -> bool:
+        """Whether KL reads `array`'s rows as class scores."""
+        return has_class_axis(array) if self.sequences else is_class_scores(array)
 
     def _per_channel(self, squares: np.ndarray) -> np.ndarray:
         """Sums over every axis but the channel axis (one channel for lower-rank outputs)."""
@@ -283,7 +292,7 @@ class DistortionMeter:
                 nums.append(per.sum(axis=1, keepdims=True))
                 dens.append(np.full((n, 1), float(per.shape[1])))
                 groups.append(1)
-            elif metric == "kl" and has_class_axis(reference[i]):
+            elif metric == "kl" and self._kl_rows_of(reference[i]):
                 log_p = log_probs(reference[i].astype(np.float64))
                 log_q = log_probs(candidate[i].astype(np.float64))
                 per = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1).reshape(n, -1)

@@ -34,9 +34,11 @@ def feed_rows(feed: Feed) -> int:
 
 def measure(reference: Predict, candidates: Sequence[Predict], batches: Batches,
             labels: str | None = None, description: str = "measuring",
-            quiet: bool = True, channel_axis: int = DEFAULT_CHANNEL_AXIS) -> Measurement:
-    """Stream `batches` once: the reference runs once per batch, every candidate after it."""
-    meters = [DistortionMeter(channel_axis) for _ in candidates]
+            quiet: bool = True, channel_axis: int = DEFAULT_CHANNEL_AXIS,
+            sequences: bool = False) -> Measurement:
+    """Stream `batches` once: the reference runs once per batch, every candidate after it
+    (`sequences`: KL of sequence outputs too, `DistortionMeter`)."""
+    meters = [DistortionMeter(channel_axis, sequences=sequences) for _ in candidates]
     ref_acc = AccuracyMeter()
     accs = [AccuracyMeter() for _ in candidates]
     with progress_bar(len(batches) * (1 + len(candidates)), description, quiet) as bar:
@@ -131,10 +133,12 @@ class Replay:
         return sum(self._rows)
 
     def distortion(self, run: Predict, channel_axis: int = DEFAULT_CHANNEL_AXIS,
-                   only: str | None = None, terms: str | None = None) -> Distortion:
+                   only: str | None = None, terms: str | None = None,
+                   sequences: bool = False) -> Distortion:
         """Distortion of `run`'s outputs against the recorded ones (`only` one metric; `terms`:
-        keep per-sample sums of that metric, for its confidence bound)."""
-        meter = DistortionMeter(channel_axis, only, terms)
+        keep per-sample sums of that metric, for its confidence bound; `sequences`: KL of
+        sequence outputs too)."""
+        meter = DistortionMeter(channel_axis, only, terms, sequences=sequences)
         for (feed, expected), energy, rows in zip(self, self._energy, self._rows):
             meter.add(expected, run(feed), energy, rows)
         return meter.result()
