@@ -141,7 +141,7 @@ class Scorer:
         from rdonnx.runtime.distortion import DistortionMeter
 
         out = run_outputs(session, self.feeds[split], self.ad.batch)
-        meter = DistortionMeter()
+        meter = DistortionMeter(sequences=True)  # KL of sequence outputs too (a KL bound's)
         meter.add(self.ref[split], out)
         d = meter.result()
         return {**self.ad.score(self.ref[split], out, self.truth[split]),
