@@ -535,6 +535,8 @@ def table(rows: list[Row]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         test = f"{r.primary} {r.test[r.primary]:.4f}" if r.primary in r.test else "-"
+        if f"{r.primary}_low" in r.test:  # a bootstrap interval over the test samples
+            test += f" [{r.test[r.primary + '_low']:.4f}, {r.test[r.primary + '_high']:.4f}]"
         calib = f"{r.calib[r.primary]:.4f}" if r.primary in r.calib else "-"
         tr = "-" if r.transparent is None else ("yes" if r.transparent else "no")
         note = "; ".join(x for x in (r.setting, r.note) if x)

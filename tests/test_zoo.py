@@ -133,6 +133,25 @@ def test_perplexity_known_cases():
     assert metrics.perplexity(sure, tokens) == pytest.approx(1.0)
 
 
+
+def test_perplexity_ratio_interval_resamples_whole_sequences():
+    rng = np.random.default_rng(1)
+    tokens = np.tile(rng.integers(0, 5, (1, 6)), (8, 1))
+    ref = np.tile(rng.normal(size=(1, 6, 5)), (8, 1, 1))
+    assert metrics.perplexity_ratio_interval(ref, ref, tokens) == pytest.approx((1.0, 1.0))
+    # the same change in 8 copies of one sequence: every draw gives the point ratio
+    worse = ref + rng.normal(size=(1, 6, 5))
+    low, high = metrics.perplexity_ratio_interval(ref, worse, tokens)
+    point = metrics.perplexity(worse, tokens) / metrics.perplexity(ref, tokens)
+    assert low == pytest.approx(high) and low == pytest.approx(point) and point != 1.0
+    # only one sequence changed: the interval spans the point ratio and reaches 1
+    one = ref.copy()
+    one[0] = worse[0]
+    low, high = metrics.perplexity_ratio_interval(ref, one, tokens)
+    point = metrics.perplexity(one, tokens) / metrics.perplexity(ref, tokens)
+    assert min(low, high) <= point <= max(low, high) and low < high
+    assert 1.0 in (pytest.approx(low), pytest.approx(high))
+
 # ---------------------------------------------------------------- the table, end to end
 
 def _tiny_prepare(src, out: Path, seed: int) -> None:

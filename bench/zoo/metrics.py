@@ -146,13 +146,34 @@ def raw_pitch_accuracy(cents: np.ndarray, true_cents: np.ndarray, tolerance: flo
     return float(np.mean(np.abs(cents - true_cents) <= tolerance))
 
 
+def _token_nll(logits: np.ndarray, tokens: np.ndarray, mask: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token negative log-likelihoods [n, t - 1] and their weights (1 for a real token)."""
+    lg = logits[:, :-1].astype(np.float64)
+    lg = lg - lg.max(axis=-1, keepdims=True)
+    logp = lg - np.log(np.exp(lg).sum(axis=-1, keepdims=True))
+    nll = -np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return nll, (np.ones_like(nll) if mask is None else mask[:, 1:].astype(np.float64))
+
+
 def perplexity(logits: np.ndarray, tokens: np.ndarray, mask: np.ndarray | None = None) -> float:
     """exp of the mean next-token negative log-likelihood: logits [n, t, v] predict tokens
     [n, t] shifted by one; ``mask`` [n, t] marks the real tokens."""
-    lg = logits[:, :-1].astype(np.float64)
-    target = tokens[:, 1:]
-    lg = lg - lg.max(axis=-1, keepdims=True)
-    logp = lg - np.log(np.exp(lg).sum(axis=-1, keepdims=True))
-    nll = -np.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-    m = np.ones_like(nll) if mask is None else mask[:, 1:].astype(np.float64)
+    nll, m = _token_nll(logits, tokens, mask)
     return float(np.exp((nll * m).sum() / m.sum()))
+
+
+def perplexity_ratio_interval(ref_logits: np.ndarray, cand_logits: np.ndarray,
+                              tokens: np.ndarray, confidence: float = 0.95, draws: int = 2000,
+                              seed: int = 0) -> tuple[float, float]:
+    """Paired bootstrap interval of perplexity(cand) / perplexity(ref) over the n sequences:
+    each draw resamples whole sequences with replacement (tokens of one sequence are not
+    independent) and takes the ratio on the drawn ones."""
+    ref, m = _token_nll(ref_logits, tokens, None)
+    cand, _ = _token_nll(cand_logits, tokens, None)
+    diff, count = ((cand - ref) * m).sum(axis=1), m.sum(axis=1)
+    pick = np.random.default_rng(seed).integers(0, len(diff), (draws, len(diff)))
+    ratios = np.exp(diff[pick].sum(axis=1) / count[pick].sum(axis=1))
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return float(low), float(high)

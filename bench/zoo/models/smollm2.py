@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common import Adapter, save_splits, split_groups
-from ..metrics import perplexity
+from ..metrics import perplexity, perplexity_ratio_interval
 from ..onnxutil import export_torch
 from ..text import documents
 
@@ -62,8 +62,9 @@ def score(ref: list[np.ndarray], cand: list[np.ndarray], truth: dict) -> dict[st
     tokens = truth["input_ids"]
     p_ref, p_cand = perplexity(ref[0], tokens), perplexity(cand[0], tokens)
     agree = float(np.mean(ref[0].argmax(-1) == cand[0].argmax(-1)))
-    return {"ppl_ratio": p_cand / p_ref, "ppl": p_cand, "ppl_original": p_ref,
-            "next_token_agreement": agree}
+    low, high = perplexity_ratio_interval(ref[0], cand[0], tokens)
+    return {"ppl_ratio": p_cand / p_ref, "ppl_ratio_low": low, "ppl_ratio_high": high,
+            "ppl": p_cand, "ppl_original": p_ref, "next_token_agreement": agree}
 
 
 ADAPTER = Adapter(
