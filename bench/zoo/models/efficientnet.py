@@ -158,9 +158,11 @@ ADAPTER = Adapter(
     score=score, primary="top1_agreement", transparent=lambda m: m["top1_agreement"] >= 0.99,
     threshold="top-1 agreement >= 99%",
     # nmse of the logits: --min-agreement 0.99 on held-out crops needs about 300 of them (the
-    # Clopper-Pearson bound of n/n), which this 2-core machine cannot probe with
+    # Clopper-Pearson bound of n/n), which this 2-core machine cannot probe with; then size
+    # targets, the value widths from the measured curves
     ladder=(("--max-distortion", "1e-2"), ("--max-distortion", "3e-3"),
-            ("--max-distortion", "1e-3"), ("--max-distortion", "3e-4")),
+            ("--max-distortion", "1e-3"), ("--max-distortion", "3e-4"),
+            ("--bits-per-weight", "8"), ("--bits-per-weight", "9")),
     calib_samples=32, batch=32, extra_args=("--grid", "1,0.6,0.35,0.2,0.1"),
     subset=f"{PER_PHOTO} augmented 224x224 crops of each scikit-image photo; photos split "
            "disjointly (8 calib, 3 val, 11 test), each split interleaved by photo; calib "
