@@ -133,7 +133,6 @@ def test_perplexity_known_cases():
     assert metrics.perplexity(sure, tokens) == pytest.approx(1.0)
 
 
-
 def test_perplexity_ratio_interval_resamples_whole_sequences():
     rng = np.random.default_rng(1)
     tokens = np.tile(rng.integers(0, 5, (1, 6)), (8, 1))
@@ -149,8 +148,9 @@ def test_perplexity_ratio_interval_resamples_whole_sequences():
     one[0] = worse[0]
     low, high = metrics.perplexity_ratio_interval(ref, one, tokens)
     point = metrics.perplexity(one, tokens) / metrics.perplexity(ref, tokens)
-    assert min(low, high) <= point <= max(low, high) and low < high
+    assert low <= point <= high and low < high
     assert 1.0 in (pytest.approx(low), pytest.approx(high))
+
 
 # ---------------------------------------------------------------- the table, end to end
 

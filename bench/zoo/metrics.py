@@ -169,11 +169,11 @@ def perplexity_ratio_interval(ref_logits: np.ndarray, cand_logits: np.ndarray,
     """Paired bootstrap interval of perplexity(cand) / perplexity(ref) over the n sequences:
     each draw resamples whole sequences with replacement (tokens of one sequence are not
     independent) and takes the ratio on the drawn ones."""
-    ref, m = _token_nll(ref_logits, tokens, None)
+    ref, _ = _token_nll(ref_logits, tokens, None)
     cand, _ = _token_nll(cand_logits, tokens, None)
-    diff, count = ((cand - ref) * m).sum(axis=1), m.sum(axis=1)
+    diff = (cand - ref).sum(axis=1)  # every sequence has the same number of tokens
     pick = np.random.default_rng(seed).integers(0, len(diff), (draws, len(diff)))
-    ratios = np.exp(diff[pick].sum(axis=1) / count[pick].sum(axis=1))
+    ratios = np.exp(diff[pick].sum(axis=1) / (len(diff) * ref.shape[1]))
     tail = (1.0 - confidence) / 2
     low, high = np.quantile(ratios, [tail, 1.0 - tail])
     return float(low), float(high)
