@@ -12,11 +12,10 @@ from rdonnx.algo.pqi import INSPECT_PAIRS, pq_index, suggest_rate
 from rdonnx.artifact.io import load_any
 from rdonnx.errors import UsageError
 from rdonnx.flow import pipeline
-from rdonnx.flow.calibration import KL_REFUSAL, DataSource, ModelSource, make_data
+from rdonnx.flow.calibration import KL_REFUSAL, DataSource, ModelSource, make_data, refuse_kl
 from rdonnx.flow.config import DEFAULTS, FORMATS, CompressConfig, Target
 from rdonnx.flow.curves import Curves
 from rdonnx.flow.result import CompressResult
-from rdonnx.graph.layers import head_outputs
 from rdonnx.graph.weights import DEFAULT_MIN_PARAMS, find_weights, read_weights
 from rdonnx.report.records import Evaluation, WeightReport, table
 from rdonnx.runtime.data import DataOptions, input_specs
@@ -152,9 +151,10 @@ def evaluate(reference: ModelSource, candidate: ModelSource, data: DataSource, *
     result = measure(ref_runner.run, [cand_runner.run], batches, labels, "evaluating", quiet,
                      sequences=metric == "kl")
     distortion = result.distortions[0]
-    if metric == "kl" and (distortion.kl is None or distortion.top1_agreement is None
-                           and not head_outputs(ref_model)):
-        raise UsageError(KL_REFUSAL)  # an output [batch, classes] also gives the top-1 figure
+    if metric == "kl" and distortion.kl is None:
+        raise UsageError(KL_REFUSAL)
+    if metric == "kl":  # an output [batch, classes] is the one that gives the top-1 figure
+        refuse_kl(ref_model, distortion.top1_agreement is not None)
     return Evaluation.from_distortion(name, metric, distortion, result.reference_accuracy,
                                       result.accuracies[0], labelled=distortion.samples
                                       if result.reference_accuracy is not None else None)

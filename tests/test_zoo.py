@@ -133,21 +133,26 @@ def test_perplexity_known_cases():
     assert metrics.perplexity(sure, tokens) == pytest.approx(1.0)
 
 
-def test_perplexity_ratio_interval_resamples_whole_sequences():
+def test_perplexity_ratio_and_its_interval_resample_whole_sequences():
     rng = np.random.default_rng(1)
     tokens = np.tile(rng.integers(0, 5, (1, 6)), (8, 1))
     ref = np.tile(rng.normal(size=(1, 6, 5)), (8, 1, 1))
-    assert metrics.perplexity_ratio_interval(ref, ref, tokens) == pytest.approx((1.0, 1.0))
+
+    def ratio(cand):
+        return metrics.perplexity_ratio(metrics.token_nll(ref, tokens),
+                                        metrics.token_nll(cand, tokens))
+
+    assert ratio(ref) == pytest.approx((1.0, 1.0, 1.0))
     # the same change in 8 copies of one sequence: every draw gives the point ratio
     worse = ref + rng.normal(size=(1, 6, 5))
-    low, high = metrics.perplexity_ratio_interval(ref, worse, tokens)
     point = metrics.perplexity(worse, tokens) / metrics.perplexity(ref, tokens)
-    assert low == pytest.approx(high) and low == pytest.approx(point) and point != 1.0
+    assert point != pytest.approx(1.0) and ratio(worse) == pytest.approx((point, point, point))
     # only one sequence changed: the interval spans the point ratio and reaches 1
     one = ref.copy()
     one[0] = worse[0]
-    low, high = metrics.perplexity_ratio_interval(ref, one, tokens)
-    point = metrics.perplexity(one, tokens) / metrics.perplexity(ref, tokens)
+    point, low, high = ratio(one)
+    assert point == pytest.approx(metrics.perplexity(one, tokens) /
+                                  metrics.perplexity(ref, tokens))
     assert low <= point <= high and low < high
     assert 1.0 in (pytest.approx(low), pytest.approx(high))
 
@@ -278,6 +283,15 @@ def test_ladder_from_the_command_line():
     assert zoo_bench.with_ladder(TINY, "none").ladder == ()
     assert zoo_bench.with_ladder(TINY, None) is TINY
 
+
+
+def test_calibration_from_the_command_line():
+    ad = zoo_bench.with_calibration(TINY, "--calib-samples 32 --grid 1,0.5 --metric kl")
+    assert ad.calib_samples == 32 and ad.extra_args == ("--grid", "1,0.5", "--metric", "kl")
+    assert "calibration from the command line" in ad.notes and ad.ladder == TINY.ladder
+    kept = zoo_bench.with_calibration(TINY, "--metric cosine")  # the model's sample count kept
+    assert kept.calib_samples == TINY.calib_samples and kept.extra_args == ("--metric", "cosine")
+    assert zoo_bench.with_calibration(TINY, None) is TINY
 
 def test_at_baseline_keeps_the_first_rung_no_worse_than_quantize_dynamic():
     from dataclasses import replace

@@ -146,34 +146,27 @@ def raw_pitch_accuracy(cents: np.ndarray, true_cents: np.ndarray, tolerance: flo
     return float(np.mean(np.abs(cents - true_cents) <= tolerance))
 
 
-def _token_nll(logits: np.ndarray, tokens: np.ndarray, mask: np.ndarray | None
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Next-token negative log-likelihoods [n, t - 1] and their weights (1 for a real token)."""
+def token_nll(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Next-token negative log-likelihoods [n, t - 1]: logits [n, t, v] predict tokens [n, t]
+    shifted by one."""
     lg = logits[:, :-1].astype(np.float64)
     lg = lg - lg.max(axis=-1, keepdims=True)
     logp = lg - np.log(np.exp(lg).sum(axis=-1, keepdims=True))
-    nll = -np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return nll, (np.ones_like(nll) if mask is None else mask[:, 1:].astype(np.float64))
+    return -np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
-def perplexity(logits: np.ndarray, tokens: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """exp of the mean next-token negative log-likelihood: logits [n, t, v] predict tokens
-    [n, t] shifted by one; ``mask`` [n, t] marks the real tokens."""
-    nll, m = _token_nll(logits, tokens, mask)
-    return float(np.exp((nll * m).sum() / m.sum()))
+def perplexity(logits: np.ndarray, tokens: np.ndarray) -> float:
+    """exp of the mean next-token negative log-likelihood (`token_nll`)."""
+    return float(np.exp(token_nll(logits, tokens).mean()))
 
 
-def perplexity_ratio_interval(ref_logits: np.ndarray, cand_logits: np.ndarray,
-                              tokens: np.ndarray, confidence: float = 0.95, draws: int = 2000,
-                              seed: int = 0) -> tuple[float, float]:
-    """Paired bootstrap interval of perplexity(cand) / perplexity(ref) over the n sequences:
-    each draw resamples whole sequences with replacement (tokens of one sequence are not
-    independent) and takes the ratio on the drawn ones."""
-    ref, _ = _token_nll(ref_logits, tokens, None)
-    cand, _ = _token_nll(cand_logits, tokens, None)
-    diff = (cand - ref).sum(axis=1)  # every sequence has the same number of tokens
+def perplexity_ratio(ref_nll: np.ndarray, cand_nll: np.ndarray, confidence: float = 0.95,
+                     draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """perplexity(cand) / perplexity(ref) from their `token_nll` [n, t - 1], and its paired
+    bootstrap interval over the n sequences: each draw resamples whole sequences with
+    replacement (tokens of one sequence are not independent) and takes the ratio on them."""
+    diff = (cand_nll - ref_nll).mean(axis=1)  # every sequence has the same number of tokens
     pick = np.random.default_rng(seed).integers(0, len(diff), (draws, len(diff)))
-    ratios = np.exp(diff[pick].sum(axis=1) / (len(diff) * ref.shape[1]))
     tail = (1.0 - confidence) / 2
-    low, high = np.quantile(ratios, [tail, 1.0 - tail])
-    return float(low), float(high)
+    low, high = np.quantile(np.exp(diff[pick].mean(axis=1)), [tail, 1.0 - tail])
+    return float(np.exp(diff.mean())), float(low), float(high)

@@ -58,7 +58,7 @@ from rdonnx.runtime.data import (
     split_holdout,
 )
 from rdonnx.runtime.diagnose import describe_outputs
-from rdonnx.runtime.distortion import Distortion, is_class_scores, log_probs
+from rdonnx.runtime.distortion import Distortion, has_class_axis, is_class_scores, log_probs
 from rdonnx.runtime.measure import Replay
 from rdonnx.runtime.probe import Prober, cut_tensors
 from rdonnx.runtime.session import Runner, measurement_model
@@ -330,10 +330,8 @@ def calibrate_model(model: ModelSource, config: CompressConfig, calib: DataSourc
                                           measure.replay_mb * 2**20, recorded)
     check = record(runner, held, {}, quiet, measure.replay_mb * 2**20, list(decisions))[0] \
         if held is not None else None
-    if config.measure.metric == "kl" and \
-            not any(is_class_scores(o) for o in next(iter(replay))[1]) and \
-            not head_outputs(loaded):
-        raise UsageError(KL_REFUSAL)
+    if config.measure.metric == "kl":
+        refuse_kl(loaded, any(is_class_scores(o) for o in next(iter(replay))[1]))
     scores = scores_for(weights, originals, prune.criterion, inputs, moments)
     importance = {n: m.moments(originals[n].shape) for n, m in moments.items()}
     plain = [w.name for w in weights if w.name not in importance] + [w.name for w in extra]
@@ -393,6 +391,13 @@ def unread_rows(model: Model, tables: Sequence[Weight], fit: Replay, held: Repla
 KL_REFUSAL = ("--metric kl needs class scores: an output [batch, classes], or a classifier "
               "layer's output with the classes on its last axis; use --metric nmse, "
               "nmse-channel or cosine")
+
+
+def refuse_kl(model: Model, class_output: bool) -> None:
+    """`--metric kl` reads class scores: a UsageError unless an output is [batch, classes]
+    (`class_output`) or a classifier head's (`head_outputs`)."""
+    if not class_output and not head_outputs(model):
+        raise UsageError(KL_REFUSAL)
 
 
 def matching_heads(model: Model, weights: Sequence[Weight],
@@ -513,7 +518,7 @@ def diagnose(target: Target, measure: Measurement, reconstructs: bool, name: str
             f"their mean scores cosine distance {cos:.3g}")
     bound = target.max_distortion
     if bound is not None and metric == "kl" and \
-            any(o.ndim >= 3 and o.dtype.kind == "f" for o in next(iter(replay))[1]):
+            any(o.ndim >= 3 and has_class_axis(o) for o in next(iter(replay))[1]):
         report.warnings.append(KL_SEQUENCE_NOTICE)
     if bound is not None and measure.metric in ("nmse", "cosine") and report.outputs:
         constant = flat if measure.metric == "nmse" else cos

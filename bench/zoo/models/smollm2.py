@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common import Adapter, save_splits, split_groups
-from ..metrics import perplexity, perplexity_ratio_interval
+from ..metrics import perplexity_ratio, token_nll
 from ..onnxutil import export_torch
 from ..text import documents
 
@@ -60,11 +60,12 @@ def prepare(src: dict[str, Path], out: Path, seed: int) -> None:
 
 def score(ref: list[np.ndarray], cand: list[np.ndarray], truth: dict) -> dict[str, float]:
     tokens = truth["input_ids"]
-    p_ref, p_cand = perplexity(ref[0], tokens), perplexity(cand[0], tokens)
+    ref_nll, cand_nll = token_nll(ref[0], tokens), token_nll(cand[0], tokens)
+    ratio, low, high = perplexity_ratio(ref_nll, cand_nll)
+    p_ref = float(np.exp(ref_nll.mean()))
     agree = float(np.mean(ref[0].argmax(-1) == cand[0].argmax(-1)))
-    low, high = perplexity_ratio_interval(ref[0], cand[0], tokens)
-    return {"ppl_ratio": p_cand / p_ref, "ppl_ratio_low": low, "ppl_ratio_high": high,
-            "ppl": p_cand, "ppl_original": p_ref, "next_token_agreement": agree}
+    return {"ppl_ratio": ratio, "ppl_ratio_low": low, "ppl_ratio_high": high,
+            "ppl": p_ref * ratio, "ppl_original": p_ref, "next_token_agreement": agree}
 
 
 ADAPTER = Adapter(
